@@ -1,0 +1,1 @@
+"""nkat-search: Optuna search service for the NKAT vision transformer."""

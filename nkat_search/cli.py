@@ -1,0 +1,64 @@
+"""The ``nkat-search`` console script: a thin argparse front over ``nkat_search.commands``.
+
+Each subcommand lives in its own module whose top level imports only argparse-level things; heavy
+imports (torch, optuna, the PostgreSQL driver, the dashboard) happen inside ``run``, so ``--help``
+is fast and a missing optional part only affects the command that needs it.
+User mistakes surface as one line on stderr and exit code 2; internal bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from nkat_search.errors import UserError
+
+# (subcommand, module under nkat_search.commands, one-line summary)
+COMMANDS = [
+    ("params", "params", "print lambda (trainable params / 1e6) and the TPE gate per dataset"),
+    ("train", "train", "train one config on one dataset and write metrics.json + checkpoint"),
+    ("smoke", "smoke", "the user's step 1: 10-epoch CIFAR-10 run, GO if test accuracy > 45%"),
+    ("stage2", "stage2", "train one config on the four datasets and print the Stage 2 table"),
+    ("study", "study", "create or inspect a study from a study file (the coordinator)"),
+    ("worker", "worker", "pull trials from a study and train them on one device"),
+    ("up", "up", "one machine: study + workers + dashboard + export, embedded storage"),
+    ("status", "status", "table of a study's trials (--json for machines)"),
+    ("export", "export", "write the best trials' configs as YAML and JSON"),
+    ("dashboard", "dashboard", "serve optuna-dashboard for a storage, on 127.0.0.1 by default"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nkat-search",
+        description="Hyperparameter search for the NKAT vision transformer "
+        "(Optuna study, GPU workers, two-stage CIFAR-10 gate + Global TPE objective).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module_name, summary in COMMANDS:
+        module = importlib.import_module(f"nkat_search.commands.{module_name}")
+        command = sub.add_parser(
+            name, help=summary, description=getattr(module, "HELP", summary),
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as err:
+        print(f"nkat-search {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nkat-search {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
