@@ -1,0 +1,55 @@
+"""``nkat-search train``: one config on one dataset; writes metrics.json and the checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from nkat_search.config_args import add_config_arguments, config_from_args
+
+HELP = ("Train one NKAT config on one dataset. Accepts the user's baseline flags verbatim "
+        "(e.g. --conv_stem tiny --patch_size 2 --randaugment 2 9 --ema 0.9995). Writes "
+        "metrics.json (accuracy, lambda, TPE, time, images/s, config) and checkpoint.pt into --out; "
+        "re-running with the same --out resumes from the checkpoint.")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """Flags shared by train, smoke and stage2."""
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="dataset root (default: $NKAT_DATA_DIR, else ~/.cache/nkat-search/data)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--out", default=default_out, metavar="DIR", help="output directory")
+    parser.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="ignore a checkpoint in --out and start over")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser, "runs/train")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from nkat_search.atomic import write_text_atomic
+    from nkat_search.train import train_model
+
+    cfg = config_from_args(args)
+    out = Path(args.out)
+    result = train_model(cfg, data_dir=args.data_dir, device=args.device, out_dir=out,
+                         progress=not args.quiet, resume=args.resume,
+                         on_epoch=None if args.quiet else _print_epoch)
+    write_text_atomic(out / "metrics.json", json.dumps(dataclasses.asdict(result), indent=2))
+    print(f"{result.dataset}: accuracy {result.accuracy:.4f} ({result.eval_split}), "
+          f"lambda {result.lam:.4f}, TPE {result.tpe:.4f}, {result.train_seconds:.1f} s training, "
+          f"{result.images_per_s:,.0f} images/s on {result.device}")
+    print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+def _print_epoch(report) -> None:
+    print(f"epoch {report.epoch:>3}/{report.epochs}  loss {report.train_loss:.4f}  "
+          f"acc {report.accuracy:.4f}  TPE {report.tpe:.4f}  {report.epoch_seconds:.1f} s  "
+          f"{report.images_per_s:,.0f} img/s", flush=True)

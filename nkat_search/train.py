@@ -1,0 +1,296 @@
+"""One training loop for every dataset. It takes a config and callbacks and knows nothing of Optuna.
+
+Recipe (MISSION.md sec. 3): AdamW, linear warm-up then cosine decay, label smoothing, mixup /
+cutmix / RandAugment / cutout on the GPU, EMA weights for evaluation, gradient clipping, bf16
+autocast on CUDA, optional ``torch.compile``. A checkpoint is written atomically after every
+epoch; a run continues from it bit-for-bit because each epoch's data order and augmentation draw
+from a generator seeded by (seed, epoch), and the global RNG (dropout) is saved and restored.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
+
+from nkat_search import metrics
+from nkat_search.config import RunConfig
+from nkat_search.errors import UserError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+EVAL_BATCH_SIZE = 1024
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    epochs: int
+    dataset: str
+    train_loss: float
+    accuracy: float
+    lam: float
+    tpe: float
+    epoch_seconds: float
+    images_per_s: float
+
+
+@dataclass
+class TrainResult:
+    dataset: str
+    eval_split: str
+    accuracy: float
+    parameters: int
+    lam: float
+    tpe: float
+    epochs_run: int
+    resumed_from_epoch: int
+    train_seconds: float
+    images_per_s: float
+    epoch_seconds: list[float] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    device: str = ""
+    peak_memory_gib: float = 0.0
+
+
+class TrainingInterrupted(Exception):
+    """``stop_requested()`` turned true; the checkpoint of ``epoch`` finished epochs is on disk."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"training interrupted after epoch {epoch}")
+        self.epoch = epoch
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` means the first CUDA device when there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device: '{device}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+    return resolved
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
+    """Linear warm-up to ``peak_lr`` over ``warmup_steps``, then cosine decay to zero."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def ema_multi_avg_fn(decay: float):
+    """EMA update for ``AveragedModel`` with the usual warm-up ``min(decay, (1+n)/(10+n))``.
+
+    Without the warm-up, short runs (the smoke test, CPU studies) would evaluate weights that are
+    still mostly the random initialisation.
+    """
+
+    @torch.no_grad()
+    def update(ema_params, params, num_averaged):
+        n = int(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+
+    return update
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft targets (label smoothing and mixing are already in them)."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, tokens and position embeddings (the usual ViT practice)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or "pos_embed" in name or "cls_token" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data, device: torch.device, autocast: bool) -> float:
+    """Top-1 accuracy (0..1) of ``model`` on the data's eval split."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    total = 0
+    for images, labels in data.eval_batches(EVAL_BATCH_SIZE):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(data.normalize(images))
+        correct += (logits.argmax(dim=-1) == labels).sum()
+        total += labels.numel()
+    return correct.item() / max(1, total)
+
+
+def train_model(
+    cfg: RunConfig,
+    *,
+    data_dir: str | Path | None = None,
+    device: str | torch.device = "auto",
+    out_dir: str | Path | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    data=None,
+) -> TrainResult:
+    """Train ``cfg`` on ``cfg.train.dataset`` and return the EMA model's accuracy and TPE.
+
+    ``data`` may pass an already loaded ``DeviceData`` (benchmarks and stage 2 reuse it).
+    """
+    from nkat_search.augment import GpuAugment
+    from nkat_search.data import load_dataset
+    from nkat_search.model import build_model, count_parameters
+
+    cfg.validate()
+    tc = cfg.train
+    device = resolve_device(device)
+    if data is None:
+        data = load_dataset(tc.dataset, data_dir, device, emnist_split=tc.emnist_split,
+                            val_fraction=tc.val_fraction, seed=tc.seed,
+                            train_limit=tc.train_limit, test_limit=tc.test_limit)
+    info = data.info
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg.model, info.in_chans, info.num_classes).to(device)
+    parameters = count_parameters(model)
+    lam = metrics.param_lambda(parameters)
+    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(tc.effective_ema()), use_buffers=True)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.effective_lr(),
+                                  betas=(0.9, 0.999), fused=fused)
+    augment = GpuAugment(tc, info, data)
+    autocast = tc.bf16 and device.type == "cuda"
+    forward = torch.compile(model) if tc.compile else model
+
+    n_train = data.train_labels.numel()
+    batch_size = min(tc.batch_size, n_train)
+    steps_per_epoch = n_train // batch_size
+    total_steps = steps_per_epoch * tc.epochs
+    warmup_steps = steps_per_epoch * tc.warmup
+    peak_lr = tc.effective_lr()
+
+    checkpoint_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    start_epoch, epoch_seconds = 0, []
+    if resume and checkpoint_path is not None and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path, cfg, device)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, epoch_seconds = state["epoch"], list(state["epoch_seconds"])
+        torch.set_rng_state(state["cpu_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    accuracy = evaluate(ema, data, device, autocast) if start_epoch >= tc.epochs else 0.0
+    train_seconds = sum(epoch_seconds)
+    for epoch in range(start_epoch, tc.epochs):
+        model.train()
+        generator = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + epoch)
+        loss_sum = torch.zeros((), device=device)
+        bar = _progress_bar(progress, steps_per_epoch, f"{tc.dataset} epoch {epoch + 1}/{tc.epochs}")
+        _sync(device)
+        started = time.perf_counter()
+        for i, (images, labels) in enumerate(data.train_batches(batch_size, generator)):
+            step = epoch * steps_per_epoch + i
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, warmup_steps, peak_lr)
+            inputs, targets = augment(images, labels, generator)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = forward(inputs)
+            loss = soft_cross_entropy(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad, foreach=True)
+            optimizer.step()
+            ema.update_parameters(model)
+            loss_sum += loss.detach()
+            if bar is not None:
+                bar.update(1)
+        _sync(device)
+        seconds = time.perf_counter() - started
+        epoch_seconds.append(seconds)
+        train_seconds += seconds
+        accuracy = evaluate(ema, data, device, autocast)
+        report = EpochReport(epoch + 1, tc.epochs, tc.dataset, loss_sum.item() / steps_per_epoch,
+                             accuracy, lam, metrics.tpe(accuracy, lam), seconds,
+                             steps_per_epoch * batch_size / seconds)
+        if bar is not None:
+            bar.set_postfix(loss=f"{report.train_loss:.3f}", acc=f"{accuracy:.4f}",
+                            img_s=f"{report.images_per_s:,.0f}")
+            bar.close()
+        if checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, {
+                "config": cfg.to_dict(), "epoch": epoch + 1, "epoch_seconds": epoch_seconds,
+                "model": model.state_dict(), "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            })
+        if on_epoch is not None:
+            on_epoch(report)
+        if stop_requested is not None and stop_requested() and epoch + 1 < tc.epochs:
+            raise TrainingInterrupted(epoch + 1)
+
+    images = steps_per_epoch * batch_size * len(epoch_seconds)
+    return TrainResult(
+        dataset=tc.dataset, eval_split=data.eval_split, accuracy=accuracy, parameters=parameters,
+        lam=lam, tpe=metrics.tpe(accuracy, lam), epochs_run=tc.epochs,
+        resumed_from_epoch=start_epoch, train_seconds=train_seconds,
+        images_per_s=images / train_seconds if train_seconds > 0 else 0.0,
+        epoch_seconds=epoch_seconds, config=cfg.to_dict(), device=str(device),
+        peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30
+                         if device.type == "cuda" else 0.0),
+    )
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write-then-rename, so a crash mid-write never leaves a half checkpoint behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device) -> dict:
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # a damaged file is the user's to remove, not a crash
+        raise UserError(f"checkpoint {path} is unreadable ({type(err).__name__}); delete it to "
+                        "start over") from None
+    if state.get("config") != cfg.to_dict():
+        raise UserError(f"checkpoint {path} was made with a different config; use another --out "
+                        "directory or --no-resume")
+    state["cpu_rng"] = state["cpu_rng"].cpu()
+    if state.get("cuda_rng") is not None:
+        state["cuda_rng"] = state["cuda_rng"].cpu()
+    return state
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _progress_bar(enabled: bool, total: int, description: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="step", leave=False, dynamic_ncols=True)
