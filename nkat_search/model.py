@@ -1,0 +1,321 @@
+"""The NKAT vision transformer.
+
+Reads top to bottom like timm's ``vision_transformer.py``: the pure attention filters
+(``topk_mask``, ``nucleus_mask``), the small layers (``ColorLayerNorm``, ``ConvStem``,
+``NKATAttention``, ``Mlp``, ``Block``), then the model ``NKAT``, then ``build_model`` and named
+presets. Every option is a field of ``ModelConfig``; nothing here reads globals.
+
+Inputs are float tensors (B, in_chans, 32, 32), already normalised by the data loader; 28x28
+datasets are padded to 32x32 there, so one architecture serves all four datasets and lambda differs
+only by ``in_chans`` and ``num_classes``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nkat_search.config import ModelConfig
+
+# Token channels are viewed as 4 groups by split-head attention (R, G, B, shared) and by the
+# channel shuffle; 4 always divides embed_dim because embed_dim % num_heads == 0 with 8 heads.
+CHANNEL_GROUPS = 4
+
+
+def topk_mask(logits: Tensor, k: int) -> Tensor:
+    """Boolean mask (True = keep) of the ``k`` largest entries of each last-dim row.
+
+    Uses the k-th largest value as a threshold rather than scattering indices, so shapes never
+    depend on data (``torch.compile`` friendly). Exact ties with the k-th value are all kept.
+    ``k <= 0`` or ``k >= n`` keeps everything.
+    """
+    n = logits.shape[-1]
+    if k <= 0 or k >= n:
+        return torch.ones_like(logits, dtype=torch.bool)
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits >= kth
+
+
+def nucleus_mask(probs: Tensor, p: float) -> Tensor:
+    """Boolean mask (True = keep) of the nucleus of each last-dim row of probabilities.
+
+    The nucleus is the smallest prefix, by descending probability, whose cumulative sum reaches
+    ``p``: entry j of the sorted row is kept iff the mass strictly before it is below ``p``.
+    The top entry is always kept, so a row can never become empty. ``p >= 1`` keeps everything.
+    """
+    if p >= 1.0:
+        return torch.ones_like(probs, dtype=torch.bool)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    keep_sorted = mass_before < p
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+class ColorLayerNorm(nn.Module):
+    """Learnable LayerNorm over the colour channels at every pixel; identity for grayscale.
+
+    The user's earlier normalisation assumed one channel; this lets the model re-balance R, G, B
+    per pixel before any spatial mixing.
+    """
+
+    def __init__(self, in_chans: int, enabled: bool = True):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_chans) if enabled and in_chans == 3 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.norm is None:
+            return x
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _conv_bn_gelu(in_chans: int, out_chans: int, stride: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(in_chans, out_chans, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_chans),
+        nn.GELU(),
+    ]
+
+
+class ConvStem(nn.Module):
+    """Convolutional stem before the patch embedding: ``off``, ``tiny`` or ``small``.
+
+    off: identity (the patch embedding sees the 32x32 image). tiny: two stride-2 3x3 convs
+    (C -> 32 -> 64), 32x32 -> 8x8. small: 64, 128 (stride 2 each) then 128 (stride 1), also 8x8.
+    Local texture is what 7x7 patches threw away on CIFAR-10; the stem keeps it cheaply.
+    """
+
+    def __init__(self, kind: str, in_chans: int):
+        super().__init__()
+        if kind == "off":
+            layers: list[nn.Module] = []
+            self.out_channels = in_chans
+        elif kind == "tiny":
+            layers = _conv_bn_gelu(in_chans, 32, 2) + _conv_bn_gelu(32, 64, 2)
+            self.out_channels = 64
+        elif kind == "small":
+            layers = (_conv_bn_gelu(in_chans, 64, 2) + _conv_bn_gelu(64, 128, 2)
+                      + _conv_bn_gelu(128, 128, 1))
+            self.out_channels = 128
+        else:
+            raise ValueError(f"conv_stem: unknown kind {kind!r}")
+        self.downsample = 1 if kind == "off" else 4
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class NKATAttention(nn.Module):
+    """Multi-head self-attention with the NKAT filters and modulation, or the fused SDPA kernel.
+
+    NKAT path, in this order: logits / temperature; keep the ``top_k`` largest logits per query
+    row; nucleus (``top_p``) on the softmax of those logits; softmax; attention dropout; then each
+    query row i is multiplied by ``1 + s_l * (alpha * tanh(m_i) + beta * sigmoid(v_i))``, where
+    m_i, v_i are the mean and population variance over channels of query token i's (layer-normed)
+    input and ``s_l = nkat_strength * nkat_decay ** layer_index``. When every filter is off
+    (``not cfg.uses_nkat_attention``) the same computation is ``F.scaled_dot_product_attention``.
+
+    Split heads (``cfg.split_heads``, 8 heads): the D token channels are viewed as 4 groups of D/4.
+    Heads 0-1 (R), 2-3 (G), 4-5 (B) take q, k, v from their own channel group only (one D/4 -> 3D/4
+    projection per group); heads 6-7 (shared) take them from all D channels. The model adds a
+    per-colour patch projection of the image into the first three groups, so the colour heads see
+    colour-specific content. The grouped projections have 21/16 D^2 weights instead of 3 D^2, so
+    this costs fewer attention FLOPs than full heads; filters and modulation apply unchanged.
+    """
+
+    def __init__(self, dim: int, num_heads: int, layer_index: int, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5 / cfg.temperature
+        self.top_k = cfg.top_k
+        self.top_p = cfg.top_p
+        self.uses_nkat = cfg.uses_nkat_attention
+        # Tests set this to run the explicit path with filters off and compare it with SDPA.
+        self.force_explicit = False
+        self.split_heads = cfg.split_heads
+        if self.split_heads:
+            group = dim // CHANNEL_GROUPS
+            self.qkv_colour = nn.ModuleList(nn.Linear(group, 3 * group) for _ in range(3))
+            self.qkv_shared = nn.Linear(dim, 3 * group)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_drop_p = cfg.dropout_attn
+        self.attn_drop = nn.Dropout(cfg.dropout_attn)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(cfg.dropout_attn)
+        self.strength = cfg.nkat_strength * cfg.nkat_decay ** layer_index
+        # alpha and beta exist only when the modulation is on, so a strength-0 model's parameter
+        # count (lambda) contains nothing it never uses.
+        if cfg.nkat_strength > 0:
+            self.alpha = nn.Parameter(torch.ones(()))
+            self.beta = nn.Parameter(torch.ones(()))
+        else:
+            self.alpha = None
+            self.beta = None
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v as (B, heads, N, head_dim)."""
+        B, N, D = x.shape
+        if self.split_heads:
+            groups = x.view(B, N, CHANNEL_GROUPS, D // CHANNEL_GROUPS).unbind(dim=2)
+            parts = [proj(g) for proj, g in zip(self.qkv_colour, groups)]
+            parts.append(self.qkv_shared(x))
+            heads_per_group = self.num_heads // CHANNEL_GROUPS
+            qkv = torch.cat(
+                [p.view(B, N, 3, heads_per_group, self.head_dim) for p in parts], dim=3
+            )
+        else:
+            qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def modulation(self, x: Tensor) -> Tensor:
+        """Per-query-row factor (B, 1, N, 1): ``1 + s_l * (alpha tanh(mean) + beta sigmoid(var))``."""
+        mean = x.mean(dim=-1)
+        var = x.var(dim=-1, unbiased=False)
+        factor = 1 + self.strength * (self.alpha * torch.tanh(mean) + self.beta * torch.sigmoid(var))
+        return factor[:, None, :, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, D = x.shape
+        q, k, v = self._qkv(x)
+        if not self.uses_nkat and not self.force_explicit:
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop_p if self.training else 0.0, scale=self.scale
+            )
+        else:
+            logits = (q @ k.transpose(-2, -1)) * self.scale
+            if self.top_k > 0:
+                logits = logits.masked_fill(~topk_mask(logits, self.top_k), float("-inf"))
+            if self.top_p < 1.0:
+                keep = nucleus_mask(logits.softmax(dim=-1), self.top_p)
+                logits = logits.masked_fill(~keep, float("-inf"))
+            weights = self.attn_drop(logits.softmax(dim=-1))
+            if self.alpha is not None:
+                weights = weights * self.modulation(x)
+            out = weights.to(v.dtype) @ v
+        out = out.transpose(1, 2).reshape(B, N, D)
+        return self.proj_drop(self.proj(out))
+
+
+def channel_shuffle(x: Tensor, groups: int = CHANNEL_GROUPS) -> Tensor:
+    """ShuffleNet channel shuffle of token channels: (B, N, g, D/g) -> (B, N, D/g, g) -> flat.
+
+    After a shuffle every channel group holds channels from all groups, so split colour heads in
+    the next block see features that the other groups produced. No parameters.
+    """
+    B, N, D = x.shape
+    return x.view(B, N, groups, D // groups).transpose(2, 3).reshape(B, N, D)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; optional channel shuffle after the attention residual."""
+
+    def __init__(self, dim: int, layer_index: int, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = NKATAttention(dim, cfg.num_heads, layer_index, cfg)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.dropout_embed)
+        self.shuffle = cfg.channel_shuffle
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        if self.shuffle:
+            x = channel_shuffle(x)
+        return x + self.mlp(self.norm2(x))
+
+
+class NKAT(nn.Module):
+    """Colour LayerNorm -> ConvStem -> patch embedding (+ CLS, position) -> blocks -> CLS head."""
+
+    def __init__(self, cfg: ModelConfig, in_chans: int, num_classes: int, image_size: int = 32):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.cfg = cfg
+        self.color_norm = ColorLayerNorm(in_chans, cfg.color_norm)
+        self.stem = ConvStem(cfg.conv_stem, in_chans)
+        self.patch_embed = nn.Conv2d(
+            self.stem.out_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
+        grid = image_size // self.stem.downsample // cfg.patch_size
+        num_patches = grid * grid
+        if cfg.split_heads:
+            # One filter bank per colour channel (groups=in_chans), written into the R, G, B
+            # channel groups; for grayscale the single channel feeds all three groups.
+            # It reads the loader-normalised image, not the colour-normed one, because the colour
+            # LayerNorm mixes channels (it subtracts the per-pixel mean over R, G, B).
+            down = self.stem.downsample * cfg.patch_size
+            self.colour_embed = nn.Conv2d(
+                in_chans, 3 * dim // CHANNEL_GROUPS, kernel_size=down, stride=down, groups=in_chans
+            )
+        else:
+            self.colour_embed = None
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
+        self.pos_drop = nn.Dropout(cfg.dropout_embed)
+        self.blocks = nn.Sequential(*(Block(dim, i, cfg) for i in range(cfg.depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        tokens = self.patch_embed(self.stem(self.color_norm(x))).flatten(2).transpose(1, 2)
+        if self.colour_embed is not None:
+            colour = self.colour_embed(x).flatten(2).transpose(1, 2)
+            tokens = tokens + F.pad(colour, (0, tokens.shape[-1] - colour.shape[-1]))
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        tokens = self.pos_drop(torch.cat([cls, tokens], dim=1) + self.pos_embed)
+        return self.norm(self.blocks(tokens))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.forward_features(x)[:, 0])
+
+
+def build_model(cfg: ModelConfig, in_chans: int, num_classes: int) -> NKAT:
+    """Validate ``cfg`` and build the 32x32 NKAT model for this dataset's channels and classes."""
+    cfg.validate()
+    return NKAT(cfg, in_chans, num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters (``requires_grad``); lambda = count_parameters(model) / 1e6."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# Named presets: the user's baseline, and the same network with every NKAT filter off (fused SDPA).
+PRESETS: dict[str, ModelConfig] = {
+    "baseline": ModelConfig(),
+    "baseline_sdpa": ModelConfig(top_k=0, top_p=1.0, nkat_strength=0.0),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """A fresh copy of a named preset config."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset '{name}'; known: {', '.join(PRESETS)}")
+    return ModelConfig(**vars(PRESETS[name]))
