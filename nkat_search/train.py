@@ -9,6 +9,7 @@ from a generator seeded by (seed, epoch), and the global RNG (dropout) is saved 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -18,7 +19,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel
 
 from nkat_search import metrics
 from nkat_search.config import RunConfig
@@ -91,20 +91,35 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> flo
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def ema_multi_avg_fn(decay: float):
-    """EMA update for ``AveragedModel`` with the usual warm-up ``min(decay, (1+n)/(10+n))``.
+class EmaModel(torch.nn.Module):
+    """Exponential moving average of a model's weights and buffers, used for evaluation.
 
-    Without the warm-up, short runs (the smoke test, CPU studies) would evaluate weights that are
-    still mostly the random initialisation.
+    Written here rather than using ``torch.optim.swa_utils.AveragedModel``, whose update compares
+    a device tensor on the host every step (a GPU sync per step). The decay warms up as
+    ``min(decay, (1+n)/(10+n))`` so that short runs (smoke test, CPU studies) do not evaluate
+    weights that are still mostly the random initialisation.
     """
 
-    @torch.no_grad()
-    def update(ema_params, params, num_averaged):
-        n = int(num_averaged)
-        d = min(decay, (1.0 + n) / (10.0 + n))
-        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__()
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+        self._float_pairs = [(e, m) for e, m in pairs if e.is_floating_point()]
+        self._other_pairs = [(e, m) for e, m in pairs if not e.is_floating_point()]
 
-    return update
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        torch._foreach_lerp_([e for e, _ in self._float_pairs], [m for _, m in self._float_pairs],
+                             1.0 - decay)
+        for ema_tensor, model_tensor in self._other_pairs:
+            ema_tensor.copy_(model_tensor)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -169,7 +184,7 @@ def train_model(
     model = build_model(cfg.model, info.in_chans, info.num_classes).to(device)
     parameters = count_parameters(model)
     lam = metrics.param_lambda(parameters)
-    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(tc.effective_ema()), use_buffers=True)
+    ema = EmaModel(model, tc.effective_ema())
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.effective_lr(),
                                   betas=(0.9, 0.999), fused=fused)
@@ -190,6 +205,7 @@ def train_model(
         state = load_checkpoint(checkpoint_path, cfg, device)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
+        ema.updates = state["ema_updates"]
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, epoch_seconds = state["epoch"], list(state["epoch_seconds"])
         torch.set_rng_state(state["cpu_rng"])
@@ -220,7 +236,7 @@ def train_model(
             if tc.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad, foreach=True)
             optimizer.step()
-            ema.update_parameters(model)
+            ema.update()
             loss_sum += loss.detach()
             if bar is not None:
                 bar.update(1)
@@ -239,7 +255,7 @@ def train_model(
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {
                 "config": cfg.to_dict(), "epoch": epoch + 1, "epoch_seconds": epoch_seconds,
-                "model": model.state_dict(), "ema": ema.state_dict(),
+                "model": model.state_dict(), "ema": ema.state_dict(), "ema_updates": ema.updates,
                 "optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             })

@@ -1,0 +1,62 @@
+"""CLI edges: bad input is one line on stderr and exit code 2; params agrees with the model."""
+
+import json
+
+import pytest
+
+from nkat_search.cli import main
+from nkat_search.config import RunConfig
+from nkat_search.model import build_model, count_parameters
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_params_json_equals_the_sum_of_trainable_numel(capsys):
+    code, out, _ = run_cli(capsys, "params", "--json")
+    assert code == 0
+    rows = {r["dataset"]: r for r in json.loads(out)["datasets"]}
+    model = build_model(RunConfig().model, in_chans=3, num_classes=10)
+    expected = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert rows["cifar10"]["parameters"] == expected == count_parameters(model)
+    assert rows["cifar10"]["lambda"] == pytest.approx(expected / 1e6)
+    # Grayscale sets differ only by the input channels and the classifier's classes.
+    assert rows["mnist"]["parameters"] == rows["fashion_mnist"]["parameters"]
+    assert rows["emnist"]["num_classes"] == 26
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["params", "--patch_size", "3"], "patch_size"),
+    (["params", "--depth", "-1"], "depth"),
+    (["params", "--conv_stem", "huge"], "conv_stem"),
+    (["params", "--embed_dim", "100"], "embed_dim"),
+])
+def test_bad_flags_are_one_line_and_exit_2(capsys, args, needle):
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0]
+
+
+def test_unknown_key_in_a_config_file_is_named(capsys, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("embed_dim: 384\nembedding_size: 7\n")
+    code, _, err = run_cli(capsys, "params", "--config", str(path))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "embedding_size" in lines[0] and str(path) in lines[0]
+
+
+def test_wrong_type_in_a_config_file_is_named(capsys, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("depth: seven\n")
+    code, _, err = run_cli(capsys, "params", "--config", str(path))
+    assert code == 2 and "depth" in err
+
+
+def test_config_from_dict_round_trips():
+    cfg = RunConfig()
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg

@@ -1,0 +1,96 @@
+"""The training loop on CPU slices: a real epoch, bit-for-bit resume, schedule, callbacks."""
+
+import json
+
+import pytest
+import torch
+
+from nkat_search.cli import main
+from nkat_search.config import RunConfig
+from nkat_search.train import TrainingInterrupted, lr_at, train_model
+
+TINY = {"embed_dim": 32, "depth": 1, "train_limit": 256, "test_limit": 128, "batch_size": 64,
+        "epochs": 2, "warmup": 1}
+
+
+def tiny_config(**overrides) -> RunConfig:
+    return RunConfig.from_dict(TINY | overrides)
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)  # halfway through the cosine
+    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
+
+
+def test_one_epoch_on_a_cifar_slice_reports_through_the_callback(data_dir, tmp_path):
+    reports = []
+    result = train_model(tiny_config(epochs=1, warmup=0), data_dir=data_dir, device="cpu",
+                         out_dir=tmp_path, on_epoch=reports.append, progress=False)
+    assert [r.epoch for r in reports] == [1]
+    assert 0.0 <= result.accuracy <= 1.0
+    assert result.lam == pytest.approx(result.parameters / 1e6)
+    assert result.tpe == pytest.approx(reports[0].tpe)
+    assert (tmp_path / "checkpoint.pt").exists()
+
+
+def test_resume_continues_bit_for_bit(data_dir, tmp_path):
+    cfg = tiny_config(dataset="mnist")
+    straight = train_model(cfg, data_dir=data_dir, device="cpu", out_dir=tmp_path / "a",
+                           progress=False)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train_model(cfg, data_dir=data_dir, device="cpu", out_dir=tmp_path / "b",
+                    stop_requested=lambda: True, progress=False)
+    assert stopped.value.epoch == 1
+    resumed = train_model(cfg, data_dir=data_dir, device="cpu", out_dir=tmp_path / "b",
+                          progress=False)
+    assert resumed.resumed_from_epoch == 1
+    assert resumed.accuracy == straight.accuracy
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+
+
+def test_a_callback_exception_propagates_after_the_checkpoint(data_dir, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop(report):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train_model(tiny_config(), data_dir=data_dir, device="cpu", out_dir=tmp_path,
+                    on_epoch=stop, progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1
+
+
+def test_train_command_accepts_the_users_baseline_flags_verbatim(data_dir, tmp_path):
+    baseline = ("--dataset cifar10 --conv_stem tiny --patch_size 2 --embed_dim 384 --depth 7 "
+                "--temperature 0.65 --top_k 6 --top_p 0.80 --nkat_strength 0.0024 --nkat_decay 0.99 "
+                "--dropout_attn 0.17 --dropout_embed 0.08 --mixup 0.1 --cutmix 0.2 --randaugment 2 9 "
+                "--lr 2e-4 --epochs 40 --warmup 5 --ema 0.9995 --clip_grad 1.0 --cutout 8").split()
+    # The same flags, then a tiny override so the test runs in seconds on a CPU.
+    tiny = ("--embed_dim 32 --depth 1 --epochs 1 --warmup 0 --train_limit 128 --test_limit 64 "
+            "--batch_size 64").split()
+    code = main(["train", *baseline, *tiny, "--data-dir", str(data_dir), "--device", "cpu",
+                 "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["config"]["top_k"] == 6 and written["config"]["randaugment"] == [2, 9]
+    assert written["config"]["embed_dim"] == 32
+    assert 0.0 <= written["accuracy"] <= 1.0
+
+
+def test_a_checkpoint_of_another_config_is_refused(data_dir, tmp_path, capsys):
+    args = ["train", "--embed_dim", "32", "--depth", "1", "--epochs", "1", "--warmup", "0",
+            "--train_limit", "64", "--test_limit", "32", "--batch_size", "32",
+            "--data-dir", str(data_dir), "--device", "cpu", "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    assert main([*args, "--depth", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different config" in err[0]
