@@ -1,8 +1,9 @@
 """The ``nkat-search`` console script: a thin argparse front over ``nkat_search.commands``.
 
-Each subcommand lives in its own module whose top level imports only argparse-level things; heavy
-imports (torch, optuna, the PostgreSQL driver, the dashboard) happen inside ``run``, so ``--help``
-is fast and a missing optional part only affects the command that needs it.
+Each subcommand lives in its own module, loaded only when that subcommand runs; heavy imports
+(torch, optuna, the PostgreSQL driver, the dashboard) happen inside ``run``. So ``--help`` is fast
+and a missing optional part (on a GPU box without psycopg2, say) only affects the command that
+needs it.
 User mistakes surface as one line on stderr and exit code 2; internal bugs keep their traceback.
 """
 
@@ -18,7 +19,7 @@ from nkat_search.errors import UserError
 COMMANDS = [
     ("params", "params", "print lambda (trainable params / 1e6) and the TPE gate per dataset"),
     ("train", "train", "train one config on one dataset and write metrics.json + checkpoint"),
-    ("smoke", "smoke", "the user's step 1: 10-epoch CIFAR-10 run, GO if test accuracy > 45%"),
+    ("smoke", "smoke", "the user's step 1: 10-epoch CIFAR-10 run, GO if test accuracy > 45%%"),
     ("stage2", "stage2", "train one config on the four datasets and print the Stage 2 table"),
     ("study", "study", "create or inspect a study from a study file (the coordinator)"),
     ("worker", "worker", "pull trials from a study and train them on one device"),
@@ -29,7 +30,8 @@ COMMANDS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command_name: str | None = None) -> argparse.ArgumentParser:
+    """The full parser for ``command_name``; the others are listed but their modules not loaded."""
     parser = argparse.ArgumentParser(
         prog="nkat-search",
         description="Hyperparameter search for the NKAT vision transformer "
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module_name, summary in COMMANDS:
+        if name != command_name:
+            sub.add_parser(name, help=summary)
+            continue
         module = importlib.import_module(f"nkat_search.commands.{module_name}")
         command = sub.add_parser(
             name, help=summary, description=getattr(module, "HELP", summary),
@@ -49,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    names = {name for name, _, _ in COMMANDS}
+    args = build_parser(next((a for a in argv if a in names), None)).parse_args(argv)
     try:
         return int(args.run(args) or 0)
     except UserError as err:
