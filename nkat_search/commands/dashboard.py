@@ -1,0 +1,94 @@
+"""``nkat-search dashboard``: optuna-dashboard for a storage, bound to 127.0.0.1 unless asked.
+
+The dashboard has no authentication, so the default host is the loopback interface; reach it from
+another machine through an SSH tunnel, or pass ``--host 0.0.0.0`` on a trusted network.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = ("Serve optuna-dashboard for every study in --storage and print its URL. Binds to "
+        "127.0.0.1 by default (the dashboard has no login); use an SSH tunnel "
+        "(ssh -L 8080:127.0.0.1:8080 host) or --host 0.0.0.0 on a trusted network. "
+        "Ctrl-C stops it.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", required=True, metavar="URL",
+                        help="postgresql+psycopg2://user:pw@host:port/db or sqlite:///path.db")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind")
+    parser.add_argument("--port", type=int, default=8080, help="TCP port")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nkat_search.report import open_storage_for_reading
+
+    storage = open_storage_for_reading(args.storage)
+    server = make_server(storage, args.host, args.port)
+    print(f"optuna-dashboard for {args.storage}: {url(args.host, server.server_port)} "
+          "(Ctrl-C to stop)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: listening on {args.host}; the dashboard has no authentication", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def make_server(storage, host: str, port: int):
+    """A threaded wsgiref server for the dashboard's WSGI app, bound but not yet serving.
+
+    Threaded, because the dashboard's page polls several API routes at once and one slow
+    PostgreSQL query should not stall the rest. Request logging is off: ``up`` shows its own line.
+    """
+    import errno
+    import socketserver
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+    from wsgiref.simple_server import make_server as wsgi_make_server
+
+    import optuna_dashboard
+
+    from nkat_search.errors import UserError
+
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+            pass
+
+    app = optuna_dashboard.wsgi(storage)
+    try:
+        return wsgi_make_server(host, port, app, server_class=Server, handler_class=QuietHandler)
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use; pass another --port") from None
+        if err.errno == errno.EADDRNOTAVAIL:
+            raise UserError(f"cannot bind to {host}: no such local address") from None
+        raise
+
+
+def find_free_port(host: str, start: int, tries: int = 50) -> int:
+    """The first port from ``start`` on that ``host`` can bind now (same reuse rules as the server)."""
+    import socket
+
+    from nkat_search.errors import UserError
+
+    for port in range(start, start + tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise UserError(f"no free port on {host} between {start} and {start + tries - 1}; pass --port")
+
+
+def url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    return f"http://{shown}:{port}/"

@@ -1,0 +1,38 @@
+"""``nkat-search export``: the best trials of a study as config files that ``train`` re-runs."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = ("Write the best K complete trials (by the study's value, Global TPE) into --out as "
+        "trial-<n>.yaml and trial-<n>.json, plus best.yaml / best.json for the top one. Each file "
+        "has a 'config' section that 'nkat-search train --config FILE' and 'stage2 --config FILE' "
+        "accept, the trial's 'metrics' and its 'study' (name, study file hash, trial number). "
+        "Files are written atomically. Exit code 1 with 'nothing to export yet' when no trial "
+        "has completed.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", required=True, metavar="NAME", help="study name")
+    parser.add_argument("--storage", required=True, metavar="URL",
+                        help="postgresql+psycopg2://user:pw@host:port/db or sqlite:///path.db")
+    parser.add_argument("--top", type=int, default=1, metavar="K", help="export the best K trials")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from nkat_search.export import NothingToExport, export_best
+    from nkat_search.report import open_study
+
+    study = open_study(args.storage, args.study)
+    try:
+        written = export_best(study, args.out, top=args.top)
+    except NothingToExport as err:
+        # Not a mistake of the user: the study is just young. Distinct from exit 2 (bad input).
+        print(f"nkat-search export: {err}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,32 @@
+"""``nkat-search status``: the trials of a study as a table, or as JSON for machines."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = ("Print a table of the study's trials (number, state, outcome, Global TPE, Local TPE, "
+        "lambda, epochs reached, duration, worker) and a summary line: complete / pruned / "
+        "gate-failed / failed / running, best Global TPE so far. --json prints the same as JSON.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", required=True, metavar="NAME", help="study name")
+    parser.add_argument("--storage", required=True, metavar="URL",
+                        help="postgresql+psycopg2://user:pw@host:port/db or sqlite:///path.db")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from nkat_search.report import format_table, open_study, study_report, summary_line
+
+    report = study_report(open_study(args.storage, args.study))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"study {report['study']} ({report['direction']}, "
+          f"study file {report['study_file_name'] or '-'})")
+    print(format_table(report["trials"]))
+    print(summary_line(report["summary"]))
+    return 0
