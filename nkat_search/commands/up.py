@@ -1,0 +1,300 @@
+"""``nkat-search up``: the one-machine form of the compose file.
+
+Coordinator, one worker per GPU, the dashboard, a live summary line, then the final table and the
+export. Every child is ``sys.executable -m nkat_search ...`` (the exact interpreter and package of
+this process) in its own session, so a Ctrl-C in the terminal reaches only this process, which
+forwards exactly one SIGINT to each worker and waits for them to checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = ("Run a whole search on this machine: create the study from --study FILE (the coordinator), "
+        "start one worker per visible GPU (CPU only: one worker on cpu unless --workers says more), "
+        "serve optuna-dashboard on 127.0.0.1, show a live summary line, and when the workers are "
+        "done print the status table and export the best trials to OUT/STUDY/export/. Storage "
+        "defaults to embedded SQLite at OUT/STUDY.db (OUT defaults to runs/); pass --storage for "
+        "PostgreSQL. Worker logs: OUT/STUDY/logs/. Ctrl-C forwards SIGINT to the workers, waits for "
+        "their checkpoints and exits 130 (a second Ctrl-C terminates them). Exit code 1 if any "
+        "worker failed.")
+
+REFRESH_SECONDS = 5.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", required=True, metavar="FILE", help="study file (YAML)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="worker processes (default: one per visible GPU, else 1 on cpu); "
+                        "with GPUs, worker i runs on cuda:(i mod GPUs)")
+    parser.add_argument("--trials-per-gpu", type=int, metavar="K",
+                        help="concurrent trials per worker (default: the worker's own)")
+    parser.add_argument("--storage", metavar="URL",
+                        help="storage URL (default: sqlite:///OUT/STUDY.db, embedded SQLite)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="dataset root (default: $NKAT_DATA_DIR, else ~/.cache/nkat-search/data)")
+    parser.add_argument("--out", default="runs", metavar="DIR",
+                        help="output root: OUT/STUDY.db, OUT/STUDY/{logs,checkpoints,export}")
+    parser.add_argument("--top", type=int, default=3, metavar="K", help="export the best K trials")
+    parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
+                        help="serve optuna-dashboard on 127.0.0.1 while the workers run")
+    parser.add_argument("--port", type=int, default=8080,
+                        help="dashboard port; if it is taken, the next free one is used")
+    parser.add_argument("--refresh", type=float, default=REFRESH_SECONDS, metavar="S",
+                        help="seconds between refreshes of the live summary line")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nkat_search.errors import UserError
+    from nkat_search.study import load_study_file
+
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    spec = load_study_file(args.study)
+    out = Path(args.out).resolve()
+    run_dir = out / spec.name
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    storage = args.storage or f"sqlite:///{out / (spec.name + '.db')}"
+    return Up(args, spec.name, storage, run_dir).run()
+
+
+class Up:
+    """The processes of one ``up`` and the order they start and stop in."""
+
+    def __init__(self, args: argparse.Namespace, study_name: str, storage: str, run_dir):
+        self.args = args
+        self.study_name = study_name
+        self.storage = storage
+        self.run_dir = run_dir
+        self.workers: list[tuple[str, object, object]] = []  # (label, Popen, log path)
+        self.dashboard = None
+        self.interrupts = 0
+
+    def run(self) -> int:
+        import signal
+
+        print(f"study {self.study_name}: storage {self.storage}", flush=True)
+        code = self._child(["study", "create", "--study", self.args.study,
+                            "--storage", self.storage])
+        if code != 0:
+            print(f"nkat-search up: the coordinator (study create) exited with {code}", flush=True)
+            return code
+        previous = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if self.args.dashboard:
+                self._start_dashboard()
+            if not self.interrupts:
+                self._start_workers()
+                self._watch()
+        finally:
+            self._stop_all()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return self._finish()
+
+    # -- children ---------------------------------------------------------------------------
+
+    def _command(self, argv: list[str]) -> list[str]:
+        import sys
+
+        return [sys.executable, "-m", "nkat_search", *argv]
+
+    def _child(self, argv: list[str]) -> int:
+        import subprocess
+
+        return subprocess.run(self._command(argv)).returncode
+
+    def _spawn(self, argv: list[str], log_path):
+        import subprocess
+
+        with open(log_path, "ab") as log:
+            # A session of its own: the terminal's Ctrl-C reaches only us, and we decide what the
+            # children get (one SIGINT each, so a worker finishes its epoch and checkpoints).
+            return subprocess.Popen(self._command(argv), stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def _devices(self) -> list[str]:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        count = self.args.workers or max(gpus, 1)
+        return [f"cuda:{i % gpus}" if gpus else "cpu" for i in range(count)]
+
+    def _start_workers(self) -> None:
+        checkpoints = self.run_dir / "checkpoints"
+        for i, device in enumerate(self._devices()):
+            argv = ["worker", "--storage", self.storage, "--study", self.study_name,
+                    "--device", device, "--checkpoint-dir", str(checkpoints)]
+            if self.args.trials_per_gpu is not None:
+                argv += ["--trials-per-gpu", str(self.args.trials_per_gpu)]
+            if self.args.data_dir:
+                argv += ["--data-dir", self.args.data_dir]
+            log = self.run_dir / "logs" / f"worker-{i}.log"
+            self.workers.append((f"worker {i} ({device})", self._spawn(argv, log), log))
+            print(f"worker {i} on {device}: log {log}", flush=True)
+
+    def _start_dashboard(self) -> None:
+        from nkat_search.commands.dashboard import find_free_port, url
+
+        host = "127.0.0.1"
+        port = find_free_port(host, self.args.port)
+        if port != self.args.port:
+            print(f"port {self.args.port} is in use; the dashboard takes port {port}", flush=True)
+        log = self.run_dir / "logs" / "dashboard.log"
+        self.dashboard = self._spawn(["dashboard", "--storage", self.storage, "--host", host,
+                                      "--port", str(port)], log)
+        if wait_for_http(url(host, port), self.dashboard, timeout=60):
+            print(f"dashboard: {url(host, port)}", flush=True)
+        else:
+            print(f"dashboard did not start (exit {self.dashboard.poll()}); see {log}", flush=True)
+            print(tail(log), flush=True)
+
+    # -- the live line and signals ----------------------------------------------------------
+
+    def _on_signal(self, signum, frame) -> None:
+        # Only signals here; the watch loop prints (printing inside a handler can re-enter stdout).
+        import signal
+
+        self.interrupts += 1
+        sig = {1: signal.SIGINT, 2: signal.SIGTERM}.get(self.interrupts, signal.SIGKILL)
+        for _, process, _ in self.workers:
+            if process.poll() is None:
+                try:
+                    process.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    def _announce_interrupts(self, announced: int) -> int:
+        messages = {1: "stopping: the workers finish their epoch and checkpoint "
+                       "(Ctrl-C again to terminate them)",
+                    2: "terminating the workers (Ctrl-C again to kill them)",
+                    3: "killing the workers"}
+        for count in range(announced + 1, min(self.interrupts, 3) + 1):
+            print(f"\n{messages[count]}", flush=True)
+        return max(announced, min(self.interrupts, 3))
+
+    def _watch(self) -> None:
+        import sys
+        import time
+
+        tty = sys.stdout.isatty()
+        last = None
+        study = None
+        announced = 0
+        start = time.monotonic()
+        while any(p.poll() is None for _, p, _ in self.workers):
+            announced = self._announce_interrupts(announced)
+            study, line = self._live_line(study)
+            if line is not None:
+                elapsed = format_elapsed(time.monotonic() - start)
+                if tty:
+                    print(f"\r[{elapsed}] {line}\x1b[K", end="", flush=True)
+                elif line != last:
+                    print(f"[{elapsed}] {line}", flush=True)
+                last = line
+            deadline = time.monotonic() + self.args.refresh
+            while (time.monotonic() < deadline and min(self.interrupts, 3) == announced
+                   and any(p.poll() is None for _, p, _ in self.workers)):
+                time.sleep(0.2)
+        if tty and last is not None:
+            print(flush=True)
+
+    def _live_line(self, study):
+        """(study, summary line); the line is None when the storage is busy this time round."""
+        from nkat_search.report import study_report, summary_line
+
+        try:
+            if study is None:
+                from nkat_search.report import open_study
+
+                study = open_study(self.storage, self.study_name)
+            report = study_report(study)
+        except Exception as err:  # noqa: BLE001 - a locked SQLite file must not stop the watch
+            if type(err).__name__ not in ("OperationalError", "DatabaseError"):
+                raise
+            return study, None
+        return study, summary_line(report["summary"])
+
+    def _stop_all(self) -> None:
+        """Reap every child still alive (only on an error or a Ctrl-C path), dashboard last."""
+        import signal
+        import subprocess
+
+        for _, process, _ in self.workers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for _, process, _ in self.workers:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self.dashboard is not None and self.dashboard.poll() is None:
+            self.dashboard.send_signal(signal.SIGINT)
+            try:
+                self.dashboard.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.dashboard.kill()
+                self.dashboard.wait()
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def _finish(self) -> int:
+        from nkat_search.export import NothingToExport, export_best
+        from nkat_search.report import format_table, open_study, study_report, summary_line
+
+        failed = [(label, p.returncode, log) for label, p, log in self.workers if p.returncode != 0]
+        study = open_study(self.storage, self.study_name)
+        report = study_report(study)
+        print(format_table(report["trials"]))
+        print(summary_line(report["summary"]))
+        export_dir = self.run_dir / "export"
+        if self.interrupts:
+            print(f"interrupted; export later with: nkat-search export --study {self.study_name} "
+                  f"--storage {self.storage} --out {export_dir}")
+            return 130
+        try:
+            written = export_best(study, export_dir, top=self.args.top)
+            print(f"exported {len([p for p in written if p.suffix == '.yaml']) - 1} trial(s) to "
+                  f"{export_dir} (best: {export_dir / 'best.yaml'})")
+        except NothingToExport as err:
+            print(str(err))
+        for label, code, log in failed:
+            print(f"{label} exited with {code}; last lines of {log}:")
+            print(tail(log))
+        return 1 if failed else 0
+
+
+def wait_for_http(address: str, process, timeout: float) -> bool:
+    """Poll ``address`` until it answers; False if ``process`` exits or time runs out first."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(address, timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True  # it answered, only not with 200
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def tail(path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "  (no log)"
+    return "\n".join("  " + line for line in text.splitlines()[-lines:])
+
+
+def format_elapsed(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
