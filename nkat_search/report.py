@@ -20,11 +20,14 @@ def open_study(storage_url: str, study_name: str):
     """Load ``study_name`` from the storage at ``storage_url``; an unknown name lists the others."""
     import optuna
 
+    from nkat_search.storage import mask_url
+
     storage = open_storage_for_reading(storage_url)
     names = optuna.study.get_all_study_names(storage)
     if study_name not in names:
         known = ", ".join(sorted(names)) if names else "none"
-        raise UserError(f"no study named '{study_name}' in {storage_url}; studies there: {known}")
+        raise UserError(f"no study named '{study_name}' in {mask_url(storage_url)}; "
+                        f"studies there: {known}")
     return optuna.load_study(study_name=study_name, storage=storage)
 
 
@@ -34,13 +37,11 @@ def open_storage_for_reading(storage_url: str):
     SQLAlchemy creates a missing SQLite file on connect, so a typo in the path would otherwise
     show an empty storage instead of saying what is wrong.
     """
-    from pathlib import Path
+    from nkat_search.storage import SQLITE_SCHEME, open_storage, sqlite_path
 
-    from nkat_search.storage import open_storage
-
-    if storage_url.startswith("sqlite:///"):
-        path = Path(storage_url[len("sqlite:///"):])
-        if not path.is_file():
+    if storage_url.startswith(SQLITE_SCHEME + "://"):
+        path = sqlite_path(storage_url)
+        if path is not None and not path.is_file():
             raise UserError(f"storage {storage_url}: the SQLite file {path} does not exist")
     return open_storage(storage_url)
 

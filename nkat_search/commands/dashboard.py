@@ -23,10 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nkat_search.report import open_storage_for_reading
+    from nkat_search.storage import mask_url
 
     storage = open_storage_for_reading(args.storage)
     server = make_server(storage, args.host, args.port)
-    print(f"optuna-dashboard for {args.storage}: {url(args.host, server.server_port)} "
+    print(f"optuna-dashboard for {mask_url(args.storage)}: {url(args.host, server.server_port)} "
           "(Ctrl-C to stop)", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: listening on {args.host}; the dashboard has no authentication", flush=True)

@@ -75,7 +75,9 @@ class Up:
     def run(self) -> int:
         import signal
 
-        print(f"study {self.study_name}: storage {self.storage}", flush=True)
+        from nkat_search.storage import mask_url
+
+        print(f"study {self.study_name}: storage {mask_url(self.storage)}", flush=True)
         code = self._child(["study", "create", "--study", self.args.study,
                             "--storage", self.storage])
         if code != 0:
@@ -245,6 +247,7 @@ class Up:
     def _finish(self) -> int:
         from nkat_search.export import NothingToExport, export_best
         from nkat_search.report import format_table, open_study, study_report, summary_line
+        from nkat_search.storage import mask_url
 
         failed = [(label, p.returncode, log) for label, p, log in self.workers if p.returncode != 0]
         study = open_study(self.storage, self.study_name)
@@ -254,7 +257,7 @@ class Up:
         export_dir = self.run_dir / "export"
         if self.interrupts:
             print(f"interrupted; export later with: nkat-search export --study {self.study_name} "
-                  f"--storage {self.storage} --out {export_dir}")
+                  f"--storage {mask_url(self.storage)} --out {export_dir}")
             return 130
         try:
             written = export_best(study, export_dir, top=self.args.top)
