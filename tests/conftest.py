@@ -1,0 +1,183 @@
+"""Shared fixtures: a real PostgreSQL server for the session, the dataset dir, a private cache dir.
+
+The service runs on PostgreSQL in production, so the tests do too (STYLE.md principle 8): SQLite
+hides locking, connection-count and transaction differences that the coordinator and the workers
+depend on. The server is throwaway: initdb into /tmp, fsync off, trust auth on loopback only.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PG_USER = "postgres"
+PG_DB = "nkat_test"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def _find_pg_bindir() -> Path | None:
+    """The bin dir of the newest installed PostgreSQL (Debian layout: /usr/lib/postgresql/N/bin)."""
+    candidates = [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")]
+    candidates = [d for d in candidates if (d / "pg_ctl").exists()]
+
+    def version(bindir: Path) -> tuple[int, ...]:
+        try:
+            return tuple(int(part) for part in bindir.parent.name.split("."))
+        except ValueError:
+            return (0,)
+
+    return max(candidates, key=version) if candidates else None
+
+
+def _free_port() -> int:
+    # The port is released before postgres binds it; the race is harmless on a CI box.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    # PostgreSQL refuses to run as root; CI runs the tests as root.
+    if os.geteuid() == 0:
+        return ["runuser", "-u", PG_USER, "--", *cmd]
+    return cmd
+
+
+def _run(cmd: list[str], cwd: Path, log: Path) -> None:
+    # Output goes to a file, never a pipe: the postmaster inherits pg_ctl's stdout and would keep a
+    # pipe open forever. The cwd must be readable by postgres (root's home is not).
+    with open(log, "ab") as out:
+        result = subprocess.run(_as_postgres(cmd), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, timeout=120)
+    if result.returncode != 0:
+        server_log = log.with_name("server.log")
+        tail = log.read_text()[-3000:]
+        if server_log.exists():
+            tail += server_log.read_text()[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{tail}")
+
+
+def _admin_connect(port: int, dbname: str = "postgres"):
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user=PG_USER, dbname=dbname)
+    conn.autocommit = True  # CREATE/DROP DATABASE cannot run inside a transaction
+    return conn
+
+
+def _url(port: int, dbname: str) -> str:
+    return f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{port}/{dbname}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """(port, bindir) of a PostgreSQL server that lives for the whole test session."""
+    bindir = _find_pg_bindir()
+    if bindir is None:
+        reason = ("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin "
+                  "(apt-get install postgresql)")
+        if _in_ci():
+            pytest.fail(f"CI must test against real PostgreSQL: {reason}", pytrace=False)
+        pytest.skip(reason)
+
+    # mkdtemp gives mode 0700; /tmp is world-traversable, so postgres can reach it once it owns it.
+    root = Path(tempfile.mkdtemp(prefix="nkat-pg-", dir="/tmp"))
+    if os.geteuid() == 0:
+        shutil.chown(root, user=PG_USER)
+    # setup.log gets the tools' output (written by us); server.log is the postmaster's own (by
+    # postgres, so it must not exist beforehand with our ownership).
+    data, log, server_log = root / "data", root / "setup.log", root / "server.log"
+    port = _free_port()
+    started = False
+    try:
+        _run([str(bindir / "initdb"), "-D", str(data), "-U", PG_USER, "-E", "UTF8",
+              "--auth-local=trust", "--auth-host=trust", "--no-sync", "--no-instructions"],
+             cwd=root, log=log)
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(port),
+            "unix_socket_directories": str(root),
+            "max_connections": "200",  # 8 worker processes, each with its own pool, plus the tests
+            "fsync": "off",            # durability is worthless for a throwaway server
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+        }
+        options = " ".join(f"-c {key}={value}" for key, value in settings.items())
+        started = True  # from here on a half-started server must still be stopped
+        _run([str(bindir / "pg_ctl"), "start", "-D", str(data), "-l", str(server_log),
+              "-w", "-t", "60", "-o", options], cwd=root, log=log)
+        conn = _admin_connect(port)  # not "with conn": psycopg2 would open a transaction block
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{PG_DB}"')
+        finally:
+            conn.close()
+        yield port, bindir
+    finally:
+        if started:
+            subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "stop", "-D", str(data),
+                                         "-m", "fast", "-w", "-t", "60"]),
+                           cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           stdin=subprocess.DEVNULL, timeout=90)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server) -> str:
+    """SQLAlchemy URL of the session database ``nkat_test`` (shared by all tests)."""
+    port, _ = postgres_server
+    return _url(port, PG_DB)
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_server):
+    """SQLAlchemy URL of a new empty database for one test, so studies never leak between tests."""
+    port, _ = postgres_server
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    conn = _admin_connect(port)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        yield _url(port, name)
+        # FORCE ends connections a test left open (worker subprocesses, pooled engines).
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The dataset root: $NKAT_DATA_DIR, else <repo>/../shared/datasets; skip when absent."""
+    env = os.environ.get("NKAT_DATA_DIR")
+    path = Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "datasets"
+    path = path.resolve()
+    if not path.is_dir():
+        pytest.skip(f"dataset dir {path} not found (set NKAT_DATA_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """Point NKAT_CACHE_DIR at a session temp dir so tests never write into the home directory."""
+    previous = os.environ.get("NKAT_CACHE_DIR")
+    os.environ["NKAT_CACHE_DIR"] = str(tmp_path_factory.mktemp("nkat-cache"))
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("NKAT_CACHE_DIR", None)
+        else:
+            os.environ["NKAT_CACHE_DIR"] = previous
