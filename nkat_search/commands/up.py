@@ -15,7 +15,7 @@ HELP = ("Run a whole search on this machine: create the study from --study FILE 
         "serve optuna-dashboard on 127.0.0.1, show a live summary line, and when the workers are "
         "done print the status table and export the best trials to OUT/STUDY/export/. Storage "
         "defaults to embedded SQLite at OUT/STUDY.db (OUT defaults to runs/); pass --storage for "
-        "PostgreSQL. Worker logs: OUT/STUDY/logs/. Ctrl-C forwards SIGINT to the workers, waits for "
+        "PostgreSQL. Worker logs: OUT/STUDY/logs/; checkpoints: OUT/checkpoints/. Ctrl-C forwards SIGINT to the workers, waits for "
         "their checkpoints and exits 130 (a second Ctrl-C terminates them). Exit code 1 if any "
         "worker failed.")
 
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", metavar="DIR",
                         help="dataset root (default: $NKAT_DATA_DIR, else ~/.cache/nkat-search/data)")
     parser.add_argument("--out", default="runs", metavar="DIR",
-                        help="output root: OUT/STUDY.db, OUT/STUDY/{logs,checkpoints,export}")
+                        help="output root: OUT/STUDY.db, OUT/STUDY/{logs,export}, OUT/checkpoints")
     parser.add_argument("--top", type=int, default=3, metavar="K", help="export the best K trials")
     parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
                         help="serve optuna-dashboard on 127.0.0.1 while the workers run")
@@ -126,10 +126,11 @@ class Up:
         return [f"cuda:{i % gpus}" if gpus else "cpu" for i in range(count)]
 
     def _start_workers(self) -> None:
-        checkpoints = self.run_dir / "checkpoints"
+        # The worker adds <study>/trial-<n>/ below this.
+        checkpoints = self.run_dir.parent / "checkpoints"
         for i, device in enumerate(self._devices()):
             argv = ["worker", "--storage", self.storage, "--study", self.study_name,
-                    "--device", device, "--checkpoint-dir", str(checkpoints)]
+                    "--device", device, "--checkpoint-dir", str(checkpoints), "--quiet"]
             if self.args.trials_per_gpu is not None:
                 argv += ["--trials-per-gpu", str(self.args.trials_per_gpu)]
             if self.args.data_dir:

@@ -1,0 +1,116 @@
+"""``nkat-search up`` end to end as a real process: coordinator, a worker, dashboard, table, export.
+
+The study is studies/quick.yaml cut down further (two trials of one epoch, Stage 2 on MNIST only,
+the gate near 0 so trials reach Stage 2 and complete).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nkat_search.commands.dashboard import find_free_port
+
+REPO = Path(__file__).resolve().parents[1]
+N_TRIALS = 2
+
+
+def tiny_study_file(tmp_path: Path) -> tuple[Path, str]:
+    data = yaml.safe_load((REPO / "studies" / "quick.yaml").read_text())
+    name = f"{data['name']}-up-test"
+    data["name"] = name
+    data["n_trials"] = N_TRIALS
+    data["fixed"] |= {"epochs": 1, "warmup": 0, "train_limit": 256, "test_limit": 128}
+    data["gate"] = {"local_tpe": 1e-6}  # must be > 0; every trial goes on to Stage 2
+    data["stage2"] = {"datasets": ["mnist"]}
+    data["pruner"] = {"type": "none"}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path, name
+
+
+def up_command(study_file: Path, out: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "nkat_search", "up", "--study", str(study_file),
+            "--out", str(out), "--data-dir", str(data_dir), "--workers", "1", "--refresh", "1",
+            *extra]
+
+
+def check_finished_run(out: Path, name: str, stdout: str) -> None:
+    assert (out / f"{name}.db").is_file()
+    assert "trial  state" in stdout and "complete," in stdout  # the table and the summary line
+    url = f"sqlite:///{out / (name + '.db')}"
+    status = subprocess.run([sys.executable, "-m", "nkat_search", "status", "--study", name,
+                             "--storage", url, "--json"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    summary = json.loads(status.stdout)["summary"]
+    assert summary["running"] == 0 and summary["failed"] == 0
+    if summary["complete"]:
+        best = yaml.safe_load((out / name / "export" / "best.yaml").read_text())
+        assert best["study"]["trial"] == summary["best_trial"]
+
+
+@pytest.fixture
+def env() -> dict:
+    # The CPU path on a 2-core budget, even on a machine with a GPU.
+    return os.environ | {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"}
+
+
+def test_up_runs_a_tiny_study_to_the_export(tmp_path, data_dir, env):
+    study_file, name = tiny_study_file(tmp_path)
+    out = tmp_path / "runs"
+    result = subprocess.run(up_command(study_file, out, data_dir, "--no-dashboard"),
+                            capture_output=True, text=True, timeout=170, env=env)
+    logs = "".join(p.read_text() for p in (out / name / "logs").glob("*.log"))
+    assert result.returncode == 0, result.stdout + result.stderr + logs
+    check_finished_run(out, name, result.stdout)
+    assert (out / name / "export" / "best.yaml").is_file(), result.stdout + logs
+
+
+def test_up_serves_the_dashboard_on_the_next_free_port(tmp_path, data_dir, env):
+    study_file, name = tiny_study_file(tmp_path)
+    out = tmp_path / "runs"
+    taken = find_free_port("127.0.0.1", 18180)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", taken))
+        blocker.listen()
+        process = subprocess.Popen(up_command(study_file, out, data_dir, "--port", str(taken)),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env=env)
+        lines, address = [], None
+        try:
+            for line in process.stdout:
+                lines.append(line)
+                if line.startswith("dashboard: "):
+                    address = line.split()[1]
+                    with urllib.request.urlopen(address + "api/studies", timeout=10) as response:
+                        studies = json.loads(response.read())["study_summaries"]
+                    assert name in [s["study_name"] for s in studies]
+                    break
+            rest, _ = process.communicate(timeout=170)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    stdout = "".join(lines) + rest
+    assert process.returncode == 0, stdout
+    assert f"port {taken} is in use" in stdout
+    assert address is not None and address != f"http://127.0.0.1:{taken}/"
+    check_finished_run(out, name, stdout)
+
+
+def test_a_bad_study_file_is_one_line_and_exit_2(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\n")
+    result = subprocess.run([sys.executable, "-m", "nkat_search", "up", "--study", str(path),
+                             "--out", str(tmp_path / "runs"), "--no-dashboard"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "n_trials" in result.stderr
+    assert not (tmp_path / "runs").exists()
