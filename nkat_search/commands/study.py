@@ -1,0 +1,75 @@
+"""``nkat-search study create|show``: the coordinator, and a look at a study's file and counts."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = ("Create a study from a study file (or resume it: same name and same file), storing the "
+        "file in the study so workers rebuild the same sampler and pruner; or show a study's "
+        "stored file and its trial counts.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    create = sub.add_parser("create", help="create or resume a study from a study file",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    create.add_argument("--study", required=True, metavar="FILE", help="study file (YAML)")
+    create.add_argument("--storage", required=True, metavar="URL",
+                        help="postgresql+psycopg2://user:pw@host:5432/db or sqlite:///path/study.db")
+    create.add_argument("--name", metavar="NAME", help="study name (default: the file's name)")
+    show = sub.add_parser("show", help="print a study's stored file and its trial counts",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    show.add_argument("--study", required=True, metavar="NAME", help="study name")
+    show.add_argument("--storage", required=True, metavar="URL", help="storage URL")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args: argparse.Namespace) -> int:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return _create(args) if args.action == "create" else _show(args)
+
+
+def _create(args: argparse.Namespace) -> int:
+    from nkat_search.coordinator import budget_state, create_study
+    from nkat_search.storage import mask_url, open_storage
+    from nkat_search.study import load_study_file
+
+    spec = load_study_file(args.study)
+    storage = open_storage(args.storage)
+    study, created = create_study(spec, storage, args.name)
+    state = budget_state(study, spec.n_trials)
+    verb = "created" if created else "resumed"
+    print(f"{verb} study '{study.study_name}' in {mask_url(args.storage)}: file {spec.file_name} "
+          f"(sha256 {spec.file_hash[:12]}), budget {spec.n_trials} trials, {state['used']} used, "
+          f"{len(spec.enqueue) if created else 0} enqueued now")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    import json
+
+    from nkat_search.coordinator import load_study, load_study_spec_from_storage, summary
+    from nkat_search.storage import open_storage
+
+    storage = open_storage(args.storage)
+    spec = load_study_spec_from_storage(storage, args.study)
+    info = summary(load_study(storage, args.study, spec), spec)
+    if args.json:
+        print(json.dumps({"study": args.study, "file_hash": spec.file_hash,
+                          "file_name": spec.file_name, "file": spec.text, **info}, indent=2))
+        return 0
+    print(f"# study '{args.study}' (file {spec.file_name}, sha256 {spec.file_hash[:12]})")
+    print(spec.text.rstrip())
+    print()
+    print(f"budget: {info['used']}/{info['budget']} configurations used, {info['retries']} retries")
+    print("states: " + (", ".join(f"{k} {v}" for k, v in sorted(info["states"].items())) or "none"))
+    print("outcomes: " + (", ".join(f"{k} {v}" for k, v in sorted(info["outcomes"].items()))
+                          or "none"))
+    best = info["best"]
+    if best:
+        print(f"best: trial {best['number']} global_tpe {best['global_tpe']:.4f} "
+              f"(consistency {best['consistency']:.4f}, robustness {best['robustness']:.4f})")
+    return 0

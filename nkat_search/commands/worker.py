@@ -1,0 +1,73 @@
+"""``nkat-search worker``: pull trials from a study and train them on one device."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = ("Pull trials from a study and train them on one device until the study's budget "
+        "(n_trials of its study file, counted over all workers) is spent. The sampler, pruner, "
+        "gate and Stage 2 datasets come from the study file stored in the study. SIGTERM/SIGINT "
+        "finish the current epoch, keep its checkpoint and queue the trial for retry; a second "
+        "signal stops at once. Prints one line per finished trial.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", required=True, metavar="URL",
+                        help="postgresql+psycopg2://user:pw@host:5432/db or sqlite:///path/study.db")
+    parser.add_argument("--study", required=True, metavar="NAME", help="study name")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
+    parser.add_argument("--trials-per-gpu", type=int, default=1, metavar="K",
+                        help="run K workers on this device (K-1 extra processes)")
+    parser.add_argument("--n-trials", type=int, default=None, metavar="M",
+                        help="stop this worker after M trials (default: until the budget is spent)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="dataset root (default: $NKAT_DATA_DIR, else ~/.cache/nkat-search/data)")
+    parser.add_argument("--checkpoint-dir", default="runs/checkpoints", metavar="DIR",
+                        help="checkpoints go to DIR/<study>/trial-<n>/<dataset>/ (shared by retries)")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep checkpoints of finished trials (default: only unfinished ones)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nkat_search.errors import UserError
+    from nkat_search.worker import StopFlag, WorkerOptions, run_worker, spawn_siblings, worst
+
+    if args.trials_per_gpu < 1:
+        raise UserError(f"--trials-per-gpu: must be >= 1, got {args.trials_per_gpu}")
+    if args.n_trials is not None and args.n_trials < 1:
+        raise UserError(f"--n-trials: must be >= 1, got {args.n_trials}")
+    options = WorkerOptions(storage=args.storage, study=args.study, device=args.device,
+                            n_trials=args.n_trials, data_dir=args.data_dir,
+                            checkpoint_dir=args.checkpoint_dir,
+                            keep_checkpoints=args.keep_checkpoints,
+                            progress=False if args.quiet else None)
+    stop = StopFlag()
+    stop.install()
+    children = []
+
+    def start_siblings() -> None:
+        children.extend(spawn_siblings(_sibling_argv(args), args.trials_per_gpu - 1, stop))
+
+    try:
+        code = run_worker(options, stop, on_ready=start_siblings)
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        # Siblings get our signals forwarded (StopFlag); wait so the group ends together.
+        codes = [child.wait() for child in children]
+    return worst([code, *codes])
+
+
+def _sibling_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["worker", "--storage", args.storage, "--study", args.study, "--device", args.device,
+            "--trials-per-gpu", "1", "--checkpoint-dir", args.checkpoint_dir]
+    if args.n_trials is not None:
+        argv += ["--n-trials", str(args.n_trials)]
+    if args.data_dir:
+        argv += ["--data-dir", args.data_dir]
+    if args.keep_checkpoints:
+        argv.append("--keep-checkpoints")
+    if args.quiet:
+        argv.append("--quiet")
+    return argv

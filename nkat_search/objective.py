@@ -1,0 +1,143 @@
+"""The two-stage objective: CIFAR-10 with pruning and a Local TPE gate, then Global TPE.
+
+Stage 1 trains the trial's config on CIFAR-10 and reports Local TPE@CIFAR10 after every epoch;
+the pruner may stop it there. A trial that finishes below the gate ends PRUNED with
+``outcome=gate_failed``: it was judged, not broken, and it has no Global TPE to score. Stage 2
+trains the survivors on the study's other datasets with the same hyperparameters; the trial's
+value is Global TPE over every dataset that ran, and datasets whose files are missing are listed
+in ``missing_datasets`` (never silently dropped).
+
+A crash is never a score: any exception sets ``outcome=failed`` and ``error`` and propagates, so
+Optuna records FAIL. Checkpoints live in ``<root>/<study>/trial-<n>/<dataset>/``, where ``n`` is the
+*original* trial of a retry chain, so a retry continues from the epoch its predecessor finished.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import optuna
+
+from nkat_search.config import RunConfig
+from nkat_search.space import suggest_config
+from nkat_search.storage import retried_trial_number
+from nkat_search.study import STAGE1_DATASET, StudySpec
+
+OUTCOMES = ("complete", "pruned", "gate_failed", "failed")
+INTERRUPTED = "interrupted"
+
+
+def trial_dir(checkpoint_root: str | Path, study_name: str, trial) -> Path:
+    """The trial's checkpoint folder, shared by every retry of the same original trial."""
+    original = retried_trial_number(trial)
+    number = trial.number if original is None else original
+    return Path(checkpoint_root) / study_name / f"trial-{number}"
+
+
+class Objective:
+    """``objective(trial) -> Global TPE`` for ``study.optimize``.
+
+    ``on_start`` runs once the trial exists (the worker uses it to release the budget lock);
+    ``stop_requested`` is polled after every epoch (SIGTERM / SIGINT in the worker).
+    """
+
+    def __init__(self, spec: StudySpec, *, checkpoint_root: str | Path, data_dir=None,
+                 device: str = "auto", worker: str = "", progress: bool | None = None,
+                 stop_requested: Callable[[], bool] | None = None,
+                 on_start: Callable[[], None] | None = None):
+        self.spec = spec
+        self.checkpoint_root = Path(checkpoint_root)
+        self.data_dir = data_dir
+        self.device = device
+        self.worker = worker
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.stop_requested = stop_requested or (lambda: False)
+        self.on_start = on_start
+        self.trial_number: int | None = None
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.trial_number = trial.number
+        if self.on_start is not None:
+            self.on_start()
+        trial.set_user_attr("worker", self.worker)
+        try:
+            return self._run(trial)
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            _fail(trial, f"{INTERRUPTED}: forced stop (second signal)")
+            raise
+        except Exception as err:
+            from nkat_search.train import TrainingInterrupted
+
+            if isinstance(err, TrainingInterrupted):
+                _fail(trial, f"{INTERRUPTED}: stopped after epoch {err.epoch}, checkpoint kept")
+            else:
+                _fail(trial, f"{type(err).__name__}: {err}")
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float:
+        from nkat_search.stage2 import run_stage2, write_report
+        from nkat_search.train import TrainingInterrupted, train_model
+
+        spec = self.spec
+        cfg = RunConfig.from_dict({"dataset": STAGE1_DATASET}, base=suggest_config(trial, spec))
+        trial.set_user_attr("config", cfg.to_dict())
+        folder = trial_dir(self.checkpoint_root, spec.name, trial)
+        if retried_trial_number(trial) is not None:
+            trial.set_user_attr("retry_of", retried_trial_number(trial))
+
+        def report_and_maybe_prune(report) -> None:
+            trial.report(report.tpe, report.epoch)
+            if trial.should_prune():
+                _set(trial, outcome="pruned", local_tpe=report.tpe,
+                     cifar10_accuracy=report.accuracy, **{"lambda": report.lam})
+                raise optuna.TrialPruned(f"Local TPE {report.tpe:.4f} at epoch {report.epoch}")
+
+        stage1 = train_model(cfg, data_dir=self.data_dir, device=self.device,
+                             out_dir=folder / STAGE1_DATASET, on_epoch=report_and_maybe_prune,
+                             stop_requested=self.stop_requested, progress=self.progress)
+        _set(trial, local_tpe=stage1.tpe, cifar10_accuracy=stage1.accuracy,
+             resumed_from_epoch=stage1.resumed_from_epoch, **{"lambda": stage1.lam})
+        if stage1.tpe < spec.gate:
+            trial.set_user_attr("outcome", "gate_failed")
+            raise optuna.TrialPruned(f"gate: Local TPE@CIFAR10 {stage1.tpe:.4f} < {spec.gate}")
+        if self.stop_requested():
+            raise TrainingInterrupted(stage1.epochs_run)
+
+        datasets = [*spec.stage2_datasets, STAGE1_DATASET]
+        report = run_stage2(cfg, datasets, data_dir=self.data_dir, device=self.device,
+                            out_dir=folder, results={STAGE1_DATASET: stage1},
+                            progress=self.progress,
+                            train_kwargs={"stop_requested": self.stop_requested})
+        write_report(report, folder)
+        table = report.table
+        _set(trial,
+             datasets={row.dataset: {"accuracy": row.accuracy, "lambda": row.lam, "tpe": row.tpe,
+                                     "epoch_seconds": report.results[row.dataset]["epoch_seconds"]}
+                       for row in table.rows},
+             global_tpe=table.global_tpe, consistency=table.consistency,
+             robustness=table.robustness, missing_datasets=sorted(report.missing))
+        # Feasible iff every value <= 0 (Optuna's convention). Only completed trials carry
+        # constraints: a pruned or gate-failed trial has no Stage 2 metrics to judge, and TPE
+        # already ranks it by its Local TPE curve; calling it "infeasible" would invent a number.
+        measured = {"consistency": table.consistency, "robustness": table.robustness}
+        for key, target in spec.constraints.items():
+            trial.set_constraint(key, target - measured[key])
+        trial.set_user_attr("outcome", "complete")
+        return table.global_tpe
+
+
+def _set(trial: optuna.Trial, **attrs) -> None:
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+
+
+def _fail(trial: optuna.Trial, error: str) -> None:
+    """Record a failure before Optuna marks the trial FAIL; storage trouble must not mask it."""
+    try:
+        _set(trial, outcome="failed", error=" ".join(error.split())[:1000])
+    except Exception:
+        pass

@@ -1,0 +1,229 @@
+"""A worker: pull trials from a study and train them on one device until the budget is spent.
+
+The budget (``n_trials`` of the study file) counts configurations, across every worker: each
+trial except retries (see ``coordinator.budget_state``). Optuna's ``MaxTrialsCallback`` checks the
+count only after a trial ends, so two workers finishing together would both start one more; here
+the check and ``study.ask`` happen under one study-wide lock (``storage.StudyLock``), so the count
+is exact. Each step is ``study.optimize(n_trials=1)``: Optuna still runs the trial (heartbeat,
+pruning, ``tell``); the objective releases the lock as soon as the trial exists.
+
+When the budget is spent but other workers' trials are still running, the worker waits: if one
+of them dies, its heartbeat goes stale, Optuna fails it and queues a retry, and this worker runs
+the retry. So no trial is lost while at least one worker is alive.
+
+SIGTERM / SIGINT: the current epoch finishes and is checkpointed, the trial ends FAIL with
+``error="interrupted: ..."``, and the worker queues its retry itself (the heartbeat callback only
+fires for silent workers), then exits with 128 + signal number. A second signal stops at once;
+the trial is still queued for retry.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from nkat_search.coordinator import budget_state, load_study, load_study_spec_from_storage
+from nkat_search.objective import INTERRUPTED, Objective, trial_dir
+from nkat_search.storage import RetryStaleTrial, StudyLock, open_storage
+from nkat_search.study import StudySpec
+
+
+@dataclass
+class WorkerOptions:
+    storage: str
+    study: str
+    device: str = "auto"
+    n_trials: int | None = None
+    data_dir: str | None = None
+    checkpoint_dir: str = "runs/checkpoints"
+    keep_checkpoints: bool = False
+    progress: bool | None = None
+
+
+@dataclass
+class StopFlag:
+    """Set by SIGTERM / SIGINT; a second signal raises KeyboardInterrupt to stop at once."""
+
+    signum: int = 0
+    children: list = field(default_factory=list)
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signum)
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"worker: {signal.Signals(signum).name}: finishing the current epoch, then stopping "
+              "(send again to stop now)", file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return bool(self.signum)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def identity(device: str) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{device}"
+
+
+def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=None) -> int:
+    """Run trials until the budget (or ``options.n_trials``) is spent; returns the exit code.
+
+    ``on_ready()`` runs once the storage and the study have loaded (``--trials-per-gpu`` starts
+    its sibling workers there, so a wrong URL is reported once, not K times).
+    """
+    stop = stop or StopFlag()
+    plain = open_storage(options.storage)
+    spec = load_study_spec_from_storage(plain, options.study)
+    hb = spec.heartbeat
+    storage = open_storage(options.storage, heartbeat_interval=hb.interval,
+                           grace_period=hb.grace, max_retry=hb.max_retry)
+    device = resolve_device(options.device)
+    worker = identity(device)
+    study = load_study(storage, options.study, spec, worker=worker)
+    lock = StudyLock(storage, options.study)
+    objective = Objective(spec, checkpoint_root=options.checkpoint_dir, data_dir=options.data_dir,
+                          device=device, worker=worker, progress=options.progress,
+                          stop_requested=stop, on_start=lock.release)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    print(f"worker {worker}: study '{options.study}', budget {spec.n_trials} trials",
+          flush=True)
+    if on_ready is not None:
+        on_ready()
+
+    ran, waiting = 0, False
+    finished: list[optuna.trial.FrozenTrial] = []
+    while not stop() and (options.n_trials is None or ran < options.n_trials):
+        lock.acquire()
+        try:
+            action = next_action(study, spec)
+            if action == "done":
+                break
+            if action == "wait":
+                lock.release()
+                if not waiting:
+                    print(f"worker {worker}: budget spent; waiting for the running trials of other "
+                          "workers (a dead one's retry runs here)", flush=True)
+                waiting = True
+                _sleep(hb.interval, stop)
+                continue
+            waiting = False
+            started = time.perf_counter()
+            try:
+                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
+                               callbacks=[lambda _, trial: finished.append(trial)])
+            except KeyboardInterrupt:
+                _requeue(study, storage, _trial(study, objective.trial_number))
+                raise
+        finally:
+            lock.release()
+        ran += 1
+        trial = finished.pop()
+        print(trial_line(trial, time.perf_counter() - started), flush=True)
+        _after_trial(study, storage, trial, options, spec)
+    state = budget_state(study, spec.n_trials)
+    print(f"worker {worker}: ran {ran} trial(s); study: {state['used']}/{state['budget']} "
+          f"configurations, {state['retries']} retries, states {state['states']}", flush=True)
+    return 128 + stop.signum if stop.signum else 0
+
+
+def next_action(study: optuna.Study, spec: StudySpec) -> str:
+    """``run`` (a queued trial, or budget left), ``wait`` (others still running) or ``done``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # dead workers' trials -> FAIL + queued retry
+    state = budget_state(study, spec.n_trials)
+    if state["states"].get("WAITING", 0) or state["left"] > 0:
+        return "run"
+    if state["states"].get("RUNNING", 0):
+        return "wait"
+    return "done"
+
+
+def trial_line(trial: optuna.trial.FrozenTrial, seconds: float) -> str:
+    """One line per finished trial: number, outcome, Global TPE or Local TPE, time."""
+    attrs = trial.user_attrs
+    outcome = attrs.get("outcome", trial.state.name.lower())
+    parts = [f"trial {trial.number:>4}", f"{outcome:<11}"]
+    if attrs.get("global_tpe") is not None:
+        parts.append(f"global_tpe {attrs['global_tpe']:.4f}")
+    if attrs.get("local_tpe") is not None:
+        parts.append(f"local_tpe {attrs['local_tpe']:.4f}")
+    if attrs.get("missing_datasets"):
+        parts.append(f"missing {','.join(attrs['missing_datasets'])}")
+    if attrs.get("resumed_from_epoch"):
+        parts.append(f"resumed from epoch {attrs['resumed_from_epoch']}")
+    if attrs.get("error"):
+        parts.append(f"error {attrs['error']}")
+    parts.append(f"{seconds:.1f} s")
+    return "  ".join(parts)
+
+
+def _trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial | None:
+    if number is None:
+        return None
+    return next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+
+
+def _sleep(seconds: float, stop: StopFlag) -> None:
+    deadline = time.monotonic() + seconds
+    while not stop() and time.monotonic() < deadline:
+        time.sleep(min(0.5, deadline - time.monotonic()))
+
+
+def _after_trial(study, storage, trial, options: WorkerOptions, spec: StudySpec) -> None:
+    if trial.state == TrialState.FAIL and str(trial.user_attrs.get("error", "")).startswith(INTERRUPTED):
+        _requeue(study, storage, trial)
+    elif trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and not options.keep_checkpoints:
+        # Checkpoints exist to resume a trial; a finished one never resumes. The reports stay.
+        for path in trial_dir(options.checkpoint_dir, spec.name, trial).glob("*/checkpoint.pt"):
+            path.unlink(missing_ok=True)
+
+
+def _requeue(study, storage, trial) -> None:
+    """Queue a retry of an interrupted trial, exactly as the heartbeat callback would."""
+    if trial is None or trial.state != TrialState.FAIL:
+        return
+    callback = storage.get_heartbeat_stale_trial_callback() or RetryStaleTrial()
+    callback(study, trial)
+
+
+def spawn_siblings(argv: list[str], count: int, stop: StopFlag) -> list[subprocess.Popen]:
+    """Start ``count`` more workers (same command, one trial at a time each) on the same device.
+
+    They run in their own session so a terminal's Ctrl-C reaches them once, forwarded by us.
+    """
+    children = []
+    for _ in range(count):
+        child = subprocess.Popen([sys.executable, "-m", "nkat_search", *argv],
+                                 start_new_session=True)
+        children.append(child)
+        stop.children.append(child)
+    return children
+
+
+def worst(codes: list[int]) -> int:
+    """The exit code of a group of workers: 0 only if every one succeeded."""
+    failures = [c for c in codes if c != 0]
+    return max(failures) if failures else 0
