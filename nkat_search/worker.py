@@ -48,6 +48,7 @@ class WorkerOptions:
     checkpoint_dir: str = "runs/checkpoints"
     keep_checkpoints: bool = False
     progress: bool | None = None
+    cpu_threads: int | None = None  # torch threads; K workers sharing a CPU must split its cores
 
 
 @dataclass
@@ -100,6 +101,10 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
     storage = open_storage(options.storage, heartbeat_interval=hb.interval,
                            grace_period=hb.grace, max_retry=hb.max_retry)
     device = resolve_device(options.device)
+    if options.cpu_threads:
+        import torch
+
+        torch.set_num_threads(options.cpu_threads)
     worker = identity(device)
     study = load_study(storage, options.study, spec, worker=worker)
     lock = StudyLock(storage, options.study)
@@ -209,15 +214,19 @@ def _requeue(study, storage, trial) -> None:
     callback(study, trial)
 
 
-def spawn_siblings(argv: list[str], count: int, stop: StopFlag) -> list[subprocess.Popen]:
+def spawn_siblings(argv: list[str], count: int, stop: StopFlag,
+                   cpu_threads: int | None = None) -> list[subprocess.Popen]:
     """Start ``count`` more workers (same command, one trial at a time each) on the same device.
 
     They run in their own session so a terminal's Ctrl-C reaches them once, forwarded by us.
     """
+    env = dict(os.environ)
+    if cpu_threads:
+        env["OMP_NUM_THREADS"] = str(cpu_threads)
     children = []
     for _ in range(count):
         child = subprocess.Popen([sys.executable, "-m", "nkat_search", *argv],
-                                 start_new_session=True)
+                                 start_new_session=True, env=env)
         children.append(child)
         stop.children.append(child)
     return children

@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from nkat_search.errors import UserError
     from nkat_search.worker import StopFlag, WorkerOptions, run_worker, spawn_siblings, worst
 
@@ -37,17 +39,23 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--trials-per-gpu: must be >= 1, got {args.trials_per_gpu}")
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials: must be >= 1, got {args.n_trials}")
+    # K processes on one machine each defaulting to every core would oversubscribe the CPU
+    # (data loading, and the whole run with --device cpu); split the cores unless told otherwise.
+    threads = None
+    if args.trials_per_gpu > 1 and not os.environ.get("OMP_NUM_THREADS"):
+        threads = max(1, (os.cpu_count() or 1) // args.trials_per_gpu)
     options = WorkerOptions(storage=args.storage, study=args.study, device=args.device,
                             n_trials=args.n_trials, data_dir=args.data_dir,
                             checkpoint_dir=args.checkpoint_dir,
                             keep_checkpoints=args.keep_checkpoints,
-                            progress=False if args.quiet else None)
+                            progress=False if args.quiet else None, cpu_threads=threads)
     stop = StopFlag()
     stop.install()
     children = []
 
     def start_siblings() -> None:
-        children.extend(spawn_siblings(_sibling_argv(args), args.trials_per_gpu - 1, stop))
+        children.extend(spawn_siblings(_sibling_argv(args), args.trials_per_gpu - 1, stop,
+                                       threads))
 
     try:
         code = run_worker(options, stop, on_ready=start_siblings)

@@ -1,0 +1,135 @@
+"""The service end to end on real PostgreSQL: a coordinator and two worker processes.
+
+A tiny variant of studies/quick.yaml: two enqueued trials make sure one configuration passes the
+gate (tiny stem, lambda ~0.07) and one cannot (small stem, lambda ~0.3 needs an accuracy no
+2-epoch run reaches), and a median pruner without warm-up may stop the weak ones earlier.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import yaml
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+BUDGET = 6
+
+
+def study_variant(tmp_path: Path, **overrides) -> Path:
+    data = yaml.safe_load((STUDIES / "quick.yaml").read_text())
+    data.update({
+        "name": "svc",
+        "n_trials": BUDGET,
+        "search": {
+            "conv_stem": {"type": "categorical", "choices": ["tiny", "small"]},
+            "temperature": {"type": "float", "low": 0.6, "high": 1.0},
+            "lr": {"type": "float", "low": 5.0e-4, "high": 2.0e-3, "log": True},
+        },
+        "fixed": {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 4, "epochs": 2,
+                  "warmup": 0, "batch_size": 64, "val_fraction": 0.1, "train_limit": 256,
+                  "test_limit": 128},
+        # Local TPE 3.0 needs accuracy > 0.083 at lambda 0.066 (tiny) but > 0.34 at lambda 0.30.
+        "gate": {"local_tpe": 3.0},
+        "enqueue": [{"conv_stem": "tiny"}, {"conv_stem": "small"}],
+        "sampler": {"type": "tpe", "n_startup_trials": 2, "multivariate": True,
+                    "constraints": {"consistency": 0.80, "robustness": 0.75}},
+        "pruner": {"type": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        "heartbeat": {"interval": 2, "grace": 10, "max_retry": 1},
+    })
+    data.update(overrides)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # two workers share two cores in CI
+    return subprocess.run([sys.executable, "-m", "nkat_search", *args], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+
+
+def start_worker(url: str, study: str, data_dir: Path, ckpt: Path, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "nkat_search", "worker", "--storage", url, "--study", study,
+         "--device", "cpu", "--data-dir", str(data_dir), "--checkpoint-dir", str(ckpt), "--quiet"],
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def test_coordinator_and_two_workers(fresh_postgres_url, data_dir, tmp_path):
+    path = study_variant(tmp_path)
+    created = cli("study", "create", "--study", str(path), "--storage", fresh_postgres_url)
+    assert created.returncode == 0, created.stdout
+    assert "created study 'svc'" in created.stdout
+
+    ckpt = tmp_path / "ckpt"
+    logs = [tmp_path / "worker-0.log", tmp_path / "worker-1.log"]
+    workers = [start_worker(fresh_postgres_url, "svc", data_dir, ckpt, log) for log in logs]
+    try:
+        codes = [w.wait(timeout=200) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    output = "\n".join(log.read_text() for log in logs)
+    assert codes == [0, 0], output
+
+    study = optuna.load_study(study_name="svc", storage=fresh_postgres_url)
+    trials = study.get_trials()
+    numbers = sorted(t.number for t in trials)
+    assert numbers == list(range(BUDGET)), output  # the budget, exactly, each number once
+    states = [t.state.name for t in trials]
+    assert "FAIL" not in states and "RUNNING" not in states and "WAITING" not in states, output
+
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert complete, output
+    for t in complete:
+        attrs = t.user_attrs
+        assert attrs["outcome"] == "complete" and t.value == attrs["global_tpe"]
+        assert set(attrs["datasets"]) == {"cifar10", "mnist", "fashion_mnist"}
+        for row in attrs["datasets"].values():
+            assert 0 <= row["accuracy"] <= 1 and row["lambda"] > 0 and row["tpe"] > 0
+        assert attrs["missing_datasets"] == ["emnist"]  # absent from data_dir, and said so
+        assert attrs["local_tpe"] >= 3.0
+        assert {"consistency", "robustness", "config", "worker"} <= set(attrs)
+        assert set(t.constraints) == {"consistency", "robustness"}
+    stopped = [t for t in trials if t.user_attrs.get("outcome") in ("gate_failed", "pruned")]
+    assert stopped, output
+    assert all(t.state.name == "PRUNED" for t in stopped)
+    assert all(t.user_attrs["local_tpe"] < 3.0 for t in stopped
+               if t.user_attrs["outcome"] == "gate_failed")
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers pulled trials
+    assert output.count(" complete ") == len(complete)  # one line per trial end
+
+    # Checkpoints of finished trials are removed; the Stage 2 reports stay.
+    assert not list(ckpt.rglob("checkpoint.pt"))
+    assert (ckpt / "svc" / f"trial-{complete[0].number}" / "stage2.md").exists()
+
+    shown = cli("study", "show", "--study", "svc", "--storage", fresh_postgres_url)
+    assert shown.returncode == 0 and f"{BUDGET}/{BUDGET} configurations" in shown.stdout
+
+    # Same name, different file: refused, naming both hashes and the way out.
+    changed = study_variant(tmp_path, n_trials=BUDGET + 1)
+    again = cli("study", "create", "--study", str(changed), "--storage", fresh_postgres_url)
+    assert again.returncode == 2, again.stdout
+    assert len(again.stdout.strip().splitlines()) == 1 and "--name" in again.stdout
+    resumed = cli("study", "create", "--study", str(changed), "--storage", fresh_postgres_url,
+                  "--name", "svc-2")
+    assert resumed.returncode == 0, resumed.stdout
+
+
+def test_resume_with_the_same_file_enqueues_nothing(fresh_postgres_url, tmp_path):
+    path = study_variant(tmp_path)
+    assert cli("study", "create", "--study", str(path), "--storage",
+               fresh_postgres_url).returncode == 0
+    again = cli("study", "create", "--study", str(path), "--storage", fresh_postgres_url)
+    assert again.returncode == 0 and "resumed study 'svc'" in again.stdout
+    study = optuna.load_study(study_name="svc", storage=fresh_postgres_url)
+    assert len(study.get_trials()) == 2  # the two enqueued trials, once
+    assert study.user_attrs["gate"] == 3.0
+    assert study.user_attrs["stage2_datasets"] == ["mnist", "fashion_mnist", "emnist"]
+    assert study.user_attrs["study_file"] == path.read_text()

@@ -1,0 +1,111 @@
+"""A worker killed mid-trial loses nothing: its trial is retried from its last epoch checkpoint.
+
+``kill -9`` leaves the trial RUNNING with a heartbeat that stops; after the grace period the next
+worker fails it, Optuna's retry callback queues a copy, and that copy resumes from the original
+trial's checkpoint. SIGTERM is the polite version: the epoch finishes, and the worker queues the
+retry itself before it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+STUDY = {
+    "name": "recover",
+    "n_trials": 1,
+    "seed": 1,
+    "search": {"temperature": {"type": "float", "low": 0.6, "high": 1.0}},
+    # Enough epochs that the kill lands mid-trial; a gate every run passes.
+    "fixed": {"conv_stem": "tiny", "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 4,
+              "epochs": 8, "warmup": 0, "batch_size": 64, "val_fraction": 0.1,
+              "train_limit": 512, "test_limit": 128},
+    "gate": {"local_tpe": 0.01},
+    "stage2": {"datasets": ["mnist"]},
+    "sampler": {"type": "tpe", "n_startup_trials": 1},
+    "pruner": {"type": "none"},
+    "heartbeat": {"interval": 1, "grace": 3, "max_retry": 1},
+}
+
+
+def create(url: str, tmp_path: Path) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(STUDY, sort_keys=False))
+    done = subprocess.run([sys.executable, "-m", "nkat_search", "study", "create", "--study",
+                           str(path), "--storage", url], text=True, capture_output=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def start_worker(url: str, data_dir: Path, ckpt: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "nkat_search", "worker", "--storage", url, "--study", "recover",
+         "--device", "cpu", "--data-dir", str(data_dir), "--checkpoint-dir", str(ckpt), "--quiet"],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, "the worker ended before its first checkpoint"
+        assert time.monotonic() < deadline, f"no checkpoint at {path}"
+        time.sleep(0.05)
+
+
+def interrupt_then_recover(url: str, data_dir: Path, tmp_path: Path, sig: int) -> list:
+    create(url, tmp_path)
+    ckpt = tmp_path / "ckpt"
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = start_worker(url, data_dir, ckpt, first_log)
+    try:
+        # checkpoint.pt appears once epoch 1 is done (written atomically after every epoch).
+        wait_for(ckpt / "recover" / "trial-0" / "cifar10" / "checkpoint.pt", first)
+        first.send_signal(sig)
+        first_code = first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    expected = -signal.SIGKILL if sig == signal.SIGKILL else 128 + sig
+    assert first_code == expected, first_log.read_text()
+
+    second = start_worker(url, data_dir, ckpt, second_log)
+    try:
+        assert second.wait(timeout=120) == 0, second_log.read_text()
+    finally:
+        if second.poll() is None:
+            second.kill()
+    trials = optuna.load_study(study_name="recover", storage=url).get_trials()
+    logs = first_log.read_text() + second_log.read_text()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"], logs
+    original, retry = trials
+    assert retry.system_attrs["failed_trial"] == 0 and retry.user_attrs["retry_of"] == 0
+    assert retry.params == original.params
+    assert retry.user_attrs["resumed_from_epoch"] >= 1, logs
+    assert retry.user_attrs["outcome"] == "complete" and "error" not in retry.user_attrs
+    assert retry.user_attrs["worker"] != original.user_attrs["worker"]
+    assert "resumed from epoch" in second_log.read_text()
+    return trials
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_killed_worker_trial_resumes_from_its_checkpoint(backend, request, data_dir, tmp_path):
+    if backend == "postgres":
+        url = request.getfixturevalue("fresh_postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'db' / 'study.db'}"
+    original, _ = interrupt_then_recover(url, data_dir, tmp_path, signal.SIGKILL)
+    assert "error" not in original.user_attrs  # killed: nothing could be written, heartbeat told
+
+
+def test_sigterm_finishes_the_epoch_and_queues_the_retry(fresh_postgres_url, data_dir, tmp_path):
+    original, _ = interrupt_then_recover(fresh_postgres_url, data_dir, tmp_path, signal.SIGTERM)
+    assert original.user_attrs["outcome"] == "failed"
+    assert original.user_attrs["error"].startswith("interrupted")
