@@ -140,9 +140,11 @@ def summary(study: optuna.Study, spec: StudySpec) -> dict:
     outcomes = Counter(t.user_attrs.get("outcome", "-") for t in trials)
     best = None
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    # Like study.best_trial: the best feasible trial (constraints all <= 0) when there is one.
+    feasible = [t for t in complete if all(v <= 0 for v in t.constraints.values())]
     if complete:
-        top = max(complete, key=lambda t: t.value)
-        best = {"number": top.number, "global_tpe": top.value,
+        top = max(feasible or complete, key=lambda t: t.value)
+        best = {"number": top.number, "global_tpe": top.value, "feasible": bool(feasible),
                 "local_tpe": top.user_attrs.get("local_tpe"),
                 "consistency": top.user_attrs.get("consistency"),
                 "robustness": top.user_attrs.get("robustness")}

@@ -166,6 +166,8 @@ def _parse(data: Any) -> StudySpec:
     _check_search_values(search, base)
 
     enqueue = _parse_enqueue(data.get("enqueue") or [], search, base)
+    if len(enqueue) > n_trials:
+        raise ConfigError(f"enqueue: {len(enqueue)} queued configs exceed n_trials={n_trials}")
     gate = _parse_gate(data.get("gate", {"local_tpe": 0.60}))
     stage2 = _parse_stage2(data.get("stage2", {"datasets": list(DEFAULT_STAGE2)}))
     sampler, constraints = _parse_sampler(data.get("sampler") or {})

@@ -120,6 +120,8 @@ BAD_FILES = [
     ("enqueue out of range", _edit("enqueue", [{"depth": 7}]), "enqueue[0].depth"),
     ("enqueue of an unsearched value", _edit("enqueue", [{"depth": 1, "epochs": 5}]),
      "enqueue[0].epochs"),
+    ("more enqueued than the budget", _edit("enqueue", [{"depth": 1}, {"depth": 2}, {"depth": 1}]),
+     "enqueue"),
     ("stage2 unknown dataset", _edit("stage2.datasets", ["mnist", "svhn"]), "stage2.datasets"),
     ("missing n_trials", _edit("n_trials", None), "n_trials"),
     ("zero trials", _edit("n_trials", 0), "n_trials"),

@@ -70,6 +70,7 @@ def _show(args: argparse.Namespace) -> int:
                           or "none"))
     best = info["best"]
     if best:
+        note = "" if best["feasible"] else "; no trial meets the constraints yet"
         print(f"best: trial {best['number']} global_tpe {best['global_tpe']:.4f} "
-              f"(consistency {best['consistency']:.4f}, robustness {best['robustness']:.4f})")
+              f"(consistency {best['consistency']:.4f}, robustness {best['robustness']:.4f}{note})")
     return 0
