@@ -27,6 +27,9 @@ from nkat_search.study import STAGE1_DATASET, StudySpec
 
 OUTCOMES = ("complete", "pruned", "gate_failed", "failed")
 INTERRUPTED = "interrupted"
+# Constraint value of a trial that never reached Stage 2. Measured violations stay below it
+# (consistency >= 1 - sqrt(3) over 4 datasets, robustness >= 0, so at most ~1.53 and 0.75).
+UNMEASURED_VIOLATION = 2.0
 
 
 def trial_dir(checkpoint_root: str | Path, study_name: str, trial) -> Path:
@@ -94,6 +97,7 @@ class Objective:
             if trial.should_prune():
                 _set(trial, outcome="pruned", local_tpe=report.tpe,
                      cifar10_accuracy=report.accuracy, **{"lambda": report.lam})
+                self._unmeasured(trial, report.tpe)
                 raise optuna.TrialPruned(f"Local TPE {report.tpe:.4f} at epoch {report.epoch}")
 
         stage1 = train_model(cfg, data_dir=self.data_dir, device=self.device,
@@ -103,6 +107,7 @@ class Objective:
              resumed_from_epoch=stage1.resumed_from_epoch, **{"lambda": stage1.lam})
         if stage1.tpe < spec.gate:
             trial.set_user_attr("outcome", "gate_failed")
+            self._unmeasured(trial, stage1.tpe)
             raise optuna.TrialPruned(f"gate: Local TPE@CIFAR10 {stage1.tpe:.4f} < {spec.gate}")
         if self.stop_requested():
             raise TrainingInterrupted(stage1.epochs_run)
@@ -120,14 +125,25 @@ class Objective:
                        for row in table.rows},
              global_tpe=table.global_tpe, consistency=table.consistency,
              robustness=table.robustness, missing_datasets=sorted(report.missing))
-        # Feasible iff every value <= 0 (Optuna's convention). Only completed trials carry
-        # constraints: a pruned or gate-failed trial has no Stage 2 metrics to judge, and TPE
-        # already ranks it by its Local TPE curve; calling it "infeasible" would invent a number.
+        # Feasible iff every value <= 0 (Optuna's convention); TPE models the good region from
+        # feasible trials first, then from the least violating ones.
         measured = {"consistency": table.consistency, "robustness": table.robustness}
         for key, target in spec.constraints.items():
             trial.set_constraint(key, target - measured[key])
         trial.set_user_attr("outcome", "complete")
         return table.global_tpe
+
+    def _unmeasured(self, trial: optuna.Trial, local_tpe: float) -> None:
+        """Mark a trial stopped before Stage 2 infeasible, behind every measured one.
+
+        Without constraints TPE would rank such a trial (Optuna's PRUNED group) *above* completed
+        but infeasible ones, and chase configurations that never pass the gate. A trial that
+        never reached Stage 2 is no solution, so it is infeasible: by ``UNMEASURED_VIOLATION``
+        plus its shortfall from the gate (0..1), so the nearer misses rank first.
+        """
+        shortfall = min(1.0, max(0.0, 1.0 - local_tpe / self.spec.gate))
+        for key in self.spec.constraints:
+            trial.set_constraint(key, UNMEASURED_VIOLATION + shortfall)
 
 
 def _set(trial: optuna.Trial, **attrs) -> None:

@@ -100,6 +100,8 @@ def test_coordinator_and_two_workers(fresh_postgres_url, data_dir, tmp_path):
     stopped = [t for t in trials if t.user_attrs.get("outcome") in ("gate_failed", "pruned")]
     assert stopped, output
     assert all(t.state.name == "PRUNED" for t in stopped)
+    # Never reached Stage 2: infeasible, behind every measured trial.
+    assert all(min(t.constraints.values()) >= 2.0 for t in stopped)
     assert all(t.user_attrs["local_tpe"] < 3.0 for t in stopped
                if t.user_attrs["outcome"] == "gate_failed")
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers pulled trials

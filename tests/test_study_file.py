@@ -62,7 +62,7 @@ def test_quick_study_is_small():
     spec = load_study_file(STUDIES / "quick.yaml")
     base = spec.base_config()
     assert spec.n_trials <= 8 and base.train.epochs <= 3
-    assert 0 < base.train.train_limit <= 1024 and 0 < base.train.test_limit <= 512
+    assert 0 < base.train.train_limit <= 4096 and 0 < base.train.test_limit <= 1024
     assert spec.search["embed_dim"].high <= 64 and spec.search["depth"].high <= 2
     assert set(spec.stage2_datasets) == {"mnist", "fashion_mnist", "emnist"}
 
