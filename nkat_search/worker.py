@@ -27,7 +27,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
