@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from nkat_search.config import ModelConfig
 from nkat_search.model import (
     NKAT,
+    ColorLayerNorm,
     NKATAttention,
     build_model,
     channel_shuffle,
@@ -265,8 +266,11 @@ def test_stem_parameter_deltas_for_baseline():
 def test_baseline_lambda_depends_only_on_channels_and_classes():
     counts = {(c, n): count_parameters(build_model(ModelConfig(), c, n))
               for c, n in ((3, 10), (1, 10), (1, 26), (1, 47))}
-    # Grayscale: no colour LayerNorm (6 params) and a 1-channel first conv (2 * 32 * 9 fewer).
-    assert counts[(3, 10)] - counts[(1, 10)] == 6 + 2 * 32 * 9
+    # The colour LayerNorm is off by default: RGB differs only by the first conv's 2 * 32 * 9.
+    assert counts[(3, 10)] - counts[(1, 10)] == 2 * 32 * 9
+    with_norm = ModelConfig(color_norm=True)
+    assert (count_parameters(build_model(with_norm, 3, 10)) - counts[(3, 10)]) == 6
+    assert count_parameters(build_model(with_norm, 1, 10)) == counts[(1, 10)]
     # Each extra class adds one head row of 384 weights and a bias.
     assert counts[(1, 26)] - counts[(1, 10)] == 16 * 385
     assert counts[(1, 47)] - counts[(1, 10)] == 37 * 385
@@ -278,3 +282,34 @@ def test_presets_are_fresh_copies():
     cfg.depth = 1
     assert preset("baseline_sdpa").depth == ModelConfig().depth
     assert isinstance(NKAT(preset("baseline"), 3, 10), NKAT)
+
+
+def test_colour_layernorm_matches_torch_layernorm_over_channels():
+    norm = ColorLayerNorm(3, enabled=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    reference = torch.nn.LayerNorm(3)
+    reference.load_state_dict({"weight": norm.weight.detach(), "bias": norm.bias.detach()})
+    x = torch.randn(2, 3, 5, 5)
+    expected = reference(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    assert torch.allclose(norm(x), expected, atol=1e-5)
+    grey = torch.full((1, 3, 2, 2), 0.7)
+    # A grey pixel has no colour variance: its brightness is erased (why the default is off).
+    assert torch.allclose(norm(grey), norm.bias[None, :, None, None].expand(1, 3, 2, 2))
+
+
+@pytest.mark.parametrize("n", [17, 65])
+def test_pairwise_and_sorted_filters_agree(n):
+    # n = 17 takes the pairwise form, n = 65 the topk / sort form; both must match a reference.
+    torch.manual_seed(n)
+    logits = torch.randn(4, 3, n, n)
+    for k in (1, 6, n - 1):
+        reference = logits >= logits.topk(k, dim=-1).values[..., -1:]
+        assert torch.equal(topk_mask(logits, k), reference)
+    probs = logits.softmax(dim=-1)
+    for p in (0.01, 0.5, 0.8, 0.95):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep_sorted = (sorted_probs.cumsum(-1) - sorted_probs) < p
+        reference = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        assert torch.equal(nucleus_mask(probs, p), reference)
