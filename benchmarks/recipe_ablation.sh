@@ -6,13 +6,14 @@ set -u
 OUT=${1:-results/ablation}; mkdir -p "$OUT"
 export PYTHONPATH=/root/nkat-site:.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 common="--epochs 10 --warmup 1 --quiet --no-resume"
+# Every variant names the colour LayerNorm explicitly: its default changed after this ablation.
 declare -A variants=(
-  [baseline]=""
+  [baseline]="--color_norm"
   [no_color_ln]="--no-color_norm"
   [no_color_ln_sdpa]="--no-color_norm --top_k 0 --top_p 1.0 --nkat_strength 0"
   [no_color_ln_light_aug]="--no-color_norm --randaugment 0 0 --mixup 0 --cutmix 0 --cutout 0"
   [no_color_ln_patch1]="--no-color_norm --patch_size 1"
-  [sdpa_color_ln]="--top_k 0 --top_p 1.0 --nkat_strength 0"
+  [sdpa_color_ln]="--color_norm --top_k 0 --top_p 1.0 --nkat_strength 0"
 )
 i=0
 for name in "${!variants[@]}"; do
