@@ -25,6 +25,14 @@ MINIMAL = {
 }
 
 
+def test_round2_short_differs_from_round2_only_in_budget():
+    full = load_study_file(STUDIES / "round2.yaml")
+    short = load_study_file(STUDIES / "round2_short.yaml")
+    assert short.search == full.search
+    assert short.stage2_datasets == full.stage2_datasets
+    assert short.base_config().train.epochs == 8 and short.n_trials == 8 and short.gate == 0.45
+
+
 def test_round2_is_the_users_plan():
     spec = load_study_file(STUDIES / "round2.yaml")
     assert spec.n_trials == 50 and spec.gate == 0.60 and spec.direction == "maximize"
