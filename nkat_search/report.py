@@ -90,6 +90,7 @@ def trial_rows(trials, now: dt.datetime | None = None) -> list[dict[str, Any]]:
             "duration_s": seconds,
             "worker": attrs.get("worker"),
             "error": attrs.get("error"),
+            "missing_datasets": list(attrs.get("missing_datasets") or []),
             "started": t.datetime_start.isoformat() if t.datetime_start else None,
             "params": dict(t.params),
         })
@@ -139,6 +140,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r["kind"] == "failed" and r["error"]:
             lines.append(f"trial {r['number']} failed: {str(r['error']).strip().splitlines()[-1]}")
+    missing = sorted({name for r in rows for name in r["missing_datasets"]})
+    if missing:
+        # A Global TPE over three datasets must never pass for one over four.
+        lines.append(f"missing datasets, not in Global TPE: {', '.join(missing)} "
+                     "(their files were not found; see --data-dir)")
     return "\n".join(lines)
 
 

@@ -111,6 +111,18 @@ def test_status_table_has_a_row_per_trial_and_the_summary(storage_url, capsys):
     assert "3 complete, 1 pruned, 1 gate-failed, 1 failed, 1 running" in out
     assert "best Global TPE 0.7400 (trial 1)" in out
     assert "gate_failed" in out and "trial 5 failed: RuntimeError: out of memory" in out
+    assert "missing datasets" not in out
+
+
+def test_status_names_datasets_that_were_missing(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'missing.db'}"
+    study = optuna.create_study(study_name=STUDY, storage=url, direction="maximize")
+    study.add_trial(create_trial(
+        params={"embed_dim": 64, "depth": 1, "temperature": 0.8}, distributions=DISTRIBUTIONS,
+        value=0.8, user_attrs={"outcome": "complete", "missing_datasets": ["emnist"]}))
+    code, out, _ = cli(capsys, "status", "--study", STUDY, "--storage", url)
+    assert code == 0
+    assert "missing datasets, not in Global TPE: emnist" in out
 
 
 def test_unknown_study_is_one_line_listing_the_studies(storage_url, capsys):
