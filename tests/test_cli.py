@@ -60,3 +60,21 @@ def test_wrong_type_in_a_config_file_is_named(capsys, tmp_path):
 def test_config_from_dict_round_trips():
     cfg = RunConfig()
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_worker_device_all_without_a_gpu_is_one_line(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "worker", "--storage", f"sqlite:///{tmp_path / 'x.db'}",
+                           "--study", "s", "--device", "all")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--device all" in lines[0] and "--device cpu" in lines[0]
+
+
+def test_worker_device_all_means_every_visible_gpu(monkeypatch):
+    import torch
+
+    from nkat_search.commands.worker import _devices
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert _devices("all") == [f"cuda:{i}" for i in range(8)]
+    assert _devices("cuda:3") == ["cuda:3"]

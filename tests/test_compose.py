@@ -112,14 +112,28 @@ def test_start_order(services):
             == "service_completed_successfully")
 
 
-def test_workers_reserve_an_nvidia_gpu_each(services):
+def test_the_worker_reserves_every_gpu_and_runs_one_process_per_gpu(services):
     worker = services["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    # Docker hands replicas that reserve `count: 1` the same first card (docker/compose#11863), so
+    # one container takes all GPUs of its host and `--device all` starts a worker per GPU.
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])
-               and d.get("count") == 1 for d in devices)
+               and d.get("count") == "all" for d in devices)
+    command = worker["command"]
+    assert command[command.index("--device") + 1] == "all"
+    assert "--trials-per-gpu" in command
     assert "NKAT_WORKERS" in str(worker["deploy"]["replicas"])
     assert worker["environment"]["NKAT_DATA_DIR"] == "/data"
     assert any(str(v).endswith(":/data:ro") for v in worker["volumes"]), "data must be read-only"
+
+
+def test_coordinator_workers_and_exporter_use_one_study_name(services):
+    def study_name(command):
+        flag = "--name" if "create" in command else "--study"
+        return command[command.index(flag) + 1]
+
+    names = {study_name(services[s]["command"]) for s in ("coordinator", "worker", "exporter")}
+    assert len(names) == 1, names
 
 
 def test_dashboard_binds_host_loopback_only(services):

@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", required=True, metavar="URL",
                         help="postgresql+psycopg2://user:pw@host:5432/db or sqlite:///path/study.db")
     parser.add_argument("--study", required=True, metavar="NAME", help="study name")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda if available), cpu, cuda:N, or all (one worker per "
+                        "visible GPU: the form for a container that reserves every GPU)")
     parser.add_argument("--trials-per-gpu", type=int, default=1, metavar="K",
                         help="run K workers on this device (K-1 extra processes)")
     parser.add_argument("--n-trials", type=int, default=None, metavar="M",
@@ -39,12 +41,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--trials-per-gpu: must be >= 1, got {args.trials_per_gpu}")
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials: must be >= 1, got {args.n_trials}")
+    devices = _devices(args.device)
     # K processes on one machine each defaulting to every core would oversubscribe the CPU
     # (data loading, and the whole run with --device cpu); split the cores unless told otherwise.
+    processes = args.trials_per_gpu * len(devices)
     threads = None
-    if args.trials_per_gpu > 1 and not os.environ.get("OMP_NUM_THREADS"):
-        threads = max(1, (os.cpu_count() or 1) // args.trials_per_gpu)
-    options = WorkerOptions(storage=args.storage, study=args.study, device=args.device,
+    if processes > 1 and not os.environ.get("OMP_NUM_THREADS"):
+        threads = max(1, (os.cpu_count() or 1) // processes)
+    options = WorkerOptions(storage=args.storage, study=args.study, device=devices[0],
                             n_trials=args.n_trials, data_dir=args.data_dir,
                             checkpoint_dir=args.checkpoint_dir,
                             keep_checkpoints=args.keep_checkpoints,
@@ -54,8 +58,11 @@ def run(args: argparse.Namespace) -> int:
     children = []
 
     def start_siblings() -> None:
-        children.extend(spawn_siblings(_sibling_argv(args), args.trials_per_gpu - 1, stop,
-                                       threads))
+        children.extend(spawn_siblings(_sibling_argv(args, devices[0], 1),
+                                       args.trials_per_gpu - 1, stop, threads))
+        for device in devices[1:]:
+            children.extend(spawn_siblings(_sibling_argv(args, device, args.trials_per_gpu), 1,
+                                           stop, threads))
 
     try:
         code = run_worker(options, stop, on_ready=start_siblings)
@@ -67,9 +74,23 @@ def run(args: argparse.Namespace) -> int:
     return worst([code, *codes])
 
 
-def _sibling_argv(args: argparse.Namespace) -> list[str]:
-    argv = ["worker", "--storage", args.storage, "--study", args.study, "--device", args.device,
-            "--trials-per-gpu", "1", "--checkpoint-dir", args.checkpoint_dir]
+def _devices(device: str) -> list[str]:
+    """``all`` becomes every visible GPU; any other value is one device."""
+    if device != "all":
+        return [device]
+    import torch
+
+    from nkat_search.errors import UserError
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise UserError("--device all: no CUDA GPU is visible; use --device cpu")
+    return [f"cuda:{i}" for i in range(count)]
+
+
+def _sibling_argv(args: argparse.Namespace, device: str, trials_per_gpu: int) -> list[str]:
+    argv = ["worker", "--storage", args.storage, "--study", args.study, "--device", device,
+            "--trials-per-gpu", str(trials_per_gpu), "--checkpoint-dir", args.checkpoint_dir]
     if args.n_trials is not None:
         argv += ["--n-trials", str(args.n_trials)]
     if args.data_dir:
