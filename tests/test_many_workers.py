@@ -95,7 +95,8 @@ def test_up_gives_eight_gpus_eight_devices_and_eight_logs(monkeypatch, tmp_path)
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: WORKERS)
     spawned = []
-    monkeypatch.setattr(up.Up, "_spawn", lambda self, argv, log: spawned.append((argv, log)) or None)
+    monkeypatch.setattr(up.Up, "_spawn",
+                        lambda self, argv, log: spawned.append((argv, log)) or None)
     args = argparse.Namespace(workers=None, trials_per_gpu=2, data_dir=None, study="s.yaml")
     runner = up.Up(args, "s", "sqlite:///x.db", tmp_path / "s")
     assert runner._devices() == [f"cuda:{i}" for i in range(WORKERS)]
