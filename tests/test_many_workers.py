@@ -96,15 +96,22 @@ def test_up_gives_eight_gpus_eight_devices_and_eight_logs(monkeypatch, tmp_path)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: WORKERS)
     spawned = []
     monkeypatch.setattr(up.Up, "_spawn",
-                        lambda self, argv, log: spawned.append((argv, log)) or None)
+                        lambda self, argv, log, env=None: spawned.append((argv, log, env)) or None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
     args = argparse.Namespace(workers=None, trials_per_gpu=2, data_dir=None, study="s.yaml")
     runner = up.Up(args, "s", "sqlite:///x.db", tmp_path / "s")
     assert runner._devices() == [f"cuda:{i}" for i in range(WORKERS)]
     runner._start_workers()
-    devices = [argv[argv.index("--device") + 1] for argv, _ in spawned]
+    devices = [argv[argv.index("--device") + 1] for argv, _, _ in spawned]
     assert devices == [f"cuda:{i}" for i in range(WORKERS)]
-    assert len({log for _, log in spawned}) == WORKERS
-    assert all(argv[argv.index("--trials-per-gpu") + 1] == "2" for argv, _ in spawned)
+    assert len({log for _, log, _ in spawned}) == WORKERS
+    assert all(argv[argv.index("--trials-per-gpu") + 1] == "2" for argv, _, _ in spawned)
+    # The cores are split over all 8 workers x 2 trials, not over each worker's 2 alone.
+    assert all(env["OMP_NUM_THREADS"] == str(64 // (2 * WORKERS)) for _, _, env in spawned)
+    assert up.worker_env(1) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert up.worker_env(16) is None  # the user's setting is inherited as it is
 
     # More workers than GPUs wrap round; none on a device that does not exist.
     runner.args.workers = 12

@@ -109,14 +109,14 @@ class Up:
 
         return subprocess.run(self._command(argv)).returncode
 
-    def _spawn(self, argv: list[str], log_path):
+    def _spawn(self, argv: list[str], log_path, env: dict | None = None):
         import subprocess
 
         with open(log_path, "ab") as log:
             # A session of its own: the terminal's Ctrl-C reaches only us, and we decide what the
             # children get (one SIGINT each, so a worker finishes its epoch and checkpoints).
             return subprocess.Popen(self._command(argv), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
 
     def _devices(self) -> list[str]:
         import torch
@@ -128,7 +128,9 @@ class Up:
     def _start_workers(self) -> None:
         # The worker adds <study>/trial-<n>/ below this.
         checkpoints = self.run_dir.parent / "checkpoints"
-        for i, device in enumerate(self._devices()):
+        devices = self._devices()
+        env = worker_env(len(devices) * (self.args.trials_per_gpu or 1))
+        for i, device in enumerate(devices):
             argv = ["worker", "--storage", self.storage, "--study", self.study_name,
                     "--device", device, "--checkpoint-dir", str(checkpoints), "--quiet"]
             if self.args.trials_per_gpu is not None:
@@ -136,7 +138,7 @@ class Up:
             if self.args.data_dir:
                 argv += ["--data-dir", self.args.data_dir]
             log = self.run_dir / "logs" / f"worker-{i}.log"
-            self.workers.append((f"worker {i} ({device})", self._spawn(argv, log), log))
+            self.workers.append((f"worker {i} ({device})", self._spawn(argv, log, env), log))
             print(f"worker {i} on {device}: log {log}", flush=True)
 
     def _start_dashboard(self) -> None:
@@ -270,6 +272,20 @@ class Up:
             print(f"{label} exited with {code}; last lines of {log}:")
             print(tail(log))
         return 1 if failed else 0
+
+
+def worker_env(processes: int) -> dict | None:
+    """The workers' environment: the CPU cores split over all ``processes`` of this machine.
+
+    A worker splits the cores only over its own ``--trials-per-gpu`` processes, so N workers
+    started here would each take every core (N-fold oversubscription on a CPU). An
+    OMP_NUM_THREADS already set is the user's choice and is kept; None: inherit unchanged.
+    """
+    import os
+
+    if processes <= 1 or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // processes)))
 
 
 def wait_for_http(address: str, process, timeout: float) -> bool:
