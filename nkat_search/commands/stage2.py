@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nkat_search.commands.train import _print_epoch
+    from nkat_search.commands.train import print_epoch
     from nkat_search.stage2 import run_stage2, write_report
 
     cfg = config_from_args(args)
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         on_dataset=None if quiet else lambda name, r: print(
             f"{name}: accuracy {r.accuracy:.4f}, lambda {r.lam:.4f}, TPE {r.tpe:.4f}, "
             f"{r.train_seconds:.1f} s", flush=True),
-        train_kwargs={"resume": args.resume, "on_epoch": None if quiet else _print_epoch},
+        train_kwargs={"resume": args.resume, "on_epoch": None if quiet else print_epoch},
     )
     json_path, md_path = write_report(report, args.out)
     print(report.to_markdown())

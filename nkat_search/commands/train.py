@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     result = train_model(cfg, data_dir=args.data_dir, device=args.device, out_dir=out,
                          progress=not args.quiet, resume=args.resume,
-                         on_epoch=None if args.quiet else _print_epoch)
+                         on_epoch=None if args.quiet else print_epoch)
     write_text_atomic(out / "metrics.json", json.dumps(dataclasses.asdict(result), indent=2))
     print(f"{result.dataset}: accuracy {result.accuracy:.4f} ({result.eval_split}), "
           f"lambda {result.lam:.4f}, TPE {result.tpe:.4f}, {result.train_seconds:.1f} s training, "
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_epoch(report) -> None:
+def print_epoch(report) -> None:
     print(f"epoch {report.epoch:>3}/{report.epochs}  loss {report.train_loss:.4f}  "
           f"acc {report.accuracy:.4f}  TPE {report.tpe:.4f}  {report.epoch_seconds:.1f} s  "
           f"{report.images_per_s:,.0f} img/s", flush=True)
