@@ -6,11 +6,7 @@
 # (bash ../shared/device/stage.sh mnist fashion_mnist cifar10); results land in $OUT.
 #   bash benchmarks/gpu_search_session.sh
 set -u
-OUT=${OUT:-results/gpu}
-RUNS=${RUNS:-/root/nkat-runs}
-mkdir -p "$OUT" "$RUNS"
-export PYTHONPATH=/root/nkat-site:.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export NKAT_DATA_DIR=${NKAT_DATA_DIR:-/root/nkat-data} NKAT_CACHE_DIR=${NKAT_CACHE_DIR:-/root/nkat-cache}
+source "$(dirname "$0")/gpu_env.sh"
 study=nkat-round2-short
 storage="sqlite:///$RUNS/up/$study.db"
 log=$OUT/search_log.txt

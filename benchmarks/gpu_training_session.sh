@@ -5,11 +5,7 @@
 # root after staging the data (../shared/device/stage.sh); logs and results land in $OUT.
 #   bash benchmarks/gpu_training_session.sh
 set -u
-OUT=${OUT:-results/gpu}
-RUNS=${RUNS:-/root/nkat-runs}
-mkdir -p "$OUT" "$RUNS"
-export PYTHONPATH=/root/nkat-site:.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export NKAT_DATA_DIR=${NKAT_DATA_DIR:-/root/nkat-data} NKAT_CACHE_DIR=${NKAT_CACHE_DIR:-/root/nkat-cache}
+source "$(dirname "$0")/gpu_env.sh"
 log=$OUT/log.txt
 {
   date -u; nvidia-smi --query-gpu=index,name,memory.total --format=csv
