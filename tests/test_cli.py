@@ -78,3 +78,13 @@ def test_worker_device_all_means_every_visible_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     assert _devices("all") == [f"cuda:{i}" for i in range(8)]
     assert _devices("cuda:3") == ["cuda:3"]
+
+
+def test_storage_defaults_to_the_environment(capsys, monkeypatch, tmp_path):
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'env.db'}"
+    optuna.create_study(study_name="from-env", storage=url)
+    monkeypatch.setenv("NKAT_STORAGE", url)
+    code, out, _ = run_cli(capsys, "status", "--study", "from-env", "--json")
+    assert code == 0 and json.loads(out)["study"] == "from-env"

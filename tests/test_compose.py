@@ -136,6 +136,14 @@ def test_coordinator_workers_and_exporter_use_one_study_name(services):
     assert len(names) == 1, names
 
 
+def test_the_storage_url_travels_in_the_environment_not_the_command_line(services):
+    # A command line is visible to every user of the host; the URL carries the password.
+    for name in ("coordinator", "worker", "dashboard", "exporter"):
+        service = services[name]
+        assert "--storage" not in service["command"], name
+        assert "postgres" in str(service["environment"]["NKAT_STORAGE"]), name
+
+
 def test_dashboard_binds_host_loopback_only(services):
     ports = services["dashboard"]["ports"]
     assert ports

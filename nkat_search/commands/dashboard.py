@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from nkat_search.commands.storage_arg import add_storage_argument
+
 HELP = ("Serve optuna-dashboard for every study in --storage and print its URL. Binds to "
         "127.0.0.1 by default (the dashboard has no login); use an SSH tunnel "
         "(ssh -L 8080:127.0.0.1:8080 host) or --host 0.0.0.0 on a trusted network. "
@@ -15,8 +17,7 @@ HELP = ("Serve optuna-dashboard for every study in --storage and print its URL. 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage", required=True, metavar="URL",
-                        help="postgresql+psycopg2://user:pw@host:port/db or sqlite:///path.db")
+    add_storage_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind")
     parser.add_argument("--port", type=int, default=8080, help="TCP port")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nkat_search.commands.storage_arg import add_storage_argument
+
 HELP = ("Write the best K complete trials (by the study's value, Global TPE) into --out as "
         "trial-<n>.yaml and trial-<n>.json, plus best.yaml / best.json for the top one. Each file "
         "has a 'config' section that 'nkat-search train --config FILE' and 'stage2 --config FILE' "
@@ -14,8 +16,7 @@ HELP = ("Write the best K complete trials (by the study's value, Global TPE) int
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", required=True, metavar="NAME", help="study name")
-    parser.add_argument("--storage", required=True, metavar="URL",
-                        help="postgresql+psycopg2://user:pw@host:port/db or sqlite:///path.db")
+    add_storage_argument(parser)
     parser.add_argument("--top", type=int, default=1, metavar="K", help="export the best K trials")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
 

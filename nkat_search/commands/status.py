@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nkat_search.commands.storage_arg import add_storage_argument
+
 HELP = ("Print a table of the study's trials (number, state, outcome, Global TPE, Local TPE, "
         "lambda, epochs reached, duration, worker) and a summary line: complete / pruned / "
         "gate-failed / failed / running, best Global TPE so far. --json prints the same as JSON.")
@@ -11,8 +13,7 @@ HELP = ("Print a table of the study's trials (number, state, outcome, Global TPE
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", required=True, metavar="NAME", help="study name")
-    parser.add_argument("--storage", required=True, metavar="URL",
-                        help="postgresql+psycopg2://user:pw@host:port/db or sqlite:///path.db")
+    add_storage_argument(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nkat_search.commands.storage_arg import add_storage_argument
+
 HELP = ("Create a study from a study file (or resume it: same name and same file), storing the "
         "file in the study so workers rebuild the same sampler and pruner; or show a study's "
         "stored file and its trial counts.")
@@ -15,13 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     create = sub.add_parser("create", help="create or resume a study from a study file",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     create.add_argument("--study", required=True, metavar="FILE", help="study file (YAML)")
-    create.add_argument("--storage", required=True, metavar="URL",
-                        help="postgresql+psycopg2://user:pw@host:5432/db or sqlite:///path/study.db")
+    add_storage_argument(create)
     create.add_argument("--name", metavar="NAME", help="study name (default: the file's name)")
     show = sub.add_parser("show", help="print a study's stored file and its trial counts",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     show.add_argument("--study", required=True, metavar="NAME", help="study name")
-    show.add_argument("--storage", required=True, metavar="URL", help="storage URL")
+    add_storage_argument(show)
     show.add_argument("--json", action="store_true", help="machine-readable output")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nkat_search.commands.storage_arg import add_storage_argument, storage_argv
+
 HELP = ("Pull trials from a study and train them on one device until the study's budget "
         "(n_trials of its study file, counted over all workers) is spent. The sampler, pruner, "
         "gate and Stage 2 datasets come from the study file stored in the study. SIGTERM/SIGINT "
@@ -12,8 +14,7 @@ HELP = ("Pull trials from a study and train them on one device until the study's
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage", required=True, metavar="URL",
-                        help="postgresql+psycopg2://user:pw@host:5432/db or sqlite:///path/study.db")
+    add_storage_argument(parser)
     parser.add_argument("--study", required=True, metavar="NAME", help="study name")
     parser.add_argument("--device", default="auto",
                         help="auto (cuda if available), cpu, cuda:N, or all (one worker per "
@@ -89,7 +90,7 @@ def _devices(device: str) -> list[str]:
 
 
 def _sibling_argv(args: argparse.Namespace, device: str, trials_per_gpu: int) -> list[str]:
-    argv = ["worker", "--storage", args.storage, "--study", args.study, "--device", device,
+    argv = ["worker", *storage_argv(args.storage), "--study", args.study, "--device", device,
             "--trials-per-gpu", str(trials_per_gpu), "--checkpoint-dir", args.checkpoint_dir]
     if args.n_trials is not None:
         argv += ["--n-trials", str(args.n_trials)]
