@@ -22,12 +22,10 @@ the IDX header with the file size. A bad file is a ``DataError`` naming it, neve
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import os
 import socket
-import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nkat_search.atomic import atomic_path
 from nkat_search.config import ConfigError
 from nkat_search.errors import UserError
 
@@ -357,7 +356,7 @@ def _copy_verified(source: Path, target: Path, md5: str | None) -> None:
     digest = hashlib.md5(usedforsecurity=False)
     opener = gzip.open if source.suffix == ".gz" else open
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_path(target) as tmp:
+    with atomic_path(target) as tmp:
         try:
             with opener(source, "rb") as src, open(tmp, "wb") as dst:
                 while chunk := src.read(1 << 20):
@@ -602,20 +601,7 @@ def _read_tensor_cache(path: Path) -> tuple[Tensor, Tensor] | None:
 def _write_tensor_cache(path: Path, result: tuple[Tensor, Tensor]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:
             torch.save({"images": result[0], "labels": result[1]}, tmp)
     except OSError:
         pass  # a read-only cache only costs speed; the data is already verified and in memory
-
-
-@contextlib.contextmanager
-def _atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it over ``target`` only on success."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from nkat_search import metrics
+from nkat_search.atomic import atomic_path
 from nkat_search.config import RunConfig
 from nkat_search.errors import UserError
 
@@ -186,7 +186,8 @@ def train_model(
     lam = metrics.param_lambda(parameters)
     ema = EmaModel(model, tc.effective_ema())
     fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.effective_lr(),
+    peak_lr = tc.effective_lr()
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=peak_lr,
                                   betas=(0.9, 0.999), fused=fused)
     augment = GpuAugment(tc, info, data)
     autocast = tc.bf16 and device.type == "cuda"
@@ -197,7 +198,6 @@ def train_model(
     steps_per_epoch = n_train // batch_size
     total_steps = steps_per_epoch * tc.epochs
     warmup_steps = steps_per_epoch * tc.warmup
-    peak_lr = tc.effective_lr()
 
     checkpoint_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     start_epoch, epoch_seconds = 0, []
@@ -278,10 +278,8 @@ def train_model(
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write-then-rename, so a crash mid-write never leaves a half checkpoint behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device) -> dict:
