@@ -158,3 +158,36 @@ def test_worker_device_all_starts_one_worker_per_gpu_of_eight(monkeypatch):
     assert all(count == 1 and argv[argv.index("--trials-per-gpu") + 1] == "2"
                for argv, count, _ in others)
     assert all(threads == 64 // (2 * WORKERS) for _, _, threads in spawned)
+
+
+def test_trials_per_device_default_is_two_on_a_gpu_and_one_on_the_cpu(monkeypatch):
+    import torch
+
+    from nkat_search.commands import worker as command
+
+    assert command.default_trials_per_device("cuda:3") == command.GPU_TRIALS_PER_DEVICE == 2
+    assert command.default_trials_per_device("cuda") == 2
+    assert command.default_trials_per_device("cpu") == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert command.default_trials_per_device("auto") == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert command.default_trials_per_device("auto") == 2
+
+    # Without --trials-per-gpu, `worker --device all` on 8 GPUs packs 2 trials onto each.
+    from nkat_search import worker
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: WORKERS)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spawned = []
+    monkeypatch.setattr(worker, "run_worker", lambda options, stop, on_ready=None: on_ready() or 0)
+    monkeypatch.setattr(worker, "spawn_siblings",
+                        lambda argv, count, stop, cpu_threads=None: spawned.append((argv, count)) or [])
+    monkeypatch.setattr(worker.StopFlag, "install", lambda self: None)
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    assert command.run(parser.parse_args(["--storage", "sqlite:///x.db", "--study", "s",
+                                          "--device", "all"])) == 0
+    assert spawned[0][1] == 1  # one sibling beside this process on cuda:0
+    # Each of cuda:1..7 gets a worker told to run 2 (itself and one sibling).
+    assert len(spawned) == WORKERS
+    assert all(argv[argv.index("--trials-per-gpu") + 1] == "2" for argv, _ in spawned[1:])

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="worker processes (default: one per visible GPU, else 1 on cpu); "
                         "with GPUs, worker i runs on cuda:(i mod GPUs)")
     parser.add_argument("--trials-per-gpu", type=int, metavar="K",
-                        help="concurrent trials per worker (default: the worker's own)")
+                        help="concurrent trials per worker (default: the worker's own, 2 on a "
+                        "GPU and 1 on the CPU)")
     parser.add_argument("--storage", metavar="URL",
                         help="storage URL (default: sqlite:///OUT/STUDY.db, embedded SQLite)")
     parser.add_argument("--data-dir", metavar="DIR",
@@ -129,7 +130,10 @@ class Up:
         # The worker adds <study>/trial-<n>/ below this.
         checkpoints = self.run_dir.parent / "checkpoints"
         devices = self._devices()
-        env = worker_env(len(devices) * (self.args.trials_per_gpu or 1))
+        from nkat_search.commands.worker import default_trials_per_device
+
+        per_device = self.args.trials_per_gpu or default_trials_per_device(devices[0])
+        env = worker_env(len(devices) * per_device)
         for i, device in enumerate(devices):
             argv = ["worker", "--storage", self.storage, "--study", self.study_name,
                     "--device", device, "--checkpoint-dir", str(checkpoints), "--quiet"]

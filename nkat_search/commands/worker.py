@@ -6,6 +6,11 @@ import argparse
 
 from nkat_search.commands.storage_arg import add_storage_argument, storage_argv
 
+# Two trials side by side on one GPU gave 1.46x the trials/hour of one (benchmarks/scaling.py on
+# an H200, baseline model, results/gpu/scaling/): one eager trial leaves the GPU idle while Python
+# launches kernels. On a CPU a second process only splits the same cores.
+GPU_TRIALS_PER_DEVICE = 2
+
 HELP = ("Pull trials from a study and train them on one device until the study's budget "
         "(n_trials of its study file, counted over all workers) is spent. The sampler, pruner, "
         "gate and Stage 2 datasets come from the study file stored in the study. SIGTERM/SIGINT "
@@ -19,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="auto (cuda if available), cpu, cuda:N, or all (one worker per "
                         "visible GPU: the form for a container that reserves every GPU)")
-    parser.add_argument("--trials-per-gpu", type=int, default=1, metavar="K",
-                        help="run K workers on this device (K-1 extra processes)")
+    parser.add_argument("--trials-per-gpu", type=int, default=None, metavar="K",
+                        help=f"run K workers on each device (K-1 extra processes; default "
+                        f"{GPU_TRIALS_PER_DEVICE} on a GPU, 1 on the CPU)")
     parser.add_argument("--n-trials", type=int, default=None, metavar="M",
                         help="stop this worker after M trials (default: until the budget is spent)")
     parser.add_argument("--data-dir", metavar="DIR",
@@ -38,11 +44,13 @@ def run(args: argparse.Namespace) -> int:
     from nkat_search.errors import UserError
     from nkat_search.worker import StopFlag, WorkerOptions, run_worker, spawn_siblings, worst
 
+    devices = _devices(args.device)
+    if args.trials_per_gpu is None:
+        args.trials_per_gpu = default_trials_per_device(devices[0])
     if args.trials_per_gpu < 1:
         raise UserError(f"--trials-per-gpu: must be >= 1, got {args.trials_per_gpu}")
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials: must be >= 1, got {args.n_trials}")
-    devices = _devices(args.device)
     # K processes on one machine each defaulting to every core would oversubscribe the CPU
     # (data loading, and the whole run with --device cpu); split the cores unless told otherwise.
     processes = args.trials_per_gpu * len(devices)
@@ -73,6 +81,15 @@ def run(args: argparse.Namespace) -> int:
         # Siblings get our signals forwarded (StopFlag); wait so the group ends together.
         codes = [child.wait() for child in children]
     return worst([code, *codes])
+
+
+def default_trials_per_device(device: str) -> int:
+    """GPU_TRIALS_PER_DEVICE on a GPU (``cuda``, ``cuda:N``, ``auto`` with one visible), else 1."""
+    if device == "auto":
+        import torch
+
+        return GPU_TRIALS_PER_DEVICE if torch.cuda.is_available() else 1
+    return GPU_TRIALS_PER_DEVICE if device.startswith("cuda") else 1
 
 
 def _devices(device: str) -> list[str]:
