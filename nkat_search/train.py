@@ -175,6 +175,10 @@ def train_model(
     cfg.validate()
     tc = cfg.train
     device = resolve_device(device)
+    if device.type == "cuda" and device.index is not None:
+        # Make cuda:N the current device too, so nothing that uses the current device (a library's
+        # scratch buffer, a stray context) lands on GPU 0 while the trial trains on GPU N.
+        torch.cuda.set_device(device)
     if data is None:
         data = load_dataset(tc.dataset, data_dir, device, emnist_split=tc.emnist_split,
                             val_fraction=tc.val_fraction, seed=tc.seed,
