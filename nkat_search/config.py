@@ -254,10 +254,14 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         if isinstance(value, str):
             return value
     elif typing.get_origin(kind) is tuple:
+        # "2 9", the command line's form, also lets a study file search the pair as one
+        # categorical (Optuna's choices must be scalars).
+        if isinstance(value, str) and all(part.isdigit() for part in value.split()):
+            value = [int(part) for part in value.split()]
         if (isinstance(value, (list, tuple)) and len(value) == 2
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
             return tuple(value)
-        raise ConfigError(f"{key}: expected two integers like [2, 9], got {value!r}")
+        raise ConfigError(f"{key}: expected two integers like [2, 9] or \"2 9\", got {value!r}")
     name = getattr(kind, "__name__", str(kind))
     raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from nkat_search.cli import main
-from nkat_search.config import RunConfig
+from nkat_search.config import ConfigError, RunConfig
 from nkat_search.model import build_model, count_parameters
 
 
@@ -60,6 +60,17 @@ def test_wrong_type_in_a_config_file_is_named(capsys, tmp_path):
 def test_config_from_dict_round_trips():
     cfg = RunConfig()
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("value", ["2 9", [2, 9], (2, 9)])
+def test_randaugment_takes_the_command_line_form_too(value):
+    assert RunConfig.from_dict({"randaugment": value}).train.randaugment == (2, 9)
+
+
+@pytest.mark.parametrize("value", ["2", "2 x", "2 9 1", [2], 29])
+def test_bad_randaugment_names_both_forms(value):
+    with pytest.raises(ConfigError, match=r'randaugment: expected two integers like \[2, 9\] or "2 9"'):
+        RunConfig.from_dict({"randaugment": value})
 
 
 def test_worker_device_all_without_a_gpu_is_one_line(capsys, tmp_path):

@@ -66,6 +66,28 @@ def test_round2_is_the_users_plan():
     assert cfg.to_dict() == baseline.to_dict()
 
 
+def test_round2_aug_is_round2_plus_the_augmentation():
+    full = load_study_file(STUDIES / "round2.yaml")
+    aug = load_study_file(STUDIES / "round2_aug.yaml")
+    assert aug.name == "nkat-round2-aug" and aug.gate == full.gate == 0.60
+    assert aug.n_trials == full.n_trials and aug.stage2_datasets == full.stage2_datasets
+    assert aug.base_config().to_dict() == full.base_config().to_dict()
+    added = {"randaugment", "cutout"}
+    assert set(aug.search) == set(full.search) | added
+    for key in set(full.search) - {"mixup", "cutmix"}:
+        assert aug.search[key] == full.search[key], key
+    assert aug.search["mixup"].low == aug.search["cutmix"].low == 0.0  # off is searchable
+    assert "0 0" in aug.search["randaugment"].choices and 0 in aug.search["cutout"].choices
+
+    # The user's baseline first, then the same model with crop and flip only.
+    study = optuna.create_study(direction="maximize")
+    enqueue(study, aug)
+    baseline = suggest_config(study.ask(), aug)
+    assert baseline.to_dict() == RunConfig.from_dict({"epochs": 40, "val_fraction": 0.1}).to_dict()
+    light = suggest_config(study.ask(), aug).train
+    assert (light.randaugment, light.cutout, light.mixup, light.cutmix) == ((0, 0), 0, 0.0, 0.0)
+
+
 def test_quick_study_is_small():
     spec = load_study_file(STUDIES / "quick.yaml")
     base = spec.base_config()
