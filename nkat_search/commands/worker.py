@@ -6,9 +6,10 @@ import argparse
 
 from nkat_search.commands.storage_arg import add_storage_argument, storage_argv
 
-# Two trials side by side on one GPU gave 1.46x the trials/hour of one (benchmarks/scaling.py on
-# an H200, baseline model, results/gpu/scaling/): one eager trial leaves the GPU idle while Python
-# launches kernels. On a CPU a second process only splits the same cores.
+# Trials side by side on one GPU, against one (benchmarks/scaling.py, baseline model,
+# results/gpu/scaling/): 2 gave 1.48x the trials/hour on an H100 (1.46x on an H200), 4 gave 1.55x.
+# One eager trial leaves the GPU idle while Python launches kernels; 2 fill most of that at half
+# the memory and threads of 4. On a CPU a second process only splits the same cores.
 GPU_TRIALS_PER_DEVICE = 2
 
 HELP = ("Pull trials from a study and train them on one device until the study's budget "
