@@ -49,7 +49,8 @@ class GpuAugment:
     allowed and how many classes the targets have.
     """
 
-    def __init__(self, cfg: TrainConfig, info: DatasetInfo, data: DeviceData) -> None:
+    def __init__(self, cfg: TrainConfig, info: DatasetInfo, data: DeviceData,
+                 compile: bool = False) -> None:
         self.crop_padding = cfg.crop_padding
         self.hflip = info.hflip
         self.num_ops, self.magnitude = cfg.randaugment
@@ -60,12 +61,18 @@ class GpuAugment:
         self.num_classes = info.num_classes
         self.mean = data.mean[:, None, None]
         self.std = data.std[:, None, None]
+        # Eager, one RandAugment round is about 200 small kernels, launched one by one from Python
+        # (session 1's profile: about 420 per batch, 7 ms of CPU time). The random draws stay
+        # eager, so the generator stream is the same compiled or not; only the pure tensor math
+        # after them is compiled, into a few fused kernels.
+        self._round = _compiled(_apply_round) if compile else _apply_round
+        self._mix_with = _compiled(_apply_mix) if compile else _apply_mix
 
     def __call__(self, images_uint8: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         rng = _Draws(generator, images_uint8.device)
         x = self._crop_flip(images_uint8, rng).to(torch.float32).div_(255.0)
         for _ in range(self.num_ops):
-            x = _rand_augment_round(x, self.magnitude, rng)
+            x = self._round(x, *_round_draws(x.shape[0], rng), self.magnitude / MAX_MAGNITUDE)
         # The same arithmetic as DeviceData.normalize, so evaluation sees identical inputs.
         x = x.sub_(self.mean).div_(self.std)
         if self.cutout > 0:
@@ -100,35 +107,47 @@ class GpuAugment:
         ``weight`` is the share of the sample itself, in image and target alike; for CutMix it is
         the area actually kept after the box is clipped to the image.
         """
-        batch, _, height, width = x.shape
+        batch = x.shape[0]
         partner = rng.permutation(batch)
         use_cutmix = rng.uniform(batch) < self.cutmix
         if self.mixup > 0:
             lam = rng.beta(self.mixup, batch).to(x.dtype)
         else:
             lam = torch.ones(batch, device=x.device, dtype=x.dtype)
-
         # CutMix box: side ratio sqrt(1 - lambda) with lambda ~ Beta(1, 1) = U(0, 1).
-        ratio = (1.0 - rng.uniform(batch)).sqrt()
-        cut_h, cut_w = (ratio * height).floor(), (ratio * width).floor()
-        cy, cx = rng.uniform(batch) * height, rng.uniform(batch) * width
-        y0 = (cy - cut_h / 2).floor().clamp(0, height)
-        y1 = (cy + cut_h / 2).floor().clamp(0, height)
-        x0 = (cx - cut_w / 2).floor().clamp(0, width)
-        x1 = (cx + cut_w / 2).floor().clamp(0, width)
-        ys = torch.arange(height, device=x.device, dtype=x.dtype)[None, :, None]
-        xs = torch.arange(width, device=x.device, dtype=x.dtype)[None, None, :]
-        box = ((ys >= y0[:, None, None]) & (ys < y1[:, None, None])
-               & (xs >= x0[:, None, None]) & (xs < x1[:, None, None]) & use_cutmix[:, None, None])
-        kept = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+        box_draws = (rng.uniform(batch), rng.uniform(batch), rng.uniform(batch))
+        return self._mix_with(x, targets, partner, use_cutmix, lam, *box_draws)
 
-        weight = torch.where(use_cutmix, kept, lam)
-        other = x[partner]
-        mixed = torch.where(use_cutmix[:, None, None, None], x, weight[:, None, None, None] * x
-                            + (1 - weight[:, None, None, None]) * other)
-        mixed = torch.where(box[:, None], other, mixed)
-        targets = weight[:, None] * targets + (1 - weight[:, None]) * targets[partner]
-        return mixed, targets
+
+def _apply_mix(x: Tensor, targets: Tensor, partner: Tensor, use_cutmix: Tensor, lam: Tensor,
+               area_draw: Tensor, cy_draw: Tensor, cx_draw: Tensor) -> tuple[Tensor, Tensor]:
+    """The arithmetic of ``GpuAugment._mix`` once its random draws are made."""
+    _, _, height, width = x.shape
+    ratio = (1.0 - area_draw).sqrt()
+    cut_h, cut_w = (ratio * height).floor(), (ratio * width).floor()
+    cy, cx = cy_draw * height, cx_draw * width
+    y0 = (cy - cut_h / 2).floor().clamp(0, height)
+    y1 = (cy + cut_h / 2).floor().clamp(0, height)
+    x0 = (cx - cut_w / 2).floor().clamp(0, width)
+    x1 = (cx + cut_w / 2).floor().clamp(0, width)
+    ys = torch.arange(height, device=x.device, dtype=x.dtype)[None, :, None]
+    xs = torch.arange(width, device=x.device, dtype=x.dtype)[None, None, :]
+    box = ((ys >= y0[:, None, None]) & (ys < y1[:, None, None])
+           & (xs >= x0[:, None, None]) & (xs < x1[:, None, None]) & use_cutmix[:, None, None])
+    kept = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+
+    weight = torch.where(use_cutmix, kept, lam)
+    other = x[partner]
+    mixed = torch.where(use_cutmix[:, None, None, None], x, weight[:, None, None, None] * x
+                        + (1 - weight[:, None, None, None]) * other)
+    mixed = torch.where(box[:, None], other, mixed)
+    targets = weight[:, None] * targets + (1 - weight[:, None]) * targets[partner]
+    return mixed, targets
+
+
+def _compiled(fn):
+    """``torch.compile`` for one fixed batch shape (the loop's batches all have the same size)."""
+    return torch.compile(fn, dynamic=False)
 
 
 class _Draws:
@@ -159,16 +178,20 @@ class _Draws:
         return lam.nan_to_num(0.5).float().to(self.device)
 
 
-def _rand_augment_round(x: Tensor, magnitude: int, rng: _Draws) -> Tensor:
-    """Apply one RandAugment op per sample (each sample its own op) to float images in [0, 1].
-
-    Signed ops (geometry, Color, Contrast, Brightness, Sharpness) get a random sign per sample.
-    Magnitudes follow torchvision's RandAugment with 31 bins (M on the 0..30 scale).
-    """
-    batch = x.shape[0]
+def _round_draws(batch: int, rng: _Draws) -> tuple[Tensor, Tensor]:
+    """One round's draws: each sample's op, and its sign (+1 or -1) for the signed ops."""
     op = rng.randint(0, len(OPS), batch)
-    sign = torch.where(rng.uniform(batch) < 0.5, -1.0, 1.0).to(x.dtype)
-    m = magnitude / MAX_MAGNITUDE
+    negative = rng.uniform(batch) < 0.5
+    return op, negative
+
+
+def _apply_round(x: Tensor, op: Tensor, negative: Tensor, m: float) -> Tensor:
+    """One RandAugment op per sample (each its own op) on float images in [0, 1], once drawn.
+
+    Signed ops (geometry, Color, Contrast, Brightness, Sharpness) get the sample's sign.
+    Magnitudes follow torchvision's RandAugment with 31 bins: ``m`` = M / 30.
+    """
+    sign = torch.where(negative, -1.0, 1.0).to(x.dtype)
 
     def chosen(name: str) -> Tensor:
         return (op == OPS.index(name))[:, None, None, None]

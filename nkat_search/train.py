@@ -163,10 +163,14 @@ def train_model(
     progress: bool = True,
     resume: bool = True,
     data=None,
+    compile_augment: bool = False,
 ) -> TrainResult:
     """Train ``cfg`` on ``cfg.train.dataset`` and return the EMA model's accuracy and TPE.
 
     ``data`` may pass an already loaded ``DeviceData`` (benchmarks and stage 2 reuse it).
+    ``compile_augment`` compiles the augmentation's arithmetic too. It is off unless asked for:
+    it has passed the CPU tests but has not yet been timed or run on a GPU, where
+    ``benchmarks/throughput.py`` measures it beside the model-only compile.
     """
     from nkat_search.augment import GpuAugment
     from nkat_search.data import load_dataset
@@ -193,7 +197,7 @@ def train_model(
     peak_lr = tc.effective_lr()
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=peak_lr,
                                   betas=(0.9, 0.999), fused=fused)
-    augment = GpuAugment(tc, info, data)
+    augment = GpuAugment(tc, info, data, compile=compile_augment)
     autocast = tc.bf16 and device.type == "cuda"
     forward = torch.compile(model) if tc.compile else model
 
