@@ -257,6 +257,9 @@ def run_one(args: argparse.Namespace, text: str, work: Path, workers: int, k: in
 
     env = dict(os.environ)
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    # cuda:i in the workers is then GPU i of nvidia-smi, whose per-index utilisation we report
+    # (CUDA's default order, fastest first, need not match it).
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     if not env.get("OMP_NUM_THREADS"):
