@@ -195,7 +195,7 @@ def test_beta_draws_are_reproducible_and_in_range():
 
 
 def test_compiled_augmentation_matches_eager_and_draws_the_same_stream():
-    """--compile compiles the augmentation's arithmetic; its draws, and so its output, are the same."""
+    """Compiling the augmentation's arithmetic keeps its draws, and so its output, the same."""
     images = _images(32, 3)
     data = _data("cifar10", images)
     cfg = TrainConfig()  # the user's full recipe: crop, flip, RandAugment 2 9, cutout, mixup, cutmix

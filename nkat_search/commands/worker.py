@@ -86,11 +86,9 @@ def run(args: argparse.Namespace) -> int:
 
 def default_trials_per_device(device: str) -> int:
     """GPU_TRIALS_PER_DEVICE on a GPU (``cuda``, ``cuda:N``, ``auto`` with one visible), else 1."""
-    if device == "auto":
-        import torch
+    from nkat_search.worker import resolve_device
 
-        return GPU_TRIALS_PER_DEVICE if torch.cuda.is_available() else 1
-    return GPU_TRIALS_PER_DEVICE if device.startswith("cuda") else 1
+    return GPU_TRIALS_PER_DEVICE if resolve_device(device).startswith("cuda") else 1
 
 
 def _devices(device: str) -> list[str]:
