@@ -22,7 +22,7 @@ _HELP = {
     "top_p": "nucleus filter on attention probabilities (1 = off)",
     "nkat_strength": "NKAT modulation strength s_0 (0 = off)",
     "nkat_decay": "per-layer decay of the modulation: s_l = strength * decay**l",
-    "lr": "peak learning rate at batch 32; scaled by sqrt(batch_size / 32)",
+    "lr": "peak learning rate at batch 32; scaled by (batch_size / 32) ** 0.25",
     "ema": "EMA decay per step at batch 32; rescaled to keep the horizon in images",
     "randaugment": "RandAugment N ops at magnitude M (0..30)",
     "mixup": "mixup Beta(alpha, alpha) parameter (0 = off)",

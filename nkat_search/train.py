@@ -26,6 +26,11 @@ from nkat_search.errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 EVAL_BATCH_SIZE = 1024
+# The baseline is small (17 tokens, 384 wide): at batch 512 a compiled step launches about 700
+# kernels and, without CUDA graphs, the GPU waits on the CPU launching them. On an H100 the model
+# step took 14.4 ms compiled and 7.2 ms compiled with CUDA graphs (benchmarks/profile_step.py,
+# results/gpu/session3/profile_log.txt).
+CUDA_COMPILE_MODE = "reduce-overhead"
 
 
 @dataclass
@@ -163,14 +168,16 @@ def train_model(
     progress: bool = True,
     resume: bool = True,
     data=None,
-    compile_augment: bool = False,
+    compile_mode: str | None = None,
+    compile_augment: bool | None = None,
 ) -> TrainResult:
     """Train ``cfg`` on ``cfg.train.dataset`` and return the EMA model's accuracy and TPE.
 
     ``data`` may pass an already loaded ``DeviceData`` (benchmarks and stage 2 reuse it).
-    ``compile_augment`` compiles the augmentation's arithmetic too. It is off unless asked for:
-    it has passed the CPU tests but has not yet been timed or run on a GPU, where
-    ``benchmarks/throughput.py`` measures it beside the model-only compile.
+    With ``cfg.train.compile`` the model is compiled in ``compile_mode`` (default: CUDA graphs,
+    ``reduce-overhead``, on a GPU; Inductor's default elsewhere) and the augmentation's arithmetic
+    is compiled too unless ``compile_augment`` is False. ``benchmarks/throughput.py`` passes these
+    to time the variants side by side.
     """
     from nkat_search.augment import GpuAugment
     from nkat_search.data import load_dataset
@@ -197,9 +204,20 @@ def train_model(
     peak_lr = tc.effective_lr()
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=peak_lr,
                                   betas=(0.9, 0.999), fused=fused)
-    augment = GpuAugment(tc, info, data, compile=compile_augment)
+    if tc.compile:
+        # A fresh compile state per run: a worker trains many architectures in one process, and
+        # stale graphs would pile up (with their CUDA-graph memory pools) and run into Dynamo's
+        # recompile limit, after which it silently falls back to eager. Inductor's on-disk cache
+        # still makes a repeated architecture compile quickly.
+        torch._dynamo.reset()
+        if compile_mode is None:
+            compile_mode = CUDA_COMPILE_MODE if device.type == "cuda" else "default"
+        if compile_augment is None:
+            compile_augment = True
+    augment = GpuAugment(tc, info, data, compile=bool(tc.compile and compile_augment))
     autocast = tc.bf16 and device.type == "cuda"
-    forward = torch.compile(model) if tc.compile else model
+    forward = torch.compile(model, mode=compile_mode) if tc.compile else model
+    cudagraphs = tc.compile and "reduce-overhead" in compile_mode
 
     n_train = data.train_labels.numel()
     batch_size = min(tc.batch_size, n_train)
@@ -236,6 +254,10 @@ def train_model(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, peak_lr)
             inputs, targets = augment(images, labels, generator)
+            if cudagraphs:
+                # Tells the CUDA-graph runtime that last step's outputs (logits, gradients) are
+                # consumed, so this replay may reuse their memory.
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = forward(inputs)
             loss = soft_cross_entropy(logits, targets)

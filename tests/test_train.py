@@ -94,3 +94,28 @@ def test_a_checkpoint_of_another_config_is_refused(data_dir, tmp_path, capsys):
     assert main([*args, "--depth", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "different config" in err[0]
+
+
+def test_learning_rate_is_the_users_at_batch_32_and_twice_it_at_batch_512():
+    assert RunConfig.from_dict({"batch_size": 32}).train.effective_lr() == pytest.approx(2e-4)
+    assert RunConfig.from_dict({"batch_size": 512}).train.effective_lr() == pytest.approx(4e-4)
+    # EMA keeps the user's horizon in images: 16 steps at batch 32 are one step at batch 512.
+    assert RunConfig.from_dict({"batch_size": 512}).train.effective_ema() == pytest.approx(0.9995 ** 16)
+
+
+def test_compiled_training_matches_the_eager_run_on_cpu(data_dir, tmp_path):
+    """--compile (model and augmentation compiled; CUDA graphs only on a GPU) trains the same model.
+
+    Compiled kernels round differently, so the two runs agree closely, not bit for bit; dropout
+    is off because compiled code draws its dropout masks from a random stream of its own.
+    """
+    cfg = {"epochs": 1, "warmup": 0, "dropout_attn": 0.0, "dropout_embed": 0.0}
+    eager = train_model(tiny_config(**cfg), data_dir=data_dir, device="cpu",
+                        out_dir=tmp_path / "eager", progress=False)
+    compiled = train_model(tiny_config(**cfg, compile=True), data_dir=data_dir,
+                           device="cpu", out_dir=tmp_path / "compiled", progress=False)
+    a = torch.load(tmp_path / "eager" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "compiled" / "checkpoint.pt", weights_only=False)["model"]
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-3, rtol=1e-3), key
+    assert abs(eager.accuracy - compiled.accuracy) <= 0.02
