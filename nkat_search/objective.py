@@ -27,6 +27,9 @@ from nkat_search.study import STAGE1_DATASET, StudySpec
 
 OUTCOMES = ("complete", "pruned", "gate_failed", "failed")
 INTERRUPTED = "interrupted"
+# A trial that ran out of GPU memory is retried (up to heartbeat.max_retry): with several trials
+# per GPU the memory may have been a neighbour's, which is no fault of the configuration.
+OUT_OF_MEMORY = "out of GPU memory"
 # Constraint value of a trial that never reached Stage 2. Measured violations stay below it
 # (consistency >= 1 - sqrt(3) over 4 datasets, robustness >= 0, so at most ~1.53 and 0.75).
 UNMEASURED_VIOLATION = 2.0
@@ -77,6 +80,8 @@ class Objective:
 
             if isinstance(err, TrainingInterrupted):
                 _fail(trial, f"{INTERRUPTED}: stopped after epoch {err.epoch}, checkpoint kept")
+            elif _is_out_of_memory(err):
+                _fail(trial, f"{OUT_OF_MEMORY}: {err}")
             else:
                 _fail(trial, f"{type(err).__name__}: {err}")
             raise
@@ -144,6 +149,12 @@ class Objective:
         shortfall = min(1.0, max(0.0, 1.0 - local_tpe / self.spec.gate))
         for key in self.spec.constraints:
             trial.set_constraint(key, UNMEASURED_VIOLATION + shortfall)
+
+
+def _is_out_of_memory(err: Exception) -> bool:
+    import torch
+
+    return isinstance(err, torch.cuda.OutOfMemoryError)
 
 
 def _set(trial: optuna.Trial, **attrs) -> None:

@@ -32,7 +32,7 @@ import optuna
 from optuna.trial import TrialState
 
 from nkat_search.coordinator import budget_state, load_study, load_study_spec_from_storage
-from nkat_search.objective import INTERRUPTED, Objective, trial_dir
+from nkat_search.objective import INTERRUPTED, OUT_OF_MEMORY, Objective, trial_dir
 from nkat_search.storage import RetryStaleTrial, StudyLock, open_storage
 from nkat_search.study import StudySpec
 
@@ -145,7 +145,7 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
         ran += 1
         trial = finished.pop()
         print(trial_line(trial, time.perf_counter() - started), flush=True)
-        _after_trial(study, storage, trial, options, spec)
+        _after_trial(study, storage, trial, options, spec, stop)
     state = budget_state(study, spec.n_trials)
     print(f"worker {worker}: ran {ran} trial(s); study: {state['used']}/{state['budget']} "
           f"configurations, {state['retries']} retries, states {state['states']}", flush=True)
@@ -196,13 +196,33 @@ def _sleep(seconds: float, stop: StopFlag) -> None:
         time.sleep(min(0.5, deadline - time.monotonic()))
 
 
-def _after_trial(study, storage, trial, options: WorkerOptions, spec: StudySpec) -> None:
-    if trial.state == TrialState.FAIL and str(trial.user_attrs.get("error", "")).startswith(INTERRUPTED):
+def _after_trial(study, storage, trial, options: WorkerOptions, spec: StudySpec,
+                 stop: StopFlag) -> None:
+    error = str(trial.user_attrs.get("error", ""))
+    if trial.state == TrialState.FAIL and error.startswith(INTERRUPTED):
         _requeue(study, storage, trial)
+    elif trial.state == TrialState.FAIL and error.startswith(OUT_OF_MEMORY):
+        # Give the memory back, queue the retry (bounded by heartbeat.max_retry) and wait a
+        # heartbeat interval, so that a neighbour holding the GPU's memory may finish first.
+        _release_gpu_memory()
+        _requeue(study, storage, trial)
+        print(f"worker: trial {trial.number} ran out of GPU memory; retry queued, waiting "
+              f"{spec.heartbeat.interval:g} s", flush=True)
+        _sleep(spec.heartbeat.interval, stop)
     elif trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and not options.keep_checkpoints:
         # Checkpoints exist to resume a trial; a finished one never resumes. The reports stay.
         for path in trial_dir(options.checkpoint_dir, spec.name, trial).glob("*/checkpoint.pt"):
             path.unlink(missing_ok=True)
+
+
+def _release_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _requeue(study, storage, trial) -> None:

@@ -62,7 +62,7 @@ def test_round2_is_the_users_plan():
     study = optuna.create_study(direction="maximize")
     enqueue(study, spec)
     cfg = suggest_config(study.ask(), spec)
-    baseline = RunConfig.from_dict({"epochs": 40, "val_fraction": 0.1})
+    baseline = RunConfig.from_dict({"epochs": 40, "val_fraction": 0.1, "compile": True})
     assert cfg.to_dict() == baseline.to_dict()
 
 
@@ -83,7 +83,8 @@ def test_round2_aug_is_round2_plus_the_augmentation():
     study = optuna.create_study(direction="maximize")
     enqueue(study, aug)
     baseline = suggest_config(study.ask(), aug)
-    assert baseline.to_dict() == RunConfig.from_dict({"epochs": 40, "val_fraction": 0.1}).to_dict()
+    assert baseline.to_dict() == RunConfig.from_dict(
+        {"epochs": 40, "val_fraction": 0.1, "compile": True}).to_dict()
     light = suggest_config(study.ask(), aug).train
     assert (light.randaugment, light.cutout, light.mixup, light.cutmix) == ((0, 0), 0, 0.0, 0.0)
 

@@ -109,3 +109,38 @@ def test_sigterm_finishes_the_epoch_and_queues_the_retry(fresh_postgres_url, dat
     original, _ = interrupt_then_recover(fresh_postgres_url, data_dir, tmp_path, signal.SIGTERM)
     assert original.user_attrs["outcome"] == "failed"
     assert original.user_attrs["error"].startswith("interrupted")
+
+
+def test_a_trial_that_runs_out_of_gpu_memory_is_retried_not_lost(data_dir, tmp_path, monkeypatch):
+    """Out of memory (with K trials per GPU, maybe a neighbour's) fails the attempt, not the trial.
+
+    The first training call raises CUDA's OutOfMemoryError as the allocator would; the worker
+    queues the retry, waits a heartbeat interval, and runs the retry to completion itself.
+    """
+    import torch
+
+    import nkat_search.train as train_module
+    from nkat_search.worker import WorkerOptions, run_worker
+
+    url = f"sqlite:///{tmp_path / 'oom.db'}"
+    create(url, tmp_path)
+    real_train_model = train_module.train_model
+    calls = []
+
+    def train_model_that_fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.01 GiB.")
+        return real_train_model(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_model", train_model_that_fails_once)
+    code = run_worker(WorkerOptions(storage=url, study="recover", device="cpu",
+                                    data_dir=str(data_dir), checkpoint_dir=str(tmp_path / "ckpt"),
+                                    progress=False))
+    assert code == 0
+    trials = optuna.load_study(study_name="recover", storage=url).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    original, retry = trials
+    assert original.user_attrs["error"].startswith("out of GPU memory: CUDA out of memory")
+    assert retry.system_attrs["failed_trial"] == 0 and retry.params == original.params
+    assert retry.user_attrs["outcome"] == "complete"
