@@ -2,8 +2,11 @@
 
 The Round 2 space holds conv_stem off + patch 2: 257 tokens, whose attention maps are 240x the
 baseline's. This times a few training steps of that model (depth 7, the rest the baseline) at
-batch 512: eager keeping the maps, eager recomputing them in backward (what training does from
-``model.RECOMPUTE_MIN_TOKENS`` tokens on), and compiled as ``--compile`` does.
+batch 512: eager keeping the maps, eager recomputing the attention core (logits to weights @ v)
+in backward with ``torch.utils.checkpoint``, and that compiled as ``--compile`` compiles.
+Measured on an H100 (results/gpu/session3/attention_memory_log.txt), recomputation halved the
+peak (41.0 to 21.8 GiB) and doubled the step time (818 to 1641 ms), so training does not use it;
+instead a worker that runs out of GPU memory waits for its GPU's other trials and retries.
 
     python benchmarks/attention_memory.py --data-dir DIR [--steps 10]
 """
@@ -25,6 +28,34 @@ from profile_step import Stepper, ms_per_call  # noqa: E402
 from nkat_search.train import CUDA_COMPILE_MODE  # noqa: E402
 
 
+def _recomputing(attn):
+    """``attn``'s forward with its attention core recomputed in backward instead of stored."""
+    from torch.utils.checkpoint import checkpoint
+
+    def forward(x):
+        B, N, D = x.shape
+        q, k, v = attn._qkv(x)
+        out = checkpoint(_core, attn, q, k, v, x, use_reentrant=False)
+        return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, N, D)))
+
+    return forward
+
+
+def _core(attn, q, k, v, x):
+    """The NKAT branch of ``NKATAttention.forward``, from the logits to ``weights @ v``."""
+    from nkat_search.model import nucleus_mask, topk_mask
+
+    logits = (q @ k.transpose(-2, -1)) * attn.scale
+    if attn.top_k > 0:
+        logits = logits.masked_fill(~topk_mask(logits, attn.top_k), float("-inf"))
+    if attn.top_p < 1.0:
+        logits = logits.masked_fill(~nucleus_mask(logits.softmax(dim=-1), attn.top_p), float("-inf"))
+    weights = attn.attn_drop(logits.softmax(dim=-1))
+    if attn.alpha is not None:
+        weights = weights * attn.modulation(x)
+    return weights.to(v.dtype) @ v
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir")
@@ -43,8 +74,9 @@ def main() -> int:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         stepper = Stepper(cfg, data, device, mode, mode is not None)
-        for block in stepper.model.blocks:
-            block.attn.recompute_min_tokens = 128 if recompute else 10**9
+        if recompute:
+            for block in stepper.model.blocks:
+                block.attn.forward = _recomputing(block.attn)
         try:
             ms = ms_per_call(stepper.full_step, args.steps, warmup=3)
             peak = torch.cuda.max_memory_allocated(device) / 2**30

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from nkat_search.config import ModelConfig
 
@@ -30,14 +29,6 @@ CHANNEL_GROUPS = 4
 # values; the pairwise form is a few fused elementwise ops. Above the limit the pairwise tensor
 # (rows x n x n) grows too large and the sort-based form is used.
 PAIRWISE_MAX_TOKENS = 32
-
-# From this many tokens on, training recomputes the NKAT attention core (logits to weights @ v)
-# in the backward pass instead of keeping its maps. Each map holds batch x heads x N^2 values:
-# at batch 512 with 257 tokens (conv_stem off, patch 2) that is 1 GiB per fp32 map and about
-# 5 GiB saved per layer, so one such trial held about 40 GiB of an 80 GiB GPU and two of them on
-# one GPU ran out of memory (results/gpu/session3/search_oom_search_log.txt). The 17-token
-# baseline keeps its maps (a few MiB each) and pays nothing.
-RECOMPUTE_MIN_TOKENS = 128
 
 
 def topk_mask(logits: Tensor, k: int) -> Tensor:
@@ -184,7 +175,6 @@ class NKATAttention(nn.Module):
         self.attn_drop = nn.Dropout(cfg.dropout_attn)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(cfg.dropout_attn)
-        self.recompute_min_tokens = RECOMPUTE_MIN_TOKENS
         self.strength = cfg.nkat_strength * cfg.nkat_decay ** layer_index
         # alpha and beta exist only when the modulation is on, so a strength-0 model's parameter
         # count (lambda) contains nothing it never uses.
@@ -224,25 +214,19 @@ class NKATAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop_p if self.training else 0.0, scale=self.scale
             )
-        elif self.training and torch.is_grad_enabled() and N >= self.recompute_min_tokens:
-            # Same result and gradients (the dropout mask is replayed from the saved RNG state).
-            out = checkpoint(self._nkat_core, q, k, v, x, use_reentrant=False)
         else:
-            out = self._nkat_core(q, k, v, x)
+            logits = (q @ k.transpose(-2, -1)) * self.scale
+            if self.top_k > 0:
+                logits = logits.masked_fill(~topk_mask(logits, self.top_k), float("-inf"))
+            if self.top_p < 1.0:
+                keep = nucleus_mask(logits.softmax(dim=-1), self.top_p)
+                logits = logits.masked_fill(~keep, float("-inf"))
+            weights = self.attn_drop(logits.softmax(dim=-1))
+            if self.alpha is not None:
+                weights = weights * self.modulation(x)
+            out = weights.to(v.dtype) @ v
         out = out.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(out))
-
-    def _nkat_core(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> Tensor:
-        logits = (q @ k.transpose(-2, -1)) * self.scale
-        if self.top_k > 0:
-            logits = logits.masked_fill(~topk_mask(logits, self.top_k), float("-inf"))
-        if self.top_p < 1.0:
-            keep = nucleus_mask(logits.softmax(dim=-1), self.top_p)
-            logits = logits.masked_fill(~keep, float("-inf"))
-        weights = self.attn_drop(logits.softmax(dim=-1))
-        if self.alpha is not None:
-            weights = weights * self.modulation(x)
-        return weights.to(v.dtype) @ v
 
 
 def channel_shuffle(x: Tensor, groups: int = CHANNEL_GROUPS) -> Tensor:

@@ -145,7 +145,7 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
         ran += 1
         trial = finished.pop()
         print(trial_line(trial, time.perf_counter() - started), flush=True)
-        _after_trial(study, storage, trial, options, spec, stop)
+        _after_trial(study, storage, trial, options, spec, stop, worker)
     state = budget_state(study, spec.n_trials)
     print(f"worker {worker}: ran {ran} trial(s); study: {state['used']}/{state['budget']} "
           f"configurations, {state['retries']} retries, states {state['states']}", flush=True)
@@ -184,6 +184,18 @@ def trial_line(trial: optuna.trial.FrozenTrial, seconds: float) -> str:
     return "  ".join(parts)
 
 
+def gpu_neighbours(study: optuna.Study, worker: str) -> list[int]:
+    """Running trials of other workers on the same host and device as ``worker`` (host:pid:device)."""
+    host, pid, device = worker.split(":", 2)
+    found = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        other = str(trial.user_attrs.get("worker", ""))
+        parts = other.split(":", 2)
+        if len(parts) == 3 and parts[0] == host and parts[2] == device and parts[1] != pid:
+            found.append(trial.number)
+    return found
+
+
 def _trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial | None:
     if number is None:
         return None
@@ -197,18 +209,26 @@ def _sleep(seconds: float, stop: StopFlag) -> None:
 
 
 def _after_trial(study, storage, trial, options: WorkerOptions, spec: StudySpec,
-                 stop: StopFlag) -> None:
+                 stop: StopFlag, worker: str) -> None:
+    # The caching allocator keeps a finished trial's memory reserved; a 257-token trial leaves
+    # about 40 GiB that a neighbour on the same GPU could not otherwise get.
+    _release_gpu_memory()
     error = str(trial.user_attrs.get("error", ""))
     if trial.state == TrialState.FAIL and error.startswith(INTERRUPTED):
         _requeue(study, storage, trial)
     elif trial.state == TrialState.FAIL and error.startswith(OUT_OF_MEMORY):
-        # Give the memory back, queue the retry (bounded by heartbeat.max_retry) and wait a
-        # heartbeat interval, so that a neighbour holding the GPU's memory may finish first.
-        _release_gpu_memory()
+        # Queue the retry (bounded by heartbeat.max_retry), then let the trials that share this
+        # GPU finish before taking it: retrying beside the same neighbour would fail the same way.
         _requeue(study, storage, trial)
-        print(f"worker: trial {trial.number} ran out of GPU memory; retry queued, waiting "
-              f"{spec.heartbeat.interval:g} s", flush=True)
-        _sleep(spec.heartbeat.interval, stop)
+        neighbours = gpu_neighbours(study, worker)
+        print(f"worker {worker}: trial {trial.number} ran out of GPU memory; retry queued; "
+              f"waiting for trial(s) {neighbours or 'none'} on this GPU", flush=True)
+        while neighbours and not stop():
+            _sleep(spec.heartbeat.interval, stop)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a dead neighbour must not block us
+            neighbours = gpu_neighbours(study, worker)
     elif trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and not options.keep_checkpoints:
         # Checkpoints exist to resume a trial; a finished one never resumes. The reports stay.
         for path in trial_dir(options.checkpoint_dir, spec.name, trial).glob("*/checkpoint.pt"):

@@ -144,3 +144,46 @@ def test_a_trial_that_runs_out_of_gpu_memory_is_retried_not_lost(data_dir, tmp_p
     assert original.user_attrs["error"].startswith("out of GPU memory: CUDA out of memory")
     assert retry.system_attrs["failed_trial"] == 0 and retry.params == original.params
     assert retry.user_attrs["outcome"] == "complete"
+
+
+def test_after_running_out_of_memory_the_worker_waits_for_its_gpu_neighbour(
+        data_dir, tmp_path, monkeypatch):
+    """The retry starts only once the other trial on the same host and device has finished."""
+    import socket
+    import threading
+
+    import torch
+
+    import nkat_search.train as train_module
+    from nkat_search.worker import WorkerOptions, run_worker
+
+    url = f"sqlite:///{tmp_path / 'oom.db'}"
+    monkeypatch.setitem(STUDY, "n_trials", 2)  # the neighbour's configuration and ours
+    create(url, tmp_path)
+    study = optuna.load_study(study_name="recover", storage=url)
+    neighbour = study.ask()  # another worker's trial, RUNNING on the same GPU
+    neighbour.set_user_attr("worker", f"{socket.gethostname()}:1:cpu")
+    finisher = threading.Timer(3.0, lambda: study.tell(neighbour, 0.5))
+    real_train_model = train_module.train_model
+    calls = []
+
+    def train_model_that_fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            finisher.start()
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.01 GiB.")
+        return real_train_model(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_model", train_model_that_fails_once)
+    try:
+        code = run_worker(WorkerOptions(storage=url, study="recover", device="cpu",
+                                        data_dir=str(data_dir),
+                                        checkpoint_dir=str(tmp_path / "ckpt"), progress=False))
+    finally:
+        finisher.cancel()
+    assert code == 0
+    trials = optuna.load_study(study_name="recover", storage=url).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    finished_neighbour, failed, retry = trials
+    assert retry.system_attrs["failed_trial"] == failed.number
+    assert retry.datetime_start >= finished_neighbour.datetime_complete
