@@ -18,6 +18,7 @@ log=$OUT/search_log.txt
   echo "up $* rc=$? wall_s=$(( $(date +%s) - start ))"
   python -m nkat_search status --study "$study" --storage "$storage" --json > "$OUT/round2_short_status.json"
   cp "$RUNS/up/$study/export/best.yaml" "$OUT/round2_short_best.yaml"
+  for f in "$RUNS/up/$study"/logs/*.log; do tr '\r' '\n' < "$f" | grep -v "step/s" > "$OUT/round2_short_$(basename "$f")"; done
   echo "== best exported config re-run exactly with stage2"
   python -m nkat_search stage2 --config "$RUNS/up/$study/export/best.yaml" --quiet --out "$RUNS/best_stage2"
   cp "$RUNS/best_stage2/stage2.md" "$OUT/round2_short_best_stage2.md"
