@@ -34,7 +34,7 @@ _HELP = {
     "warmup": "epochs of linear learning-rate warm-up",
     "clip_grad": "gradient norm clipping (0 = off)",
     "bf16": "bf16 autocast on CUDA",
-    "compile": "torch.compile the model",
+    "compile": "torch.compile the model (with CUDA graphs on a GPU) and the augmentation",
 }
 
 
