@@ -1,12 +1,15 @@
-"""Peak GPU memory and step time of the long-sequence model, with and without recomputation.
+"""Step time and peak GPU memory of the long-sequence model: attention filters and recomputation.
 
 The Round 2 space holds conv_stem off + patch 2: 257 tokens, whose attention maps are 240x the
 baseline's. This times a few training steps of that model (depth 7, the rest the baseline) at
-batch 512: eager keeping the maps, eager recomputing the attention core (logits to weights @ v)
-in backward with ``torch.utils.checkpoint``, and that compiled as ``--compile`` compiles.
-Measured on an H100 (results/gpu/session3/attention_memory_log.txt), recomputation halved the
-peak (41.0 to 21.8 GiB) and doubled the step time (818 to 1641 ms), so training does not use it;
-instead a worker that runs out of GPU memory waits for its GPU's other trials and retries.
+batch 512, eager and compiled as ``--compile`` compiles, with the top-k and nucleus filters
+applied one after the other (a full sort per row, how the model did it before session 3) or
+fused (``model.topk_nucleus_mask``, what it does now), and with the attention core (logits to
+weights @ v) recomputed in backward by ``torch.utils.checkpoint`` to save memory.
+Session 3 measured recomputation, before the fused filter, at half the peak (41.0 to 21.8 GiB) and
+twice the step time (818 to 1641 ms) on an H100 (results/gpu/session3/attention_memory_log.txt),
+so training does not recompute; a worker that runs out of GPU memory waits for its GPU's other
+trials and retries instead.
 
     python benchmarks/attention_memory.py --data-dir DIR [--steps 10]
 """
@@ -22,10 +25,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import nkat_search.model as model_module  # noqa: E402
 from nkat_search.config import RunConfig  # noqa: E402
 from nkat_search.data import load_dataset  # noqa: E402
 from profile_step import Stepper, ms_per_call  # noqa: E402
 from nkat_search.train import CUDA_COMPILE_MODE  # noqa: E402
+
+_fused_filter = model_module.topk_nucleus_mask
+
+
+def _sequential_filters(logits, k, p):
+    """The mask of topk_mask then nucleus_mask on the softmax (a full sort per row), as before."""
+    from nkat_search.model import nucleus_mask, topk_mask
+
+    keep = topk_mask(logits, k)
+    return keep & nucleus_mask(logits.masked_fill(~keep, float("-inf")).softmax(dim=-1), p)
 
 
 def _recomputing(attn):
@@ -35,25 +49,10 @@ def _recomputing(attn):
     def forward(x):
         B, N, D = x.shape
         q, k, v = attn._qkv(x)
-        out = checkpoint(_core, attn, q, k, v, x, use_reentrant=False)
+        out = checkpoint(attn.attend, q, k, v, x, use_reentrant=False)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, N, D)))
 
     return forward
-
-
-def _core(attn, q, k, v, x):
-    """The NKAT branch of ``NKATAttention.forward``, from the logits to ``weights @ v``."""
-    from nkat_search.model import nucleus_mask, topk_mask
-
-    logits = (q @ k.transpose(-2, -1)) * attn.scale
-    if attn.top_k > 0:
-        logits = logits.masked_fill(~topk_mask(logits, attn.top_k), float("-inf"))
-    if attn.top_p < 1.0:
-        logits = logits.masked_fill(~nucleus_mask(logits.softmax(dim=-1), attn.top_p), float("-inf"))
-    weights = attn.attn_drop(logits.softmax(dim=-1))
-    if attn.alpha is not None:
-        weights = weights * attn.modulation(x)
-    return weights.to(v.dtype) @ v
 
 
 def main() -> int:
@@ -66,10 +65,14 @@ def main() -> int:
     data = load_dataset("cifar10", args.data_dir, device)
     print(f"device: {torch.cuda.get_device_name(device)}; conv_stem off, patch 2, depth 7 "
           f"(257 tokens), batch {cfg.train.batch_size}")
-    for name, mode, recompute in (("eager, maps kept", None, False),
-                                  ("eager, maps recomputed", None, True),
-                                  (f"compiled {CUDA_COMPILE_MODE}, maps recomputed",
-                                   CUDA_COMPILE_MODE, True)):
+    compiled = f"compiled {CUDA_COMPILE_MODE}"
+    for name, mode, sequential, recompute in (
+            ("eager, sequential filters (sort), maps kept", None, True, False),
+            ("eager, fused filter, maps kept", None, False, False),
+            ("eager, fused filter, maps recomputed", None, False, True),
+            (f"{compiled}, sequential filters (sort), maps kept", CUDA_COMPILE_MODE, True, False),
+            (f"{compiled}, fused filter, maps kept", CUDA_COMPILE_MODE, False, False)):
+        model_module.topk_nucleus_mask = _sequential_filters if sequential else _fused_filter
         torch._dynamo.reset()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -80,10 +83,10 @@ def main() -> int:
         try:
             ms = ms_per_call(stepper.full_step, args.steps, warmup=3)
             peak = torch.cuda.max_memory_allocated(device) / 2**30
-            print(f"{name:<44} {ms:8.1f} ms/step  {cfg.train.batch_size / ms * 1e3:>8,.0f} "
+            print(f"{name:<58} {ms:8.1f} ms/step  {cfg.train.batch_size / ms * 1e3:>8,.0f} "
                   f"images/s  peak {peak:6.2f} GiB", flush=True)
         except torch.cuda.OutOfMemoryError as err:
-            print(f"{name:<44} out of memory: {str(err).splitlines()[0]}", flush=True)
+            print(f"{name:<58} out of memory: {str(err).splitlines()[0]}", flush=True)
         del stepper
     return 0
 

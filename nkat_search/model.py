@@ -71,6 +71,38 @@ def nucleus_mask(probs: Tensor, p: float) -> Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
+def topk_nucleus_mask(logits: Tensor, k: int, p: float) -> Tensor:
+    """``topk_mask`` then ``nucleus_mask`` on the softmax of the kept logits, for long rows.
+
+    Same definition as the two filters in sequence: keep the entries with fewer than ``k`` larger
+    logits, then those whose kept probability mass strictly above them is below ``p`` (exact ties
+    are kept or dropped together; the top entry is always kept). Only the ``k`` largest logits can
+    carry mass, so the nucleus is decided on them (a k x k comparison) and becomes a logit
+    threshold, instead of sorting every row: rows of 257 logits (ConvStem off, patch 2) made the
+    sort, its int64 indices and the scatter back the bulk of that model's step.
+    """
+    n = logits.shape[-1]
+    if k <= 0 or k >= n:
+        return nucleus_mask(logits.softmax(dim=-1), p) if p < 1.0 else topk_mask(logits, k)
+    if p >= 1.0:
+        return topk_mask(logits, k)
+    logits = logits.detach()
+    top = logits.topk(k, dim=-1).values  # descending
+    keep_topk = logits >= top[..., -1:]
+    # Softmax over the kept entries: the k listed ones plus any further ties with the k-th.
+    top32 = top.float()
+    shifted = (top32 - top32[..., :1]).exp()
+    extra_ties = keep_topk.sum(dim=-1, keepdim=True) - k
+    total = shifted.sum(dim=-1, keepdim=True) + extra_ties * shifted[..., -1:]
+    probs = shifted / total
+    above = top.unsqueeze(-2) > top.unsqueeze(-1)  # [..., i, j]: v_j > v_i
+    mass_above = (above * probs.unsqueeze(-2)).sum(dim=-1)
+    # Mass above falls as the value rises, so the kept values are the largest ones down to the
+    # smallest value still under p.
+    threshold = torch.where(mass_above < p, top, torch.full_like(top, float("inf")))
+    return logits >= threshold.amin(dim=-1, keepdim=True)
+
+
 class ColorLayerNorm(nn.Module):
     """Learnable LayerNorm over the colour channels at every pixel; identity for grayscale.
 
@@ -215,18 +247,27 @@ class NKATAttention(nn.Module):
                 q, k, v, dropout_p=self.attn_drop_p if self.training else 0.0, scale=self.scale
             )
         else:
-            logits = (q @ k.transpose(-2, -1)) * self.scale
+            out = self.attend(q, k, v, x)
+        out = out.transpose(1, 2).reshape(B, N, D)
+        return self.proj_drop(self.proj(out))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> Tensor:
+        """The NKAT path from q, k, v (B, heads, N, head_dim) to ``weights @ v``; ``x`` modulates."""
+        N = q.shape[-2]
+        logits = (q @ k.transpose(-2, -1)) * self.scale
+        if N > PAIRWISE_MAX_TOKENS and self.top_k > 0 and self.top_p < 1.0:
+            logits = logits.masked_fill(~topk_nucleus_mask(logits, self.top_k, self.top_p),
+                                        float("-inf"))
+        else:
             if self.top_k > 0:
                 logits = logits.masked_fill(~topk_mask(logits, self.top_k), float("-inf"))
             if self.top_p < 1.0:
                 keep = nucleus_mask(logits.softmax(dim=-1), self.top_p)
                 logits = logits.masked_fill(~keep, float("-inf"))
-            weights = self.attn_drop(logits.softmax(dim=-1))
-            if self.alpha is not None:
-                weights = weights * self.modulation(x)
-            out = weights.to(v.dtype) @ v
-        out = out.transpose(1, 2).reshape(B, N, D)
-        return self.proj_drop(self.proj(out))
+        weights = self.attn_drop(logits.softmax(dim=-1))
+        if self.alpha is not None:
+            weights = weights * self.modulation(x)
+        return weights.to(v.dtype) @ v
 
 
 def channel_shuffle(x: Tensor, groups: int = CHANNEL_GROUPS) -> Tensor:

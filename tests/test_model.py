@@ -313,3 +313,48 @@ def test_pairwise_and_sorted_filters_agree(n):
         keep_sorted = (sorted_probs.cumsum(-1) - sorted_probs) < p
         reference = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
         assert torch.equal(nucleus_mask(probs, p), reference)
+
+
+def pairwise_topk_then_nucleus(logits, k, p):
+    """The filters' definitions written out pairwise, at any row length (ties kept together)."""
+    larger = (logits.unsqueeze(-2) > logits.unsqueeze(-1)).sum(dim=-1)
+    keep = larger < k
+    probs = logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+    mass_above = ((probs.unsqueeze(-2) > probs.unsqueeze(-1)) * probs.unsqueeze(-2)).sum(dim=-1)
+    return keep & (mass_above < p)
+
+
+@pytest.mark.parametrize("n", [33, 65, 257])
+@pytest.mark.parametrize("ties", [False, True])
+def test_fused_topk_nucleus_matches_the_two_filters_in_sequence(n, ties):
+    from nkat_search.model import topk_nucleus_mask
+
+    torch.manual_seed(n)
+    logits = torch.randn(1, 2, n, n) * 3
+    if ties:
+        logits = logits.round()  # many exact ties, also at the k-th value
+    for k in (1, 4, 6, 8):
+        for p in (0.3, 0.8, 0.95):
+            fused = topk_nucleus_mask(logits, k, p)
+            assert torch.equal(fused, pairwise_topk_then_nucleus(logits, k, p)), (k, p)
+            assert fused.any(dim=-1).all()  # the top entry always stays
+
+
+def test_long_rows_take_the_fused_filter_and_match_the_sequential_one(monkeypatch):
+    """A 257-token model (ConvStem off, patch 2) gives the same outputs through the fused filter."""
+    import nkat_search.model as model_module
+
+    torch.manual_seed(0)
+    cfg = small_cfg(embed_dim=32, num_heads=4, conv_stem="off", patch_size=2, top_k=6, top_p=0.8)
+    model = build_model(cfg, in_chans=3, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    real = model_module.topk_nucleus_mask
+    monkeypatch.setattr(model_module, "topk_nucleus_mask",
+                        lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fused = model(x)
+        monkeypatch.setattr(model_module, "PAIRWISE_MAX_TOKENS", 10**6)  # the sequential form
+        sequential = model(x)
+    assert calls == [1]
+    assert torch.allclose(fused, sequential, atol=1e-5)
