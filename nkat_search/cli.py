@@ -30,6 +30,15 @@ COMMANDS = [
 ]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults only where they say something: not for on/off switches or unset values."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.nargs == 0 or action.default is None or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser(command_name: str | None = None) -> argparse.ArgumentParser:
     """The full parser for ``command_name``; the others are listed but their modules not loaded."""
     parser = argparse.ArgumentParser(
@@ -46,7 +55,7 @@ def build_parser(command_name: str | None = None) -> argparse.ArgumentParser:
         module = importlib.import_module(f"nkat_search.commands.{module_name}")
         command = sub.add_parser(
             name, help=summary, description=getattr(module, "HELP", summary),
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         module.add_arguments(command)
         command.set_defaults(run=module.run)

@@ -12,15 +12,18 @@ HELP = ("Create a study from a study file (or resume it: same name and same file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from nkat_search.cli import HelpFormatter
+
+
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
     create = sub.add_parser("create", help="create or resume a study from a study file",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=HelpFormatter)
     create.add_argument("--study", required=True, metavar="FILE", help="study file (YAML)")
     add_storage_argument(create)
     create.add_argument("--name", metavar="NAME", help="study name (default: the file's name)")
     show = sub.add_parser("show", help="print a study's stored file and its trial counts",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=HelpFormatter)
     show.add_argument("--study", required=True, metavar="NAME", help="study name")
     add_storage_argument(show)
     show.add_argument("--json", action="store_true", help="machine-readable output")
