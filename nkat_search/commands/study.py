@@ -12,8 +12,7 @@ HELP = ("Create a study from a study file (or resume it: same name and same file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nkat_search.cli import HelpFormatter
-
+    from nkat_search.cli import HelpFormatter  # cli imports the commands: import at call time
 
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
