@@ -221,8 +221,10 @@ def _after_trial(study, storage, trial, options: WorkerOptions, spec: StudySpec,
         # GPU finish before taking it: retrying beside the same neighbour would fail the same way.
         _requeue(study, storage, trial)
         neighbours = gpu_neighbours(study, worker)
+        waiting = (f"waiting for trial(s) {', '.join(map(str, neighbours))} on this GPU to finish"
+                   if neighbours else "no other trial on this GPU")
         print(f"worker {worker}: trial {trial.number} ran out of GPU memory; retry queued; "
-              f"waiting for trial(s) {neighbours or 'none'} on this GPU", flush=True)
+              f"{waiting}", flush=True)
         while neighbours and not stop():
             _sleep(spec.heartbeat.interval, stop)
             with warnings.catch_warnings():
