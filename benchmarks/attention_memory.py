@@ -5,7 +5,8 @@ baseline's. This times a few training steps of that model (depth 7, the rest the
 batch 512, eager and compiled as ``--compile`` compiles, with the top-k and nucleus filters
 applied one after the other (a full sort per row, how the model did it before session 3) or
 fused (``model.topk_nucleus_mask``, what it does now), and with the attention core (logits to
-weights @ v) recomputed in backward by ``torch.utils.checkpoint`` to save memory.
+weights @ v) recomputed in backward by ``torch.utils.checkpoint`` to save memory. The sequential
+rows swap ``model.topk_nucleus_mask`` for the old two-step filter; benchmark only.
 Session 3 measured recomputation, before the fused filter, at half the peak (41.0 to 21.8 GiB) and
 twice the step time (818 to 1641 ms) on an H100 (results/gpu/session3/attention_memory_log.txt),
 so training does not recompute; a worker that runs out of GPU memory waits for its GPU's other
