@@ -212,9 +212,7 @@ def train_model(
         torch._dynamo.reset()
         if compile_mode is None:
             compile_mode = CUDA_COMPILE_MODE if device.type == "cuda" else "default"
-        if compile_augment is None:
-            compile_augment = True
-    augment = GpuAugment(tc, info, data, compile=bool(tc.compile and compile_augment))
+    augment = GpuAugment(tc, info, data, compile=tc.compile and compile_augment is not False)
     autocast = tc.bf16 and device.type == "cuda"
     forward = torch.compile(model, mode=compile_mode) if tc.compile else model
     cudagraphs = tc.compile and "reduce-overhead" in compile_mode

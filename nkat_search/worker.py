@@ -154,9 +154,7 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
 
 def next_action(study: optuna.Study, spec: StudySpec) -> str:
     """``run`` (a queued trial, or budget left), ``wait`` (others still running) or ``done``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # dead workers' trials -> FAIL + queued retry
+    _fail_stale_trials(study)
     state = budget_state(study, spec.n_trials)
     if state["states"].get("WAITING", 0) or state["left"] > 0:
         return "run"
@@ -227,9 +225,7 @@ def _after_trial(study, storage, trial, options: WorkerOptions, spec: StudySpec,
               f"{waiting}", flush=True)
         while neighbours and not stop():
             _sleep(spec.heartbeat.interval, stop)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)  # a dead neighbour must not block us
+            _fail_stale_trials(study)  # a dead neighbour must not block us
             neighbours = gpu_neighbours(study, worker)
     elif trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and not options.keep_checkpoints:
         # Checkpoints exist to resume a trial; a finished one never resumes. The reports stay.
@@ -237,12 +233,17 @@ def _after_trial(study, storage, trial, options: WorkerOptions, spec: StudySpec,
             path.unlink(missing_ok=True)
 
 
-def _release_gpu_memory() -> None:
-    import gc
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """Dead workers' RUNNING trials -> FAIL, and the retry callback queues their retries."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
+
+def _release_gpu_memory() -> None:
+    """Hand the caching allocator's free blocks back (``gc_after_trial`` already collected)."""
     import torch
 
-    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
