@@ -26,18 +26,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import nkat_search.model as model_module  # noqa: E402
+import nkat_search.train.model as model_module  # noqa: E402
 from nkat_search.config import RunConfig  # noqa: E402
-from nkat_search.data import load_dataset  # noqa: E402
+from nkat_search.train.data import load_dataset  # noqa: E402
 from profile_step import Stepper, ms_per_call  # noqa: E402
-from nkat_search.train import CUDA_COMPILE_MODE  # noqa: E402
+from nkat_search.train.loop import CUDA_COMPILE_MODE  # noqa: E402
 
 _fused_filter = model_module.topk_nucleus_mask
 
 
 def _sequential_filters(logits, k, p):
     """The mask of topk_mask then nucleus_mask on the softmax (a full sort per row), as before."""
-    from nkat_search.model import nucleus_mask, topk_mask
+    from nkat_search.train.model import nucleus_mask, topk_mask
 
     keep = topk_mask(logits, k)
     return keep & nucleus_mask(logits.masked_fill(~keep, float("-inf")).softmax(dim=-1), p)

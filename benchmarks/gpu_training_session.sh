@@ -10,7 +10,7 @@ log=$OUT/log.txt
 {
   date -u; nvidia-smi --query-gpu=index,name,memory.total --format=csv
   python -c "import torch; print('torch', torch.__version__)"
-  python -c "from nkat_search.data import load_split
+  python -c "from nkat_search.train.data import load_split
 for n in ('mnist', 'fashion_mnist', 'cifar10'):
     for s in ('train', 'test'): print(n, s, load_split(n, s, None)[0].shape)"
 } 2>&1 | tee -a "$log"

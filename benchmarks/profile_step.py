@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nkat_search.augment import GpuAugment  # noqa: E402
+from nkat_search.train.augment import GpuAugment  # noqa: E402
 from nkat_search.config import RunConfig  # noqa: E402
-from nkat_search.data import load_dataset  # noqa: E402
-from nkat_search.model import build_model  # noqa: E402
-from nkat_search.train import EmaModel, param_groups, soft_cross_entropy  # noqa: E402
+from nkat_search.train.data import load_dataset  # noqa: E402
+from nkat_search.train.model import build_model  # noqa: E402
+from nkat_search.train.loop import EmaModel, param_groups, soft_cross_entropy  # noqa: E402
 
 
 class Stepper:

@@ -141,8 +141,8 @@ def fixed_configurations(data: dict, seed: int, count: int) -> list[dict]:
     import optuna
     import yaml
 
-    from nkat_search.space import suggest_config
-    from nkat_search.study import parse_study_text
+    from nkat_search.search.space import suggest_config
+    from nkat_search.search.spec import parse_study_text
 
     queued = list(data.get("enqueue") or [])[:count]
     spec = parse_study_text(yaml.safe_dump({**data, "enqueue": queued}), "scaling study")
@@ -242,9 +242,9 @@ def worker_devices(device: str, workers: int) -> list[str]:
 
 
 def run_one(args: argparse.Namespace, text: str, work: Path, workers: int, k: int) -> dict:
-    from nkat_search.coordinator import create_study
-    from nkat_search.storage import mask_url, open_storage
-    from nkat_search.study import parse_study_text
+    from nkat_search.search.coordinator import create_study
+    from nkat_search.search.storage import mask_url, open_storage
+    from nkat_search.search.spec import parse_study_text
 
     run = f"w{workers}k{k}"
     folder = work / run

@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nkat_search.config import RunConfig  # noqa: E402
-from nkat_search.data import load_dataset, load_split  # noqa: E402
-from nkat_search.model import build_model, count_parameters  # noqa: E402
-from nkat_search.train import resolve_device, soft_cross_entropy, train_model  # noqa: E402
+from nkat_search.train.data import load_dataset, load_split  # noqa: E402
+from nkat_search.train.model import build_model, count_parameters  # noqa: E402
+from nkat_search.train.loop import resolve_device, soft_cross_entropy, train_model  # noqa: E402
 
 # Dense bf16 peak used for MFU; the H100 SXM datasheet figure without sparsity.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}

@@ -1,5 +1,5 @@
 import sys
 
-from nkat_search.cli import main
+from nkat_search.cli.main import main
 
 sys.exit(main())

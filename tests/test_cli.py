@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from nkat_search.cli import main
+from nkat_search.cli.main import main
 from nkat_search.config import ConfigError, RunConfig
-from nkat_search.model import build_model, count_parameters
+from nkat_search.train.model import build_model, count_parameters
 
 
 def run_cli(capsys, *args):
@@ -84,7 +84,7 @@ def test_worker_device_all_without_a_gpu_is_one_line(capsys, tmp_path):
 def test_worker_device_all_means_every_visible_gpu(monkeypatch):
     import torch
 
-    from nkat_search.commands.worker import _devices
+    from nkat_search.cli.commands.worker import _devices
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     assert _devices("all") == [f"cuda:{i}" for i in range(8)]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nkat_search.cli import COMMANDS
+from nkat_search.cli.main import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"

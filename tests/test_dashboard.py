@@ -12,7 +12,7 @@ import urllib.request
 import optuna
 import pytest
 
-from nkat_search.commands.dashboard import find_free_port
+from nkat_search.cli.commands.dashboard import find_free_port
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

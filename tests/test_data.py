@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nkat_search.config import ConfigError
-from nkat_search.data import (
+from nkat_search.train.data import (
     DataError,
     DeviceData,
     dataset_info,

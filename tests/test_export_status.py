@@ -17,7 +17,7 @@ import yaml
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from nkat_search.cli import main
+from nkat_search.cli.main import main
 from nkat_search.config import RunConfig, load_config_file
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -91,7 +91,7 @@ def test_eight_workers_lose_and_duplicate_no_trial(fresh_postgres_url, data_dir,
 def test_up_gives_eight_gpus_eight_devices_and_eight_logs(monkeypatch, tmp_path):
     import torch
 
-    from nkat_search.commands import up
+    from nkat_search.cli.commands import up
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: WORKERS)
     spawned = []
@@ -121,8 +121,8 @@ def test_up_gives_eight_gpus_eight_devices_and_eight_logs(monkeypatch, tmp_path)
 def test_worker_device_all_starts_one_worker_per_gpu_of_eight(monkeypatch):
     import torch
 
-    from nkat_search import worker
-    from nkat_search.commands import worker as command
+    from nkat_search.search import worker
+    from nkat_search.cli.commands import worker as command
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: WORKERS)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -163,7 +163,7 @@ def test_worker_device_all_starts_one_worker_per_gpu_of_eight(monkeypatch):
 def test_trials_per_device_default_is_two_on_a_gpu_and_one_on_the_cpu(monkeypatch):
     import torch
 
-    from nkat_search.commands import worker as command
+    from nkat_search.cli.commands import worker as command
 
     assert command.default_trials_per_device("cuda:3") == command.GPU_TRIALS_PER_DEVICE == 2
     assert command.default_trials_per_device("cuda") == 2
@@ -174,7 +174,7 @@ def test_trials_per_device_default_is_two_on_a_gpu_and_one_on_the_cpu(monkeypatc
     assert command.default_trials_per_device("auto") == 2
 
     # Without --trials-per-gpu, `worker --device all` on 8 GPUs packs 2 trials onto each.
-    from nkat_search import worker
+    from nkat_search.search import worker
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: WORKERS)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

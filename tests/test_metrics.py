@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from nkat_search import metrics
+from nkat_search.train import metrics
 
 
 def test_tpe_at_lambda_nine_is_the_accuracy():

@@ -1,4 +1,4 @@
-"""Tests for nkat_search.model: the pure filters, the attention paths, shapes, gradients, counts."""
+"""nkat_search.train.model: the pure filters, the attention paths, shapes, gradients, counts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from nkat_search.config import ModelConfig
-from nkat_search.model import (
+from nkat_search.train.model import (
     NKAT,
     ColorLayerNorm,
     NKATAttention,
@@ -327,7 +327,7 @@ def pairwise_topk_then_nucleus(logits, k, p):
 @pytest.mark.parametrize("n", [33, 65, 257])
 @pytest.mark.parametrize("ties", [False, True])
 def test_fused_topk_nucleus_matches_the_two_filters_in_sequence(n, ties):
-    from nkat_search.model import topk_nucleus_mask
+    from nkat_search.train.model import topk_nucleus_mask
 
     torch.manual_seed(n)
     logits = torch.randn(1, 2, n, n) * 3
@@ -342,7 +342,7 @@ def test_fused_topk_nucleus_matches_the_two_filters_in_sequence(n, ties):
 
 def test_long_rows_take_the_fused_filter_and_match_the_sequential_one(monkeypatch):
     """A 257-token model (ConvStem off, patch 2) gives the same outputs through the fused filter."""
-    import nkat_search.model as model_module
+    import nkat_search.train.model as model_module
 
     torch.manual_seed(0)
     cfg = small_cfg(embed_dim=32, num_heads=4, conv_stem="off", patch_size=2, top_k=6, top_p=0.8)

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from nkat_search.cli import main
+from nkat_search.cli.main import main
 from test_data import _bar_images, _write_emnist
 
 TINY = ["--embed_dim", "32", "--depth", "1", "--epochs", "1", "--warmup", "0",

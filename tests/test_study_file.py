@@ -8,10 +8,10 @@ import optuna
 import pytest
 import yaml
 
-from nkat_search.cli import main
+from nkat_search.cli.main import main
 from nkat_search.config import RunConfig
-from nkat_search.space import enqueue, suggest_config
-from nkat_search.study import load_study_file, parse_study_text
+from nkat_search.search.space import enqueue, suggest_config
+from nkat_search.search.spec import load_study_file, parse_study_text
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from nkat_search.cli import main
+from nkat_search.cli.main import main
 from nkat_search.config import RunConfig
-from nkat_search.train import TrainingInterrupted, lr_at, train_model
+from nkat_search.train.loop import TrainingInterrupted, lr_at, train_model
 
 TINY = {"embed_dim": 32, "depth": 1, "train_limit": 256, "test_limit": 128, "batch_size": 64,
         "epochs": 2, "warmup": 1}

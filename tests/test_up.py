@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nkat_search.commands.dashboard import find_free_port
+from nkat_search.cli.commands.dashboard import find_free_port
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRIALS = 2

@@ -119,8 +119,8 @@ def test_a_trial_that_runs_out_of_gpu_memory_is_retried_not_lost(data_dir, tmp_p
     """
     import torch
 
-    import nkat_search.train as train_module
-    from nkat_search.worker import WorkerOptions, run_worker
+    import nkat_search.train.loop as train_module
+    from nkat_search.search.worker import WorkerOptions, run_worker
 
     url = f"sqlite:///{tmp_path / 'oom.db'}"
     create(url, tmp_path)
@@ -154,8 +154,8 @@ def test_after_running_out_of_memory_the_worker_waits_for_its_gpu_neighbour(
 
     import torch
 
-    import nkat_search.train as train_module
-    from nkat_search.worker import WorkerOptions, run_worker
+    import nkat_search.train.loop as train_module
+    from nkat_search.search.worker import WorkerOptions, run_worker
 
     url = f"sqlite:///{tmp_path / 'oom.db'}"
     monkeypatch.setitem(STUDY, "n_trials", 2)  # the neighbour's configuration and ours

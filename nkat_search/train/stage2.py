@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from nkat_search import metrics
+from nkat_search.train import metrics
 from nkat_search.atomic import write_text_atomic
 from nkat_search.config import RunConfig
 
@@ -54,8 +54,8 @@ def run_stage2(
     A dataset whose files are missing is recorded in ``report.missing`` with the reason, and the
     table names it; the aggregates cover the datasets that ran.
     """
-    from nkat_search.data import DataError
-    from nkat_search.train import train_model
+    from nkat_search.train.data import DataError
+    from nkat_search.train.loop import train_model
 
     done = dict(results or {})
     missing: dict[str, str] = {}

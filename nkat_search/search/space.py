@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from nkat_search.config import RunConfig
-from nkat_search.study import ParamSpec, StudySpec
+from nkat_search.search.spec import ParamSpec, StudySpec
 
 
 def suggest(trial, param: ParamSpec) -> Any:

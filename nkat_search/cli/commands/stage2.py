@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nkat_search.config_args import add_config_arguments, config_from_args
+from nkat_search.cli.config_args import add_config_arguments, config_from_args
 
 HELP = ("Train one config on MNIST, Fashion-MNIST, EMNIST and CIFAR-10 (or --datasets) and print "
         "the Stage 2 table: per-dataset accuracy, lambda and TPE, then Global TPE, Consistency "
@@ -13,7 +13,7 @@ HELP = ("Train one config on MNIST, Fashion-MNIST, EMNIST and CIFAR-10 (or --dat
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nkat_search.commands.train import add_run_arguments
+    from nkat_search.cli.commands.train import add_run_arguments
     from nkat_search.config import DATASET_NAMES
 
     add_run_arguments(parser, "runs/stage2")
@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nkat_search.commands.train import print_epoch
-    from nkat_search.stage2 import run_stage2, write_report
+    from nkat_search.cli.commands.train import print_epoch
+    from nkat_search.train.stage2 import run_stage2, write_report
 
     cfg = config_from_args(args)
     quiet = args.quiet

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nkat_search.config_args import add_config_arguments, config_from_args
+from nkat_search.cli.config_args import add_config_arguments, config_from_args
 
 HELP = ("Train one NKAT config on one dataset. Accepts the user's baseline flags verbatim "
         "(e.g. --conv_stem tiny --patch_size 2 --randaugment 2 9 --ema 0.9995). Writes "
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from nkat_search.atomic import write_text_atomic
-    from nkat_search.train import train_model
+    from nkat_search.train.loop import train_model
 
     cfg = config_from_args(args)
     out = Path(args.out)

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from nkat_search.errors import UserError
-    from nkat_search.study import load_study_file
+    from nkat_search.search.spec import load_study_file
 
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
@@ -76,7 +76,7 @@ class Up:
     def run(self) -> int:
         import signal
 
-        from nkat_search.storage import mask_url
+        from nkat_search.search.storage import mask_url
 
         print(f"study {self.study_name}: storage {mask_url(self.storage)}", flush=True)
         code = self._child(["study", "create", "--study", self.args.study,
@@ -130,7 +130,7 @@ class Up:
         # The worker adds <study>/trial-<n>/ below this.
         checkpoints = self.run_dir.parent / "checkpoints"
         devices = self._devices()
-        from nkat_search.commands.worker import default_trials_per_device
+        from nkat_search.cli.commands.worker import default_trials_per_device
 
         per_device = self.args.trials_per_gpu or default_trials_per_device(devices[0])
         env = worker_env(len(devices) * per_device)
@@ -146,7 +146,7 @@ class Up:
             print(f"worker {i} on {device}: log {log}", flush=True)
 
     def _start_dashboard(self) -> None:
-        from nkat_search.commands.dashboard import find_free_port, url
+        from nkat_search.cli.commands.dashboard import find_free_port, url
 
         host = "127.0.0.1"
         port = find_free_port(host, self.args.port)
@@ -213,11 +213,11 @@ class Up:
 
     def _live_line(self, study):
         """(study, summary line); the line is None when the storage is busy this time round."""
-        from nkat_search.report import study_report, summary_line
+        from nkat_search.search.report import study_report, summary_line
 
         try:
             if study is None:
-                from nkat_search.report import open_study
+                from nkat_search.search.report import open_study
 
                 study = open_study(self.storage, self.study_name)
             report = study_report(study)
@@ -252,9 +252,9 @@ class Up:
     # -- the end ----------------------------------------------------------------------------
 
     def _finish(self) -> int:
-        from nkat_search.export import NothingToExport, export_best
-        from nkat_search.report import format_table, open_study, study_report, summary_line
-        from nkat_search.storage import mask_url
+        from nkat_search.search.export import NothingToExport, export_best
+        from nkat_search.search.report import format_table, open_study, study_report, summary_line
+        from nkat_search.search.storage import mask_url
 
         failed = [(label, p.returncode, log) for label, p, log in self.workers if p.returncode != 0]
         study = open_study(self.storage, self.study_name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nkat_search.config_args import add_config_arguments, config_from_args
+from nkat_search.cli.config_args import add_config_arguments, config_from_args
 
 HELP = ("Print lambda (trainable parameters / 1e6) of a config on every dataset, and the accuracy "
         "it needs to reach the 0.60 Local TPE gate and the dataset's own TPE target. No data or "
@@ -20,10 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from nkat_search import metrics
+    from nkat_search.train import metrics
     from nkat_search.config import DATASET_NAMES
-    from nkat_search.data import dataset_info
-    from nkat_search.model import build_model, count_parameters
+    from nkat_search.train.data import dataset_info
+    from nkat_search.train.model import build_model, count_parameters
 
     cfg = config_from_args(args)
     rows = []

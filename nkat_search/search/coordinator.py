@@ -15,8 +15,8 @@ from collections import Counter
 import optuna
 
 from nkat_search.errors import UserError
-from nkat_search.space import enqueue
-from nkat_search.study import StudySpec, parse_study_text
+from nkat_search.search.space import enqueue
+from nkat_search.search.spec import StudySpec, parse_study_text
 
 # Study user attrs (docs/CONTRACTS.md).
 ATTR_FILE, ATTR_HASH, ATTR_FILE_NAME = "study_file", "study_file_hash", "study_file_name"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nkat_search.commands.storage_arg import add_storage_argument
+from nkat_search.cli.commands.storage_arg import add_storage_argument
 
 HELP = ("Print a table of the study's trials (number, state, outcome, Global TPE, Local TPE, "
         "lambda, epochs reached, duration, worker) and a summary line: complete / pruned / "
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from nkat_search.report import format_table, open_study, study_report, summary_line
+    from nkat_search.search.report import format_table, open_study, study_report, summary_line
 
     report = study_report(open_study(args.storage, args.study))
     if args.json:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nkat_search.commands.storage_arg import add_storage_argument
+from nkat_search.cli.commands.storage_arg import add_storage_argument
 
 HELP = ("Create a study from a study file (or resume it: same name and same file), storing the "
         "file in the study so workers rebuild the same sampler and pruner; or show a study's "
@@ -12,7 +12,7 @@ HELP = ("Create a study from a study file (or resume it: same name and same file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nkat_search.cli import HelpFormatter  # cli imports the commands: import at call time
+    from nkat_search.cli.main import HelpFormatter  # cli imports the commands: import at call time
 
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
@@ -36,9 +36,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _create(args: argparse.Namespace) -> int:
-    from nkat_search.coordinator import budget_state, create_study
-    from nkat_search.storage import mask_url, open_storage
-    from nkat_search.study import load_study_file
+    from nkat_search.search.coordinator import budget_state, create_study
+    from nkat_search.search.storage import mask_url, open_storage
+    from nkat_search.search.spec import load_study_file
 
     spec = load_study_file(args.study)
     storage = open_storage(args.storage)
@@ -54,8 +54,8 @@ def _create(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     import json
 
-    from nkat_search.coordinator import load_study, load_study_spec_from_storage, summary
-    from nkat_search.storage import open_storage
+    from nkat_search.search.coordinator import load_study, load_study_spec_from_storage, summary
+    from nkat_search.search.storage import open_storage
 
     storage = open_storage(args.storage)
     spec = load_study_spec_from_storage(storage, args.study)

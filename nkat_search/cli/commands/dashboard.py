@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from nkat_search.commands.storage_arg import add_storage_argument
+from nkat_search.cli.commands.storage_arg import add_storage_argument
 
 HELP = ("Serve optuna-dashboard for every study in --storage and print its URL. Binds to "
         "127.0.0.1 by default (the dashboard has no login); use an SSH tunnel "
@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nkat_search.report import open_storage_for_reading
-    from nkat_search.storage import mask_url
+    from nkat_search.search.report import open_storage_for_reading
+    from nkat_search.search.storage import mask_url
 
     storage = open_storage_for_reading(args.storage)
     server = make_server(storage, args.host, args.port)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nkat_search.commands.storage_arg import add_storage_argument, storage_argv
+from nkat_search.cli.commands.storage_arg import add_storage_argument, storage_argv
 
 # Trials side by side on one GPU, against one (benchmarks/scaling.py, baseline model,
 # results/gpu/scaling/): 2 gave 1.48x the trials/hour on an H100 (1.46x on an H200), 4 gave 1.55x.
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from nkat_search.errors import UserError
-    from nkat_search.worker import StopFlag, WorkerOptions, run_worker, spawn_siblings, worst
+    from nkat_search.search.worker import StopFlag, WorkerOptions, run_worker, spawn_siblings, worst
 
     devices = _devices(args.device)
     if args.trials_per_gpu is None:
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
 def default_trials_per_device(device: str) -> int:
     """GPU_TRIALS_PER_DEVICE on a GPU (``cuda``, ``cuda:N``, ``auto`` with one visible), else 1."""
-    from nkat_search.worker import resolve_device
+    from nkat_search.search.worker import resolve_device
 
     return GPU_TRIALS_PER_DEVICE if resolve_device(device).startswith("cuda") else 1
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nkat_search.config import TrainConfig
-from nkat_search.data import DatasetInfo, DeviceData
+from nkat_search.train.data import DatasetInfo, DeviceData
 
 # RandAugment's op set (Cubuk et al. 2020, as in torchvision.transforms.RandAugment). Each sample
 # draws N of them uniformly, with replacement. The geometric ops come last so that one comparison

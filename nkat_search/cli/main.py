@@ -1,4 +1,4 @@
-"""The ``nkat-search`` console script: a thin argparse front over ``nkat_search.commands``.
+"""The ``nkat-search`` console script: a thin argparse front over ``nkat_search.cli.commands``.
 
 Each subcommand lives in its own module, loaded only when that subcommand runs; heavy imports
 (torch, optuna, the PostgreSQL driver, the dashboard) happen inside ``run``. So ``--help`` is fast
@@ -15,7 +15,7 @@ import sys
 
 from nkat_search.errors import UserError
 
-# (subcommand, module under nkat_search.commands, one-line summary)
+# (subcommand, module under nkat_search.cli.commands, one-line summary)
 COMMANDS = [
     ("params", "params", "print lambda (trainable params / 1e6) and the TPE gate per dataset"),
     ("train", "train", "train one config on one dataset and write metrics.json + checkpoint"),
@@ -52,7 +52,7 @@ def build_parser(command_name: str | None = None) -> argparse.ArgumentParser:
         if name != command_name:
             sub.add_parser(name, help=summary)
             continue
-        module = importlib.import_module(f"nkat_search.commands.{module_name}")
+        module = importlib.import_module(f"nkat_search.cli.commands.{module_name}")
         command = sub.add_parser(
             name, help=summary, description=getattr(module, "HELP", summary),
             formatter_class=HelpFormatter,

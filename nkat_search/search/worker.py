@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
-from nkat_search.coordinator import budget_state, load_study, load_study_spec_from_storage
-from nkat_search.objective import INTERRUPTED, OUT_OF_MEMORY, Objective, trial_dir
-from nkat_search.storage import RetryStaleTrial, StudyLock, open_storage
-from nkat_search.study import StudySpec
+from nkat_search.search.coordinator import budget_state, load_study, load_study_spec_from_storage
+from nkat_search.search.objective import INTERRUPTED, OUT_OF_MEMORY, Objective, trial_dir
+from nkat_search.search.storage import RetryStaleTrial, StudyLock, open_storage
+from nkat_search.search.spec import StudySpec
 
 
 @dataclass

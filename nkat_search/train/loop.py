@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from nkat_search import metrics
+from nkat_search.train import metrics
 from nkat_search.atomic import atomic_path
 from nkat_search.config import RunConfig
 from nkat_search.errors import UserError
@@ -179,9 +179,9 @@ def train_model(
     is compiled too unless ``compile_augment`` is False. ``benchmarks/throughput.py`` passes these
     to time the variants side by side.
     """
-    from nkat_search.augment import GpuAugment
-    from nkat_search.data import load_dataset
-    from nkat_search.model import build_model, count_parameters
+    from nkat_search.train.augment import GpuAugment
+    from nkat_search.train.data import load_dataset
+    from nkat_search.train.model import build_model, count_parameters
 
     cfg.validate()
     tc = cfg.train

@@ -21,9 +21,9 @@ from typing import Callable
 import optuna
 
 from nkat_search.config import RunConfig
-from nkat_search.space import suggest_config
-from nkat_search.storage import retried_trial_number
-from nkat_search.study import STAGE1_DATASET, StudySpec
+from nkat_search.search.space import suggest_config
+from nkat_search.search.storage import retried_trial_number
+from nkat_search.search.spec import STAGE1_DATASET, StudySpec
 
 OUTCOMES = ("complete", "pruned", "gate_failed", "failed")
 INTERRUPTED = "interrupted"
@@ -76,7 +76,7 @@ class Objective:
             _fail(trial, f"{INTERRUPTED}: forced stop (second signal)")
             raise
         except Exception as err:
-            from nkat_search.train import TrainingInterrupted
+            from nkat_search.train.loop import TrainingInterrupted
 
             if isinstance(err, TrainingInterrupted):
                 _fail(trial, f"{INTERRUPTED}: stopped after epoch {err.epoch}, checkpoint kept")
@@ -87,8 +87,8 @@ class Objective:
             raise
 
     def _run(self, trial: optuna.Trial) -> float:
-        from nkat_search.stage2 import run_stage2, write_report
-        from nkat_search.train import TrainingInterrupted, train_model
+        from nkat_search.train.stage2 import run_stage2, write_report
+        from nkat_search.train.loop import TrainingInterrupted, train_model
 
         spec = self.spec
         cfg = RunConfig.from_dict({"dataset": STAGE1_DATASET}, base=suggest_config(trial, spec))

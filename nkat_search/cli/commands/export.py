@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nkat_search.commands.storage_arg import add_storage_argument
+from nkat_search.cli.commands.storage_arg import add_storage_argument
 
 HELP = ("Write the best K complete trials (by the study's value, Global TPE) into --out as "
         "trial-<n>.yaml and trial-<n>.json, plus best.yaml / best.json for the top one. Each file "
@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from nkat_search.export import NothingToExport, export_best
-    from nkat_search.report import open_study
+    from nkat_search.search.export import NothingToExport, export_best
+    from nkat_search.search.report import open_study
 
     study = open_study(args.storage, args.study)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nkat_search.config_args import add_config_arguments, config_from_args
+from nkat_search.cli.config_args import add_config_arguments, config_from_args
 
 HELP = ("The user's smoke test: the ConvStem-tiny + patch-2 baseline trained 10 epochs on "
         "CIFAR-10. Prints GO and exits 0 when test accuracy > 45 %, NO-GO and exits 1 otherwise.")
@@ -15,7 +15,7 @@ SMOKE_DEFAULTS = {"epochs": 10, "warmup": 1}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nkat_search.commands.train import add_run_arguments
+    from nkat_search.cli.commands.train import add_run_arguments
 
     add_run_arguments(parser, "runs/smoke")
     add_config_arguments(parser)
@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from nkat_search.atomic import write_text_atomic
-    from nkat_search.commands.train import print_epoch
-    from nkat_search.train import train_model
+    from nkat_search.cli.commands.train import print_epoch
+    from nkat_search.train.loop import train_model
 
     for key, value in SMOKE_DEFAULTS.items():
         if not hasattr(args, key):

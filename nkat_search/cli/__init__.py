@@ -1,0 +1,1 @@
+"""The command line: argparse front, one module per command, process launching."""

@@ -1,0 +1,1 @@
+"""The search: study files, the trial record, objective, coordinator, workers, storage, export."""
