@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nkat_search.config import RunConfig  # noqa: E402
 from nkat_search.train.data import load_dataset, load_split  # noqa: E402
 from nkat_search.train.model import build_model, count_parameters  # noqa: E402
-from nkat_search.train.loop import resolve_device, soft_cross_entropy, train_model  # noqa: E402
+from nkat_search.train.loop import (  # noqa: E402
+    TrainOptions, resolve_device, soft_cross_entropy, train_model)
 
 # Dense bf16 peak used for MFU; the H100 SXM datasheet figure without sparsity.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -100,9 +101,10 @@ def our_pipeline(cfg: RunConfig, data, device, compile_model: bool, epochs: int,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     reports = []
-    result = train_model(run_cfg, device=device, data=data, on_epoch=reports.append,
-                         progress=False, compile_mode=compile_mode,
-                         compile_augment=compile_augment)
+    options = TrainOptions(data=data, compile_mode=compile_mode,
+                           compile_augment=compile_augment is not False)
+    result = train_model(run_cfg, device=device, on_epoch=reports.append, progress=False,
+                         options=options)
     return {"images_per_s": reports[-1].images_per_s, "first_epoch_s": reports[0].epoch_seconds,
             "last_epoch_s": reports[-1].epoch_seconds, "accuracy": result.accuracy,
             "peak_memory_gib": _peak(device)}

@@ -7,7 +7,8 @@ import torch
 
 from nkat_search.cli.main import main
 from nkat_search.config import RunConfig
-from nkat_search.train.loop import TrainingInterrupted, lr_at, train_model
+from nkat_search.train.loop import (TrainingInterrupted, TrainOptions, Timings, lr_at,
+                                    train_model)
 
 TINY = {"embed_dim": 32, "depth": 1, "train_limit": 256, "test_limit": 128, "batch_size": 64,
         "epochs": 2, "warmup": 1}
@@ -64,9 +65,35 @@ def test_a_callback_exception_propagates_after_the_checkpoint(data_dir, tmp_path
 
     with pytest.raises(Stop):
         train_model(tiny_config(), data_dir=data_dir, device="cpu", out_dir=tmp_path,
-                    on_epoch=stop, progress=False)
+                    on_epoch=stop, progress=False,
+                    options=TrainOptions(checkpoint_interval_s=0))
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["epoch"] == 1
+
+
+def test_checkpoints_follow_the_time_cadence_and_the_last_epoch_always_saves(data_dir, tmp_path):
+    """An interval longer than the run: one checkpoint, after the last epoch; 0: every epoch."""
+    timings = Timings()
+    result = train_model(tiny_config(epochs=3), data_dir=data_dir, device="cpu",
+                         out_dir=tmp_path / "cadence", progress=False,
+                         options=TrainOptions(checkpoint_interval_s=3600, timings=timings))
+    assert timings.checkpoints == 1 and result.timings["checkpoints"] == 1
+    assert torch.load(tmp_path / "cadence" / "checkpoint.pt", weights_only=False)["epoch"] == 3
+    every = train_model(tiny_config(epochs=3), data_dir=data_dir, device="cpu",
+                        out_dir=tmp_path / "every", progress=False,
+                        options=TrainOptions(checkpoint_interval_s=0))
+    assert every.timings["checkpoints"] == 3
+    # 256 training images at batch 64: 4 steps an epoch, every image counted once per epoch.
+    assert timings.train_images == 3 * 4 * 64
+    assert timings.train_s > 0 and timings.eval_s > 0 and timings.checkpoint_s > 0
+
+
+def test_a_stop_request_checkpoints_the_epoch_even_between_cadence_points(data_dir, tmp_path):
+    with pytest.raises(TrainingInterrupted):
+        train_model(tiny_config(epochs=3), data_dir=data_dir, device="cpu", out_dir=tmp_path,
+                    progress=False, stop_requested=lambda: True,
+                    options=TrainOptions(checkpoint_interval_s=3600))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
 
 
 def test_train_command_accepts_the_users_baseline_flags_verbatim(data_dir, tmp_path):

@@ -48,7 +48,8 @@ def create(url: str, tmp_path: Path) -> None:
 def start_worker(url: str, data_dir: Path, ckpt: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "nkat_search", "worker", "--storage", url, "--study", "recover",
-         "--device", "cpu", "--data-dir", str(data_dir), "--checkpoint-dir", str(ckpt), "--quiet"],
+         "--device", "cpu", "--data-dir", str(data_dir), "--checkpoint-dir", str(ckpt), "--quiet",
+         "--checkpoint-interval", "0"],
         env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -66,7 +67,7 @@ def interrupt_then_recover(url: str, data_dir: Path, tmp_path: Path, sig: int) -
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     first = start_worker(url, data_dir, ckpt, first_log)
     try:
-        # checkpoint.pt appears once epoch 1 is done (written atomically after every epoch).
+        # checkpoint.pt appears once epoch 1 is done (interval 0: after every epoch).
         wait_for(ckpt / "recover" / "trial-0" / "cifar10" / "checkpoint.pt", first)
         first.send_signal(sig)
         first_code = first.wait(timeout=60)

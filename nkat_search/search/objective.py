@@ -8,13 +8,16 @@ value is Global TPE over every dataset that ran, and datasets whose files are mi
 in ``missing_datasets`` (never silently dropped).
 
 A crash is never a score: any exception sets ``outcome=failed`` and ``error`` and propagates, so
-Optuna records FAIL. Checkpoints live in ``<root>/<study>/trial-<n>/<dataset>/``, where ``n`` is the
+Optuna records FAIL. Whatever the outcome, the trial's ``time_*_s`` attributes say where its wall
+time went (data, setup, compile, training steps, evaluation, checkpoints; ``time_trial_s`` is the
+whole objective) and ``train_images`` how many images it trained. Checkpoints live in ``<root>/<study>/trial-<n>/<dataset>/``, where ``n`` is the
 *original* trial of a retry chain, so a retry continues from the epoch its predecessor finished.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -52,7 +55,8 @@ class Objective:
     def __init__(self, spec: StudySpec, *, checkpoint_root: str | Path, data_dir=None,
                  device: str = "auto", worker: str = "", progress: bool | None = None,
                  stop_requested: Callable[[], bool] | None = None,
-                 on_start: Callable[[], None] | None = None):
+                 on_start: Callable[[], None] | None = None,
+                 checkpoint_interval_s: float | None = None):
         self.spec = spec
         self.checkpoint_root = Path(checkpoint_root)
         self.data_dir = data_dir
@@ -61,15 +65,33 @@ class Objective:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.stop_requested = stop_requested or (lambda: False)
         self.on_start = on_start
+        self.checkpoint_interval_s = checkpoint_interval_s
         self.trial_number: int | None = None
+        self._session = None  # a TrainingSession, made at the first trial (it imports torch)
+
+    def _options(self, timings):
+        """The trial's TrainOptions: this worker's session, the trial's timings accumulator."""
+        from nkat_search.train.loop import CHECKPOINT_INTERVAL_S, TrainOptions
+        from nkat_search.train.session import TrainingSession
+
+        if self._session is None:
+            self._session = TrainingSession()
+        interval = (CHECKPOINT_INTERVAL_S if self.checkpoint_interval_s is None
+                    else self.checkpoint_interval_s)
+        return TrainOptions(session=self._session, timings=timings,
+                            checkpoint_interval_s=interval)
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.trial_number = trial.number
         if self.on_start is not None:
             self.on_start()
         trial.set_user_attr("worker", self.worker)
+        from nkat_search.train.loop import Timings
+
+        timings = Timings()
+        started = time.perf_counter()
         try:
-            return self._run(trial)
+            return self._run(trial, timings)
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
@@ -85,8 +107,14 @@ class Objective:
             else:
                 _fail(trial, f"{type(err).__name__}: {err}")
             raise
+        finally:
+            _record_timings(trial, timings, time.perf_counter() - started)
+            if self._session is not None:
+                # The next trial is almost always another architecture; its CUDA graphs and
+                # memory pool must not wait for it (an out-of-memory neighbour may need them).
+                self._session.release_model()
 
-    def _run(self, trial: optuna.Trial) -> float:
+    def _run(self, trial: optuna.Trial, timings) -> float:
         from nkat_search.train.stage2 import run_stage2, write_report
         from nkat_search.train.loop import TrainingInterrupted, train_model
 
@@ -105,9 +133,11 @@ class Objective:
                 self._unmeasured(trial, report.tpe)
                 raise optuna.TrialPruned(f"Local TPE {report.tpe:.4f} at epoch {report.epoch}")
 
+        options = self._options(timings)
         stage1 = train_model(cfg, data_dir=self.data_dir, device=self.device,
                              out_dir=folder / STAGE1_DATASET, on_epoch=report_and_maybe_prune,
-                             stop_requested=self.stop_requested, progress=self.progress)
+                             stop_requested=self.stop_requested, progress=self.progress,
+                             options=options)
         _set(trial, local_tpe=stage1.tpe, cifar10_accuracy=stage1.accuracy,
              resumed_from_epoch=stage1.resumed_from_epoch, **{"lambda": stage1.lam})
         if stage1.tpe < spec.gate:
@@ -121,7 +151,8 @@ class Objective:
         report = run_stage2(cfg, datasets, data_dir=self.data_dir, device=self.device,
                             out_dir=folder, results={STAGE1_DATASET: stage1},
                             progress=self.progress,
-                            train_kwargs={"stop_requested": self.stop_requested})
+                            train_kwargs={"stop_requested": self.stop_requested,
+                                          "options": options})
         write_report(report, folder)
         table = report.table
         _set(trial,
@@ -155,6 +186,14 @@ def _is_out_of_memory(err: Exception) -> bool:
     import torch
 
     return isinstance(err, torch.cuda.OutOfMemoryError)
+
+
+def _record_timings(trial: optuna.Trial, timings, trial_seconds: float) -> None:
+    """Where the trial's time went, as flat attributes (readable in the dashboard and ``status``)."""
+    try:
+        _set(trial, **timings.as_attrs(), time_trial_s=trial_seconds)
+    except Exception:  # storage trouble must not mask the trial's own outcome
+        pass
 
 
 def _set(trial: optuna.Trial, **attrs) -> None:

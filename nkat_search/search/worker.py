@@ -45,6 +45,7 @@ class WorkerOptions:
     n_trials: int | None = None
     data_dir: str | None = None
     checkpoint_dir: str = "runs/checkpoints"
+    checkpoint_interval_s: float | None = None  # None: the trainer's default (60 s)
     keep_checkpoints: bool = False
     progress: bool | None = None
     cpu_threads: int | None = None  # torch threads; K workers sharing a CPU must split its cores
@@ -109,7 +110,8 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
     lock = StudyLock(storage, options.study)
     objective = Objective(spec, checkpoint_root=options.checkpoint_dir, data_dir=options.data_dir,
                           device=device, worker=worker, progress=options.progress,
-                          stop_requested=stop, on_start=lock.release)
+                          stop_requested=stop, on_start=lock.release,
+                          checkpoint_interval_s=options.checkpoint_interval_s)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"worker {worker}: study '{options.study}', budget {spec.n_trials} trials",
           flush=True)

@@ -2,17 +2,25 @@
 
 Recipe (MISSION.md sec. 3): AdamW, linear warm-up then cosine decay, label smoothing, mixup /
 cutmix / RandAugment / cutout on the GPU, EMA weights for evaluation, gradient clipping, bf16
-autocast on CUDA, optional ``torch.compile``. A checkpoint is written atomically after every
-epoch; a run continues from it bit-for-bit because each epoch's data order and augmentation draw
-from a generator seeded by (seed, epoch), and the global RNG (dropout) is saved and restored.
+autocast on CUDA, optional ``torch.compile``. A checkpoint is written atomically at the end of an
+epoch, at most once per ``TrainOptions.checkpoint_interval_s`` (a full checkpoint of the baseline
+is about 200 MB, and a compiled baseline epoch lasts about a second), and always after the last
+epoch and when a stop is requested; a run continues from it bit-for-bit because each epoch's data
+order and augmentation draw from a generator seeded by (seed, epoch), and the global RNG (dropout)
+is saved and restored.
+
+Every run records where its wall time went (``Timings``: data, setup, compile, training steps,
+evaluation, checkpoints), into its ``TrainResult`` and into a caller's accumulator as it goes, so
+a run that is pruned or stopped half-way still counts.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +39,61 @@ EVAL_BATCH_SIZE = 1024
 # step took 14.4 ms compiled and 7.2 ms compiled with CUDA graphs (benchmarks/profile_step.py,
 # results/gpu/session3/profile_log.txt).
 CUDA_COMPILE_MODE = "reduce-overhead"
+# At most one checkpoint per minute by default: a kill -9 then loses at most about a minute.
+CHECKPOINT_INTERVAL_S = 60.0
+# The first steps of a run compile (Dynamo, Inductor, CUDA-graph recording) and warm up; their
+# time beyond that of as many steady steps is counted as compile time.
+WARM_STEPS = 3
+
+
+@dataclass
+class Timings:
+    """Where a run's (or a trial's) wall time went, in seconds, and how many images it trained."""
+
+    data_s: float = 0.0        # loading the dataset onto the device (0 when a session had it)
+    setup_s: float = 0.0       # model, optimizer and EMA built, checkpoint loaded
+    compile_s: float = 0.0     # the first steps' time beyond steady steps: compile and warm-up
+    train_s: float = 0.0       # training steps, compile excluded
+    eval_s: float = 0.0        # EMA evaluation after every epoch
+    checkpoint_s: float = 0.0  # checkpoint writes
+    checkpoints: int = 0
+    train_images: int = 0
+
+    def add(self, **parts: float) -> None:
+        for name, value in parts.items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def merge(self, other: Timings) -> None:
+        self.add(**asdict(other))
+
+    @property
+    def total_s(self) -> float:
+        return (self.data_s + self.setup_s + self.compile_s + self.train_s + self.eval_s
+                + self.checkpoint_s)
+
+    def as_attrs(self) -> dict[str, float]:
+        """Flat ``time_<phase>_s`` attributes, plus ``train_images`` and ``checkpoints``."""
+        return {f"time_{k}" if k.endswith("_s") else k: v for k, v in asdict(self).items()}
+
+
+@dataclass
+class TrainOptions:
+    """How a run trains, apart from what it trains (the config): knobs of workers and benchmarks.
+
+    ``data``: an already loaded ``DeviceData`` (benchmarks). ``session``: a ``TrainingSession``
+    that keeps datasets and the compiled model between the runs of one process (workers).
+    ``timings``: an accumulator that every phase is added to as it ends. ``compile_mode``:
+    ``torch.compile``'s mode (default: CUDA graphs on a GPU, Inductor's default elsewhere);
+    ``compile_augment=False`` leaves the augmentation eager (``benchmarks/throughput.py`` times the
+    variants side by side).
+    """
+
+    data: object | None = None
+    session: object | None = None
+    timings: Timings | None = None
+    checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S
+    compile_mode: str | None = None
+    compile_augment: bool = True
 
 
 @dataclass
@@ -62,6 +125,7 @@ class TrainResult:
     config: dict = field(default_factory=dict)
     device: str = ""
     peak_memory_gib: float = 0.0
+    timings: dict = field(default_factory=dict)
 
 
 class TrainingInterrupted(Exception):
@@ -167,22 +231,19 @@ def train_model(
     stop_requested: Callable[[], bool] | None = None,
     progress: bool = True,
     resume: bool = True,
-    data=None,
-    compile_mode: str | None = None,
-    compile_augment: bool | None = None,
+    options: TrainOptions | None = None,
 ) -> TrainResult:
     """Train ``cfg`` on ``cfg.train.dataset`` and return the EMA model's accuracy and TPE.
 
-    ``data`` may pass an already loaded ``DeviceData`` (benchmarks and stage 2 reuse it).
-    With ``cfg.train.compile`` the model is compiled in ``compile_mode`` (default: CUDA graphs,
-    ``reduce-overhead``, on a GPU; Inductor's default elsewhere) and the augmentation's arithmetic
-    is compiled too unless ``compile_augment`` is False. ``benchmarks/throughput.py`` passes these
-    to time the variants side by side.
+    ``on_epoch(report)`` runs after every epoch and may raise (the search prunes there);
+    ``stop_requested()`` is polled after every epoch: when true, the epoch's checkpoint is written
+    and ``TrainingInterrupted`` raised. ``options`` holds the knobs of workers and benchmarks.
     """
     from nkat_search.train.augment import GpuAugment
     from nkat_search.train.data import load_dataset
     from nkat_search.train.model import build_model, count_parameters
 
+    options = options or TrainOptions()
     cfg.validate()
     tc = cfg.train
     device = resolve_device(device)
@@ -190,31 +251,58 @@ def train_model(
         # Make cuda:N the current device too, so nothing that uses the current device (a library's
         # scratch buffer, a stray context) lands on GPU 0 while the trial trains on GPU N.
         torch.cuda.set_device(device)
+    timings = Timings()
+
+    def spent(phase: str, since: float) -> float:
+        now = time.perf_counter()
+        for record in (timings, options.timings):
+            if record is not None:
+                record.add(**{phase: now - since})
+        return now
+
+    clock = time.perf_counter()
+    data = options.data
     if data is None:
-        data = load_dataset(tc.dataset, data_dir, device, emnist_split=tc.emnist_split,
-                            val_fraction=tc.val_fraction, seed=tc.seed,
-                            train_limit=tc.train_limit, test_limit=tc.test_limit)
+        shape = dict(emnist_split=tc.emnist_split, val_fraction=tc.val_fraction, seed=tc.seed,
+                     train_limit=tc.train_limit, test_limit=tc.test_limit)
+        if options.session is not None:
+            data = options.session.dataset(tc.dataset, data_dir, device, **shape)
+        else:
+            data = load_dataset(tc.dataset, data_dir, device, **shape)
+    clock = spent("data_s", clock)
     info = data.info
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg.model, info.in_chans, info.num_classes).to(device)
+
+    compile_mode = options.compile_mode
+    if tc.compile and compile_mode is None:
+        compile_mode = CUDA_COMPILE_MODE if device.type == "cuda" else "default"
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(tc.seed)
+        return build_model(cfg.model, info.in_chans, info.num_classes).to(device)
+
+    if tc.compile and options.session is not None:
+        key = {"model": asdict(cfg.model), "in_chans": info.in_chans,
+               "classes": info.num_classes, "device": str(device), "mode": compile_mode}
+        model, forward, _ = options.session.compiled_model(
+            key, build, lambda m: torch.compile(m, mode=compile_mode))
+    elif tc.compile:
+        # A fresh compile state per run: without a session nothing is kept, and stale graphs
+        # (with their CUDA-graph memory pools) would pile up and run into Dynamo's recompile
+        # limit, after which it silently falls back to eager.
+        torch._dynamo.reset()
+        model = build()
+        forward = torch.compile(model, mode=compile_mode)
+    else:
+        model = build()
+        forward = model
     parameters = count_parameters(model)
     lam = metrics.param_lambda(parameters)
     ema = EmaModel(model, tc.effective_ema())
-    fused = device.type == "cuda"
     peak_lr = tc.effective_lr()
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=peak_lr,
-                                  betas=(0.9, 0.999), fused=fused)
-    if tc.compile:
-        # A fresh compile state per run: a worker trains many architectures in one process, and
-        # stale graphs would pile up (with their CUDA-graph memory pools) and run into Dynamo's
-        # recompile limit, after which it silently falls back to eager. Inductor's on-disk cache
-        # still makes a repeated architecture compile quickly.
-        torch._dynamo.reset()
-        if compile_mode is None:
-            compile_mode = CUDA_COMPILE_MODE if device.type == "cuda" else "default"
-    augment = GpuAugment(tc, info, data, compile=tc.compile and compile_augment is not False)
+                                  betas=(0.9, 0.999), fused=device.type == "cuda")
+    augment = GpuAugment(tc, info, data, compile=tc.compile and options.compile_augment)
     autocast = tc.bf16 and device.type == "cuda"
-    forward = torch.compile(model, mode=compile_mode) if tc.compile else model
     cudagraphs = tc.compile and "reduce-overhead" in compile_mode
 
     n_train = data.train_labels.numel()
@@ -236,17 +324,38 @@ def train_model(
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
 
+    def checkpoint(epochs_done: int) -> None:
+        since = time.perf_counter()
+        save_checkpoint(checkpoint_path, {
+            "config": cfg.to_dict(), "epoch": epochs_done, "epoch_seconds": epoch_seconds,
+            "model": model.state_dict(), "ema": ema.state_dict(), "ema_updates": ema.updates,
+            "optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        })
+        spent("checkpoint_s", since)
+        for record in (timings, options.timings):
+            if record is not None:
+                record.add(checkpoints=1)
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    accuracy = evaluate(ema, data, device, autocast) if start_epoch >= tc.epochs else 0.0
+    clock = spent("setup_s", clock)
+    accuracy = 0.0
+    if start_epoch >= tc.epochs:
+        accuracy = evaluate(ema, data, device, autocast)
+        clock = spent("eval_s", clock)
     train_seconds = sum(epoch_seconds)
+    last_checkpoint = time.monotonic()
     for epoch in range(start_epoch, tc.epochs):
         model.train()
         generator = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + epoch)
         loss_sum = torch.zeros((), device=device)
         bar = _progress_bar(progress, steps_per_epoch, f"{tc.dataset} epoch {epoch + 1}/{tc.epochs}")
+        # The first epoch of this process compiles: its first steps are timed apart.
+        warm_steps = min(WARM_STEPS, steps_per_epoch - 1) if epoch == start_epoch else 0
         _sync(device)
         started = time.perf_counter()
+        warm_seconds = 0.0
         for i, (images, labels) in enumerate(data.train_batches(batch_size, generator)):
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
@@ -268,11 +377,25 @@ def train_model(
             loss_sum += loss.detach()
             if bar is not None:
                 bar.update(1)
+            if warm_steps and i + 1 == warm_steps:
+                # One host sync per run, so the compile time is measured, not guessed.
+                _sync(device)
+                warm_seconds = time.perf_counter() - started
         _sync(device)
         seconds = time.perf_counter() - started
         epoch_seconds.append(seconds)
         train_seconds += seconds
+        compile_seconds = 0.0
+        if warm_steps:
+            steady = (seconds - warm_seconds) / (steps_per_epoch - warm_steps)
+            compile_seconds = max(0.0, warm_seconds - warm_steps * steady)
+        for record in (timings, options.timings):
+            if record is not None:
+                record.add(compile_s=compile_seconds, train_s=seconds - compile_seconds,
+                           train_images=steps_per_epoch * batch_size)
+        clock = time.perf_counter()
         accuracy = evaluate(ema, data, device, autocast)
+        clock = spent("eval_s", clock)
         report = EpochReport(epoch + 1, tc.epochs, tc.dataset, loss_sum.item() / steps_per_epoch,
                              accuracy, lam, metrics.tpe(accuracy, lam), seconds,
                              steps_per_epoch * batch_size / seconds)
@@ -280,16 +403,19 @@ def train_model(
             bar.set_postfix(loss=f"{report.train_loss:.3f}", acc=f"{accuracy:.4f}",
                             img_s=f"{report.images_per_s:,.0f}")
             bar.close()
-        if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, {
-                "config": cfg.to_dict(), "epoch": epoch + 1, "epoch_seconds": epoch_seconds,
-                "model": model.state_dict(), "ema": ema.state_dict(), "ema_updates": ema.updates,
-                "optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            })
+        last = epoch + 1 == tc.epochs
+        stopping = stop_requested is not None and stop_requested()
+        saved = False
+        interval = options.checkpoint_interval_s
+        if checkpoint_path is not None and (
+                last or stopping or interval <= 0 or time.monotonic() - last_checkpoint >= interval):
+            checkpoint(epoch + 1)
+            last_checkpoint, saved = time.monotonic(), True
         if on_epoch is not None:
             on_epoch(report)
-        if stop_requested is not None and stop_requested() and epoch + 1 < tc.epochs:
+        if not last and (stopping or (stop_requested is not None and stop_requested())):
+            if checkpoint_path is not None and not saved:
+                checkpoint(epoch + 1)
             raise TrainingInterrupted(epoch + 1)
 
     images = steps_per_epoch * batch_size * len(epoch_seconds)
@@ -301,6 +427,7 @@ def train_model(
         epoch_seconds=epoch_seconds, config=cfg.to_dict(), device=str(device),
         peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30
                          if device.type == "cuda" else 0.0),
+        timings=asdict(timings),
     )
 
 
@@ -331,7 +458,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _progress_bar(enabled: bool, total: int, description: str):
-    if not enabled:
+    # A bar redraws its line with carriage returns: in a log file that is noise, not progress.
+    if not enabled or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 

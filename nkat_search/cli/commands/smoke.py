@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from nkat_search.atomic import write_text_atomic
-    from nkat_search.cli.commands.train import print_epoch
+    from nkat_search.cli.commands.train import print_epoch, run_options
     from nkat_search.train.loop import train_model
 
     for key, value in SMOKE_DEFAULTS.items():
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     result = train_model(cfg, data_dir=args.data_dir, device=args.device, out_dir=out,
                          progress=not args.quiet, resume=args.resume,
-                         on_epoch=None if args.quiet else print_epoch)
+                         on_epoch=None if args.quiet else print_epoch, options=run_options(args))
     go = result.accuracy > GO_ACCURACY
     verdict = "GO" if go else "NO-GO"
     summary = dataclasses.asdict(result) | {"verdict": verdict, "go_accuracy": GO_ACCURACY,

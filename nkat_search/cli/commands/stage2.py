@@ -23,10 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nkat_search.cli.commands.train import print_epoch
+    from nkat_search.cli.commands.train import print_epoch, run_options
+    from nkat_search.train.session import TrainingSession
     from nkat_search.train.stage2 import run_stage2, write_report
 
     cfg = config_from_args(args)
+    options = run_options(args)
+    # One session for the datasets: those with the same input channels and classes (MNIST,
+    # Fashion-MNIST) share one compiled model instead of compiling it again.
+    options.session = TrainingSession()
     quiet = args.quiet
     report = run_stage2(
         cfg, list(dict.fromkeys(args.datasets)), data_dir=args.data_dir, device=args.device,
@@ -34,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         on_dataset=None if quiet else lambda name, r: print(
             f"{name}: accuracy {r.accuracy:.4f}, lambda {r.lam:.4f}, TPE {r.tpe:.4f}, "
             f"{r.train_seconds:.1f} s", flush=True),
-        train_kwargs={"resume": args.resume, "on_epoch": None if quiet else print_epoch},
+        train_kwargs={"resume": args.resume, "on_epoch": None if quiet else print_epoch,
+                      "options": options},
     )
     json_path, md_path = write_report(report, args.out)
     print(report.to_markdown())

@@ -20,7 +20,27 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_out: str) -> None
     parser.add_argument("--out", default=default_out, metavar="DIR", help="output directory")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
                         help="ignore a checkpoint in --out and start over")
+    add_checkpoint_interval_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_checkpoint_interval_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="S",
+                        help="write the checkpoint at most every S seconds (0: after every epoch); "
+                        "always after the last epoch and on SIGTERM / Ctrl-C")
+
+
+def run_options(args: argparse.Namespace):
+    """TrainOptions from the shared flags; a negative or NaN interval is one clear line."""
+    import math
+
+    from nkat_search.errors import UserError
+    from nkat_search.train.loop import TrainOptions
+
+    interval = args.checkpoint_interval
+    if not math.isfinite(interval) or interval < 0:
+        raise UserError(f"--checkpoint-interval: must be a number of seconds >= 0, got {interval}")
+    return TrainOptions(checkpoint_interval_s=interval)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     result = train_model(cfg, data_dir=args.data_dir, device=args.device, out_dir=out,
                          progress=not args.quiet, resume=args.resume,
-                         on_epoch=None if args.quiet else print_epoch)
+                         on_epoch=None if args.quiet else print_epoch, options=run_options(args))
     write_text_atomic(out / "metrics.json", json.dumps(dataclasses.asdict(result), indent=2))
     print(f"{result.dataset}: accuracy {result.accuracy:.4f} ({result.eval_split}), "
           f"lambda {result.lam:.4f}, TPE {result.tpe:.4f}, {result.train_seconds:.1f} s training, "

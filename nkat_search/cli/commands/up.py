@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset root (default: $NKAT_DATA_DIR, else ~/.cache/nkat-search/data)")
     parser.add_argument("--out", default="runs", metavar="DIR",
                         help="output root: OUT/STUDY.db, OUT/STUDY/{logs,export}, OUT/checkpoints")
+    parser.add_argument("--checkpoint-interval", type=float, metavar="S",
+                        help="passed to the workers: a trial's checkpoint at most every S seconds "
+                        "(default: the worker's, 60)")
     parser.add_argument("--top", type=int, default=3, metavar="K", help="export the best K trials")
     parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
                         help="serve optuna-dashboard on 127.0.0.1 while the workers run")
@@ -139,6 +142,8 @@ class Up:
                     "--device", device, "--checkpoint-dir", str(checkpoints), "--quiet"]
             if self.args.trials_per_gpu is not None:
                 argv += ["--trials-per-gpu", str(self.args.trials_per_gpu)]
+            if self.args.checkpoint_interval is not None:
+                argv += ["--checkpoint-interval", str(self.args.checkpoint_interval)]
             if self.args.data_dir:
                 argv += ["--data-dir", self.args.data_dir]
             log = self.run_dir / "logs" / f"worker-{i}.log"

@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset root (default: $NKAT_DATA_DIR, else ~/.cache/nkat-search/data)")
     parser.add_argument("--checkpoint-dir", default="runs/checkpoints", metavar="DIR",
                         help="checkpoints go to DIR/<study>/trial-<n>/<dataset>/ (shared by retries)")
+    parser.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="S",
+                        help="write a trial's checkpoint at most every S seconds (0: after every "
+                        "epoch); always at the end of a stage and on SIGTERM / Ctrl-C, so a "
+                        "kill -9 loses at most about S seconds of training")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep checkpoints of finished trials (default: only unfinished ones)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -52,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--trials-per-gpu: must be >= 1, got {args.trials_per_gpu}")
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials: must be >= 1, got {args.n_trials}")
+    if not args.checkpoint_interval >= 0 or args.checkpoint_interval == float("inf"):
+        raise UserError(f"--checkpoint-interval: must be a number of seconds >= 0, "
+                        f"got {args.checkpoint_interval}")
     # K processes on one machine each defaulting to every core would oversubscribe the CPU
     # (data loading, and the whole run with --device cpu); split the cores unless told otherwise.
     processes = args.trials_per_gpu * len(devices)
@@ -61,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     options = WorkerOptions(storage=args.storage, study=args.study, device=devices[0],
                             n_trials=args.n_trials, data_dir=args.data_dir,
                             checkpoint_dir=args.checkpoint_dir,
+                            checkpoint_interval_s=args.checkpoint_interval,
                             keep_checkpoints=args.keep_checkpoints,
                             progress=False if args.quiet else None, cpu_threads=threads)
     stop = StopFlag()
@@ -107,7 +115,8 @@ def _devices(device: str) -> list[str]:
 
 def _sibling_argv(args: argparse.Namespace, device: str, trials_per_gpu: int) -> list[str]:
     argv = ["worker", *storage_argv(args.storage), "--study", args.study, "--device", device,
-            "--trials-per-gpu", str(trials_per_gpu), "--checkpoint-dir", args.checkpoint_dir]
+            "--trials-per-gpu", str(trials_per_gpu), "--checkpoint-dir", args.checkpoint_dir,
+            "--checkpoint-interval", str(args.checkpoint_interval)]
     if args.n_trials is not None:
         argv += ["--n-trials", str(args.n_trials)]
     if args.data_dir:
