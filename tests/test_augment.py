@@ -10,7 +10,8 @@ import torchvision.transforms.functional as TF
 from nkat_search.train import augment
 from nkat_search.train.augment import GpuAugment, soft_targets
 from nkat_search.config import TrainConfig
-from nkat_search.train.data import DeviceData, dataset_info
+from nkat_search.train.data import DeviceData
+from nkat_search.train.datasets import dataset_info
 
 OFF = dict(crop_padding=0, randaugment=(0, 9), cutout=0, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
 

@@ -12,14 +12,9 @@ import pytest
 import torch
 
 from nkat_search.config import ConfigError
-from nkat_search.train.data import (
-    DataError,
-    DeviceData,
-    dataset_info,
-    load_dataset,
-    load_split,
-    resolve_data_dir,
-)
+from nkat_search.train.data import DeviceData, load_dataset
+from nkat_search.train.datasets import dataset_info
+from nkat_search.train.sources import DataError, load_split, resolve_data_dir
 
 _CANDIDATES = [Path(p) for p in (os.environ.get("NKAT_DATA_DIR"), "/work/shared/datasets") if p]
 SHARED = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
@@ -45,7 +40,10 @@ def fresh_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def shared():
     if not SHARED.is_dir():
-        pytest.skip(f"shared datasets not found at {', '.join(map(str, _CANDIDATES))} (set NKAT_DATA_DIR)")
+        from conftest import missing_data
+
+        missing_data(f"shared datasets not found at {', '.join(map(str, _CANDIDATES))} "
+                     "(set NKAT_DATA_DIR)")
     return SHARED
 
 
@@ -190,6 +188,41 @@ def test_download_failure_is_one_line(tmp_path, fresh_cache, monkeypatch):
     monkeypatch.setattr(utils, "download_and_extract_archive", offline)
     with pytest.raises(DataError, match="download failed.*--data-dir"):
         load_split("cifar10", "test", tmp_path / "data", download=True)
+
+
+def test_a_named_data_dir_is_never_downloaded_into_unless_asked(tmp_path, fresh_cache,
+                                                                 monkeypatch):
+    """--data-dir (or NKAT_DATA_DIR) says where the data is: a missing dataset is reported, naming
+    the folder and the file, and fetched only with --download (issue: EMNIST was downloaded
+    although --data-dir was given, and the error then said "pass --data-dir")."""
+    from torchvision import datasets
+
+    from nkat_search.train.sources import DataDir, data_location
+
+    fetched = []
+
+    def offline(*args, **kwargs):
+        fetched.append(kwargs)
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(datasets, "EMNIST", offline)
+    folder = tmp_path / "datasets"
+    folder.mkdir()
+    with pytest.raises(DataError) as err:
+        load_split("emnist", "train", folder)
+    message = str(err.value)
+    assert fetched == [] and str(folder) in message and "--download" in message
+    assert "emnist-letters-train-images-idx3-ubyte" in message and "\n" not in message
+    monkeypatch.setenv("NKAT_DATA_DIR", str(folder))
+    with pytest.raises(DataError, match=r"\$NKAT_DATA_DIR"):
+        load_split("emnist", "train", None)
+    assert fetched == []
+    with pytest.raises(DataError, match="download failed"):
+        load_split("emnist", "train", data_location(folder, download=True))
+    assert len(fetched) == 1
+    monkeypatch.delenv("NKAT_DATA_DIR")
+    assert data_location(None).download and not data_location(folder).download
+    assert data_location(DataDir(folder, False), download=True).download
 
 
 # ---- EMNIST (hand-written files in the official format) ---------------------------------------

@@ -5,7 +5,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from nkat_search.config import RunConfig
-from nkat_search.train.data import DataError
+from nkat_search.train.sources import DataError
 from nkat_search.train.loop import TrainOptions, train_model
 from nkat_search.train.model import build_model
 from nkat_search.train.session import TrainingSession

@@ -48,14 +48,18 @@ def run_stage2(
     on_dataset: Callable[[str, object], None] | None = None,
     progress: bool = True,
     train_kwargs: dict | None = None,
+    train_fn: Callable | None = None,
 ) -> Stage2Report:
     """Train ``cfg`` on each dataset (skipping those in ``results``) and build the Stage 2 table.
 
     A dataset whose files are missing is recorded in ``report.missing`` with the reason, and the
-    table names it; the aggregates cover the datasets that ran.
+    table names it; the aggregates cover the datasets that ran. ``train_fn`` replaces
+    ``loop.train_model`` (the search's tests pass a stand-in trainer).
     """
-    from nkat_search.train.data import DataError
     from nkat_search.train.loop import train_model
+    from nkat_search.train.sources import DataError
+
+    train_fn = train_fn or train_model
 
     done = dict(results or {})
     missing: dict[str, str] = {}
@@ -65,7 +69,7 @@ def run_stage2(
         run_cfg = RunConfig.from_dict({"dataset": name}, base=cfg)
         run_out = Path(out_dir) / name if out_dir is not None else None
         try:
-            done[name] = train_model(run_cfg, data_dir=data_dir, device=device, out_dir=run_out,
+            done[name] = train_fn(run_cfg, data_dir=data_dir, device=device, out_dir=run_out,
                                      progress=progress, **(train_kwargs or {}))
         except DataError as err:
             missing[name] = str(err)

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nkat_search.train import metrics
     from nkat_search.config import DATASET_NAMES
-    from nkat_search.train.data import dataset_info
+    from nkat_search.train.datasets import dataset_info
     from nkat_search.train.model import build_model, count_parameters
 
     cfg = config_from_args(args)

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from nkat_search.atomic import write_text_atomic
-    from nkat_search.cli.commands.train import print_epoch, run_options
+    from nkat_search.cli.commands.train import data_dir_of, print_epoch, run_options
     from nkat_search.train.loop import train_model
 
     for key, value in SMOKE_DEFAULTS.items():
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     args.dataset = "cifar10"
     cfg = config_from_args(args)
     out = Path(args.out)
-    result = train_model(cfg, data_dir=args.data_dir, device=args.device, out_dir=out,
+    result = train_model(cfg, data_dir=data_dir_of(args), device=args.device, out_dir=out,
                          progress=not args.quiet, resume=args.resume,
                          on_epoch=None if args.quiet else print_epoch, options=run_options(args))
     go = result.accuracy > GO_ACCURACY

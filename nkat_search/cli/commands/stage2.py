@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nkat_search.cli.commands.train import print_epoch, run_options
+    from nkat_search.cli.commands.train import data_dir_of, print_epoch, run_options
     from nkat_search.train.session import TrainingSession
     from nkat_search.train.stage2 import run_stage2, write_report
 
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     options.session = TrainingSession()
     quiet = args.quiet
     report = run_stage2(
-        cfg, list(dict.fromkeys(args.datasets)), data_dir=args.data_dir, device=args.device,
+        cfg, list(dict.fromkeys(args.datasets)), data_dir=data_dir_of(args), device=args.device,
         out_dir=args.out, progress=not quiet,
         on_dataset=None if quiet else lambda name, r: print(
             f"{name}: accuracy {r.accuracy:.4f}, lambda {r.lam:.4f}, TPE {r.tpe:.4f}, "

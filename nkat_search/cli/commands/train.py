@@ -14,14 +14,28 @@ HELP = ("Train one NKAT config on one dataset. Accepts the user's baseline flags
 
 def add_run_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     """Flags shared by train, smoke and stage2."""
-    parser.add_argument("--data-dir", metavar="DIR",
-                        help="dataset root (default: $NKAT_DATA_DIR, else ~/.cache/nkat-search/data)")
+    add_data_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", default=default_out, metavar="DIR", help="output directory")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
                         help="ignore a checkpoint in --out and start over")
     add_checkpoint_interval_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir`` and ``--download`` (train, smoke, stage2, worker, up)."""
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="dataset root (default: $NKAT_DATA_DIR, else ~/.cache/nkat-search/data)")
+    parser.add_argument("--download", action="store_true",
+                        help="download missing datasets from their official sources into the data dir; without --data-dir and $NKAT_DATA_DIR they are always downloaded (into ~/.cache/nkat-search/data), a named folder only with this flag")
+
+
+def data_dir_of(args: argparse.Namespace):
+    """The ``sources.DataDir`` the flags name (whether missing datasets may be downloaded)."""
+    from nkat_search.train.sources import data_location
+
+    return data_location(args.data_dir, args.download)
 
 
 def add_checkpoint_interval_argument(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     out = Path(args.out)
-    result = train_model(cfg, data_dir=args.data_dir, device=args.device, out_dir=out,
+    result = train_model(cfg, data_dir=data_dir_of(args), device=args.device, out_dir=out,
                          progress=not args.quiet, resume=args.resume,
                          on_epoch=None if args.quiet else print_epoch, options=run_options(args))
     write_text_atomic(out / "metrics.json", json.dumps(dataclasses.asdict(result), indent=2))
