@@ -75,3 +75,39 @@ def test_a_taken_port_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(port) in lines[0] and "--port" in lines[0]
+
+
+def test_the_dashboard_shows_the_metric_the_constraints_and_the_studys_best_trial(tmp_path):
+    """What optuna-dashboard 0.21 showed of a study the service wrote, against what is true.
+
+    It said "Objective 0", listed `constraints: []` (it reads Optuna's older list format), marked
+    the infeasible top value "Best Trial" (storage.get_best_trial ignores constraints) and
+    plotted pruned trials' last Local TPE as a Global TPE.
+    """
+    from test_export_status import STUDY, build_study
+
+    storage_url = f"sqlite:///{tmp_path / 'dash.db'}"
+    build_study(storage_url, infeasible_top=True)
+    port = find_free_port("127.0.0.1", 18280)
+    log_path = tmp_path / "dashboard.log"
+    process = start_dashboard(storage_url, port, log_path)
+    try:
+        studies = get_json(f"http://127.0.0.1:{port}/api/studies", process, log_path)
+        study_id = next(s["study_id"] for s in studies["study_summaries"]
+                        if s["study_name"] == STUDY)
+        detail = get_json(f"http://127.0.0.1:{port}/api/studies/{study_id}", process, log_path)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert detail["objective_names"] == ["Global TPE"]
+    assert [t["number"] for t in detail["best_trials"]] == [1]
+    trials = {t["number"]: t for t in detail["trials"]}
+    assert trials[1]["constraints"] == pytest.approx([-0.1, -0.05])
+    assert trials[7]["constraints"] == pytest.approx([-0.1, 0.25])  # robustness missed
+    assert trials[3]["state"] == "Pruned" and "values" not in trials[3]  # never scored
+    attrs = {a["key"]: a["value"] for a in trials[1]["user_attrs"]}
+    assert attrs["accuracy_mnist"] == "0.99" and attrs["tpe_cifar10"] == "0.63"
+    assert attrs["feasible"] == "True" and attrs["outcome"] == "complete"
+    assert {a["key"] for a in trials[3]["user_attrs"]} >= {"outcome", "reason", "feasible"}
+    study_attrs = {a["key"] for a in detail["user_attrs"]}
+    assert "study_file" not in study_attrs and "study_file_hash" in study_attrs

@@ -1,13 +1,16 @@
-"""status and export against real storages (SQLite file and PostgreSQL) holding a hand-built study.
+"""status, study show and export against real storages (SQLite file and PostgreSQL) holding a
+hand-built study.
 
-The study is written with Optuna directly, with the trial attributes of docs/CONTRACTS.md, so these
-tests pin what status counts and what export writes without training anything; the last test then
-re-runs an exported file with ``nkat-search train`` to show the export is a usable config.
+The study is created by the coordinator from a small study file and its trials are written with
+Optuna directly, with the attributes of ``search/trials.py``, so these tests pin what status
+counts, which trial each reader calls the best and what export writes, without training anything;
+the last test re-runs an exported file with ``nkat-search train`` to show it is a usable config.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -19,15 +22,29 @@ from optuna.trial import TrialState, create_trial
 
 from nkat_search.cli.main import main
 from nkat_search.config import RunConfig, load_config_file
+from nkat_search.search.coordinator import create_study
+from nkat_search.search.spec import parse_study_text
+from nkat_search.search.storage import open_storage
+from nkat_search.search.trials import DatasetScore, attrs_of
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 STUDY = "export-status-test"
-FILE_HASH = "0" * 63 + "1"
-# (global_tpe, embed_dim, depth): trial numbers 0, 1, 2; trial 1 is the best.
-COMPLETE = [(0.71, 64, 1), (0.74, 128, 2), (0.69, 64, 2)]
+STUDY_FILE = {
+    "name": STUDY, "n_trials": 10, "seed": 3,
+    "search": {"embed_dim": {"type": "int", "low": 64, "high": 128, "step": 64},
+               "depth": {"type": "int", "low": 1, "high": 2},
+               "temperature": {"type": "float", "low": 0.6, "high": 1.0}},
+    "fixed": {"epochs": 2, "warmup": 0},
+    "gate": {"local_tpe": 0.60},
+    "sampler": {"constraints": {"consistency": 0.80, "robustness": 0.75}},
+}
 DISTRIBUTIONS = {"embed_dim": IntDistribution(64, 128, step=64), "depth": IntDistribution(1, 2),
                  "temperature": FloatDistribution(0.6, 1.0)}
+# (global_tpe, embed_dim, depth, robustness): trials 0, 1, 2 meet the constraints, trial 1 is
+# their best; trial 7 has the top value and misses Robustness 0.75.
+COMPLETE = [(0.71, 64, 1, 0.80), (0.74, 128, 2, 0.80), (0.69, 64, 2, 0.80)]
+INFEASIBLE_TOP = (0.80, 128, 1, 0.50)
 
 
 def tiny_config(embed_dim: int, depth: int) -> dict:
@@ -38,38 +55,49 @@ def tiny_config(embed_dim: int, depth: int) -> dict:
     }).to_dict()
 
 
-def build_study(url: str) -> optuna.Study:
-    study = optuna.create_study(study_name=STUDY, storage=url, direction="maximize")
-    study.set_user_attr("study_file_hash", FILE_HASH)
-    study.set_user_attr("study_file_name", "tiny.yaml")
-    study.set_user_attr("gate", 0.60)
-    for gtpe, embed_dim, depth in COMPLETE:
-        params = {"embed_dim": embed_dim, "depth": depth, "temperature": 0.8}
-        study.add_trial(create_trial(
-            params=params, distributions=DISTRIBUTIONS, value=gtpe,
-            intermediate_values={1: 0.55, 2: 0.63},
-            user_attrs={
-                "outcome": "complete", "config": tiny_config(embed_dim, depth),
-                "local_tpe": 0.63, "cifar10_accuracy": 0.5, "lambda": 0.1 * depth,
-                "global_tpe": gtpe, "consistency": 0.9, "robustness": 0.8,
-                "datasets": {"mnist": {"accuracy": 0.99, "lambda": 0.1, "tpe": 2.4,
-                                       "epoch_seconds": [1.0, 1.0]}},
-                "missing_datasets": [], "worker": "host:1:cpu",
-            }))
+def complete_trial(gtpe: float, embed_dim: int, depth: int, robustness: float):
+    scores = {"mnist": DatasetScore(0.99, 0.1, 2.4), "cifar10": DatasetScore(0.5, 0.1 * depth, 0.63)}
+    return create_trial(
+        params={"embed_dim": embed_dim, "depth": depth, "temperature": 0.8},
+        distributions=DISTRIBUTIONS, value=gtpe, intermediate_values={1: 0.55, 2: 0.63},
+        constraints={"consistency": 0.80 - 0.9, "robustness": 0.75 - robustness},
+        user_attrs=attrs_of(
+            outcome="complete", config=tiny_config(embed_dim, depth), local_tpe=0.63,
+            datasets=scores, global_tpe=gtpe, consistency=0.9, robustness=robustness,
+            feasible=robustness >= 0.75, missing_datasets=[], worker="host:1:cpu",
+            timings={"time_train_s": 12.5, "time_trial_s": 14.0, "train_images": 4096}))
+
+
+def build_study(url: str, infeasible_top: bool = False, feasible: bool = True) -> optuna.Study:
+    """Trials 0-2 complete, 3 gate-failed, 4 pruned, 5 failed, 6 running (7: infeasible top)."""
+    spec = parse_study_text(yaml.safe_dump(STUDY_FILE), file_name="tiny.yaml")
+    study, _, _ = create_study(spec, open_storage(url))
+    for gtpe, embed_dim, depth, robustness in COMPLETE:
+        study.add_trial(complete_trial(gtpe, embed_dim, depth, robustness if feasible else 0.5))
     params = {"embed_dim": 64, "depth": 1, "temperature": 0.9}
+    unmeasured = {"consistency": 2.25, "robustness": 2.25}
     study.add_trial(create_trial(  # trial 3: below the Local TPE gate
         params=params, distributions=DISTRIBUTIONS, state=TrialState.PRUNED,
-        intermediate_values={1: 0.41, 2: 0.45},
-        user_attrs={"outcome": "gate_failed", "config": tiny_config(64, 1), "local_tpe": 0.45}))
+        intermediate_values={1: 0.41, 2: 0.45}, constraints=unmeasured,
+        user_attrs=attrs_of(outcome="gate_failed", config=tiny_config(64, 1), local_tpe=0.45,
+                            feasible=False, reason="gate: Local TPE 0.4500 < 0.6")))
     study.add_trial(create_trial(  # trial 4: stopped early by the pruner
         params=params, distributions=DISTRIBUTIONS, state=TrialState.PRUNED,
-        intermediate_values={1: 0.2}, user_attrs={"outcome": "pruned"}))
+        intermediate_values={1: 0.2}, constraints=unmeasured,
+        user_attrs=attrs_of(outcome="pruned", feasible=False,
+                            reason="pruned at epoch 1 of 2 by the median pruner")))
     study.add_trial(create_trial(  # trial 5: crashed
         params=params, distributions=DISTRIBUTIONS, state=TrialState.FAIL,
         user_attrs={"outcome": "failed",
                     "error": "Traceback (most recent call last):\nRuntimeError: out of memory"}))
     running = study.ask(DISTRIBUTIONS)  # trial 6: a worker holds it right now
     running.report(0.5, 1)
+    running.set_user_attr("config", tiny_config(64, 1))
+    running.set_user_attr("stage", 1)
+    running.set_user_attr("dataset", "cifar10")
+    running.set_user_attr("epoch", 1)
+    if infeasible_top:
+        study.add_trial(complete_trial(*INFEASIBLE_TOP))  # trial 7
     return study
 
 
@@ -91,17 +119,25 @@ def test_status_json_counts_every_outcome(storage_url, capsys):
     code, out, _ = cli(capsys, "status", "--study", STUDY, "--storage", storage_url, "--json")
     assert code == 0
     report = json.loads(out)
-    assert report["study"] == STUDY and report["study_file_hash"] == FILE_HASH
+    assert report["study"] == STUDY and report["metric"] == "Global TPE"
+    assert report["budget"]["budget"] == 10 and report["budget"]["used"] == 7
     summary = report["summary"]
-    assert {k: summary[k] for k in ("complete", "pruned", "gate_failed", "failed", "running",
-                                    "waiting", "total")} == {
-        "complete": 3, "pruned": 1, "gate_failed": 1, "failed": 1, "running": 1, "waiting": 0,
-        "total": 7}
+    assert {k: summary[k] for k in ("complete", "pruned", "gate_failed", "failed", "interrupted",
+                                    "running", "waiting", "total")} == {
+        "complete": 3, "pruned": 1, "gate_failed": 1, "failed": 1, "interrupted": 0,
+        "running": 1, "waiting": 0, "total": 7}
     assert summary["best_value"] == pytest.approx(0.74) and summary["best_trial"] == 1
     rows = {r["number"]: r for r in report["trials"]}
-    assert rows[3]["kind"] == "gate_failed" and rows[3]["local_tpe"] == pytest.approx(0.45)
+    assert rows[3]["outcome"] == "gate_failed" and rows[3]["local_tpe"] == pytest.approx(0.45)
+    assert rows[3]["reason"] == "gate: Local TPE 0.4500 < 0.6" and rows[3]["feasible"] is False
     assert rows[6]["state"] == "running" and rows[6]["local_tpe"] == pytest.approx(0.5)
+    assert rows[6]["progress"] == {"stage": 1, "dataset": "cifar10", "epoch": 1}
+    assert rows[6]["feasible"] is None
     assert rows[1]["epochs"] == 2 and rows[1]["lambda"] == pytest.approx(0.2)
+    assert rows[1]["datasets"]["mnist"] == {"accuracy": 0.99, "lambda": 0.1, "tpe": 2.4}
+    assert rows[1]["feasible"] is True
+    # The timing attributes of every trial, as the objective writes them.
+    assert rows[1]["timings"] == {"time_train_s": 12.5, "time_trial_s": 14.0, "train_images": 4096}
 
 
 def test_status_table_has_a_row_per_trial_and_the_summary(storage_url, capsys):
@@ -110,8 +146,77 @@ def test_status_table_has_a_row_per_trial_and_the_summary(storage_url, capsys):
     assert code == 0
     assert "3 complete, 1 pruned, 1 gate-failed, 1 failed, 1 running" in out
     assert "best Global TPE 0.7400 (trial 1)" in out
-    assert "gate_failed" in out and "trial 5 failed: RuntimeError: out of memory" in out
+    assert "gate_failed" in out and "gate: Local TPE 0.4500 < 0.6" in out
+    assert "RuntimeError: out of memory" in out
+    assert "pruned at epoch 1 of 2 by the median pruner" in out
+    assert "stage 1 cifar10 epoch 1/2 Local TPE 0.5000" in out  # the running trial
+    header = out.splitlines()[1]
+    for column in ("outcome", "acc cifar10", "acc mnist", "LocalTPE", "GlobalTPE", "feasible"):
+        assert column in header
+    # The searched parameters that differ between trials, by name; temperature differs too.
+    assert "searched parameters that differ:" in out
+    params_header = out.split("searched parameters that differ:")[1].splitlines()[1]
+    assert params_header.split() == ["trial", "embed_dim", "depth", "temperature"]
     assert "missing datasets" not in out
+
+
+def test_every_reader_takes_the_studys_best_trial_when_the_top_value_is_infeasible(
+        storage_url, tmp_path, capsys):
+    """status, study show, export, Optuna and `optuna best-trial` agree: trial 1, not trial 7.
+
+    Before ``trials.best``, status, up's summary and export took the top value (trial 7), which
+    misses the Robustness constraint, while study show and Optuna took trial 1.
+    """
+    study = build_study(storage_url, infeasible_top=True)
+    assert study.trials[7].value == max(t.value for t in study.trials if t.value is not None
+                                        and t.state == TrialState.COMPLETE)
+    assert study.best_trial.number == 1
+
+    code, out, _ = cli(capsys, "status", "--study", STUDY, "--storage", storage_url, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["summary"]["best_trial"] == 1
+    rows = {r["number"]: r for r in report["trials"]}
+    assert rows[7]["feasible"] is False and rows[7]["reason"] == "infeasible: robustness 0.50 < 0.75"
+
+    code, out, _ = cli(capsys, "study", "show", "--study", STUDY, "--storage", storage_url, "--json")
+    assert code == 0 and json.loads(out)["best"]["number"] == 1
+    assert json.loads(out)["best"]["feasible"] is True
+
+    code, out, _ = cli(capsys, "export", "--study", STUDY, "--storage", storage_url, "--top", 5,
+                       "--out", tmp_path / "export")
+    assert code == 0, out
+    best = yaml.safe_load((tmp_path / "export" / "best.yaml").read_text())
+    assert best["study"]["trial"] == 1 and best["metrics"]["feasible"] is True
+    assert "exported 4 trial(s)" in out and "5 asked, but the study has only 4 complete" in out
+    assert "trial(s) 7 miss the constraints" in out
+    last = yaml.safe_load((tmp_path / "export" / "trial-7.yaml").read_text())
+    assert last["metrics"]["feasible"] is False
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    optuna_cli = [sys.executable, "-c", "import sys, optuna.cli; sys.exit(optuna.cli.main())"]
+    shown = subprocess.run([*optuna_cli, "best-trial", "--study-name", STUDY,
+                            "--storage", storage_url, "-f", "json"], capture_output=True,
+                           text=True, timeout=120, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["number"] == 1
+
+
+def test_with_no_feasible_trial_the_best_value_is_shown_and_exported_as_infeasible(
+        tmp_path, capsys):
+    """The stated fallback: Optuna has no best trial; we show and export the top value, marked."""
+    url = f"sqlite:///{tmp_path / 'none-feasible.db'}"
+    study = build_study(url, feasible=False)
+    with pytest.raises(ValueError, match="No feasible trials"):
+        study.best_trial
+    code, out, _ = cli(capsys, "status", "--study", STUDY, "--storage", url)
+    assert code == 0
+    assert ("best Global TPE 0.7400 (trial 1, infeasible: no complete trial meets the "
+            "constraints yet)") in out
+    code, out, _ = cli(capsys, "export", "--study", STUDY, "--storage", url, "--out", tmp_path / "e")
+    assert code == 0
+    best = yaml.safe_load((tmp_path / "e" / "best.yaml").read_text())
+    assert best["study"]["trial"] == 1 and best["metrics"]["feasible"] is False
+    assert "MISSES the constraints" in (tmp_path / "e" / "best.yaml").read_text().splitlines()[0]
 
 
 def test_status_names_datasets_that_were_missing(tmp_path, capsys):
@@ -150,13 +255,23 @@ def test_export_top_two_writes_the_best_configs(storage_url, tmp_path, capsys):
         "best.json", "best.yaml", "trial-0.json", "trial-0.yaml", "trial-1.json", "trial-1.yaml"]
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["study"]["trial"] == 1 and best["study"]["name"] == STUDY
-    assert best["study"]["study_file_hash"] == FILE_HASH
+    assert best["study"]["study_file_hash"] == study.user_attrs["study_file_hash"]
     assert best["metrics"]["global_tpe"] == pytest.approx(0.74)
     assert best["metrics"]["datasets"]["mnist"]["accuracy"] == pytest.approx(0.99)
+    assert best["metrics"]["constraints"] == pytest.approx({"consistency": -0.1,
+                                                            "robustness": -0.05})
     stored = study.trials[1].user_attrs["config"]
     assert load_config_file(out / "best.yaml") == RunConfig.from_dict(stored)
     assert load_config_file(out / "trial-0.json") == RunConfig.from_dict(study.trials[0].user_attrs["config"])
     assert json.loads((out / "best.json").read_text()) == best
+    # Readable by other users and containers (mkstemp alone makes files 0600).
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~_umask() for p in out.iterdir())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_export_with_no_complete_trial_says_so_and_exits_1(tmp_path, capsys):
@@ -181,3 +296,19 @@ def test_exported_best_reruns_with_train(tmp_path, capsys, data_dir):
     assert result.returncode == 0, result.stderr
     ran = json.loads((run_dir / "metrics.json").read_text())["config"]
     assert ran == study.trials[1].user_attrs["config"] | given
+    assert (run_dir / "metrics.json").stat().st_mode & 0o077 != 0  # not 0600
+
+
+def test_ups_live_line_says_budget_running_trials_best_and_time_left(tmp_path):
+    """It once said only `0 complete, 0 pruned, ... 1 running | best Global TPE -` for minutes."""
+    from nkat_search.search.report import live_line, open_study, study_report
+
+    url = f"sqlite:///{tmp_path / 'live.db'}"
+    build_study(url)
+    report = study_report(open_study(url, STUDY))
+    assert live_line(report, done_before=0, elapsed_s=60.0) == (
+        "6/10 trials done (3 complete, 1 pruned, 1 gate-failed, 1 failed) | "
+        "#6 stage 1 cifar10 epoch 1/2 Local TPE 0.5000 | best Global TPE 0.7400 (trial 1) | "
+        "about 40s left")
+    # Trials finished before this `up` began do not make the rate: no estimate until one does.
+    assert live_line(report, done_before=6, elapsed_s=60.0).endswith("ETA after the first trial")

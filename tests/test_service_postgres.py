@@ -15,6 +15,8 @@ from pathlib import Path
 import optuna
 import yaml
 
+from nkat_search.search.trials import TrialRecord
+
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 BUDGET = 6
 
@@ -89,14 +91,16 @@ def test_coordinator_and_two_workers(fresh_postgres_url, data_dir, tmp_path):
     assert complete, output
     for t in complete:
         attrs = t.user_attrs
-        assert attrs["outcome"] == "complete" and t.value == attrs["global_tpe"]
-        assert set(attrs["datasets"]) == {"cifar10", "mnist", "fashion_mnist"}
-        for row in attrs["datasets"].values():
-            assert 0 <= row["accuracy"] <= 1 and row["lambda"] > 0 and row["tpe"] > 0
-        assert attrs["missing_datasets"] == ["emnist"]  # absent from data_dir, and said so
-        assert attrs["local_tpe"] >= 3.0
-        assert {"consistency", "robustness", "config", "worker"} <= set(attrs)
+        record = TrialRecord.of(t)
+        assert record.outcome == "complete" and t.value == record.global_tpe
+        assert set(record.datasets) == {"cifar10", "mnist", "fashion_mnist"}
+        for row in record.datasets.values():
+            assert 0 <= row.accuracy <= 1 and row.lam > 0 and row.tpe > 0
+        assert record.missing_datasets == ["emnist"]  # absent from data_dir, and said so
+        assert record.local_tpe >= 3.0
+        assert {"consistency", "robustness", "config", "worker", "feasible"} <= set(attrs)
         assert set(t.constraints) == {"consistency", "robustness"}
+        assert record.feasible == all(v <= 0 for v in t.constraints.values())
     stopped = [t for t in trials if t.user_attrs.get("outcome") in ("gate_failed", "pruned")]
     assert stopped, output
     assert all(t.state.name == "PRUNED" for t in stopped)
@@ -114,8 +118,8 @@ def test_coordinator_and_two_workers(fresh_postgres_url, data_dir, tmp_path):
     shown = cli("study", "show", "--study", "svc", "--storage", fresh_postgres_url)
     assert shown.returncode == 0 and f"{BUDGET}/{BUDGET} configurations" in shown.stdout
 
-    # Same name, different file: refused, naming both hashes and the way out.
-    changed = study_variant(tmp_path, n_trials=BUDGET + 1)
+    # Same name, another search: refused, naming both hashes and the way out.
+    changed = study_variant(tmp_path, gate={"local_tpe": 2.5})
     again = cli("study", "create", "--study", str(changed), "--storage", fresh_postgres_url)
     assert again.returncode == 2, again.stdout
     assert len(again.stdout.strip().splitlines()) == 1 and "--name" in again.stdout
@@ -134,4 +138,7 @@ def test_resume_with_the_same_file_enqueues_nothing(fresh_postgres_url, tmp_path
     assert len(study.get_trials()) == 2  # the two enqueued trials, once
     assert study.user_attrs["gate"] == 3.0
     assert study.user_attrs["stage2_datasets"] == ["mnist", "fashion_mnist", "emnist"]
-    assert study.user_attrs["study_file"] == path.read_text()
+    system_attrs = study._storage.get_study_system_attrs(study._study_id)
+    assert system_attrs["study_file"] == path.read_text()
+    assert "study_file" not in study.user_attrs  # `optuna studies` stays one line per study
+    assert study.metric_names == ["Global TPE"]

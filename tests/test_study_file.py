@@ -211,3 +211,48 @@ def test_worker_on_unknown_study_is_one_line(tmp_path, capsys):
     assert main(["worker", "--storage", url, "--study", "nope", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'nope' not found" in err, err
+
+
+def test_a_raised_budget_extends_the_study_and_another_search_is_refused(tmp_path, capsys):
+    """n_trials is the budget, not the search: raising it (in the file, or --n-trials) resumes.
+
+    Before, any change to the file changed its hash and `study create` refused to resume.
+    """
+    from nkat_search.search.coordinator import budget_state, load_study_spec_from_storage
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    assert main(["study", "create", "--study", str(path), "--storage", url]) == 0
+    capsys.readouterr()
+    path.write_text("# a comment, keys in another order\n"
+                    + yaml.safe_dump(MINIMAL | {"n_trials": 4}, sort_keys=False))
+    assert main(["study", "create", "--study", str(path), "--storage", url]) == 0
+    assert "resumed study 't'" in capsys.readouterr().out
+    assert main(["study", "create", "--study", str(path), "--storage", url, "--n-trials", "6"]) == 0
+    assert "budget 6 trials (raised from 4)" in capsys.readouterr().out
+    study = optuna.load_study(study_name="t", storage=url)
+    assert budget_state(study)["budget"] == 6  # what every worker reads before each trial
+    assert load_study_spec_from_storage(study._storage, "t").n_trials == 6
+
+    path.write_text(yaml.safe_dump(_edit("gate.local_tpe", 0.5)))
+    assert main(["study", "create", "--study", str(path), "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "another search definition" in err
+    assert "--name" in err
+
+
+def test_an_old_optuna_is_one_line_naming_the_floor():
+    """Optuna 4.9 has no Trial.set_constraint: every trial failed after Stage 2, up exited 0."""
+    import re
+
+    from nkat_search.errors import UserError
+    from nkat_search.search import OPTUNA_MIN, check_optuna
+
+    with pytest.raises(UserError, match=r"optuna 4\.9\.0 is installed.*optuna>=5\.0"):
+        check_optuna("4.9.0")
+    check_optuna("5.0.0")
+    check_optuna(optuna.__version__)
+    pyproject = (STUDIES.parent / "pyproject.toml").read_text()
+    floor = re.search(r'"optuna>=([\d.]+)"', pyproject).group(1)
+    assert tuple(int(p) for p in floor.split(".")) == OPTUNA_MIN

@@ -1,7 +1,7 @@
 """``nkat-search up`` end to end as a real process: coordinator, a worker, dashboard, table, export.
 
-The study is studies/quick.yaml cut down further (two trials of one epoch, Stage 2 on MNIST only,
-the gate near 0 so trials reach Stage 2 and complete).
+Most tests cut studies/quick.yaml down further (two trials of one epoch, Stage 2 on MNIST only,
+the gate near 0 so trials reach Stage 2 and complete); one runs it as shipped, the README's job.
 """
 
 from __future__ import annotations
@@ -45,16 +45,19 @@ def up_command(study_file: Path, out: Path, data_dir: Path, *extra: str) -> list
 
 def check_finished_run(out: Path, name: str, stdout: str) -> None:
     assert (out / f"{name}.db").is_file()
-    assert "trial  state" in stdout and "complete," in stdout  # the table and the summary line
-    url = f"sqlite:///{out / (name + '.db')}"
+    assert "trial  outcome" in stdout and "complete," in stdout  # the table and the summary line
+    # A bare path is a storage too, and up says how to reach its study afterwards.
+    assert f"this study later: nkat-search status --study {name}" in stdout
     status = subprocess.run([sys.executable, "-m", "nkat_search", "status", "--study", name,
-                             "--storage", url, "--json"], capture_output=True, text=True, timeout=60)
+                             "--storage", str(out / f"{name}.db"), "--json"],
+                            capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
     summary = json.loads(status.stdout)["summary"]
     assert summary["running"] == 0 and summary["failed"] == 0
     if summary["complete"]:
         best = yaml.safe_load((out / name / "export" / "best.yaml").read_text())
         assert best["study"]["trial"] == summary["best_trial"]
+        assert f"exported {min(summary['complete'], 3)} trial(s)" in stdout
 
 
 @pytest.fixture
@@ -103,6 +106,47 @@ def test_up_serves_the_dashboard_on_the_next_free_port(tmp_path, data_dir, env):
     assert f"port {taken} is in use" in stdout
     assert address is not None and address != f"http://127.0.0.1:{taken}/"
     check_finished_run(out, name, stdout)
+
+
+def test_the_quick_study_as_shipped_completes_and_exports(tmp_path, data_dir, env):
+    """The README's main job, run as a user runs it: from a folder, with the default out dir.
+
+    It once ran 8 trials that all drew the slow small stem and failed the gate, ended with
+    "nothing to export yet" and exit 0; the sampler's seed then depended on the worker's PID.
+    """
+    result = subprocess.run(
+        [sys.executable, "-m", "nkat_search", "up", "--study", str(REPO / "studies" / "quick.yaml"),
+         "--data-dir", str(data_dir), "--no-dashboard", "--workers", "1"],
+        capture_output=True, text=True, timeout=900, env=env | {"PYTHONPATH": str(REPO)},
+        cwd=tmp_path)
+    logs = "".join(p.read_text() for p in (tmp_path / "runs" / "nkat-quick" / "logs").glob("*.log"))
+    assert result.returncode == 0, result.stdout + result.stderr + logs
+    assert (tmp_path / "runs" / "nkat-quick" / "export" / "best.yaml").is_file()
+    # From the folder up ran in, status finds the study by its name alone.
+    assert "this study later: nkat-search status --study nkat-quick  (or" in result.stdout
+    status = subprocess.run([sys.executable, "-m", "nkat_search", "status", "--study",
+                             "nkat-quick", "--json"], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path, env=env | {"PYTHONPATH": str(REPO)})
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["summary"]["complete"] >= 1 and report["summary"]["failed"] == 0
+    assert report["budget"]["used"] == 8 and report["summary"]["running"] == 0
+    assert "Traceback" not in logs
+
+
+def test_up_exits_1_when_no_trial_completed(tmp_path, data_dir, env):
+    """A study whose every trial fails the gate has nothing to export: that is not success."""
+    study_file, name = tiny_study_file(tmp_path)
+    data = yaml.safe_load(study_file.read_text())
+    data["n_trials"] = 1
+    data["gate"] = {"local_tpe": 1e6}
+    study_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = tmp_path / "runs"
+    result = subprocess.run(up_command(study_file, out, data_dir, "--no-dashboard"),
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no trial completed (1 gate-failed): nothing to export" in result.stdout
+    assert "gate: Local TPE" in result.stdout  # the table says why
 
 
 def test_a_bad_study_file_is_one_line_and_exit_2(tmp_path):

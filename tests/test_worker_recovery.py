@@ -108,8 +108,13 @@ def test_killed_worker_trial_resumes_from_its_checkpoint(backend, request, data_
 
 def test_sigterm_finishes_the_epoch_and_queues_the_retry(fresh_postgres_url, data_dir, tmp_path):
     original, _ = interrupt_then_recover(fresh_postgres_url, data_dir, tmp_path, signal.SIGTERM)
-    assert original.user_attrs["outcome"] == "failed"
+    assert original.user_attrs["outcome"] == "interrupted"
     assert original.user_attrs["error"].startswith("interrupted")
+    # Not a crash: one line says where it stopped and that the retry resumes it; no traceback,
+    # no "failed with value None".
+    log = (tmp_path / "first.log").read_text()
+    assert "Traceback" not in log and "failed with value" not in log, log
+    assert "trial    0  interrupted" in log and "its retry resumes from the checkpoint" in log
 
 
 def test_a_trial_that_runs_out_of_gpu_memory_is_retried_not_lost(data_dir, tmp_path, monkeypatch):

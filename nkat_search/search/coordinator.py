@@ -2,62 +2,90 @@
 
 The study file's text and hash are stored in the study itself, so a worker on any machine needs
 only the storage URL and the study name: it reads the file back (``load_study_spec_from_storage``)
-and builds the same sampler and pruner the coordinator did.
+and builds the same sampler and pruner the coordinator did. The text is a study *system*
+attribute (a long text among the user attributes would fill every line of ``optuna studies``);
+the user attributes keep what a person reads: file name, hashes, budget, gate, Stage 2 datasets.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-import zlib
 from collections import Counter
+from typing import Callable
 
+import numpy as np
 import optuna
 
 from nkat_search.errors import UserError
+from nkat_search.search import trials as trial_record
 from nkat_search.search.space import enqueue
 from nkat_search.search.spec import StudySpec, parse_study_text
 
-# Study user attrs (docs/CONTRACTS.md).
+# Study attributes (docs/CONTRACTS.md). ATTR_FILE is a system attribute, the rest user attributes.
 ATTR_FILE, ATTR_HASH, ATTR_FILE_NAME = "study_file", "study_file_hash", "study_file_name"
+ATTR_SEARCH_HASH, ATTR_BUDGET = "search_hash", "n_trials"
 
 
-def create_study(spec: StudySpec, storage, name: str | None = None) -> tuple[optuna.Study, bool]:
-    """Create the study ``name`` (default: the file's ``name``) or resume it; True when created.
+def create_study(spec: StudySpec, storage, name: str | None = None,
+                 n_trials: int | None = None) -> tuple[optuna.Study, bool, int | None]:
+    """Create the study ``name`` (default: the file's ``name``) or resume it.
 
-    Resuming with a different file under the same name is refused: trials of two different
-    searches would be mixed in one TPE model and one budget.
+    Returns ``(study, created, previous budget)`` (the budget before this call; None when
+    created). ``n_trials`` overrides the file's budget. Resuming with a file that defines another
+    search (``spec.search_hash``) is refused: trials of two searches would be mixed in one TPE
+    model. A changed budget (in the file or ``n_trials``) is not another search: it is stored,
+    and the workers, which read it before every trial, extend or end the study by it.
     """
     name = name or spec.name
+    budget = spec.n_trials if n_trials is None else n_trials
+    if budget < 1:
+        raise UserError(f"--n-trials: must be >= 1, got {budget}")
+    if len(spec.enqueue) > budget:
+        raise UserError(f"{spec.file_name}: {len(spec.enqueue)} queued configs exceed the budget "
+                        f"of {budget} trials")
     with _quiet():
         try:
             study = optuna.create_study(study_name=name, storage=storage, direction=spec.direction,
                                         sampler=build_sampler(spec), pruner=build_pruner(spec))
         except optuna.exceptions.DuplicatedStudyError:
             study = None
+    previous = None
     if study is None:
-        stored = _stored_attrs(storage, name)
-        if stored.get(ATTR_HASH) != spec.file_hash:
+        stored = load_study_spec_from_storage(storage, name)
+        if stored.search_hash != spec.search_hash:
             raise UserError(
-                f"study '{name}' already exists with a different study file (stored "
-                f"{str(stored.get(ATTR_HASH))[:12]}, given {spec.file_hash[:12]} from "
-                f"{spec.file_name}); pass --name NEW_NAME to start a new study"
+                f"study '{name}' already exists with another search definition (stored "
+                f"{stored.search_hash[:12]} from {stored.file_name}, given "
+                f"{spec.search_hash[:12]} from {spec.file_name}: the space, fixed recipe, queued "
+                "configs, gate, Stage 2, sampler, seed, constraints or pruner differ); pass "
+                "--name NEW_NAME to start a new study (a changed n_trials alone extends the budget)"
             )
-        return load_study(storage, name, spec), False
-    study.set_user_attr(ATTR_FILE, spec.text)
-    study.set_user_attr(ATTR_HASH, spec.file_hash)
-    study.set_user_attr(ATTR_FILE_NAME, spec.file_name)
-    study.set_user_attr("gate", spec.gate)
-    study.set_user_attr("stage2_datasets", list(spec.stage2_datasets))
-    study.set_user_attr("direction", spec.direction)
-    enqueue(study, spec)
-    return study, True
+        previous = stored.n_trials
+        study = load_study(storage, name, spec)
+    else:
+        enqueue(study, spec)
+    # On a resume too: the stored file becomes the given one (same search, maybe another budget
+    # or heartbeat), so `study show` and every worker see what was given last.
+    storage.set_study_system_attr(storage.get_study_id_from_name(name), ATTR_FILE, spec.text)
+    for key, value in {ATTR_HASH: spec.file_hash, ATTR_FILE_NAME: spec.file_name,
+                       ATTR_SEARCH_HASH: spec.search_hash, ATTR_BUDGET: budget,
+                       "gate": spec.gate, "stage2_datasets": list(spec.stage2_datasets),
+                       "direction": spec.direction}.items():
+        study.set_user_attr(key, value)
+    with _quiet():
+        study.set_metric_names([trial_record.METRIC_NAME])
+    return study, previous is None, previous
 
 
 def load_study_spec_from_storage(storage, name: str) -> StudySpec:
-    """The study file stored in study ``name``, parsed and checked against its stored hash."""
-    attrs = _stored_attrs(storage, name)
-    text = attrs.get(ATTR_FILE)
+    """The study file stored in study ``name``, parsed, with the stored budget and hashes checked.
+
+    Studies made before the file moved to a system attribute keep it among the user attributes.
+    """
+    study_id = _study_id(storage, name)
+    attrs = storage.get_study_user_attrs(study_id)
+    text = storage.get_study_system_attrs(study_id).get(ATTR_FILE, attrs.get(ATTR_FILE))
     if not isinstance(text, str):
         raise UserError(f"study '{name}' has no stored study file; it was not created by "
                         "`nkat-search study create`")
@@ -65,42 +93,78 @@ def load_study_spec_from_storage(storage, name: str) -> StudySpec:
     if spec.file_hash != attrs.get(ATTR_HASH):
         raise UserError(f"study '{name}': the stored study file does not match its stored hash")
     spec.name = name  # --name may differ from the file's name
+    spec.n_trials = int(attrs.get(ATTR_BUDGET, spec.n_trials))
     return spec
 
 
-def load_study(storage, name: str, spec: StudySpec, worker: str | None = None) -> optuna.Study:
-    """Load study ``name`` with the sampler and pruner of ``spec`` (seeded for ``worker``)."""
+
+def load_study(storage, name: str, spec: StudySpec) -> optuna.Study:
+    """Load study ``name`` with the sampler and pruner of ``spec``."""
     with _quiet():
-        return optuna.load_study(study_name=name, storage=storage,
-                                 sampler=build_sampler(spec, worker), pruner=build_pruner(spec))
+        return optuna.load_study(study_name=name, storage=storage, sampler=build_sampler(spec),
+                                 pruner=build_pruner(spec))
 
 
-def sampler_seed(spec: StudySpec, worker: str | None = None) -> int:
-    """The file's seed, mixed with the worker's identity when there is one.
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of trial ``number`` in a study whose file says ``seed``."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
-    Concurrent workers with one seed would draw the same random start-up trials (and, from the
-    same history, the same TPE proposals), so each worker's seed is ``seed + crc32(identity)``.
-    One worker is then reproducible only up to its identity; the search is not meant to be.
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """A sampler made afresh for every trial, seeded by the file's seed and the trial's number.
+
+    Optuna seeds a sampler once per process, so with one seed per study file, concurrent
+    workers would draw the same start-up trials, and with a seed per worker (host:pid:device)
+    the same file gave a different search on every run. Seeding per trial makes a proposal a
+    function of the study's history and the trial number only: a one-worker run repeats
+    exactly; several workers ask for different trial numbers, so they never draw the same
+    random start-up trial (and constant_liar spreads their TPE proposals). The worker holds the
+    study lock from ``ask`` until the trial's parameters are drawn (``Objective.on_start``).
     """
-    if worker is None:
-        return spec.seed
-    return (spec.seed + zlib.crc32(worker.encode())) % 2**32
+
+    def __init__(self, build: Callable[[int], optuna.samplers.BaseSampler], seed: int):
+        self._build = build
+        self._seed = seed
+        self._sampler = build(seed)
+
+    def before_trial(self, study, trial) -> None:
+        self._sampler = self._build(trial_seed(self._seed, trial.number))
+        self._sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        # Reproducible by design: a new process gets the same seeds, not fresh ones.
+        pass
 
 
-def build_sampler(spec: StudySpec, worker: str | None = None) -> optuna.samplers.BaseSampler:
-    """TPE (or random) from the file. Constraints are set per trial, see ``objective.py``.
+def build_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    """TPE (or random) from the file, seeded per trial. Constraints: see ``objective.py``.
 
     ``constant_liar`` makes TPE treat running trials as bad results, so parallel workers spread
     out instead of proposing the same region.
     """
-    seed = sampler_seed(spec, worker)
     if spec.sampler.get("type", "tpe") == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    with _quiet():
-        return optuna.samplers.TPESampler(
-            seed=seed, multivariate=spec.sampler.get("multivariate", True),
-            n_startup_trials=spec.sampler.get("n_startup_trials", 10), constant_liar=True,
-        )
+        return TrialSeededSampler(lambda seed: optuna.samplers.RandomSampler(seed=seed), spec.seed)
+
+    def tpe(seed: int) -> optuna.samplers.BaseSampler:
+        with _quiet():
+            return optuna.samplers.TPESampler(
+                seed=seed, multivariate=spec.sampler.get("multivariate", True),
+                n_startup_trials=spec.sampler.get("n_startup_trials", 10), constant_liar=True,
+            )
+
+    return TrialSeededSampler(tpe, spec.seed)
 
 
 def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -119,14 +183,16 @@ def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def budget_state(study: optuna.Study, budget: int) -> dict:
-    """How far a study is through its budget.
+def budget_state(study: optuna.Study, budget: int | None = None) -> dict:
+    """How far a study is through its budget (default: the stored one, ``n_trials``).
 
     The budget counts *configurations*: every trial except retries. A retry (a copy queued by the
     heartbeat callback for a trial whose worker died) continues its original trial, so it does not
     use budget; the original stays FAIL and the copy carries the result. Enqueued trials count
     from the moment they are queued.
     """
+    if budget is None:
+        budget = stored_budget(study)
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
     used = sum(1 for t in trials if "failed_trial" not in t.system_attrs)
@@ -134,30 +200,34 @@ def budget_state(study: optuna.Study, budget: int) -> dict:
             "retries": len(trials) - used, "states": dict(states)}
 
 
+def stored_budget(study: optuna.Study) -> int:
+    """The study's budget as last set by ``study create`` / ``up`` (read on every call)."""
+    budget = study.user_attrs.get(ATTR_BUDGET)
+    if budget is None:  # a study made before the budget was its own attribute
+        budget = load_study_spec_from_storage(study._storage, study.study_name).n_trials
+    return int(budget)
+
+
 def summary(study: optuna.Study, spec: StudySpec) -> dict:
     """Counts by state and by outcome, the budget and the best trial, for ``study show``."""
-    trials = study.get_trials(deepcopy=False)
-    outcomes = Counter(t.user_attrs.get("outcome", "-") for t in trials)
+    all_trials = study.get_trials(deepcopy=False)
+    outcomes = Counter(trial_record.outcome(t) for t in all_trials)
+    found = trial_record.best(study)
     best = None
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    # Like study.best_trial: the best feasible trial (constraints all <= 0) when there is one.
-    feasible = [t for t in complete if all(v <= 0 for v in t.constraints.values())]
-    if complete:
-        top = max(feasible or complete, key=lambda t: t.value)
-        best = {"number": top.number, "global_tpe": top.value, "feasible": bool(feasible),
-                "local_tpe": top.user_attrs.get("local_tpe"),
-                "consistency": top.user_attrs.get("consistency"),
-                "robustness": top.user_attrs.get("robustness")}
+    if found is not None:
+        record = trial_record.TrialRecord.of(found.trial)
+        best = {"number": found.trial.number, "global_tpe": found.trial.value,
+                "feasible": found.feasible, "local_tpe": record.local_tpe,
+                "consistency": record.consistency, "robustness": record.robustness}
     return budget_state(study, spec.n_trials) | {"outcomes": dict(outcomes), "best": best}
 
 
-def _stored_attrs(storage, name: str) -> dict:
+def _study_id(storage, name: str) -> int:
     try:
-        study_id = storage.get_study_id_from_name(name)
+        return storage.get_study_id_from_name(name)
     except KeyError:
         raise UserError(f"study '{name}' not found in this storage; create it with "
                         "`nkat-search study create --study FILE`") from None
-    return storage.get_study_user_attrs(study_id)
 
 
 @contextlib.contextmanager

@@ -24,12 +24,11 @@ from typing import Callable
 import optuna
 
 from nkat_search.config import RunConfig
+from nkat_search.search import trials
 from nkat_search.search.space import suggest_config
 from nkat_search.search.storage import retried_trial_number
 from nkat_search.search.spec import STAGE1_DATASET, StudySpec
-
-OUTCOMES = ("complete", "pruned", "gate_failed", "failed")
-INTERRUPTED = "interrupted"
+from nkat_search.search.trials import INTERRUPTED, DatasetScore
 # A trial that ran out of GPU memory is retried (up to heartbeat.max_retry): with several trials
 # per GPU the memory may have been a neighbour's, which is no fault of the configuration.
 OUT_OF_MEMORY = "out of GPU memory"
@@ -48,15 +47,18 @@ def trial_dir(checkpoint_root: str | Path, study_name: str, trial) -> Path:
 class Objective:
     """``objective(trial) -> Global TPE`` for ``study.optimize``.
 
-    ``on_start`` runs once the trial exists (the worker uses it to release the budget lock);
+    ``on_start`` runs once the trial's parameters are drawn (the worker holds the study lock
+    until then, so the proposal depends on the study's history and the trial number only);
     ``stop_requested`` is polled after every epoch (SIGTERM / SIGINT in the worker).
+    ``train_fn`` replaces ``train.loop.train_model`` (tests pass a stand-in trainer).
     """
 
     def __init__(self, spec: StudySpec, *, checkpoint_root: str | Path, data_dir=None,
                  device: str = "auto", worker: str = "", progress: bool | None = None,
                  stop_requested: Callable[[], bool] | None = None,
                  on_start: Callable[[], None] | None = None,
-                 checkpoint_interval_s: float | None = None):
+                 checkpoint_interval_s: float | None = None,
+                 train_fn: Callable | None = None):
         self.spec = spec
         self.checkpoint_root = Path(checkpoint_root)
         self.data_dir = data_dir
@@ -66,6 +68,7 @@ class Objective:
         self.stop_requested = stop_requested or (lambda: False)
         self.on_start = on_start
         self.checkpoint_interval_s = checkpoint_interval_s
+        self.train_fn = train_fn
         self.trial_number: int | None = None
         self._session = None  # a TrainingSession, made at the first trial (it imports torch)
 
@@ -83,8 +86,6 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.trial_number = trial.number
-        if self.on_start is not None:
-            self.on_start()
         trial.set_user_attr("worker", self.worker)
         from nkat_search.train.loop import Timings
 
@@ -118,55 +119,74 @@ class Objective:
         from nkat_search.train.stage2 import run_stage2, write_report
         from nkat_search.train.loop import TrainingInterrupted, train_model
 
+        train = self.train_fn or train_model
         spec = self.spec
         cfg = RunConfig.from_dict({"dataset": STAGE1_DATASET}, base=suggest_config(trial, spec))
-        trial.set_user_attr("config", cfg.to_dict())
+        if self.on_start is not None:
+            self.on_start()
+        trials.write(trial, config=cfg.to_dict(), retry_of=retried_trial_number(trial), stage=1,
+                     dataset=STAGE1_DATASET, epoch=0)
         folder = trial_dir(self.checkpoint_root, spec.name, trial)
-        if retried_trial_number(trial) is not None:
-            trial.set_user_attr("retry_of", retried_trial_number(trial))
+        where = {"stage": 1, "dataset": STAGE1_DATASET, "epoch": 0}
+
+        def track(report) -> None:
+            """Where the trial is, for ``up``'s live line: only what changed, once per epoch."""
+            now = {"dataset": report.dataset, "epoch": report.epoch}
+            trials.write(trial, **{k: v for k, v in now.items() if where.get(k) != v})
+            where.update(now)
 
         def report_and_maybe_prune(report) -> None:
+            track(report)
             trial.report(report.tpe, report.epoch)
-            if trial.should_prune():
-                _set(trial, outcome="pruned", local_tpe=report.tpe,
-                     cifar10_accuracy=report.accuracy, **{"lambda": report.lam})
+            # After the last epoch the gate decides; pruning there would only hide its verdict.
+            if report.epoch < report.epochs and trial.should_prune():
+                kind = spec.pruner.get("type", "none")
+                trials.write(trial, outcome="pruned", feasible=False, local_tpe=report.tpe,
+                             datasets={STAGE1_DATASET: _score(report)},
+                             reason=f"pruned at epoch {report.epoch} of {report.epochs} by the "
+                                    f"{kind} pruner (Local TPE {report.tpe:.4f})")
                 self._unmeasured(trial, report.tpe)
                 raise optuna.TrialPruned(f"Local TPE {report.tpe:.4f} at epoch {report.epoch}")
 
         options = self._options(timings)
-        stage1 = train_model(cfg, data_dir=self.data_dir, device=self.device,
-                             out_dir=folder / STAGE1_DATASET, on_epoch=report_and_maybe_prune,
-                             stop_requested=self.stop_requested, progress=self.progress,
-                             options=options)
-        _set(trial, local_tpe=stage1.tpe, cifar10_accuracy=stage1.accuracy,
-             resumed_from_epoch=stage1.resumed_from_epoch, **{"lambda": stage1.lam})
+        stage1 = train(cfg, data_dir=self.data_dir, device=self.device,
+                       out_dir=folder / STAGE1_DATASET, on_epoch=report_and_maybe_prune,
+                       stop_requested=self.stop_requested, progress=self.progress,
+                       options=options)
+        trials.write(trial, local_tpe=stage1.tpe, datasets={STAGE1_DATASET: _score(stage1)},
+                     resumed_from_epoch=stage1.resumed_from_epoch)
         if stage1.tpe < spec.gate:
-            trial.set_user_attr("outcome", "gate_failed")
+            trials.write(trial, outcome="gate_failed", feasible=False,
+                         reason=f"gate: Local TPE {stage1.tpe:.4f} < {spec.gate:g}")
             self._unmeasured(trial, stage1.tpe)
             raise optuna.TrialPruned(f"gate: Local TPE@CIFAR10 {stage1.tpe:.4f} < {spec.gate}")
         if self.stop_requested():
             raise TrainingInterrupted(stage1.epochs_run)
 
         datasets = [*spec.stage2_datasets, STAGE1_DATASET]
+        if spec.stage2_datasets:
+            first = {"stage": 2, "dataset": spec.stage2_datasets[0], "epoch": 0}
+            trials.write(trial, **first)
+            where.update(first)
         report = run_stage2(cfg, datasets, data_dir=self.data_dir, device=self.device,
                             out_dir=folder, results={STAGE1_DATASET: stage1},
-                            progress=self.progress,
+                            progress=self.progress, train_fn=train,
                             train_kwargs={"stop_requested": self.stop_requested,
-                                          "options": options})
+                                          "options": options, "on_epoch": track})
         write_report(report, folder)
         table = report.table
-        _set(trial,
-             datasets={row.dataset: {"accuracy": row.accuracy, "lambda": row.lam, "tpe": row.tpe,
-                                     "epoch_seconds": report.results[row.dataset]["epoch_seconds"]}
-                       for row in table.rows},
-             global_tpe=table.global_tpe, consistency=table.consistency,
-             robustness=table.robustness, missing_datasets=sorted(report.missing))
+        trials.write(trial,
+                     datasets={row.dataset: DatasetScore(row.accuracy, row.lam, row.tpe)
+                               for row in table.rows},
+                     global_tpe=table.global_tpe, consistency=table.consistency,
+                     robustness=table.robustness, missing_datasets=sorted(report.missing))
         # Feasible iff every value <= 0 (Optuna's convention); TPE models the good region from
         # feasible trials first, then from the least violating ones.
         measured = {"consistency": table.consistency, "robustness": table.robustness}
-        for key, target in spec.constraints.items():
-            trial.set_constraint(key, target - measured[key])
-        trial.set_user_attr("outcome", "complete")
+        violations = {key: target - measured[key] for key, target in spec.constraints.items()}
+        for key, value in violations.items():
+            trial.set_constraint(key, value)
+        trials.write(trial, feasible=all(v <= 0 for v in violations.values()), outcome="complete")
         return table.global_tpe
 
     def _unmeasured(self, trial: optuna.Trial, local_tpe: float) -> None:
@@ -182,6 +202,11 @@ class Objective:
             trial.set_constraint(key, UNMEASURED_VIOLATION + shortfall)
 
 
+def _score(result) -> DatasetScore:
+    """A dataset's row from a ``TrainResult`` or an ``EpochReport``."""
+    return DatasetScore(result.accuracy, result.lam, result.tpe)
+
+
 def _is_out_of_memory(err: Exception) -> bool:
     import torch
 
@@ -191,19 +216,15 @@ def _is_out_of_memory(err: Exception) -> bool:
 def _record_timings(trial: optuna.Trial, timings, trial_seconds: float) -> None:
     """Where the trial's time went, as flat attributes (readable in the dashboard and ``status``)."""
     try:
-        _set(trial, **timings.as_attrs(), time_trial_s=trial_seconds)
+        trials.write(trial, timings={**timings.as_attrs(), "time_trial_s": trial_seconds})
     except Exception:  # storage trouble must not mask the trial's own outcome
         pass
-
-
-def _set(trial: optuna.Trial, **attrs) -> None:
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
 
 
 def _fail(trial: optuna.Trial, error: str) -> None:
     """Record a failure before Optuna marks the trial FAIL; storage trouble must not mask it."""
     try:
-        _set(trial, outcome="failed", error=" ".join(error.split())[:1000])
+        outcome = "interrupted" if error.startswith(INTERRUPTED) else "failed"
+        trials.write(trial, outcome=outcome, error=" ".join(error.split())[:1000])
     except Exception:
         pass

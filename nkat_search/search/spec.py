@@ -10,7 +10,9 @@ Every mistake a user can make in the file is caught here and reported as one lin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +98,7 @@ class StudySpec:
     text: str = ""
     file_hash: str = ""
     file_name: str = ""
+    search_hash: str = ""  # the search definition, without budget and heartbeat (search_hash())
 
     def base_config(self) -> RunConfig:
         """The baseline recipe with the ``fixed`` values applied (validated at load)."""
@@ -104,6 +107,24 @@ class StudySpec:
 
 def file_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def search_hash(spec: StudySpec) -> str:
+    """sha256 of what defines the search: the parsed file without budget, name and heartbeat.
+
+    A study resumes under a file with the same search hash: raising ``n_trials`` extends the
+    budget, a changed comment, key order or heartbeat changes nothing that was searched. Any
+    change to the space, the fixed recipe, the queued configs, gate, Stage 2 datasets, sampler,
+    seed, constraints, pruner or direction would mix two searches in one study, and is refused.
+    """
+    definition = {
+        "direction": spec.direction, "seed": spec.seed,
+        "search": {name: dataclasses.asdict(param) for name, param in spec.search.items()},
+        "fixed": spec.fixed, "enqueue": spec.enqueue, "gate": spec.gate,
+        "stage2": spec.stage2_datasets, "sampler": spec.sampler, "constraints": spec.constraints,
+        "pruner": spec.pruner,
+    }
+    return hashlib.sha256(json.dumps(definition, sort_keys=True, default=repr).encode()).hexdigest()
 
 
 def load_study_file(path: str | Path) -> StudySpec:
@@ -130,6 +151,7 @@ def parse_study_text(text: str, file_name: str = "<study file>") -> StudySpec:
     except ConfigError as err:
         raise ConfigError(f"study file {file_name}: {err}") from None
     spec.text, spec.file_hash, spec.file_name = text, file_hash(text), file_name
+    spec.search_hash = search_hash(spec)
     return spec
 
 

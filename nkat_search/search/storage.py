@@ -42,7 +42,7 @@ def mask_url(url: str) -> str:
 
 
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                 max_retry: int | None = 2):
+                 max_retry: int | None = 2, storage_class=optuna.storages.RDBStorage):
     """An ``optuna.storages.RDBStorage`` for ``url``, with heartbeat and retries when asked.
 
     ``heartbeat_interval=None`` opens the storage without heartbeat (the coordinator and read-only
@@ -71,7 +71,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            return optuna.storages.RDBStorage(
+            return storage_class(
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period, heartbeat_stale_trial_callback=callback,
             )

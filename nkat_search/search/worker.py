@@ -19,7 +19,9 @@ the trial is still queued for retry.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,8 +33,10 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
+from nkat_search.search import trials as trial_record
 from nkat_search.search.coordinator import budget_state, load_study, load_study_spec_from_storage
 from nkat_search.search.objective import INTERRUPTED, OUT_OF_MEMORY, Objective, trial_dir
+from nkat_search.search.trials import TrialRecord
 from nkat_search.search.storage import RetryStaleTrial, StudyLock, open_storage
 from nkat_search.search.spec import StudySpec
 
@@ -44,6 +48,7 @@ class WorkerOptions:
     device: str = "auto"
     n_trials: int | None = None
     data_dir: str | None = None
+    download: bool = False  # may fetch missing datasets into a named data_dir
     checkpoint_dir: str = "runs/checkpoints"
     checkpoint_interval_s: float | None = None  # None: the trainer's default (60 s)
     keep_checkpoints: bool = False
@@ -76,6 +81,30 @@ class StopFlag:
         return bool(self.signum)
 
 
+class QuietInterruptions(logging.Filter):
+    """Drops Optuna's log records about interrupted trials (a traceback, "failed with value None").
+
+    An interrupted trial is no crash: the checkpoint is kept and the retry resumes it, which the
+    worker's own line for the trial says. Other failures keep Optuna's traceback.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from nkat_search.train.loop import TrainingInterrupted
+
+        message = record.getMessage()
+        match = re.match(r"Trial (\d+) failed", message)
+        if match is None:
+            return True
+        if record.exc_info and isinstance(record.exc_info[1], TrainingInterrupted):
+            self.interrupted.add(int(match.group(1)))
+            return False
+        return int(match.group(1)) not in self.interrupted
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         import torch
@@ -106,13 +135,19 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
 
         torch.set_num_threads(options.cpu_threads)
     worker = identity(device)
-    study = load_study(storage, options.study, spec, worker=worker)
+    study = load_study(storage, options.study, spec)
     lock = StudyLock(storage, options.study)
-    objective = Objective(spec, checkpoint_root=options.checkpoint_dir, data_dir=options.data_dir,
+    from nkat_search.train.sources import data_location
+
+    objective = Objective(spec, checkpoint_root=options.checkpoint_dir,
+                          data_dir=data_location(options.data_dir, options.download),
                           device=device, worker=worker, progress=options.progress,
                           stop_requested=stop, on_start=lock.release,
                           checkpoint_interval_s=options.checkpoint_interval_s)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet = QuietInterruptions()
+    for handler in logging.getLogger("optuna").handlers:  # a logger's filter misses its children
+        handler.addFilter(quiet)
     print(f"worker {worker}: study '{options.study}', budget {spec.n_trials} trials",
           flush=True)
     if on_ready is not None:
@@ -148,7 +183,7 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
         trial = finished.pop()
         print(trial_line(trial, time.perf_counter() - started), flush=True)
         _after_trial(study, storage, trial, options, spec, stop, worker)
-    state = budget_state(study, spec.n_trials)
+    state = budget_state(study)
     print(f"worker {worker}: ran {ran} trial(s); study: {state['used']}/{state['budget']} "
           f"configurations, {state['retries']} retries, states {state['states']}", flush=True)
     return 128 + stop.signum if stop.signum else 0
@@ -157,7 +192,7 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
 def next_action(study: optuna.Study, spec: StudySpec) -> str:
     """``run`` (a queued trial, or budget left), ``wait`` (others still running) or ``done``."""
     _fail_stale_trials(study)
-    state = budget_state(study, spec.n_trials)
+    state = budget_state(study)  # the stored budget: `study create --n-trials` may raise it
     if state["states"].get("WAITING", 0) or state["left"] > 0:
         return "run"
     if state["states"].get("RUNNING", 0):
@@ -166,20 +201,29 @@ def next_action(study: optuna.Study, spec: StudySpec) -> str:
 
 
 def trial_line(trial: optuna.trial.FrozenTrial, seconds: float) -> str:
-    """One line per finished trial: number, outcome, Global TPE or Local TPE, time."""
-    attrs = trial.user_attrs
-    outcome = attrs.get("outcome", trial.state.name.lower())
-    parts = [f"trial {trial.number:>4}", f"{outcome:<11}"]
-    if attrs.get("global_tpe") is not None:
-        parts.append(f"global_tpe {attrs['global_tpe']:.4f}")
-    if attrs.get("local_tpe") is not None:
-        parts.append(f"local_tpe {attrs['local_tpe']:.4f}")
-    if attrs.get("missing_datasets"):
-        parts.append(f"missing {','.join(attrs['missing_datasets'])}")
-    if attrs.get("resumed_from_epoch"):
-        parts.append(f"resumed from epoch {attrs['resumed_from_epoch']}")
-    if attrs.get("error"):
-        parts.append(f"error {attrs['error']}")
+    """One line per finished trial: number, outcome, Global and Local TPE, why it stopped, time."""
+    record = TrialRecord.of(trial)
+    kind = trial_record.outcome(trial)
+    parts = [f"trial {trial.number:>4}", f"{kind:<11}"]
+    if record.global_tpe is not None:
+        parts.append(f"global_tpe {record.global_tpe:.4f}")
+    if record.local_tpe is not None:
+        parts.append(f"local_tpe {record.local_tpe:.4f}")
+    if kind == "complete":
+        parts.append("feasible" if trial_record.feasible(trial) else "infeasible")
+    if record.missing_datasets:
+        parts.append(f"missing {','.join(record.missing_datasets)}")
+    if record.resumed_from_epoch:
+        parts.append(f"resumed from epoch {record.resumed_from_epoch}")
+    if kind == "interrupted":
+        # The worker queues the retry right after this line (``_after_trial``).
+        where = (f" in stage {record.stage} ({record.dataset} epoch {record.epoch})"
+                 if record.stage is not None else "")
+        parts.append(f"stopped{where}; its retry resumes from the checkpoint")
+    else:
+        reason = trial_record.stop_reason(trial)
+        if reason:
+            parts.append(reason)
     parts.append(f"{seconds:.1f} s")
     return "  ".join(parts)
 

@@ -23,10 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.search.report import open_storage_for_reading
     from nkat_search.search.storage import mask_url
+    from nkat_search.search.trials import DashboardStorage
 
-    storage = open_storage_for_reading(args.storage)
+    args.storage = resolve_storage(args.storage)
+    # What the dashboard shows of constraints, the best trial and pruned trials: see there.
+    storage = open_storage_for_reading(args.storage, storage_class=DashboardStorage)
     server = make_server(storage, args.host, args.port)
     print(f"optuna-dashboard for {mask_url(args.storage)}: {url(args.host, server.server_port)} "
           "(Ctrl-C to stop)", flush=True)

@@ -6,34 +6,43 @@ import argparse
 
 from nkat_search.cli.commands.storage_arg import add_storage_argument
 
-HELP = ("Write the best K complete trials (by the study's value, Global TPE) into --out as "
-        "trial-<n>.yaml and trial-<n>.json, plus best.yaml / best.json for the top one. Each file "
-        "has a 'config' section that 'nkat-search train --config FILE' and 'stage2 --config FILE' "
-        "accept, the trial's 'metrics' and its 'study' (name, study file hash, trial number). "
-        "Files are written atomically. Exit code 1 with 'nothing to export yet' when no trial "
-        "has completed.")
+# `export --top` and `up --top` alike.
+DEFAULT_TOP = 3
+
+HELP = ("Write the best K complete trials into --out as trial-<n>.yaml and trial-<n>.json, plus "
+        "best.yaml / best.json for the top one. The order is the study's own: its best trial "
+        "(Optuna's study.best_trial: the best Global TPE among the trials that meet the "
+        "Consistency and Robustness constraints) first, then the other feasible ones, then the "
+        "infeasible ones, each marked metrics.feasible. Each file has a 'config' section that "
+        "'nkat-search train --config FILE' and 'stage2 --config FILE' accept, the trial's "
+        "'metrics' and its 'study' (name, study file hash, trial number). Files are written "
+        "atomically. Exit code 1 with 'nothing to export yet' when no trial has completed.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", required=True, metavar="NAME", help="study name")
     add_storage_argument(parser)
-    parser.add_argument("--top", type=int, default=1, metavar="K", help="export the best K trials")
+    parser.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="K",
+                        help="export the best K trials")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
+    from pathlib import Path
 
+    from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.search.export import NothingToExport, export_best
     from nkat_search.search.report import open_study
 
-    study = open_study(args.storage, args.study)
+    study = open_study(resolve_storage(args.storage, args.study), args.study)
     try:
-        written = export_best(study, args.out, top=args.top)
+        exported = export_best(study, args.out, top=args.top)
     except NothingToExport as err:
         # Not a mistake of the user: the study is just young. Distinct from exit 2 (bad input).
         print(f"nkat-search export: {err}", file=sys.stderr)
         return 1
-    for path in written:
+    for path in exported.paths:
         print(f"wrote {path}")
+    print(exported.describe(Path(args.out)))
     return 0

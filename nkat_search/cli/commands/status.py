@@ -6,9 +6,11 @@ import argparse
 
 from nkat_search.cli.commands.storage_arg import add_storage_argument
 
-HELP = ("Print a table of the study's trials (number, state, outcome, Global TPE, Local TPE, "
-        "lambda, epochs reached, duration, worker) and a summary line: complete / pruned / "
-        "gate-failed / failed / running, best Global TPE so far. --json prints the same as JSON.")
+HELP = ("Print the study's trials: outcome, lambda, accuracy per dataset, Local TPE, Global TPE, "
+        "whether the trial meets the constraints and why it stopped (or what it is doing), then "
+        "the searched parameters that differ; and a summary line: complete / pruned / "
+        "gate-failed / failed, best Global TPE (the study's own best trial: feasible first). "
+        "--json prints the same, with the timings of each trial, as JSON.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,14 +22,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.search.report import format_table, open_study, study_report, summary_line
 
-    report = study_report(open_study(args.storage, args.study))
+    report = study_report(open_study(resolve_storage(args.storage, args.study), args.study))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"study {report['study']} ({report['direction']}, "
-          f"study file {report['study_file_name'] or '-'})")
+    budget = report["budget"]
+    used = f", {budget['used']}/{budget['budget']} trials of the budget" if budget else ""
+    print(f"study {report['study']} ({report['direction']} {report['metric']}, "
+          f"study file {report['study_file_name'] or '-'}{used})")
     print(format_table(report["trials"]))
     print(summary_line(report["summary"]))
     return 0

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     create.add_argument("--study", required=True, metavar="FILE", help="study file (YAML)")
     add_storage_argument(create)
     create.add_argument("--name", metavar="NAME", help="study name (default: the file's name)")
+    create.add_argument("--n-trials", type=int, metavar="N",
+                        help="the study's budget (default: the file's n_trials); a resumed "
+                        "study may be extended so, or by a changed n_trials in the file")
     show = sub.add_parser("show", help="print a study's stored file and its trial counts",
                           formatter_class=HelpFormatter)
     show.add_argument("--study", required=True, metavar="NAME", help="study name")
@@ -36,33 +39,39 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _create(args: argparse.Namespace) -> int:
+    from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.search.coordinator import budget_state, create_study
     from nkat_search.search.storage import mask_url, open_storage
     from nkat_search.search.spec import load_study_file
 
     spec = load_study_file(args.study)
-    storage = open_storage(args.storage)
-    study, created = create_study(spec, storage, args.name)
-    state = budget_state(study, spec.n_trials)
+    url = resolve_storage(args.storage, args.name or spec.name)
+    study, created, previous = create_study(spec, open_storage(url), args.name, args.n_trials)
+    state = budget_state(study)
     verb = "created" if created else "resumed"
-    print(f"{verb} study '{study.study_name}' in {mask_url(args.storage)}: file {spec.file_name} "
-          f"(sha256 {spec.file_hash[:12]}), budget {spec.n_trials} trials, {state['used']} used, "
-          f"{len(spec.enqueue) if created else 0} enqueued now")
+    change = ""
+    if previous is not None and previous != state["budget"]:
+        change = f" ({'raised' if state['budget'] > previous else 'lowered'} from {previous})"
+    print(f"{verb} study '{study.study_name}' in {mask_url(url)}: file {spec.file_name} "
+          f"(sha256 {spec.file_hash[:12]}), budget {state['budget']} trials{change}, "
+          f"{state['used']} used, {len(spec.enqueue) if created else 0} enqueued now")
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
     import json
 
+    from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.search.coordinator import load_study, load_study_spec_from_storage, summary
-    from nkat_search.search.storage import open_storage
+    from nkat_search.search.report import open_storage_for_reading
 
-    storage = open_storage(args.storage)
+    storage = open_storage_for_reading(resolve_storage(args.storage, args.study))
     spec = load_study_spec_from_storage(storage, args.study)
     info = summary(load_study(storage, args.study, spec), spec)
     if args.json:
         print(json.dumps({"study": args.study, "file_hash": spec.file_hash,
-                          "file_name": spec.file_name, "file": spec.text, **info}, indent=2))
+                          "search_hash": spec.search_hash, "file_name": spec.file_name,
+                          "file": spec.text, **info}, indent=2))
         return 0
     print(f"# study '{args.study}' (file {spec.file_name}, sha256 {spec.file_hash[:12]})")
     print(spec.text.rstrip())
@@ -73,7 +82,12 @@ def _show(args: argparse.Namespace) -> int:
                           or "none"))
     best = info["best"]
     if best:
-        note = "" if best["feasible"] else "; no trial meets the constraints yet"
+        note = "" if best["feasible"] else "; no complete trial meets the constraints yet"
         print(f"best: trial {best['number']} global_tpe {best['global_tpe']:.4f} "
-              f"(consistency {best['consistency']:.4f}, robustness {best['robustness']:.4f}{note})")
+              f"(consistency {_num(best['consistency'])}, robustness {_num(best['robustness'])}"
+              f"{note})")
     return 0
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

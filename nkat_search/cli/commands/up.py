@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 
+from nkat_search.cli.commands.export import DEFAULT_TOP
+
 HELP = ("Run a whole search on this machine: create the study from --study FILE (the coordinator), "
         "start one worker per visible GPU (CPU only: one worker on cpu unless --workers says more), "
         "serve optuna-dashboard on 127.0.0.1, show a live summary line, and when the workers are "
-        "done print the status table and export the best trials to OUT/STUDY/export/. Storage "
+        "done print the trial table and export the best trials to OUT/STUDY/export/ (exit code 1 "
+        "when no trial completed). Storage "
         "defaults to embedded SQLite at OUT/STUDY.db (OUT defaults to runs/); pass --storage for "
         "PostgreSQL. Worker logs: OUT/STUDY/logs/; checkpoints: OUT/checkpoints/. Ctrl-C forwards SIGINT to the workers, waits for "
         "their checkpoints and exits 130 (a second Ctrl-C terminates them). Exit code 1 if any "
@@ -32,14 +35,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "GPU and 1 on the CPU)")
     parser.add_argument("--storage", metavar="URL",
                         help="storage URL (default: sqlite:///OUT/STUDY.db, embedded SQLite)")
-    parser.add_argument("--data-dir", metavar="DIR",
-                        help="dataset root (default: $NKAT_DATA_DIR, else ~/.cache/nkat-search/data)")
+    from nkat_search.cli.commands.train import add_data_arguments
+
+    add_data_arguments(parser)
     parser.add_argument("--out", default="runs", metavar="DIR",
                         help="output root: OUT/STUDY.db, OUT/STUDY/{logs,export}, OUT/checkpoints")
     parser.add_argument("--checkpoint-interval", type=float, metavar="S",
                         help="passed to the workers: a trial's checkpoint at most every S seconds "
                         "(default: the worker's, 60)")
-    parser.add_argument("--top", type=int, default=3, metavar="K", help="export the best K trials")
+    parser.add_argument("--n-trials", type=int, metavar="N",
+                        help="the study's budget (default: the study file's n_trials); run up "
+                        "again with a larger N to extend a finished study")
+    parser.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="K",
+                        help="export the best K trials")
     parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
                         help="serve optuna-dashboard on 127.0.0.1 while the workers run")
     parser.add_argument("--port", type=int, default=8080,
@@ -51,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from nkat_search.cli.commands.storage_arg import as_url
     from nkat_search.errors import UserError
     from nkat_search.search.spec import load_study_file
 
@@ -60,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     run_dir = out / spec.name
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    storage = args.storage or f"sqlite:///{out / (spec.name + '.db')}"
+    storage = as_url(args.storage) if args.storage else f"sqlite:///{out / (spec.name + '.db')}"
     return Up(args, spec.name, storage, run_dir).run()
 
 
@@ -82,8 +91,10 @@ class Up:
         from nkat_search.search.storage import mask_url
 
         print(f"study {self.study_name}: storage {mask_url(self.storage)}", flush=True)
-        code = self._child(["study", "create", "--study", self.args.study,
-                            "--storage", self.storage])
+        create = ["study", "create", "--study", self.args.study, "--storage", self.storage]
+        if self.args.n_trials is not None:
+            create += ["--n-trials", str(self.args.n_trials)]
+        code = self._child(create)
         if code != 0:
             print(f"nkat-search up: the coordinator (study create) exited with {code}", flush=True)
             return code
@@ -146,6 +157,8 @@ class Up:
                 argv += ["--checkpoint-interval", str(self.args.checkpoint_interval)]
             if self.args.data_dir:
                 argv += ["--data-dir", self.args.data_dir]
+            if self.args.download:
+                argv.append("--download")
             log = self.run_dir / "logs" / f"worker-{i}.log"
             self.workers.append((f"worker {i} ({device})", self._spawn(argv, log, env), log))
             print(f"worker {i} on {device}: log {log}", flush=True)
@@ -181,56 +194,88 @@ class Up:
                 except ProcessLookupError:
                     pass
 
-    def _announce_interrupts(self, announced: int) -> int:
+    def _announce_interrupts(self, announced: int, say) -> int:
         messages = {1: "stopping: the workers finish their epoch and checkpoint "
                        "(Ctrl-C again to terminate them)",
                     2: "terminating the workers (Ctrl-C again to kill them)",
                     3: "killing the workers"}
         for count in range(announced + 1, min(self.interrupts, 3) + 1):
-            print(f"\n{messages[count]}", flush=True)
+            say(messages[count])
         return max(announced, min(self.interrupts, 3))
 
     def _watch(self) -> None:
+        """The live view until the workers exit: a tqdm bar on a terminal, else a line per change.
+
+        Budget done, the running trials' stage, dataset, epoch and Local TPE, the best so far
+        and the time left at the rate trials finished since ``up`` started.
+        """
         import sys
         import time
 
-        tty = sys.stdout.isatty()
-        last = None
+        from nkat_search.search.report import finished_count, live_line, running_text, best_text
+
+        bar = None
+        last, last_printed = None, 0.0
         study = None
         announced = 0
+        done_before = None
         start = time.monotonic()
+
+        def say(message: str) -> None:
+            # Through the bar on a terminal, so a message never lands on the bar's line.
+            if bar is not None:
+                bar.write(message)
+            else:
+                print(message, flush=True)
+
         while any(p.poll() is None for _, p, _ in self.workers):
-            announced = self._announce_interrupts(announced)
-            study, line = self._live_line(study)
-            if line is not None:
-                elapsed = format_elapsed(time.monotonic() - start)
-                if tty:
-                    print(f"\r[{elapsed}] {line}\x1b[K", end="", flush=True)
-                elif line != last:
-                    print(f"[{elapsed}] {line}", flush=True)
-                last = line
+            announced = self._announce_interrupts(announced, say)
+            study, report = self._report(study)
+            if report is not None:
+                done = finished_count(report["trials"])
+                if done_before is None:
+                    done_before = done
+                elapsed = time.monotonic() - start
+                budget = report["budget"]["budget"] if report["budget"] else done
+                if sys.stdout.isatty():
+                    if bar is None:
+                        from tqdm import tqdm
+
+                        bar = tqdm(total=budget, initial=done, unit="trial", dynamic_ncols=True,
+                                   desc=self.study_name, file=sys.stdout)
+                    bar.total = budget
+                    bar.update(done - bar.n)
+                    bar.set_postfix_str(f"{running_text(report['trials'])} | "
+                                        f"{best_text(report['summary'])}")
+                else:
+                    # A line when something but the time left changed, or once a minute.
+                    line = live_line(report, done_before, elapsed)
+                    news = line.rsplit(" | ", 1)[0]
+                    if news != last or elapsed - last_printed >= 60:
+                        print(f"[{format_elapsed(elapsed)}] {line}", flush=True)
+                        last, last_printed = news, elapsed
             deadline = time.monotonic() + self.args.refresh
             while (time.monotonic() < deadline and min(self.interrupts, 3) == announced
                    and any(p.poll() is None for _, p, _ in self.workers)):
                 time.sleep(0.2)
-        if tty and last is not None:
-            print(flush=True)
+        self._announce_interrupts(announced, say)
+        if bar is not None:
+            bar.close()
 
-    def _live_line(self, study):
-        """(study, summary line); the line is None when the storage is busy this time round."""
-        from nkat_search.search.report import study_report, summary_line
+    def _report(self, study):
+        """(study, ``study_report``); the report is None when the storage is busy this time."""
+        from nkat_search.search.report import study_report
 
         try:
             if study is None:
                 from nkat_search.search.report import open_study
 
                 study = open_study(self.storage, self.study_name)
-            report = study_report(study)
+            return study, study_report(study)
         except Exception as err:  # noqa: BLE001 - a locked SQLite file must not stop the watch
             if type(err).__name__ not in ("OperationalError", "DatabaseError"):
                 raise
             return study, None
-        return study, summary_line(report["summary"])
 
     def _stop_all(self) -> None:
         """Reap every child still alive (only on an error or a Ctrl-C path), dashboard last."""
@@ -259,7 +304,6 @@ class Up:
     def _finish(self) -> int:
         from nkat_search.search.export import NothingToExport, export_best
         from nkat_search.search.report import format_table, open_study, study_report, summary_line
-        from nkat_search.search.storage import mask_url
 
         failed = [(label, p.returncode, log) for label, p, log in self.workers if p.returncode != 0]
         study = open_study(self.storage, self.study_name)
@@ -267,20 +311,50 @@ class Up:
         print(format_table(report["trials"]))
         print(summary_line(report["summary"]))
         export_dir = self.run_dir / "export"
+        reach = self._how_to_reach()
         if self.interrupts:
-            print(f"interrupted; export later with: nkat-search export --study {self.study_name} "
-                  f"--storage {mask_url(self.storage)} --out {export_dir}")
+            print(f"interrupted: run the same `nkat-search up` again to resume (interrupted trials "
+                  f"continue from their checkpoints); see the study with: nkat-search status "
+                  f"{reach}")
             return 130
+        code = 1 if failed else 0
         try:
-            written = export_best(study, export_dir, top=self.args.top)
-            print(f"exported {len([p for p in written if p.suffix == '.yaml']) - 1} trial(s) to "
-                  f"{export_dir} (best: {export_dir / 'best.yaml'})")
-        except NothingToExport as err:
-            print(str(err))
-        for label, code, log in failed:
-            print(f"{label} exited with {code}; last lines of {log}:")
+            exported = export_best(study, export_dir, top=self.args.top)
+            print(exported.describe(export_dir))
+        except NothingToExport:
+            counts = ", ".join(f"{report['summary'][k]} {k.replace('_', '-')}"
+                               for k in ("pruned", "gate_failed", "failed", "interrupted")
+                               if report["summary"][k])
+            print(f"nkat-search up: no trial completed ({counts or 'no trial ran'}): nothing to "
+                  "export; the table above says why each trial stopped", flush=True)
+            code = 1
+        print(f"this study later: nkat-search status {reach}  (or export, study show)")
+        for label, exit_code, log in failed:
+            print(f"{label} exited with {exit_code}; last lines of {log}:")
             print(tail(log))
-        return 1 if failed else 0
+        return code
+
+    def _how_to_reach(self) -> str:
+        """``--study NAME [--storage ...]``: what status / export need to find this study."""
+        import os
+        from pathlib import Path
+
+        from nkat_search.cli.commands.storage_arg import STORAGE_ENV, UP_DEFAULT_OUT, as_url
+        from nkat_search.search.storage import SQLITE_SCHEME, mask_url, sqlite_path
+
+        found_here = as_url(str(Path(UP_DEFAULT_OUT) / f"{self.study_name}.db"))
+        if self.storage == found_here and not os.environ.get(STORAGE_ENV):
+            return f"--study {self.study_name}"
+        if os.environ.get(STORAGE_ENV) and as_url(os.environ[STORAGE_ENV]) == self.storage:
+            return f"--study {self.study_name}  (storage from ${STORAGE_ENV})"
+        if self.storage.startswith(SQLITE_SCHEME + "://"):
+            path = sqlite_path(self.storage)
+            try:
+                path = path.relative_to(Path.cwd())
+            except ValueError:
+                pass
+            return f"--study {self.study_name} --storage {path}"
+        return f"--study {self.study_name} --storage {mask_url(self.storage)}"
 
 
 def worker_env(processes: int) -> dict | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from nkat_search.cli.commands.storage_arg import add_storage_argument, storage_argv
+from nkat_search.cli.commands.train import add_data_arguments
 
 # Trials side by side on one GPU, against one (benchmarks/scaling.py, baseline model,
 # results/gpu/scaling/): 2 gave 1.48x the trials/hour on an H100 (1.46x on an H200), 4 gave 1.55x.
@@ -30,8 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{GPU_TRIALS_PER_DEVICE} on a GPU, 1 on the CPU)")
     parser.add_argument("--n-trials", type=int, default=None, metavar="M",
                         help="stop this worker after M trials (default: until the budget is spent)")
-    parser.add_argument("--data-dir", metavar="DIR",
-                        help="dataset root (default: $NKAT_DATA_DIR, else ~/.cache/nkat-search/data)")
+    add_data_arguments(parser)
     parser.add_argument("--checkpoint-dir", default="runs/checkpoints", metavar="DIR",
                         help="checkpoints go to DIR/<study>/trial-<n>/<dataset>/ (shared by retries)")
     parser.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="S",
@@ -46,9 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.errors import UserError
     from nkat_search.search.worker import StopFlag, WorkerOptions, run_worker, spawn_siblings, worst
 
+    args.storage = resolve_storage(args.storage, args.study)
     devices = _devices(args.device)
     if args.trials_per_gpu is None:
         args.trials_per_gpu = default_trials_per_device(devices[0])
@@ -67,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         threads = max(1, (os.cpu_count() or 1) // processes)
     options = WorkerOptions(storage=args.storage, study=args.study, device=devices[0],
                             n_trials=args.n_trials, data_dir=args.data_dir,
+                            download=args.download,
                             checkpoint_dir=args.checkpoint_dir,
                             checkpoint_interval_s=args.checkpoint_interval,
                             keep_checkpoints=args.keep_checkpoints,
@@ -121,6 +124,8 @@ def _sibling_argv(args: argparse.Namespace, device: str, trials_per_gpu: int) ->
         argv += ["--n-trials", str(args.n_trials)]
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
+    if args.download:
+        argv.append("--download")
     if args.keep_checkpoints:
         argv.append("--keep-checkpoints")
     if args.quiet:
