@@ -99,3 +99,63 @@ def test_storage_defaults_to_the_environment(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("NKAT_STORAGE", url)
     code, out, _ = run_cli(capsys, "status", "--study", "from-env", "--json")
     assert code == 0 and json.loads(out)["study"] == "from-env"
+
+
+def test_version(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("nkat-search ") and out.split()[1] in (metadata.version("nkat-search"),
+                                                                 "unknown")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["status", "--study", "s", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "--depth", "seven"], "argument --depth: invalid int value"),
+    (["nosuchcommand"], "invalid choice"),
+])
+def test_a_bad_flag_is_one_line_not_the_usage(capsys, argv, needle):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "--help" in err, err
+    assert "usage:" not in err
+
+
+def test_status_into_a_closed_pipe_is_no_traceback(tmp_path):
+    """`status --json | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'pipe.db'}"
+    study = optuna.create_study(study_name="pipe", storage=url)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=40)
+    shell = subprocess.run(
+        f"{sys.executable} -m nkat_search status --study pipe --storage {url} --json | head -1",
+        shell=True, capture_output=True, text=True, timeout=120)
+    assert shell.stdout.strip() == "{"
+    assert "Traceback" not in shell.stderr and "BrokenPipe" not in shell.stderr, shell.stderr
+
+
+def test_commands_find_ups_storage_by_the_study_name(capsys, monkeypatch, tmp_path):
+    """Right after `up`, `status --study NAME` from the same folder needs no --storage."""
+    import optuna
+
+    monkeypatch.delenv("NKAT_STORAGE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    optuna.create_study(study_name="nkat-quick", storage=f"sqlite:///{tmp_path / 'runs' / 'nkat-quick.db'}")
+    code, out, _ = run_cli(capsys, "status", "--study", "nkat-quick", "--json")
+    assert code == 0 and json.loads(out)["study"] == "nkat-quick"
+    code, out, _ = run_cli(capsys, "status", "--study", "nkat-quick", "--storage",
+                           "runs/nkat-quick.db", "--json")  # a bare path
+    assert code == 0 and json.loads(out)["study"] == "nkat-quick"
+    code, _, err = run_cli(capsys, "status", "--study", "other")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no storage given (no runs/other.db here either)" in err and "NKAT_STORAGE" in err

@@ -4,13 +4,15 @@ Each subcommand lives in its own module, loaded only when that subcommand runs; 
 (torch, optuna, the PostgreSQL driver, the dashboard) happen inside ``run``. So ``--help`` is fast
 and a missing optional part (on a GPU box without psycopg2, say) only affects the command that
 needs it.
-User mistakes surface as one line on stderr and exit code 2; internal bugs keep their traceback.
+User mistakes surface as one line on stderr and exit code 2 (a bad flag too: argparse's usage
+block is replaced by the error and a pointer to ``--help``); internal bugs keep their traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from nkat_search.errors import UserError
@@ -39,13 +41,30 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a bad flag is one line naming it (not the whole usage) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("nkat-search")
+    except metadata.PackageNotFoundError:  # run from a checkout without `pip install -e .`
+        return "unknown (not installed)"
+
+
 def build_parser(command_name: str | None = None) -> argparse.ArgumentParser:
     """The full parser for ``command_name``; the others are listed but their modules not loaded."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="nkat-search",
         description="Hyperparameter search for the NKAT vision transformer "
         "(Optuna study, GPU workers, two-stage CIFAR-10 gate + Global TPE objective).",
     )
+    parser.add_argument("--version", action="version", version=f"nkat-search {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module_name, summary in COMMANDS:
@@ -65,15 +84,21 @@ def build_parser(command_name: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     names = {name for name, _, _ in COMMANDS}
-    args = build_parser(next((a for a in argv if a in names), None)).parse_args(argv)
+    command = next((a for a in argv if a in names), None)
     try:
+        args = build_parser(command).parse_args(argv)
         return int(args.run(args) or 0)
     except UserError as err:
-        print(f"nkat-search {args.command}: error: {err}", file=sys.stderr)
+        print(f"nkat-search {command or ''}: error: {err}".replace("  ", " "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"nkat-search {args.command}: interrupted", file=sys.stderr)
+        print(f"nkat-search {command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`status --json | head`): not an error of ours. Python would
+        # print a traceback while flushing stdout at exit; point stdout at /dev/null instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a process a closed pipe killed
 
 
 if __name__ == "__main__":
