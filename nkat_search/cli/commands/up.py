@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-interval", type=float, metavar="S",
                         help="passed to the workers: a trial's checkpoint at most every S seconds "
                         "(default: the worker's, 60)")
+    parser.add_argument("--mps", choices=("auto", "on", "off"), default="auto",
+                        help="CUDA MPS for the trials sharing a GPU: auto starts a daemon for this "
+                        "run when nvidia-cuda-mps-control is there and a GPU is visible, and "
+                        "stops it at the end; on: the same, or an error; off: trials take turns")
     parser.add_argument("--top", type=int, default=3, metavar="K", help="export the best K trials")
     parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
                         help="serve optuna-dashboard on 127.0.0.1 while the workers run")
@@ -75,6 +79,7 @@ class Up:
         self.workers: list[tuple[str, object, object]] = []  # (label, Popen, log path)
         self.dashboard = None
         self.interrupts = 0
+        self.mps = None
 
     def run(self) -> int:
         import signal
@@ -130,16 +135,29 @@ class Up:
         return [f"cuda:{i % gpus}" if gpus else "cpu" for i in range(count)]
 
     def _start_workers(self) -> None:
+        import os
+
+        from nkat_search.cli.mps import start_or_join
+
         # The worker adds <study>/trial-<n>/ below this.
         checkpoints = self.run_dir.parent / "checkpoints"
         devices = self._devices()
         from nkat_search.cli.commands.worker import default_trials_per_device
 
         per_device = self.args.trials_per_gpu or default_trials_per_device(devices[0])
+        gpus = len({d for d in devices if d.startswith("cuda")})
+        if per_device > 1 or self.args.mps == "on":
+            self.mps, line = start_or_join(self.args.mps, self.run_dir, gpus)
+            print(line, flush=True)
         env = worker_env(len(devices) * per_device)
+        if self.mps is not None:
+            # The workers' CUDA runtime finds the daemon through these; --mps off below only
+            # tells them not to start one of their own.
+            env = dict(env or os.environ, **self.mps.env())
         for i, device in enumerate(devices):
             argv = ["worker", "--storage", self.storage, "--study", self.study_name,
-                    "--device", device, "--checkpoint-dir", str(checkpoints), "--quiet"]
+                    "--device", device, "--checkpoint-dir", str(checkpoints), "--quiet",
+                    "--mps", "off"]
             if self.args.trials_per_gpu is not None:
                 argv += ["--trials-per-gpu", str(self.args.trials_per_gpu)]
             if self.args.checkpoint_interval is not None:
@@ -246,6 +264,8 @@ class Up:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        if self.mps is not None:
+            self.mps.stop()
         if self.dashboard is not None and self.dashboard.poll() is None:
             self.dashboard.send_signal(signal.SIGINT)
             try:

@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write a trial's checkpoint at most every S seconds (0: after every "
                         "epoch); always at the end of a stage and on SIGTERM / Ctrl-C, so a "
                         "kill -9 loses at most about S seconds of training")
+    parser.add_argument("--mps", choices=("auto", "on", "off"), default="auto",
+                        help="CUDA MPS for the K trials on one GPU: auto joins the daemon of "
+                        "$CUDA_MPS_PIPE_DIRECTORY or, with K > 1 on a GPU, starts one (pipes "
+                        "under the checkpoint dir) and stops it when this worker's processes "
+                        "end; on: the same, or an error; off: start none (a daemon that "
+                        "$CUDA_MPS_PIPE_DIRECTORY names is still used)")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep checkpoints of finished trials (default: only unfinished ones)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -71,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
                             checkpoint_interval_s=args.checkpoint_interval,
                             keep_checkpoints=args.keep_checkpoints,
                             progress=False if args.quiet else None, cpu_threads=threads)
+    mps = _start_mps(args, devices)
     stop = StopFlag()
     stop.install()
     children = []
@@ -89,7 +96,31 @@ def run(args: argparse.Namespace) -> int:
     finally:
         # Siblings get our signals forwarded (StopFlag); wait so the group ends together.
         codes = [child.wait() for child in children]
+        if mps is not None:
+            mps.stop()
     return worst([code, *codes])
+
+
+def _start_mps(args: argparse.Namespace, devices: list[str]):
+    """Start or join a CUDA MPS daemon before this process touches CUDA; its env reaches siblings."""
+    import os
+    from pathlib import Path
+
+    from nkat_search.cli.mps import start_or_join
+
+    gpus = sum(1 for d in devices if d.startswith("cuda") or d == "auto")
+    if args.mps == "off" or (args.mps == "auto" and args.trials_per_gpu < 2
+                             and not os.environ.get("CUDA_MPS_PIPE_DIRECTORY")):
+        return None
+    if gpus and devices == ["auto"]:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    daemon, line = start_or_join(args.mps, Path(args.checkpoint_dir), gpus)
+    print(f"worker: {line}", flush=True)
+    if daemon is not None:
+        os.environ.update(daemon.env())
+    return daemon
 
 
 def default_trials_per_device(device: str) -> int:
@@ -116,7 +147,7 @@ def _devices(device: str) -> list[str]:
 def _sibling_argv(args: argparse.Namespace, device: str, trials_per_gpu: int) -> list[str]:
     argv = ["worker", *storage_argv(args.storage), "--study", args.study, "--device", device,
             "--trials-per-gpu", str(trials_per_gpu), "--checkpoint-dir", args.checkpoint_dir,
-            "--checkpoint-interval", str(args.checkpoint_interval)]
+            "--checkpoint-interval", str(args.checkpoint_interval), "--mps", "off"]
     if args.n_trials is not None:
         argv += ["--n-trials", str(args.n_trials)]
     if args.data_dir:
