@@ -73,7 +73,10 @@ def tokens(config: dict) -> int:
 # -- one process --------------------------------------------------------------------------------
 
 def child(spec_path: Path) -> int:
-    """Train one config: compile, warm up, say ready, wait for go, train for the window."""
+    """Train the spec's configs one after the other (one: a packing run; several: "alone").
+
+    Each: compile, warm up, say ready, wait for go (only when packed), train for the window.
+    """
     import torch
 
     from nkat_search.config import RunConfig
@@ -82,34 +85,43 @@ def child(spec_path: Path) -> int:
 
     spec = json.loads(spec_path.read_text())
     device = torch.device("cuda")
-    cfg = RunConfig.from_dict(spec["config"])
-    data = load_dataset("cifar10", spec["data_dir"], device, val_fraction=cfg.train.val_fraction,
-                        seed=cfg.train.seed)
-    stepper = Stepper(cfg, data, device, mode="reduce-overhead", compile_augment=True)
-    for _ in range(spec["warmup"]):
-        stepper.full_step()
-    torch.cuda.synchronize()
-    Path(spec["ready"]).write_text("ready")
-    while not Path(spec["go"]).exists():
-        time.sleep(0.01)
-    steps, started = 0, time.perf_counter()
-    # No host sync inside the window: the CPU queues steps ahead and one sync ends it.
-    while time.perf_counter() - started < spec["seconds"]:
-        stepper.full_step()
-        steps += 1
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    images = steps * cfg.train.batch_size
-    Path(spec["result"]).write_text(json.dumps({
-        "index": spec["index"], "steps": steps, "seconds": seconds,
-        "images_per_s": images / seconds,
-        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}))
+    data = None
+    results = []
+    for index, config in zip(spec["indices"], spec["configs"]):
+        cfg = RunConfig.from_dict(config)
+        if data is None:
+            data = load_dataset("cifar10", spec["data_dir"], device,
+                                val_fraction=cfg.train.val_fraction, seed=cfg.train.seed)
+        torch._dynamo.reset()
+        torch.cuda.reset_peak_memory_stats(device)
+        stepper = Stepper(cfg, data, device, mode="reduce-overhead", compile_augment=True)
+        for _ in range(spec["warmup"]):
+            stepper.full_step()
+        torch.cuda.synchronize()
+        Path(spec["ready"]).write_text("ready")
+        while spec["go"] and not Path(spec["go"]).exists():
+            time.sleep(0.01)
+        steps, started = 0, time.perf_counter()
+        # No host sync inside the window: the CPU queues steps ahead and one sync ends it.
+        while time.perf_counter() - started < spec["seconds"]:
+            stepper.full_step()
+            steps += 1
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        results.append({"index": index, "steps": steps, "seconds": seconds,
+                        "images_per_s": steps * cfg.train.batch_size / seconds,
+                        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30})
+        del stepper
+        torch.cuda.empty_cache()
+    Path(spec["result"]).write_text(json.dumps(results))
     return 0
 
 
 # -- the parent ---------------------------------------------------------------------------------
 
-def run(configs: list[dict], indices: list[int], mps_mode: str, args, work: Path) -> dict:
+def run(configs: list[dict], indices: list[int], mps_mode: str, args, work: Path,
+        alone: bool = False) -> dict:
+    """K processes, one config each, timed together; ``alone``: one process, configs in turn."""
     from nkat_search.cli.mps import start_or_join
 
     tag = f"k{len(indices)}-{mps_mode}-{time.monotonic_ns()}"
@@ -126,10 +138,12 @@ def run(configs: list[dict], indices: list[int], mps_mode: str, args, work: Path
     processes, specs = [], []
     started = time.monotonic()
     try:
-        for slot, index in enumerate(indices):
-            spec = {"index": index, "config": configs[index], "data_dir": args.data_dir,
-                    "warmup": args.warmup, "seconds": args.seconds, "go": str(go),
-                    "ready": str(folder / f"ready-{slot}"), "result": str(folder / f"result-{slot}")}
+        groups = [indices] if alone else [[index] for index in indices]
+        for slot, group in enumerate(groups):
+            spec = {"indices": group, "configs": [configs[i] for i in group],
+                    "data_dir": args.data_dir, "warmup": args.warmup, "seconds": args.seconds,
+                    "go": None if alone else str(go), "ready": str(folder / f"ready-{slot}"),
+                    "result": str(folder / f"result-{slot}")}
             path = folder / f"spec-{slot}.json"
             path.write_text(json.dumps(spec))
             log = open(folder / f"log-{slot}.txt", "wb")
@@ -152,11 +166,12 @@ def run(configs: list[dict], indices: list[int], mps_mode: str, args, work: Path
     results = []
     for slot, spec in enumerate(specs):
         if Path(spec["result"]).exists():
-            results.append(json.loads(Path(spec["result"]).read_text()))
+            results.extend(json.loads(Path(spec["result"]).read_text()))
         else:
             tail = (folder / f"log-{slot}.txt").read_text(errors="replace").splitlines()[-20:]
             print("\n".join(["  child failed:", *tail]), flush=True)
-    return {"k": len(indices), "mps": mps_mode, "indices": indices, "exit_codes": codes,
+    return {"k": 1 if alone else len(indices), "mps": mps_mode, "indices": indices,
+            "exit_codes": codes,
             "compile_and_warmup_s": round(ready_s, 1), "processes": results}
 
 
@@ -182,12 +197,10 @@ def main(argv=None) -> int:
             print(f"K={k} mps {mode}: " + ", ".join(
                 f"#{p['index']} {p['images_per_s']:,.0f}" for p in row["processes"])
                 + f" images/s (ready after {row['compile_and_warmup_s']} s)", flush=True)
-    alone = {}
+    row = run(configs, list(range(top)), "off", args, work, alone=True)
+    runs.append(row)
+    alone = {p["index"]: p["images_per_s"] for p in row["processes"]}
     for index in range(top):
-        row = run(configs, [index], "off", args, work)
-        runs.append(row)
-        if row["processes"]:
-            alone[index] = row["processes"][0]["images_per_s"]
         print(f"alone #{index} ({tokens(configs[index])} tokens): "
               f"{alone.get(index, float('nan')):,.0f} images/s", flush=True)
     table = []
