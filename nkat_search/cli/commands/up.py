@@ -39,10 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-interval", type=float, metavar="S",
                         help="passed to the workers: a trial's checkpoint at most every S seconds "
                         "(default: the worker's, 60)")
-    parser.add_argument("--mps", choices=("auto", "on", "off"), default="auto",
-                        help="CUDA MPS for the trials sharing a GPU: auto starts a daemon for this "
-                        "run when nvidia-cuda-mps-control is there and a GPU is visible, and "
-                        "stops it at the end; on: the same, or an error; off: trials take turns")
+    parser.add_argument("--mps", choices=("auto", "on", "off"), default="off",
+                        help="CUDA MPS for the trials sharing a GPU. off (default): they take "
+                        "turns; auto: start a daemon for this run when nvidia-cuda-mps-control "
+                        "is there and a GPU is visible, and stop it at the end; on: the same, "
+                        "or an error. MPS helps studies of small models only (see "
+                        "`nkat-search worker --help`)")
     parser.add_argument("--top", type=int, default=3, metavar="K", help="export the best K trials")
     parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
                         help="serve optuna-dashboard on 127.0.0.1 while the workers run")
