@@ -2,7 +2,7 @@
 
 Runs ``nkat-search up`` on a study file (default ``studies/round2.yaml``, as shipped) with the
 service's own workers for a fixed time, stops it as a user would (one Ctrl-C: the workers finish
-their epoch and checkpoint; a second one after ``--drain`` seconds stops them at once), then reads
+their step and checkpoint; a second one after ``--drain`` seconds stops them at once), then reads
 the study back from its SQLite file and reports:
 
 - ``trials_per_hour``: trials that *finished* inside the window (complete, pruned, gate-failed or
@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=6.0,
                         help="length of the measured window (up's start-up included)")
     parser.add_argument("--drain", type=float, default=120.0, metavar="S",
-                        help="seconds the workers get to finish their epoch after the Ctrl-C")
+                        help="seconds the workers get to checkpoint after the Ctrl-C")
     parser.add_argument("--trials-per-gpu", type=int, default=None, metavar="K",
                         help="passed to up (default: up's own default)")
     parser.add_argument("--mps", choices=("auto", "on", "off"), default=None,

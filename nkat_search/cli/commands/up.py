@@ -125,7 +125,7 @@ class Up:
 
         with open(log_path, "ab") as log:
             # A session of its own: the terminal's Ctrl-C reaches only us, and we decide what the
-            # children get (one SIGINT each, so a worker finishes its epoch and checkpoints).
+            # children get (one SIGINT each, so a worker checkpoints after its current step).
             return subprocess.Popen(self._command(argv), stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
 
@@ -202,7 +202,7 @@ class Up:
                     pass
 
     def _announce_interrupts(self, announced: int) -> int:
-        messages = {1: "stopping: the workers finish their epoch and checkpoint "
+        messages = {1: "stopping: the workers checkpoint after their current step "
                        "(Ctrl-C again to terminate them)",
                     2: "terminating the workers (Ctrl-C again to kill them)",
                     3: "killing the workers"}

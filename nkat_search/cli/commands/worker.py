@@ -18,7 +18,7 @@ GPU_GIB_PER_TRIAL = 25
 HELP = ("Pull trials from a study and train them on one device until the study's budget "
         "(n_trials of its study file, counted over all workers) is spent. The sampler, pruner, "
         "gate and Stage 2 datasets come from the study file stored in the study. SIGTERM/SIGINT "
-        "finish the current epoch, keep its checkpoint and queue the trial for retry; a second "
+        "checkpoint the trial after its current step and queue it for retry; a second "
         "signal stops at once. Prints one line per finished trial.")
 
 
