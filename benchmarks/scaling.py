@@ -41,13 +41,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_sampling import UtilisationSampler, gpu_names  # noqa: E402
 
 CIFAR10_TRAIN_IMAGES = 50_000
 TERMINAL = ("COMPLETE", "PRUNED", "FAIL")
@@ -189,50 +191,6 @@ def _postgres(url: str) -> str:
 
 
 # -- GPU utilisation ----------------------------------------------------------------------------
-
-def gpu_names() -> list[str]:
-    if shutil.which("nvidia-smi") is None:
-        return []
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                         capture_output=True, text=True, timeout=30)
-    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
-
-
-class UtilisationSampler:
-    """``nvidia-smi`` every second in a thread; ``means()`` is the mean utilisation per GPU."""
-
-    def __init__(self, interval: float = 1.0):
-        self.interval = interval
-        self.samples: dict[int, list[float]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self.available = shutil.which("nvidia-smi") is not None
-
-    def __enter__(self) -> UtilisationSampler:
-        if self.available:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu",
-                                      "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=10).stdout
-                for index, line in enumerate(out.split()):
-                    self.samples.setdefault(index, []).append(float(line))
-            except (OSError, ValueError, subprocess.TimeoutExpired):
-                pass  # one missed sample is not worth stopping the run for
-            self._stop.wait(self.interval)
-
-    def means(self) -> dict[int, float]:
-        return {i: sum(v) / len(v) for i, v in sorted(self.samples.items()) if v}
-
 
 # -- one run ------------------------------------------------------------------------------------
 

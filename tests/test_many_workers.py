@@ -99,7 +99,8 @@ def test_up_gives_eight_gpus_eight_devices_and_eight_logs(monkeypatch, tmp_path)
                         lambda self, argv, log, env=None: spawned.append((argv, log, env)) or None)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    args = argparse.Namespace(workers=None, trials_per_gpu=2, data_dir=None, study="s.yaml")
+    args = argparse.Namespace(workers=None, trials_per_gpu=2, data_dir=None, study="s.yaml",
+                              mps="off", checkpoint_interval=None)
     runner = up.Up(args, "s", "sqlite:///x.db", tmp_path / "s")
     assert runner._devices() == [f"cuda:{i}" for i in range(WORKERS)]
     runner._start_workers()
@@ -160,20 +161,31 @@ def test_worker_device_all_starts_one_worker_per_gpu_of_eight(monkeypatch):
     assert all(threads == 64 // (2 * WORKERS) for _, _, threads in spawned)
 
 
-def test_trials_per_device_default_is_two_on_a_gpu_and_one_on_the_cpu(monkeypatch):
+def test_trials_per_device_default_follows_the_gpus_memory_and_is_one_on_the_cpu(monkeypatch):
+    import types
+
     import torch
 
     from nkat_search.cli.commands import worker as command
 
-    assert command.default_trials_per_device("cuda:3") == command.GPU_TRIALS_PER_DEVICE == 2
-    assert command.default_trials_per_device("cuda") == 2
+    def gpu_of(gib):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device: types.SimpleNamespace(total_memory=gib * 2**30))
+
+    gpu_of(140)  # an H200: the measured best, 4
+    assert command.default_trials_per_device("cuda:3") == command.GPU_TRIALS_PER_DEVICE == 4
+    gpu_of(80)   # an H100 80GB: three 257-token trials fit
+    assert command.default_trials_per_device("cuda") == 3
+    gpu_of(24)   # a 24 GiB card: one at a time
+    assert command.default_trials_per_device("cuda:0") == 1
     assert command.default_trials_per_device("cpu") == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert command.default_trials_per_device("auto") == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu_of(50)
     assert command.default_trials_per_device("auto") == 2
 
-    # Without --trials-per-gpu, `worker --device all` on 8 GPUs packs 2 trials onto each.
+    # Without --trials-per-gpu, `worker --device all` on 8 GPUs of 50 GiB packs 2 onto each.
     from nkat_search.search import worker
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: WORKERS)

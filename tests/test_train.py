@@ -40,10 +40,16 @@ def test_resume_continues_bit_for_bit(data_dir, tmp_path):
     cfg = tiny_config(dataset="mnist")
     straight = train_model(cfg, data_dir=data_dir, device="cpu", out_dir=tmp_path / "a",
                            progress=False)
+    polls = []  # polled after each of the 3 first steps, then at the end of epoch 1
+
+    def stop_at_the_first_epochs_end() -> bool:
+        polls.append(1)
+        return len(polls) >= 4
+
     with pytest.raises(TrainingInterrupted) as stopped:
         train_model(cfg, data_dir=data_dir, device="cpu", out_dir=tmp_path / "b",
-                    stop_requested=lambda: True, progress=False)
-    assert stopped.value.epoch == 1
+                    stop_requested=stop_at_the_first_epochs_end, progress=False)
+    assert (stopped.value.epoch, stopped.value.step) == (1, 0)
     resumed = train_model(cfg, data_dir=data_dir, device="cpu", out_dir=tmp_path / "b",
                           progress=False)
     assert resumed.resumed_from_epoch == 1
@@ -88,12 +94,41 @@ def test_checkpoints_follow_the_time_cadence_and_the_last_epoch_always_saves(dat
     assert timings.train_s > 0 and timings.eval_s > 0 and timings.checkpoint_s > 0
 
 
-def test_a_stop_request_checkpoints_the_epoch_even_between_cadence_points(data_dir, tmp_path):
-    with pytest.raises(TrainingInterrupted):
+def test_a_stop_request_checkpoints_at_once_even_between_cadence_points(data_dir, tmp_path):
+    with pytest.raises(TrainingInterrupted) as stopped:
         train_model(tiny_config(epochs=3), data_dir=data_dir, device="cpu", out_dir=tmp_path,
                     progress=False, stop_requested=lambda: True,
                     options=TrainOptions(checkpoint_interval_s=3600))
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["step"]) == (0, 1) == (stopped.value.epoch, stopped.value.step)
+    assert "in epoch 1 at step 1 of 4" in str(stopped.value)
+
+
+@pytest.mark.parametrize("stop_after_steps", [2, 5, 6])
+def test_a_stop_mid_epoch_resumes_bit_for_bit(data_dir, tmp_path, stop_after_steps):
+    """Stopped after 2 steps (epoch 1), 5 (epoch 2, step 1) or 6: the same weights as unbroken."""
+    cfg = tiny_config(dataset="mnist", epochs=3)  # 4 steps an epoch
+    straight = train_model(cfg, data_dir=data_dir, device="cpu", out_dir=tmp_path / "a",
+                           progress=False)
+    calls = []
+
+    def stop_after() -> bool:
+        calls.append(1)
+        return len(calls) >= stop_after_steps
+
+    with pytest.raises(TrainingInterrupted):
+        train_model(cfg, data_dir=data_dir, device="cpu", out_dir=tmp_path / "b",
+                    stop_requested=stop_after, progress=False,
+                    options=TrainOptions(checkpoint_interval_s=3600))
+    resumed = train_model(cfg, data_dir=data_dir, device="cpu", out_dir=tmp_path / "b",
+                          progress=False)
+    assert resumed.accuracy == straight.accuracy
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert a["ema_updates"] == b["ema_updates"] == 12 and "step" not in b
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
 
 
 def test_train_command_accepts_the_users_baseline_flags_verbatim(data_dir, tmp_path):

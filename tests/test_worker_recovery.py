@@ -2,7 +2,7 @@
 
 ``kill -9`` leaves the trial RUNNING with a heartbeat that stops; after the grace period the next
 worker fails it, Optuna's retry callback queues a copy, and that copy resumes from the original
-trial's checkpoint. SIGTERM is the polite version: the epoch finishes, and the worker queues the
+trial's checkpoint. SIGTERM is the polite version: the step finishes and is checkpointed, and the worker queues the
 retry itself before it exits.
 """
 
@@ -106,7 +106,7 @@ def test_killed_worker_trial_resumes_from_its_checkpoint(backend, request, data_
     assert "error" not in original.user_attrs  # killed: nothing could be written, heartbeat told
 
 
-def test_sigterm_finishes_the_epoch_and_queues_the_retry(fresh_postgres_url, data_dir, tmp_path):
+def test_sigterm_checkpoints_and_queues_the_retry(fresh_postgres_url, data_dir, tmp_path):
     original, _ = interrupt_then_recover(fresh_postgres_url, data_dir, tmp_path, signal.SIGTERM)
     assert original.user_attrs["outcome"] == "interrupted"
     assert original.user_attrs["error"].startswith("interrupted")

@@ -102,7 +102,7 @@ class Objective:
             from nkat_search.train.loop import TrainingInterrupted
 
             if isinstance(err, TrainingInterrupted):
-                _fail(trial, f"{INTERRUPTED}: stopped after epoch {err.epoch}, checkpoint kept")
+                _fail(trial, f"{INTERRUPTED}: stopped {err.where}, checkpoint kept")
             elif _is_out_of_memory(err):
                 _fail(trial, f"{OUT_OF_MEMORY}: {err}")
             else:

@@ -253,11 +253,10 @@ def stop_reason(trial: FrozenTrial, retried_by: int | None = None) -> str:
             return record.reason
         return f"pruned at epoch {trial.last_step}" if trial.last_step is not None else "pruned"
     if kind == "interrupted":
-        where = (f" in stage {record.stage} ({record.dataset} epoch {record.epoch})"
-                 if record.stage is not None else "")
+        where = interrupted_where(record)
         if retried_by is None:
-            return f"interrupted{where}; no retry queued (heartbeat.max_retry reached)"
-        return f"interrupted{where}; resumes from its checkpoint as trial {retried_by}"
+            return f"interrupted {where}; no retry queued (heartbeat.max_retry reached)"
+        return f"interrupted {where}; resumes from its checkpoint as trial {retried_by}"
     if kind == "failed":
         if record.error:
             return str(record.error).strip().splitlines()[-1]
@@ -265,6 +264,17 @@ def stop_reason(trial: FrozenTrial, retried_by: int | None = None) -> str:
             return f"its worker stopped (heartbeat lost); retried as trial {retried_by}"
         return "its worker stopped (heartbeat lost)"
     return ""
+
+
+def interrupted_where(record: TrialRecord) -> str:
+    """``in stage 1 (cifar10), in epoch 2 at step 13 of 32``: where an interrupted trial stopped.
+
+    The error is the objective's ``interrupted: stopped <where the trainer stopped>, ...``.
+    """
+    detail = str(record.error or "")[len(INTERRUPTED):].lstrip(": ")
+    detail = detail.split(", checkpoint kept")[0].removeprefix("stopped ")
+    stage = f"in stage {record.stage} ({record.dataset})" if record.stage is not None else ""
+    return ", ".join(part for part in (stage, detail) if part)
 
 
 class DashboardStorage(optuna.storages.RDBStorage):

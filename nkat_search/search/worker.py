@@ -11,7 +11,8 @@ When the budget is spent but other workers' trials are still running, the worker
 of them dies, its heartbeat goes stale, Optuna fails it and queues a retry, and this worker runs
 the retry. So no trial is lost while at least one worker is alive.
 
-SIGTERM / SIGINT: the current epoch finishes and is checkpointed, the trial ends FAIL with
+SIGTERM / SIGINT: the current training step finishes and is checkpointed (mid-epoch, resumed
+bit-for-bit), the trial ends FAIL with
 ``error="interrupted: ..."``, and the worker queues its retry itself (the heartbeat callback only
 fires for silent workers), then exits with 128 + signal number. A second signal stops at once;
 the trial is still queued for retry.
@@ -74,7 +75,7 @@ class StopFlag:
         if self.signum:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"worker: {signal.Signals(signum).name}: finishing the current epoch, then stopping "
+        print(f"worker: {signal.Signals(signum).name}: checkpointing after the current step, then stopping "
               "(send again to stop now)", file=sys.stderr, flush=True)
 
     def __call__(self) -> bool:
@@ -217,9 +218,8 @@ def trial_line(trial: optuna.trial.FrozenTrial, seconds: float) -> str:
         parts.append(f"resumed from epoch {record.resumed_from_epoch}")
     if kind == "interrupted":
         # The worker queues the retry right after this line (``_after_trial``).
-        where = (f" in stage {record.stage} ({record.dataset} epoch {record.epoch})"
-                 if record.stage is not None else "")
-        parts.append(f"stopped{where}; its retry resumes from the checkpoint")
+        parts.append(f"stopped {trial_record.interrupted_where(record)}; its retry resumes "
+                     "from the checkpoint")
     else:
         reason = trial_record.stop_reason(trial)
         if reason:

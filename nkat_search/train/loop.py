@@ -129,11 +129,16 @@ class TrainResult:
 
 
 class TrainingInterrupted(Exception):
-    """``stop_requested()`` turned true; the checkpoint of ``epoch`` finished epochs is on disk."""
+    """``stop_requested()`` turned true; a checkpoint of the progress so far is on disk.
 
-    def __init__(self, epoch: int):
-        super().__init__(f"training interrupted after epoch {epoch}")
-        self.epoch = epoch
+    ``epoch`` epochs are complete and ``step`` steps of the next one (0: at an epoch's end).
+    """
+
+    def __init__(self, epoch: int, step: int = 0, steps_per_epoch: int = 0):
+        where = (f"after epoch {epoch}" if step == 0
+                 else f"in epoch {epoch + 1} at step {step} of {steps_per_epoch}")
+        super().__init__(f"training interrupted {where}")
+        self.epoch, self.step, self.where = epoch, step, where
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -236,8 +241,8 @@ def train_model(
     """Train ``cfg`` on ``cfg.train.dataset`` and return the EMA model's accuracy and TPE.
 
     ``on_epoch(report)`` runs after every epoch and may raise (the search prunes there);
-    ``stop_requested()`` is polled after every epoch: when true, the epoch's checkpoint is written
-    and ``TrainingInterrupted`` raised. ``options`` holds the knobs of workers and benchmarks.
+    ``stop_requested()`` is polled after every step: when true, the progress so far (mid-epoch
+    too) is checkpointed and ``TrainingInterrupted`` raised. ``options`` holds the knobs of workers and benchmarks.
     """
     from nkat_search.train.augment import GpuAugment
     from nkat_search.train.data import load_dataset
@@ -313,6 +318,10 @@ def train_model(
 
     checkpoint_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     start_epoch, epoch_seconds = 0, []
+    # A checkpoint written mid-epoch (a stop) also holds the steps done in the next epoch, its
+    # data generator's state after them, their loss sum and seconds: resuming skips those
+    # batches of the same permutation and continues bit-for-bit.
+    partial = None
     if resume and checkpoint_path is not None and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, cfg, device)
         model.load_state_dict(state["model"])
@@ -323,14 +332,20 @@ def train_model(
         torch.set_rng_state(state["cpu_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
+        if state.get("step"):
+            partial = state
 
-    def checkpoint(epochs_done: int) -> None:
+    def checkpoint(epochs_done: int, step: int = 0, generator=None, loss=None,
+                   seconds: float = 0.0) -> None:
         since = time.perf_counter()
+        mid_epoch = {"step": step, "generator": generator.get_state(), "loss_sum": loss,
+                     "partial_seconds": seconds} if step else {}
         save_checkpoint(checkpoint_path, {
             "config": cfg.to_dict(), "epoch": epochs_done, "epoch_seconds": epoch_seconds,
             "model": model.state_dict(), "ema": ema.state_dict(), "ema_updates": ema.updates,
             "optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            **mid_epoch,
         })
         spent("checkpoint_s", since)
         for record in (timings, options.timings):
@@ -350,13 +365,23 @@ def train_model(
         model.train()
         generator = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + epoch)
         loss_sum = torch.zeros((), device=device)
+        skip, earlier_seconds = 0, 0.0
+        if partial is not None and epoch == start_epoch:
+            skip, earlier_seconds = partial["step"], partial["partial_seconds"]
+            loss_sum += partial["loss_sum"]
         bar = _progress_bar(progress, steps_per_epoch, f"{tc.dataset} epoch {epoch + 1}/{tc.epochs}")
         # The first epoch of this process compiles: its first steps are timed apart.
-        warm_steps = min(WARM_STEPS, steps_per_epoch - 1) if epoch == start_epoch else 0
+        warm_steps = min(WARM_STEPS, steps_per_epoch - skip - 1) if epoch == start_epoch else 0
         _sync(device)
         started = time.perf_counter()
         warm_seconds = 0.0
+        done = 0  # steps run in this call
         for i, (images, labels) in enumerate(data.train_batches(batch_size, generator)):
+            if i < skip:
+                if i == 0:
+                    # The permutation is drawn; continue the stream where the stop left it.
+                    generator.set_state(partial["generator"])
+                continue
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, peak_lr)
@@ -375,24 +400,32 @@ def train_model(
             optimizer.step()
             ema.update()
             loss_sum += loss.detach()
+            done += 1
             if bar is not None:
                 bar.update(1)
-            if warm_steps and i + 1 == warm_steps:
+            if warm_steps > 0 and done == warm_steps:
                 # One host sync per run, so the compile time is measured, not guessed.
                 _sync(device)
                 warm_seconds = time.perf_counter() - started
+            if i + 1 < steps_per_epoch and stop_requested is not None and stop_requested():
+                # A stop mid-epoch: keep these steps (a 257-token epoch lasts half a minute).
+                _sync(device)
+                seconds = time.perf_counter() - started
+                _add_train_time(timings, options.timings, seconds, warm_steps, warm_seconds,
+                                done, done * batch_size)
+                if bar is not None:
+                    bar.close()
+                if checkpoint_path is not None:
+                    checkpoint(epoch, step=i + 1, generator=generator,
+                               loss=loss_sum.detach().clone(), seconds=earlier_seconds + seconds)
+                raise TrainingInterrupted(epoch, i + 1, steps_per_epoch)
         _sync(device)
         seconds = time.perf_counter() - started
-        epoch_seconds.append(seconds)
-        train_seconds += seconds
-        compile_seconds = 0.0
-        if warm_steps:
-            steady = (seconds - warm_seconds) / (steps_per_epoch - warm_steps)
-            compile_seconds = max(0.0, warm_seconds - warm_steps * steady)
-        for record in (timings, options.timings):
-            if record is not None:
-                record.add(compile_s=compile_seconds, train_s=seconds - compile_seconds,
-                           train_images=steps_per_epoch * batch_size)
+        epoch_seconds.append(earlier_seconds + seconds)
+        train_seconds += earlier_seconds + seconds
+        _add_train_time(timings, options.timings, seconds, warm_steps, warm_seconds, done,
+                        done * batch_size)
+        seconds += earlier_seconds
         clock = time.perf_counter()
         accuracy = evaluate(ema, data, device, autocast)
         clock = spent("eval_s", clock)
@@ -431,6 +464,19 @@ def train_model(
     )
 
 
+def _add_train_time(timings: Timings, accumulator: Timings | None, seconds: float,
+                    warm_steps: int, warm_seconds: float, steps: int, images: int) -> None:
+    """Split ``seconds`` of ``steps`` training steps into compile (the warm steps' extra) and train."""
+    compile_seconds = 0.0
+    if warm_steps > 0 and steps > warm_steps:
+        steady = (seconds - warm_seconds) / (steps - warm_steps)
+        compile_seconds = max(0.0, warm_seconds - warm_steps * steady)
+    for record in (timings, accumulator):
+        if record is not None:
+            record.add(compile_s=compile_seconds, train_s=seconds - compile_seconds,
+                       train_images=images)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write-then-rename, so a crash mid-write never leaves a half checkpoint behind."""
     with atomic_path(path) as tmp:
@@ -446,9 +492,9 @@ def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device) -> dict:
     if state.get("config") != cfg.to_dict():
         raise UserError(f"checkpoint {path} was made with a different config; use another --out "
                         "directory or --no-resume")
-    state["cpu_rng"] = state["cpu_rng"].cpu()
-    if state.get("cuda_rng") is not None:
-        state["cuda_rng"] = state["cuda_rng"].cpu()
+    for key in ("cpu_rng", "cuda_rng", "generator"):  # RNG states are CPU byte tensors
+        if state.get(key) is not None:
+            state[key] = state[key].cpu()
     return state
 
 

@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-trials", type=int, metavar="N",
                         help="the study's budget (default: the study file's n_trials); run up "
                         "again with a larger N to extend a finished study")
+    parser.add_argument("--mps", choices=("auto", "on", "off"), default="off",
+                        help="CUDA MPS for the trials sharing a GPU. off (default): they take "
+                        "turns; auto: start a daemon for this run when nvidia-cuda-mps-control "
+                        "is there and a GPU is visible, and stop it at the end; on: the same, "
+                        "or an error. MPS helps studies of small models only (see "
+                        "`nkat-search worker --help`)")
     parser.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="K",
                         help="export the best K trials")
     parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
@@ -84,6 +90,7 @@ class Up:
         self.workers: list[tuple[str, object, object]] = []  # (label, Popen, log path)
         self.dashboard = None
         self.interrupts = 0
+        self.mps = None
 
     def run(self) -> int:
         import signal
@@ -129,7 +136,7 @@ class Up:
 
         with open(log_path, "ab") as log:
             # A session of its own: the terminal's Ctrl-C reaches only us, and we decide what the
-            # children get (one SIGINT each, so a worker finishes its epoch and checkpoints).
+            # children get (one SIGINT each, so a worker checkpoints after its current step).
             return subprocess.Popen(self._command(argv), stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
 
@@ -141,16 +148,29 @@ class Up:
         return [f"cuda:{i % gpus}" if gpus else "cpu" for i in range(count)]
 
     def _start_workers(self) -> None:
+        import os
+
+        from nkat_search.cli.mps import start_or_join
+
         # The worker adds <study>/trial-<n>/ below this.
         checkpoints = self.run_dir.parent / "checkpoints"
         devices = self._devices()
         from nkat_search.cli.commands.worker import default_trials_per_device
 
         per_device = self.args.trials_per_gpu or default_trials_per_device(devices[0])
+        gpus = len({d for d in devices if d.startswith("cuda")})
+        if per_device > 1 or self.args.mps == "on":
+            self.mps, line = start_or_join(self.args.mps, self.run_dir, gpus)
+            print(line, flush=True)
         env = worker_env(len(devices) * per_device)
+        if self.mps is not None:
+            # The workers' CUDA runtime finds the daemon through these; --mps off below only
+            # tells them not to start one of their own.
+            env = dict(env or os.environ, **self.mps.env())
         for i, device in enumerate(devices):
             argv = ["worker", "--storage", self.storage, "--study", self.study_name,
-                    "--device", device, "--checkpoint-dir", str(checkpoints), "--quiet"]
+                    "--device", device, "--checkpoint-dir", str(checkpoints), "--quiet",
+                    "--mps", "off"]
             if self.args.trials_per_gpu is not None:
                 argv += ["--trials-per-gpu", str(self.args.trials_per_gpu)]
             if self.args.checkpoint_interval is not None:
@@ -195,7 +215,7 @@ class Up:
                     pass
 
     def _announce_interrupts(self, announced: int, say) -> int:
-        messages = {1: "stopping: the workers finish their epoch and checkpoint "
+        messages = {1: "stopping: the workers checkpoint after their current step "
                        "(Ctrl-C again to terminate them)",
                     2: "terminating the workers (Ctrl-C again to kill them)",
                     3: "killing the workers"}
@@ -291,6 +311,8 @@ class Up:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        if self.mps is not None:
+            self.mps.stop()
         if self.dashboard is not None and self.dashboard.poll() is None:
             self.dashboard.send_signal(signal.SIGINT)
             try:

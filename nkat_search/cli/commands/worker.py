@@ -7,16 +7,19 @@ import argparse
 from nkat_search.cli.commands.storage_arg import add_storage_argument, storage_argv
 from nkat_search.cli.commands.train import add_data_arguments
 
-# Trials side by side on one GPU, against one (benchmarks/scaling.py, baseline model,
-# results/gpu/scaling/): 2 gave 1.48x the trials/hour on an H100 (1.46x on an H200), 4 gave 1.55x.
-# One eager trial leaves the GPU idle while Python launches kernels; 2 fill most of that at half
-# the memory and threads of 4. On a CPU a second process only splits the same cores.
-GPU_TRIALS_PER_DEVICE = 2
+# Compiled trials of Round 2's mix side by side on one H200 (benchmarks/packing.py, results/gpu/
+# session4/packing.json), as trials' worth of training at once against one at a time: K = 2 gave
+# 1.17x, K = 4 1.45x, K = 6 (one of them a 257-token model) 1.43x. So 4, where memory allows:
+# a 257-token trial needs about 25 GiB (39 GiB peak seen beside five others), so a GPU gets one
+# trial per GPU_GIB_PER_TRIAL of its memory, at most GPU_TRIALS_PER_DEVICE and at least one.
+# On a CPU a second process only splits the same cores.
+GPU_TRIALS_PER_DEVICE = 4
+GPU_GIB_PER_TRIAL = 25
 
 HELP = ("Pull trials from a study and train them on one device until the study's budget "
         "(n_trials of its study file, counted over all workers) is spent. The sampler, pruner, "
         "gate and Stage 2 datasets come from the study file stored in the study. SIGTERM/SIGINT "
-        "finish the current epoch, keep its checkpoint and queue the trial for retry; a second "
+        "checkpoint the trial after its current step and queue it for retry; a second "
         "signal stops at once. Prints one line per finished trial.")
 
 
@@ -27,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (cuda if available), cpu, cuda:N, or all (one worker per "
                         "visible GPU: the form for a container that reserves every GPU)")
     parser.add_argument("--trials-per-gpu", type=int, default=None, metavar="K",
-                        help=f"run K workers on each device (K-1 extra processes; default "
-                        f"{GPU_TRIALS_PER_DEVICE} on a GPU, 1 on the CPU)")
+                        help=f"run K workers on each device (K-1 extra processes; default on a "
+                        f"GPU: one per {GPU_GIB_PER_TRIAL} GiB of its memory, 1 to "
+                        f"{GPU_TRIALS_PER_DEVICE}; 1 on the CPU)")
     parser.add_argument("--n-trials", type=int, default=None, metavar="M",
                         help="stop this worker after M trials (default: until the budget is spent)")
     add_data_arguments(parser)
@@ -38,6 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write a trial's checkpoint at most every S seconds (0: after every "
                         "epoch); always at the end of a stage and on SIGTERM / Ctrl-C, so a "
                         "kill -9 loses at most about S seconds of training")
+    parser.add_argument("--mps", choices=("auto", "on", "off"), default="off",
+                        help="CUDA MPS for the K trials on one GPU. off (default): start none (a "
+                        "daemon that $CUDA_MPS_PIPE_DIRECTORY names is still used); auto: join "
+                        "that daemon or, with K > 1 on a GPU, start one (pipes under the "
+                        "checkpoint dir) and stop it when this worker's processes end; on: the "
+                        "same, or an error. Measured on an H200: 1.66x the training of one trial "
+                        "for four small trials (1.45x without), but 1.09x (1.43x without) when a "
+                        "257-token trial shares the GPU, which then takes nearly all of it")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep checkpoints of finished trials (default: only unfinished ones)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -74,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
                             checkpoint_interval_s=args.checkpoint_interval,
                             keep_checkpoints=args.keep_checkpoints,
                             progress=False if args.quiet else None, cpu_threads=threads)
+    mps = _start_mps(args, devices)
     stop = StopFlag()
     stop.install()
     children = []
@@ -92,14 +105,47 @@ def run(args: argparse.Namespace) -> int:
     finally:
         # Siblings get our signals forwarded (StopFlag); wait so the group ends together.
         codes = [child.wait() for child in children]
+        if mps is not None:
+            mps.stop()
     return worst([code, *codes])
 
 
+def _start_mps(args: argparse.Namespace, devices: list[str]):
+    """Start or join a CUDA MPS daemon before this process touches CUDA; its env reaches siblings."""
+    import os
+    from pathlib import Path
+
+    from nkat_search.cli.mps import start_or_join
+
+    gpus = sum(1 for d in devices if d.startswith("cuda") or d == "auto")
+    if args.mps == "off" or (args.mps == "auto" and args.trials_per_gpu < 2
+                             and not os.environ.get("CUDA_MPS_PIPE_DIRECTORY")):
+        return None
+    if gpus and devices == ["auto"]:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    daemon, line = start_or_join(args.mps, Path(args.checkpoint_dir), gpus)
+    print(f"worker: {line}", flush=True)
+    if daemon is not None:
+        os.environ.update(daemon.env())
+    return daemon
+
+
 def default_trials_per_device(device: str) -> int:
-    """GPU_TRIALS_PER_DEVICE on a GPU (``cuda``, ``cuda:N``, ``auto`` with one visible), else 1."""
+    """Trials side by side on ``device``: 1 on the CPU; on a GPU one per 25 GiB, 1 to 4."""
     from nkat_search.search.worker import resolve_device
 
-    return GPU_TRIALS_PER_DEVICE if resolve_device(device).startswith("cuda") else 1
+    resolved = resolve_device(device)
+    if not resolved.startswith("cuda"):
+        return 1
+    import torch
+
+    try:
+        total = torch.cuda.get_device_properties(torch.device(resolved)).total_memory / 2**30
+    except (RuntimeError, AssertionError, ValueError):
+        return 1  # a device that cannot be read is reported by the worker's own checks
+    return max(1, min(GPU_TRIALS_PER_DEVICE, int(total // GPU_GIB_PER_TRIAL)))
 
 
 def _devices(device: str) -> list[str]:
@@ -119,7 +165,7 @@ def _devices(device: str) -> list[str]:
 def _sibling_argv(args: argparse.Namespace, device: str, trials_per_gpu: int) -> list[str]:
     argv = ["worker", *storage_argv(args.storage), "--study", args.study, "--device", device,
             "--trials-per-gpu", str(trials_per_gpu), "--checkpoint-dir", args.checkpoint_dir,
-            "--checkpoint-interval", str(args.checkpoint_interval)]
+            "--checkpoint-interval", str(args.checkpoint_interval), "--mps", "off"]
     if args.n_trials is not None:
         argv += ["--n-trials", str(args.n_trials)]
     if args.data_dir:
