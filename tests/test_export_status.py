@@ -76,13 +76,14 @@ def build_study(url: str, infeasible_top: bool = False, feasible: bool = True) -
         study.add_trial(complete_trial(gtpe, embed_dim, depth, robustness if feasible else 0.5))
     params = {"embed_dim": 64, "depth": 1, "temperature": 0.9}
     unmeasured = {"consistency": 2.25, "robustness": 2.25}
+    # Pruned trials carry their last intermediate value as their value, as Optuna's tell sets it.
     study.add_trial(create_trial(  # trial 3: below the Local TPE gate
-        params=params, distributions=DISTRIBUTIONS, state=TrialState.PRUNED,
+        params=params, distributions=DISTRIBUTIONS, state=TrialState.PRUNED, value=0.45,
         intermediate_values={1: 0.41, 2: 0.45}, constraints=unmeasured,
         user_attrs=attrs_of(outcome="gate_failed", config=tiny_config(64, 1), local_tpe=0.45,
                             feasible=False, reason="gate: Local TPE 0.4500 < 0.6")))
     study.add_trial(create_trial(  # trial 4: stopped early by the pruner
-        params=params, distributions=DISTRIBUTIONS, state=TrialState.PRUNED,
+        params=params, distributions=DISTRIBUTIONS, state=TrialState.PRUNED, value=0.2,
         intermediate_values={1: 0.2}, constraints=unmeasured,
         user_attrs=attrs_of(outcome="pruned", feasible=False,
                             reason="pruned at epoch 1 of 2 by the median pruner")))

@@ -16,8 +16,6 @@ from pathlib import Path
 import optuna
 import yaml
 
-from nkat_search.search.coordinator import trial_seed
-
 STUDY = {
     "name": "seeds", "n_trials": 6, "seed": 7,
     "search": {"temperature": {"type": "float", "low": 0.6, "high": 1.0},
@@ -81,6 +79,8 @@ def test_two_runs_of_one_study_file_propose_the_same_trials(tmp_path):
 
 
 def test_trial_seeds_depend_on_the_file_seed_and_the_trial_number_only():
+    from nkat_search.search.coordinator import trial_seed
+
     assert trial_seed(7, 0) == trial_seed(7, 0)
     assert len({trial_seed(7, n) for n in range(100)}) == 100
     assert trial_seed(7, 3) != trial_seed(8, 3)

@@ -261,12 +261,14 @@ class Up:
                     if bar is None:
                         from tqdm import tqdm
 
+                        # smoothing=0: the time left at the average rate since up started.
                         bar = tqdm(total=budget, initial=done, unit="trial", dynamic_ncols=True,
-                                   desc=self.study_name, file=sys.stdout)
+                                   smoothing=0, desc=self.study_name, file=sys.stdout)
                     bar.total = budget
-                    bar.update(done - bar.n)
+                    if done != bar.n:
+                        bar.update(done - bar.n)
                     bar.set_postfix_str(f"{running_text(report['trials'])} | "
-                                        f"{best_text(report['summary'])}")
+                                        f"{best_text(report['summary'], short=True)}")
                 else:
                     # A line when something but the time left changed, or once a minute.
                     line = live_line(report, done_before, elapsed)
