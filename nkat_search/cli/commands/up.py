@@ -299,6 +299,13 @@ class Up:
                   f"{export_dir} (best: {export_dir / 'best.yaml'})")
         except NothingToExport as err:
             print(str(err))
+        from nkat_search.search.study_files import write_study_files
+
+        files = write_study_files(study, export_dir)
+        if files.written:
+            print(f"wrote {', '.join(p.name for p in files.written)} to {export_dir}")
+        for warning in files.warnings:
+            print(f"study files: {warning}")
         for label, code, log in failed:
             print(f"{label} exited with {code}; last lines of {log}:")
             print(tail(log))
