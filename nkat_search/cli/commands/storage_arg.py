@@ -47,6 +47,7 @@ def with_password_file(url: str) -> str:
     (as the postgres image's entrypoint does) and the rest is URL-quoted, so any character works.
     argparse applies this to the ``$NKAT_STORAGE`` default too.
     """
+    from pathlib import Path
     from urllib.parse import quote
 
     path = os.environ.get(STORAGE_PASSWORD_FILE_ENV)
@@ -61,13 +62,14 @@ def with_password_file(url: str) -> str:
         _fail(f"{STORAGE_PASSWORD_FILE_ENV} is set and the storage URL has a password too; drop "
               f"the password from the URL or unset {STORAGE_PASSWORD_FILE_ENV}")
     try:
-        password = open(path, encoding="utf-8").read().rstrip("\r\n")
+        password = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as err:
         _fail(f"{STORAGE_PASSWORD_FILE_ENV}={path}: cannot read it "
               f"({getattr(err, 'strerror', None) or err}); mount the secret there or fix the path")
     if not password:
         _fail(f"{STORAGE_PASSWORD_FILE_ENV}={path}: the file is empty; write the password into it")
-    return f"{match.group('head')}{match.group('user')}:{quote(password, safe='')}@{match.group('rest')}"
+    head, user, rest = match.group("head", "user", "rest")
+    return f"{head}{user}:{quote(password, safe='')}@{rest}"
 
 
 def without_file_password(url: str) -> str:
@@ -77,7 +79,9 @@ def without_file_password(url: str) -> str:
     the password never appears on its command line.
     """
     match = _USERINFO.match(url)
-    if not os.environ.get(STORAGE_PASSWORD_FILE_ENV) or match is None or match.group("password") is None:
+    if not os.environ.get(STORAGE_PASSWORD_FILE_ENV) or match is None:
+        return url
+    if match.group("password") is None:
         return url
     return f"{match.group('head')}{match.group('user')}@{match.group('rest')}"
 
