@@ -1,12 +1,11 @@
-"""The compose worker service's entrypoint and command, run as its container runs them, stopped
-as `docker compose stop` stops it.
+"""The compose worker service's command, run as its container runs it, stopped as
+`docker compose stop` stops it; and workers/smoke_check.py, the image check of workers/smoke.sh.
 
-No Docker engine here: the entrypoint script and the command line come from docker-compose.yml,
-on the CPU (``--device cpu`` for ``all``) against the real PostgreSQL. Docker delivers SIGTERM to
-the container's init, which hands it to the entrypoint's process; since the entrypoint execs the
-worker, that is the worker itself, which must forward it to its sibling (``--trials-per-gpu 2``),
-finish the epoch, checkpoint, queue each trial for retry and exit well inside the compose file's
-``stop_grace_period``.
+No Docker engine here: the command line and the environment come from docker-compose.yml, on the
+CPU (``--device cpu`` for ``all``) against the real PostgreSQL. Docker delivers SIGTERM to the
+container's init, which hands it to the command's process, the worker, which must forward it to
+its sibling (``--trials-per-gpu 2``), checkpoint after the current step, queue each trial for
+retry and exit well inside the compose file's ``stop_grace_period``.
 """
 
 from __future__ import annotations
@@ -40,32 +39,30 @@ STUDY = {
 }
 
 
-def test_sigterm_through_the_entrypoint_checkpoints_both_trials_and_queues_their_retries(
+def test_sigterm_checkpoints_both_trials_and_queues_their_retries_in_time(
         fresh_postgres_url, data_dir, tmp_path):
     worker = load(COMPOSE_FILE)["services"]["worker"]
     study_file = tmp_path / "study.yaml"
     study_file.write_text(yaml.safe_dump(STUDY, sort_keys=False))
     env = dict(os.environ, OMP_NUM_THREADS="1", NKAT_STORAGE=fresh_postgres_url,
-               **{k: with_defaults(str(v)) for k, v in worker["environment"].items()
-                  if k.startswith(("NKAT_MPS", "CUDA_MPS"))})
+               **{k: str(v) for k, v in worker["environment"].items()
+                  if k.startswith("CUDA_MPS")})
     env.pop("NKAT_STORAGE_PASSWORD_FILE", None)  # the suite's server trusts loopback
     created = subprocess.run([sys.executable, "-m", "nkat_search", "study", "create", "--study",
                               str(study_file), "--storage", fresh_postgres_url], env=env,
                              capture_output=True, text=True, timeout=120)
     assert created.returncode == 0, created.stderr
 
-    command = [with_defaults(w) for w in command_words(worker)]
-    assert command[0] == "nkat-search"
+    command = command_words(worker, defaults=True)  # as Compose makes it: .env.example's values
+    assert command[:2] == ["nkat-search", "worker"]
     command[:1] = [sys.executable, "-m", "nkat_search"]  # the console script, without PATH
     command[command.index("--study") + 1] = STUDY["name"]
     command[command.index("--device") + 1] = "cpu"
-    assert command[command.index("--trials-per-gpu") + 1] == "2"
     ckpt = tmp_path / "ckpt"
-    command += ["--data-dir", str(data_dir), "--checkpoint-dir", str(ckpt),
-                "--checkpoint-interval", "0", "--quiet"]
-    entrypoint = [str(REPO / w.replace("/app/", "")) for w in command_words(worker, "entrypoint")]
+    command += ["--trials-per-gpu", "2", "--data-dir", str(data_dir), "--checkpoint-dir",
+                str(ckpt), "--checkpoint-interval", "0", "--quiet"]
     log = tmp_path / "worker.log"
-    process = subprocess.Popen(["sh", *entrypoint, *command], env=env, stdout=log.open("w"),
+    process = subprocess.Popen(command, env=env, stdout=log.open("w"),
                                stderr=subprocess.STDOUT, cwd=REPO)
     checkpoints = [ckpt / STUDY["name"] / f"trial-{n}" / "cifar10" / "checkpoint.pt"
                    for n in range(2)]
@@ -86,7 +83,6 @@ def test_sigterm_through_the_entrypoint_checkpoints_both_trials_and_queues_their
     output = log.read_text()
     assert code == 128 + signal.SIGTERM, output
     assert stop_seconds < parse_duration(with_defaults(worker["stop_grace_period"])), stop_seconds
-    assert "MPS not started" in output  # the entrypoint ran, and then the worker in its place
 
     trials = optuna.load_study(study_name=STUDY["name"], storage=fresh_postgres_url).get_trials()
     interrupted = [t for t in trials if t.state.name == "FAIL"]
@@ -100,3 +96,32 @@ def test_sigterm_through_the_entrypoint_checkpoints_both_trials_and_queues_their
     # to the end after the main process left).
     assert len({t.user_attrs["worker"] for t in interrupted}) == 2
     assert all(p.exists() for p in checkpoints)
+
+
+def test_the_image_check_reports_a_finished_run_and_a_failed_one(data_dir, tmp_path):
+    """workers/smoke_check.py on the CPU and eager to be quick here (its defaults, cuda and
+    --compile, are overridden by the flags after them)."""
+    env = dict(os.environ, NKAT_SMOKE_OUT=str(tmp_path / "out"), OMP_NUM_THREADS="2",
+               NKAT_MPS="off")
+    flags = ["--device", "cpu", "--no-compile", "--data-dir", str(data_dir), "--train_limit",
+             "256", "--test_limit", "128", "--embed_dim", "32", "--depth", "1", "--num_heads", "4"]
+    check = [sys.executable, str(REPO / "workers" / "smoke_check.py")]
+    done = subprocess.run([*check, *flags], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "image: torch " in done.stdout and "C compiler" in done.stdout
+    assert "image OK: 1 epoch(s) trained eager on cpu" in done.stdout, done.stdout
+    assert "NO-GO at 45%" in done.stdout and "MPS: not used" in done.stdout
+
+    # A run that cannot train (a config the model refuses) is a failed image check, not "OK".
+    broken = subprocess.run([*check, *flags, "--embed_dim", "30"], env=env, capture_output=True,
+                            text=True, timeout=300, cwd=REPO)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert "FAILED: nkat-search smoke exited with 2" in broken.stderr, broken.stderr
+    assert "image OK" not in broken.stdout
+
+    # MPS demanded where there is none (no GPU here): one line, exit 2, nothing trained.
+    refused = subprocess.run([*check, *flags], env=dict(env, NKAT_MPS="on"), capture_output=True,
+                             text=True, timeout=300, cwd=REPO)
+    assert refused.returncode == 2 and "--mps on" in refused.stderr, refused.stderr
+    assert "image OK" not in refused.stdout
