@@ -71,8 +71,8 @@ def write_study_files(study, out_dir: str | Path) -> StudyFiles:
     for stem, function, _ in PLOTS:
         if stem not in skipped:
             path = out_dir / f"{stem}.png"
-            _attempt(result, path.name, lambda f=getattr(vis, function), p=path:
-                     _save_plot(f, pyplot, study, p, result.warnings))
+            _attempt(result, path.name, lambda f=function, p=path:
+                     _save_plot(getattr(vis, f), pyplot, study, p, result.warnings))
     return result
 
 
