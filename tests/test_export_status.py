@@ -251,9 +251,11 @@ def test_export_top_two_writes_the_best_configs(storage_url, tmp_path, capsys):
     code, stdout, _ = cli(capsys, "export", "--study", STUDY, "--storage", storage_url,
                           "--top", 2, "--out", out)
     assert code == 0, stdout
-    # Trials 1 (0.74) and 0 (0.71); nothing half-written left behind.
-    assert sorted(p.name for p in out.iterdir()) == [
-        "best.json", "best.yaml", "trial-0.json", "trial-0.yaml", "trial-1.json", "trial-1.yaml"]
+    # Trials 1 (0.74) and 0 (0.71); nothing half-written left behind. The plots and the CSV
+    # beside them are tests/test_study_files.py's.
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == [
+        "best.json", "best.yaml", "trial-0.json", "trial-0.yaml", "trial-1.json", "trial-1.yaml",
+        "trials.csv"]
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["study"]["trial"] == 1 and best["study"]["name"] == STUDY
     assert best["study"]["study_file_hash"] == study.user_attrs["study_file_hash"]

@@ -6,6 +6,7 @@ the gate near 0 so trials reach Stage 2 and complete); one runs it as shipped, t
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -75,6 +76,17 @@ def test_up_runs_a_tiny_study_to_the_export(tmp_path, data_dir, env):
     assert result.returncode == 0, result.stdout + result.stderr + logs
     check_finished_run(out, name, result.stdout)
     assert (out / name / "export" / "best.yaml").is_file(), result.stdout + logs
+    # up's final export writes the study's files too: a CSV row per trial, the plots as PNG.
+    with (out / name / "export" / "trials.csv").open(newline="") as f:
+        assert len(list(csv.DictReader(f))) == summary_total(out, name)
+    assert (out / name / "export" / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def summary_total(out: Path, name: str) -> int:
+    import optuna
+
+    return len(optuna.load_study(study_name=name,
+                                 storage=f"sqlite:///{out / (name + '.db')}").trials)
 
 
 def test_up_serves_the_dashboard_on_the_next_free_port(tmp_path, data_dir, env):

@@ -15,8 +15,12 @@ HELP = ("Write the best K complete trials into --out as trial-<n>.yaml and trial
         "Consistency and Robustness constraints) first, then the other feasible ones, then the "
         "infeasible ones, each marked metrics.feasible. Each file has a 'config' section that "
         "'nkat-search train --config FILE' and 'stage2 --config FILE' accept, the trial's "
-        "'metrics' and its 'study' (name, study file hash, trial number). Files are written "
-        "atomically. Exit code 1 with 'nothing to export yet' when no trial has completed.")
+        "'metrics' and its 'study' (name, study file hash, trial number). Beside them: "
+        "trials.csv (every trial: state, value, params, attributes) and Optuna's plots as PNG "
+        "(optimization history, parameter importances, parallel coordinate, intermediate "
+        "values, timeline); a plot that cannot be drawn yet is a warning line. Files are written "
+        "atomically. Exit code 1 with 'nothing to export yet' when no trial has completed (the "
+        "CSV and the plots that need no complete trial are still written).")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,15 +38,22 @@ def run(args: argparse.Namespace) -> int:
     from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.search.export import NothingToExport, export_best
     from nkat_search.search.report import open_study
+    from nkat_search.search.study_files import write_study_files
 
     study = open_study(resolve_storage(args.storage, args.study), args.study)
     try:
-        exported = export_best(study, args.out, top=args.top)
+        exported, nothing = export_best(study, args.out, top=args.top), None
     except NothingToExport as err:
         # Not a mistake of the user: the study is just young. Distinct from exit 2 (bad input).
-        print(f"nkat-search export: {err}", file=sys.stderr)
-        return 1
-    for path in exported.paths:
+        exported, nothing = None, err
+    files = write_study_files(study, args.out)
+    for path in (exported.paths if exported else []) + files.written:
         print(f"wrote {path}")
-    print(exported.describe(Path(args.out)))
+    if exported is not None:
+        print(exported.describe(Path(args.out)))
+    for warning in files.warnings:
+        print(f"nkat-search export: warning: {warning}", file=sys.stderr)
+    if nothing is not None:
+        print(f"nkat-search export: {nothing}", file=sys.stderr)
+        return 1
     return 0

@@ -352,6 +352,13 @@ class Up:
             print(f"nkat-search up: no trial completed ({counts or 'no trial ran'}): nothing to "
                   "export; the table above says why each trial stopped", flush=True)
             code = 1
+        from nkat_search.search.study_files import write_study_files
+
+        files = write_study_files(study, export_dir)
+        if files.written:
+            print(f"wrote {', '.join(p.name for p in files.written)} to {export_dir}")
+        for warning in files.warnings:
+            print(f"study files: {warning}")
         print(f"this study later: nkat-search status {reach}  (or export, study show)")
         for label, exit_code, log in failed:
             print(f"{label} exited with {exit_code}; last lines of {log}:")
