@@ -6,19 +6,21 @@ on the softmax of the kept logits (an entry stays iff the kept probability mass 
 is below ``top_p``; the top entry always stays; ties go together); softmax; attention dropout.
 The per-row modulation is a factor on the output rows, applied by the caller.
 
-Why it is written this way. ``torch.topk`` over rows of 257 logits does not fuse with anything
-and dominated the 257-token model's step (28.6 ms of one layer's fwd + bwd at embed 448 on an
-H200). Both filters only ever cut a row at one logit value, so the filter is a per-row threshold,
+Why it is written this way. ``torch.topk`` over rows of 257 logits does not fuse with anything,
+and building the mask with it was most of the 257-token model's attention time (one layer, embed
+448, forward + backward, compiled, on an H200: 28.6 ms; 23.7 ms with the same mask handed to
+SDPA). Both filters only ever cut a row at one logit value, so the filter is a per-row threshold,
 found on the distinct values from the top: level i has value m_i (the largest value below
 m_{i-1}) and count c_i; it is kept by the top-k iff fewer than k entries lie above it, and by the
 nucleus iff the kept mass above it, sum_{j<i} c_j exp(m_j - m_0) / Z, is below p. ``top_k`` levels
 need 2 * top_k row reductions and nothing else. Under ``torch.compile`` Inductor fuses them, the
-masked softmax and the dropout into one persistent-reduction kernel per direction (rows up to
-1024 wide live in registers); ``benchmarks/attention_notes.md`` has the kernel counts.
+masked softmax and the dropout into one persistent-reduction kernel (the row in registers), and
+the backward into one more; ``benchmarks/attention_codegen.py`` lists the kernels and
+``benchmarks/attention_notes.md`` the bytes.
 
-The autograd.Function keeps only bf16 logits, the dropout mask and the bf16 weights for backward
-(5 bytes per logit instead of about 10 for the explicit path's softmax, masks and weights), and
-recomputes the probabilities from the logits and three per-row scalars.
+The autograd.Function keeps the bf16 logits, the dropout mask and the bf16 weights for backward
+(5 bytes per logit; the explicit path's compiled graph keeps 6, plus topk's buffers) and
+recomputes the probabilities from the logits and two per-row scalars (threshold, log-sum-exp).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# More levels than this (top_k off or >= the row with the nucleus on needs one level per distinct
-# value) and the level loop is slower than a sort: those configurations stay on the explicit path.
+# The level loop grows by two row reductions per level. With top_k off (or >= the row) and the
+# nucleus on it needs one level per distinct value, up to the row length, where a sort is the
+# better tool: configurations past this many levels stay on the explicit path. None of the
+# searched ones (top_k 4..8) gets near it; the limit itself is not measured.
 FUSED_MAX_LEVELS = 16
 
 
@@ -110,23 +114,28 @@ class _NKATCore(torch.autograd.Function):
         else:
             keep = None
             weights = probs.to(v.dtype)
-        ctx.save_for_backward(q, k, v, logits, threshold, row_max, mass, keep, weights)
+        log_mass = row_max + mass.log()
+        ctx.save_for_backward(q, k, v, logits, threshold, log_mass, keep, weights)
         ctx.scale, ctx.dropout_p = scale, dropout_p
         return weights @ v
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, logits, threshold, row_max, mass, keep, weights = ctx.saved_tensors
+        q, k, v, logits, threshold, log_mass, keep, weights = ctx.saved_tensors
         grad_out = grad_out.to(v.dtype)
         grad_v = weights.transpose(-2, -1) @ grad_out
         grad_weights = (grad_out @ v.transpose(-2, -1)).float()
         if keep is not None:
             grad_weights = grad_weights * keep * (1.0 / (1.0 - ctx.dropout_p))
-        # The probabilities again, from the bf16 logits: written unlike the forward's expression
-        # so that AOTAutograd's CSE does not merge the two and then keep the float32 probabilities
-        # (4 bytes per logit) alive from forward to backward instead of the logits (2 bytes).
+        # The probabilities again, from the bf16 logits and the row scalars. Written unlike the
+        # forward's expressions on purpose: AOTAutograd's CSE would merge identical ones, and the
+        # partitioner then keeps the forward's float32 probabilities (4 bytes per logit) and its
+        # filter mask (1) alive for backward instead of recomputing them from the logits (kept
+        # anyway). The mask stays a comparison (not the sign of scores - threshold, which Triton
+        # may contract with the scaling into an unrounded FMA), so it is the forward's exactly.
         scores = (logits * ctx.scale).float()
-        probs = torch.where(scores >= threshold, (scores - (row_max + mass.log())).exp(), 0.0)
+        keep_filter = ~(scores < threshold)
+        probs = torch.where(keep_filter, (scores - log_mass).exp(), 0.0)
         grad_scores = probs * (grad_weights - (probs * grad_weights).sum(dim=-1, keepdim=True))
         grad_logits = (grad_scores * ctx.scale).to(q.dtype)
         return grad_logits @ k, grad_logits.transpose(-2, -1) @ q, grad_v, None, None, None, None

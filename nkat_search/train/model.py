@@ -3,7 +3,8 @@
 Reads top to bottom like timm's ``vision_transformer.py``: the pure attention filters
 (``topk_mask``, ``nucleus_mask``), the small layers (``ColorLayerNorm``, ``ConvStem``,
 ``NKATAttention``, ``Mlp``, ``Block``), then the model ``NKAT``, then ``build_model`` and named
-presets. Every option is a field of ``ModelConfig``; nothing here reads globals.
+presets. Every option is a field of ``ModelConfig``; nothing here reads globals. The fused NKAT
+attention core that compiled GPU training uses for long rows lives in ``train/attention.py``.
 
 Inputs are float tensors (B, in_chans, 32, 32), already normalised by the data loader; 28x28
 datasets are padded to 32x32 there, so one architecture serves all four datasets and lambda differs
@@ -191,6 +192,11 @@ class NKATAttention(nn.Module):
     m_i, v_i are the mean and population variance over channels of query token i's (layer-normed)
     input and ``s_l = nkat_strength * nkat_decay ** layer_index``. When every filter is off
     (``not cfg.uses_nkat_attention``) the same computation is ``F.scaled_dot_product_attention``.
+    The NKAT path has two implementations, tested to agree: ``attend`` (explicit: topk / pairwise
+    masks and a masked softmax; the reference and the CPU path) and ``fused_attention``
+    (``train/attention.py``: one per-row threshold, a fused kernel per direction under
+    torch.compile), taken on a GPU under torch.compile for rows of ``FUSED_MIN_TOKENS`` or more
+    (``uses_fused``).
 
     Split heads (``cfg.split_heads``, 8 heads): the D token channels are viewed as 4 groups of D/4.
     Heads 0-1 (R), 2-3 (G), 4-5 (B) take q, k, v from their own channel group only (one D/4 -> 3D/4
