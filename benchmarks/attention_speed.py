@@ -142,7 +142,8 @@ def variant_worker(spec: dict) -> None:
         print("RESULT " + json.dumps(row), flush=True)
         return
     print("READY", flush=True)
-    sys.stdin.readline()
+    if not sys.stdin.readline():  # the main process is gone: do not time alone on nothing
+        return
     try:
         for _ in range(2):  # the caches again, after waiting
             step()
@@ -316,6 +317,10 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=None,
                         help="variants compiling at once (default: CPUs / 3, at most 5); 1 runs "
                              "them strictly one after the other, one process alive at a time")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="after this many seconds of compiling, start no more variants and "
+                             "stop those still compiling (reported as such), so that the table "
+                             "and the JSON always come out")
     parser.add_argument("--no-check", action="store_true", help="skip the agreement check")
     parser.add_argument("--eager", action="store_true", help="no torch.compile (smoke runs)")
     parser.add_argument("--device", default="cuda")
@@ -393,15 +398,40 @@ def main() -> int:
         procs[name].stdin.write("go\n")
         procs[name].stdin.flush()
 
+    killed: set[str] = set()
+
+    def over_budget() -> bool:
+        return time.perf_counter() - started_at > args.budget_s
+
     # Phase 1: compile (jobs at a time) until every variant is ready or finished.
     while pending or busy():
-        while pending and busy() < jobs:
+        while pending and busy() < jobs and not over_budget():
             start_next()
-        handle(*lines.get())
+        if over_budget():
+            for name, _ in pending:
+                if name != "check":
+                    tokens, path = name.split("/")
+                    results[name] = {"tokens": int(tokens), "path": path,
+                                     "error": f"not started: over the {args.budget_s:.0f} s budget"}
+            pending.clear()
+            for name, s in state.items():
+                if s == "starting" and name not in killed:
+                    killed.add(name)
+                    procs[name].kill()
+                    if name != "check":
+                        tokens, path = name.split("/")
+                        results[name] = {"tokens": int(tokens), "path": path, "error":
+                                         f"stopped compiling at the {args.budget_s:.0f} s budget"}
+        try:
+            handle(*lines.get(timeout=5))
+        except queue.Empty:
+            continue
         if jobs == 1:
             for name in [n for n, s in state.items() if s == "ready"]:
                 go(name)
     compile_wall = time.perf_counter() - started_at
+    if "check" in killed:
+        print(f"check: stopped at the {args.budget_s:.0f} s budget", flush=True)
     # Phase 2: each ready variant times alone, the others idle.
     for name, _ in specs:
         if state.get(name) == "ready":
@@ -448,7 +478,8 @@ def main() -> int:
         if "error" in row:
             log = logs / f"{name.replace('/', '_')}.log"
             tail = log.read_text().strip().splitlines()[-15:] if log.exists() else []
-            print(f"--- {name} failed; last lines of its log:\n" + "\n".join(tail))
+            if tail:
+                print(f"--- {name} failed; last lines of its log:\n" + "\n".join(tail))
     return 0
 
 

@@ -105,7 +105,7 @@ class _NKATCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale: float, top_k: int, top_p: float, dropout_p: float):
         logits = q @ k.transpose(-2, -1)
-        scores = (logits * scale).float()
+        scores = logits.float() * scale
         threshold, row_max, mass = row_filter(scores, top_k, top_p)
         probs = torch.where(scores >= threshold, (scores - row_max).exp(), 0.0) / mass
         if dropout_p > 0:
@@ -133,7 +133,7 @@ class _NKATCore(torch.autograd.Function):
         # filter mask (1) alive for backward instead of recomputing them from the logits (kept
         # anyway). The mask stays a comparison (not the sign of scores - threshold, which Triton
         # may contract with the scaling into an unrounded FMA), so it is the forward's exactly.
-        scores = (logits * ctx.scale).float()
+        scores = logits.float() * ctx.scale
         keep_filter = ~(scores < threshold)
         probs = torch.where(keep_filter, (scores - log_mass).exp(), 0.0)
         grad_scores = probs * (grad_weights - (probs * grad_weights).sum(dim=-1, keepdim=True))
@@ -146,7 +146,10 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, t
     """The NKAT attention core from q, k, v (B, heads, N, head_dim), unmodulated: (B, heads, N, hd).
 
     ``dropout_p`` is applied as given (pass 0 in eval mode). Under autocast, q, k, v arrive in
-    bf16 and so do the logits and weights, as on the explicit path; the filter and softmax run in
-    float32.
+    bf16 and so do the logits (the matmul's output) and the weights, as on the explicit path; the
+    filter and softmax run in float32 on ``logits * scale``. The explicit path rounds that product
+    to bf16 again, which merges some neighbouring values into ties; here the ties are exactly
+    those of the bf16 logits (identical tokens give identical logits), and ``compile`` gives the
+    same as eager.
     """
     return _NKATCore.apply(q, k, v, scale, top_k, top_p, dropout_p)

@@ -216,8 +216,8 @@ class NKATAttention(nn.Module):
         self.uses_nkat = cfg.uses_nkat_attention
         # Tests set this to run the explicit path with filters off and compare it with SDPA.
         self.force_explicit = False
-        # Which NKAT path: "auto" (fused where it is faster, see ``uses_fused``), or "explicit" /
-        # "fused" forced (tests and benchmarks).
+        # Which NKAT path: "auto" (the rule in ``uses_fused``), or "explicit" / "fused" forced
+        # (tests and benchmarks).
         self.path = "auto"
         self.split_heads = cfg.split_heads
         if self.split_heads:
@@ -274,7 +274,7 @@ class NKATAttention(nn.Module):
                                   self.attn_drop_p if self.training else 0.0)
             if self.alpha is not None:
                 # The row factor on the output rows equals it on the weights, and its gradient
-                # is then a sum over (N, head_dim) values instead of over N x N weights.
+                # is then a sum over heads x head_dim values instead of heads x N weights.
                 out = out * self.modulation(x)
         else:
             out = self.attend(q, k, v, x)
@@ -284,8 +284,9 @@ class NKATAttention(nn.Module):
     def uses_fused(self, q: Tensor) -> bool:
         """Whether the NKAT path runs fused: forced, or (``auto``) on a GPU under torch.compile for
         rows of at least ``FUSED_MIN_TOKENS`` and a threshold search of at most
-        ``FUSED_MAX_LEVELS`` levels. Eager, the level loop is one kernel per reduction and slower
-        than topk; on the CPU the explicit path is the reference."""
+        ``FUSED_MAX_LEVELS`` levels. Eager, the level loop runs op by op, several passes over the
+        N x N logits per level, so eager runs stay explicit; on the CPU the explicit path is the
+        reference."""
         if self.path not in ATTENTION_PATHS:
             raise ValueError(f"attention path: expected one of {ATTENTION_PATHS}, got {self.path!r}")
         if self.path != "auto":
