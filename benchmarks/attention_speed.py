@@ -218,9 +218,9 @@ def check_worker(spec: dict) -> None:
             say(f"float32 layer, {n} tokens, {'ties' if ties else 'random'}: max relative "
                 f"error {worst:.1e} ({', '.join(errors)})")
         if device.type == "cuda":
-            # Under bf16 autocast the two paths round the logits differently (the compiled one
-            # keeps them in float32 between the matmul and the filter), so near-ties can go
-            # either way: the size of that difference, for reading training runs.
+            # Under bf16 autocast the explicit path rounds logits * scale to bf16 again, the
+            # fused one scales the bf16 logits in float32, so a near-tie at a row's threshold
+            # can go either way: the size of that difference, for reading training runs.
             x = tokens(n, dim, True)
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 attn.path = "explicit"
