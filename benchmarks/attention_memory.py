@@ -2,15 +2,18 @@
 
 The Round 2 space holds conv_stem off + patch 2: 257 tokens, whose attention maps are 240x the
 baseline's. This times a few training steps of that model (depth 7, the rest the baseline) at
-batch 512, eager and compiled as ``--compile`` compiles, with the top-k and nucleus filters
+batch 512, eager and compiled as ``--compile`` compiles. The explicit path
+(``NKATAttention.attend``, forced on every row but the last) with the top-k and nucleus filters
 applied one after the other (a full sort per row, how the model did it before session 3) or
-fused (``model.topk_nucleus_mask``, what it does now), and with the attention core (logits to
-weights @ v) recomputed in backward by ``torch.utils.checkpoint`` to save memory. The sequential
-rows swap ``model.topk_nucleus_mask`` for the old two-step filter; benchmark only.
-Session 3 measured recomputation, before the fused filter, at half the peak (41.0 to 21.8 GiB) and
-twice the step time (818 to 1641 ms) on an H100 (results/gpu/session3/attention_memory_log.txt),
+combined (``model.topk_nucleus_mask``), and with the attention core (logits to weights @ v)
+recomputed in backward by ``torch.utils.checkpoint`` to save memory; the last row is the fused
+core (``train/attention.py``) that compiled training on a GPU now takes. The sequential rows swap
+``model.topk_nucleus_mask`` for the old two-step filter; benchmark only.
+Session 3 measured recomputation, before the combined filter, at half the peak (41.0 to 21.8 GiB)
+and twice the step time (818 to 1641 ms) on an H100 (results/gpu/session3/attention_memory_log.txt),
 so training does not recompute; a worker that runs out of GPU memory waits for its GPU's other
-trials and retries instead.
+trials and retries instead. ``benchmarks/attention_speed.py`` compares the paths at 17, 65 and 257
+tokens.
 
     python benchmarks/attention_memory.py --data-dir DIR [--steps 10]
 """
@@ -32,7 +35,7 @@ from nkat_search.train.data import load_dataset  # noqa: E402
 from profile_step import Stepper, ms_per_call  # noqa: E402
 from nkat_search.train.loop import CUDA_COMPILE_MODE  # noqa: E402
 
-_fused_filter = model_module.topk_nucleus_mask
+_combined_filter = model_module.topk_nucleus_mask
 
 
 def _sequential_filters(logits, k, p):
@@ -67,17 +70,22 @@ def main() -> int:
     print(f"device: {torch.cuda.get_device_name(device)}; conv_stem off, patch 2, depth 7 "
           f"(257 tokens), batch {cfg.train.batch_size}")
     compiled = f"compiled {CUDA_COMPILE_MODE}"
-    for name, mode, sequential, recompute in (
-            ("eager, sequential filters (sort), maps kept", None, True, False),
-            ("eager, fused filter, maps kept", None, False, False),
-            ("eager, fused filter, maps recomputed", None, False, True),
-            (f"{compiled}, sequential filters (sort), maps kept", CUDA_COMPILE_MODE, True, False),
-            (f"{compiled}, fused filter, maps kept", CUDA_COMPILE_MODE, False, False)):
-        model_module.topk_nucleus_mask = _sequential_filters if sequential else _fused_filter
+    for name, mode, sequential, recompute, path in (
+            ("eager, sequential filters (sort), maps kept", None, True, False, "explicit"),
+            ("eager, combined filter, maps kept", None, False, False, "explicit"),
+            ("eager, combined filter, maps recomputed", None, False, True, "explicit"),
+            (f"{compiled}, sequential filters (sort), maps kept", CUDA_COMPILE_MODE, True, False,
+             "explicit"),
+            (f"{compiled}, combined filter, maps kept", CUDA_COMPILE_MODE, False, False,
+             "explicit"),
+            (f"{compiled}, fused core (training now)", CUDA_COMPILE_MODE, False, False, "auto")):
+        model_module.topk_nucleus_mask = _sequential_filters if sequential else _combined_filter
         torch._dynamo.reset()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         stepper = Stepper(cfg, data, device, mode, mode is not None)
+        for block in stepper.model.blocks:
+            block.attn.path = path
         if recompute:
             for block in stepper.model.blocks:
                 block.attn.forward = _recomputing(block.attn)

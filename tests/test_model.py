@@ -358,3 +358,15 @@ def test_long_rows_take_the_fused_filter_and_match_the_sequential_one(monkeypatc
         sequential = model(x)
     assert calls == [1]
     assert torch.allclose(fused, sequential, atol=1e-5)
+
+
+def test_sorted_nucleus_keeps_ties_together():
+    """Rows longer than PAIRWISE_MAX_TOKENS take the sort; tied probabilities have the same mass
+    strictly above them, so they are kept or dropped together there too."""
+    probs = torch.tensor([0.3, 0.2, 0.2, 0.2, 0.1] + [0.0] * 35)
+    # Mass strictly above each 0.2 is 0.3 < 0.4: all three stay, though cumulatively 0.3 + 0.2
+    # already passes 0.4 after the first of them.
+    assert nucleus_mask(probs, 0.4).tolist()[:5] == [True, True, True, True, False]
+    assert nucleus_mask(probs, 0.3).tolist()[:5] == [True, False, False, False, False]
+    shuffled = torch.randperm(40)
+    assert torch.equal(nucleus_mask(probs[shuffled], 0.4), nucleus_mask(probs, 0.4)[shuffled])

@@ -3,7 +3,8 @@
 Reads top to bottom like timm's ``vision_transformer.py``: the pure attention filters
 (``topk_mask``, ``nucleus_mask``), the small layers (``ColorLayerNorm``, ``ConvStem``,
 ``NKATAttention``, ``Mlp``, ``Block``), then the model ``NKAT``, then ``build_model`` and named
-presets. Every option is a field of ``ModelConfig``; nothing here reads globals.
+presets. Every option is a field of ``ModelConfig``; nothing here reads globals. The fused NKAT
+attention core that compiled GPU training uses for long rows lives in ``train/attention.py``.
 
 Inputs are float tensors (B, in_chans, 32, 32), already normalised by the data loader; 28x28
 datasets are padded to 32x32 there, so one architecture serves all four datasets and lambda differs
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nkat_search.config import ModelConfig
+from nkat_search.train.attention import FUSED_MAX_LEVELS, filter_levels, fused_attention
 
 # Token channels are viewed as 4 groups by split-head attention (R, G, B, shared) and by the
 # channel shuffle; 4 always divides embed_dim because embed_dim % num_heads == 0 with 8 heads.
@@ -29,6 +31,13 @@ CHANNEL_GROUPS = 4
 # values; the pairwise form is a few fused elementwise ops. Above the limit the pairwise tensor
 # (rows x n x n) grows too large and the sort-based form is used.
 PAIRWISE_MAX_TOKENS = 32
+
+# Rows at least this long take the fused attention core (``train/attention.py``) on a GPU under
+# torch.compile. Below it the explicit path's pairwise filters are a few fused elementwise ops
+# already; ``benchmarks/attention_speed.py`` times both at 17 tokens, so this is where to change it.
+FUSED_MIN_TOKENS = PAIRWISE_MAX_TOKENS + 1
+
+ATTENTION_PATHS = ("auto", "explicit", "fused")
 
 
 def topk_mask(logits: Tensor, k: int) -> Tensor:
@@ -66,6 +75,12 @@ def nucleus_mask(probs: Tensor, p: float) -> Tensor:
         return mass_above < p
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    # Tied entries: the mass strictly above them is the mass before the first of them. Mass
+    # before only grows along the sorted row, so a running max of it at each tie group's first
+    # entry carries that value across the group.
+    first = torch.ones_like(sorted_probs, dtype=torch.bool)
+    first[..., 1:] = sorted_probs[..., 1:] != sorted_probs[..., :-1]
+    mass_before = torch.where(first, mass_before, 0).cummax(dim=-1).values
     keep_sorted = mass_before < p
     keep_sorted[..., 0] = True
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
@@ -177,6 +192,11 @@ class NKATAttention(nn.Module):
     m_i, v_i are the mean and population variance over channels of query token i's (layer-normed)
     input and ``s_l = nkat_strength * nkat_decay ** layer_index``. When every filter is off
     (``not cfg.uses_nkat_attention``) the same computation is ``F.scaled_dot_product_attention``.
+    The NKAT path has two implementations, tested to agree: ``attend`` (explicit: topk / pairwise
+    masks and a masked softmax; the reference and the CPU path) and ``fused_attention``
+    (``train/attention.py``: one per-row threshold, a fused kernel per direction under
+    torch.compile), taken on a GPU under torch.compile for rows of ``FUSED_MIN_TOKENS`` or more
+    (``uses_fused``).
 
     Split heads (``cfg.split_heads``, 8 heads): the D token channels are viewed as 4 groups of D/4.
     Heads 0-1 (R), 2-3 (G), 4-5 (B) take q, k, v from their own channel group only (one D/4 -> 3D/4
@@ -196,6 +216,9 @@ class NKATAttention(nn.Module):
         self.uses_nkat = cfg.uses_nkat_attention
         # Tests set this to run the explicit path with filters off and compare it with SDPA.
         self.force_explicit = False
+        # Which NKAT path: "auto" (the rule in ``uses_fused``), or "explicit" / "fused" forced
+        # (tests and benchmarks).
+        self.path = "auto"
         self.split_heads = cfg.split_heads
         if self.split_heads:
             group = dim // CHANNEL_GROUPS
@@ -246,13 +269,35 @@ class NKATAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop_p if self.training else 0.0, scale=self.scale
             )
+        elif self.uses_fused(q):
+            out = fused_attention(q, k, v, self.scale, self.top_k, self.top_p,
+                                  self.attn_drop_p if self.training else 0.0)
+            if self.alpha is not None:
+                # The row factor on the output rows equals it on the weights, and its gradient
+                # is then a sum over heads x head_dim values instead of heads x N weights.
+                out = out * self.modulation(x)
         else:
             out = self.attend(q, k, v, x)
         out = out.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(out))
 
+    def uses_fused(self, q: Tensor) -> bool:
+        """Whether the NKAT path runs fused: forced, or (``auto``) on a GPU under torch.compile for
+        rows of at least ``FUSED_MIN_TOKENS`` and a threshold search of at most
+        ``FUSED_MAX_LEVELS`` levels. Eager, the level loop runs op by op, several passes over the
+        N x N logits per level, so eager runs stay explicit; on the CPU the explicit path is the
+        reference."""
+        if self.path not in ATTENTION_PATHS:
+            raise ValueError(f"attention path: expected one of {ATTENTION_PATHS}, got {self.path!r}")
+        if self.path != "auto":
+            return self.path == "fused"
+        n = q.shape[-2]
+        return (q.is_cuda and torch.compiler.is_compiling() and n >= FUSED_MIN_TOKENS
+                and filter_levels(self.top_k, self.top_p, n) <= FUSED_MAX_LEVELS)
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> Tensor:
-        """The NKAT path from q, k, v (B, heads, N, head_dim) to ``weights @ v``; ``x`` modulates."""
+        """The explicit NKAT path from q, k, v (B, heads, N, head_dim) to ``weights @ v``; ``x``
+        modulates. The reference for the fused path, and the CPU path."""
         N = q.shape[-2]
         logits = (q @ k.transpose(-2, -1)) * self.scale
         if N > PAIRWISE_MAX_TOKENS and self.top_k > 0 and self.top_p < 1.0:
