@@ -9,18 +9,6 @@ from pathlib import Path
 from typing import Iterator
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp creates its file 0600; a plain open() would give 0666 less the umask. Exports written by
-# a container's user into a mounted folder must be readable by the host's user, so the renamed file
-# gets the plain mode.
-_FILE_MODE = 0o666 & ~_umask()
-
-
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it over ``target`` only on success.
@@ -31,7 +19,6 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     try:
         yield Path(tmp)
