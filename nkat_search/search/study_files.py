@@ -68,11 +68,15 @@ def write_study_files(study, out_dir: str | Path) -> StudyFiles:
     except ImportError as err:
         result.warnings.append(f"plots not drawn: {err} (pip install matplotlib)")
         return result
-    for stem, function, _ in PLOTS:
+    # The value's axis says what it is ("Global TPE", the study's metric name), not "Objective Value".
+    names = getattr(study, "metric_names", None) or []
+    target = {"target_name": names[0]} if names else {}
+    for stem, function, needs_complete in PLOTS:
         if stem not in skipped:
             path = out_dir / f"{stem}.png"
-            _attempt(result, path.name, lambda f=function, p=path:
-                     _save_plot(getattr(vis, f), pyplot, study, p, result.warnings))
+            kwargs = target if needs_complete else {}
+            _attempt(result, path.name, lambda f=function, p=path, k=kwargs:
+                     _save_plot(getattr(vis, f), pyplot, study, p, result.warnings, **k))
     return result
 
 
@@ -114,7 +118,7 @@ def _plotting():
     return vis, pyplot
 
 
-def _save_plot(plot, pyplot, study, path: Path, notes: list[str]) -> Path:
+def _save_plot(plot, pyplot, study, path: Path, notes: list[str], **kwargs) -> Path:
     """Draw ``plot(study)`` into the PNG ``path``; Optuna's notes on the data go to ``notes``."""
     import numpy as np
 
@@ -125,7 +129,7 @@ def _save_plot(plot, pyplot, study, path: Path, notes: list[str]) -> Path:
         # matplotlib's axis-limit remarks reach the terminal; only what Optuna's importance
         # evaluators say about the data (too few trials to rank parameters) is passed on.
         warnings.simplefilter("always")
-        axes = np.asarray(plot(study)).ravel()
+        axes = np.asarray(plot(study, **kwargs)).ravel()
         figure = axes[0].figure
         try:
             for ax in axes:

@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nkat_search.cli.commands.storage_arg import as_url
+    from nkat_search.cli.commands.storage_arg import as_url, with_password_file
     from nkat_search.errors import UserError
     from nkat_search.search.spec import load_study_file
 
@@ -75,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     run_dir = out / spec.name
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    storage = as_url(args.storage) if args.storage else f"sqlite:///{out / (spec.name + '.db')}"
+    # $NKAT_STORAGE_PASSWORD_FILE fills in a PostgreSQL URL's password, as for the other commands.
+    storage = (with_password_file(as_url(args.storage)) if args.storage
+               else f"sqlite:///{out / (spec.name + '.db')}")
     return Up(args, spec.name, storage, run_dir).run()
 
 
