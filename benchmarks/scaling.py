@@ -120,6 +120,8 @@ def scaling_study_text(args: argparse.Namespace) -> str:
     if args.quick:
         fixed |= QUICK_FIXED
         data["search"] = QUICK_SEARCH
+        for key in QUICK_SEARCH:  # quick.yaml may fix what this check searches
+            fixed.pop(key, None)
         data["enqueue"] = []
     fixed["epochs"] = args.epochs
     fixed["warmup"] = min(fixed.get("warmup", 5), args.epochs)  # 5: RunConfig's default

@@ -18,7 +18,6 @@ The one fallback: when no complete trial is feasible, the best complete trial by
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
@@ -313,10 +312,3 @@ def _for_dashboard(trial: FrozenTrial) -> FrozenTrial:
     if trial.state == TrialState.PRUNED:
         shown.values = None
     return shown
-
-
-def finite(value: Any) -> float | None:
-    """``value`` as a float when it is a finite number, else None (for tables and JSON)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
