@@ -100,7 +100,7 @@ def test_up_gives_eight_gpus_eight_devices_and_eight_logs(monkeypatch, tmp_path)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     args = argparse.Namespace(workers=None, trials_per_gpu=2, data_dir=None, study="s.yaml",
-                              mps="off", checkpoint_interval=None)
+                              mps="off", checkpoint_interval=None, download=False)
     runner = up.Up(args, "s", "sqlite:///x.db", tmp_path / "s")
     assert runner._devices() == [f"cuda:{i}" for i in range(WORKERS)]
     runner._start_workers()
