@@ -9,6 +9,7 @@ that turns a mapping into a config, and it rejects unknown keys and wrong types 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,7 +236,7 @@ def load_config_file(path: str | Path, base: RunConfig | None = None) -> RunConf
     except OSError as err:
         raise ConfigError(f"config file {path}: cannot read it ({err.strerror})") from None
     try:
-        values = yaml.safe_load(text) or {}
+        values = load_yaml(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path}: not valid YAML/JSON ({_first_line(err)})") from None
     if isinstance(values, dict) and isinstance(values.get("config"), dict):
@@ -244,6 +245,36 @@ def load_config_file(path: str | Path, base: RunConfig | None = None) -> RunConf
         return RunConfig.from_dict(values, base)
     except ConfigError as err:
         raise ConfigError(f"config file {path}: {err}") from None
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, except that a key given twice in one mapping is an error.
+
+    PyYAML keeps the last of duplicate keys without a word, so ``n_trials: 8`` followed later by
+    ``n_trials: 500`` would silently make a 500-trial study.
+    """
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key; the base constructor reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1}); "
+                    "give each key once", key_node.start_mark)
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:
@@ -256,6 +287,10 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             return value
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # NaN passes every range check (all comparisons are false) and inf overflows the
+            # schedule; neither is a setting anyone means.
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value}")
             return float(value)
     elif kind is str:
         if isinstance(value, str):

@@ -81,9 +81,71 @@ def _url(port: int, dbname: str) -> str:
     return f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{port}/{dbname}"
 
 
-@pytest.fixture(scope="session")
-def postgres_server():
-    """(port, bindir) of a PostgreSQL server that lives for the whole test session."""
+class PostgresServer:
+    """One throwaway PostgreSQL cluster in a temp folder: initdb, start, stop, databases.
+
+    ``stop`` and ``start`` keep the data folder and the port, so tests can restart the database
+    under running workers (``pg_ctl stop -m fast`` ends every connection, as a real restart does).
+    """
+
+    def __init__(self, bindir: Path, prefix: str = "nkat-pg-"):
+        self.bindir = bindir
+        # mkdtemp gives mode 0700; /tmp is world-traversable, so postgres can reach it once it
+        # owns it.
+        self.root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        if os.geteuid() == 0:
+            shutil.chown(self.root, user=PG_USER)
+        # setup.log gets the tools' output (written by us); server.log is the postmaster's own
+        # (by postgres, so it must not exist beforehand with our ownership).
+        self.data = self.root / "data"
+        self.log, self.server_log = self.root / "setup.log", self.root / "server.log"
+        self.port = _free_port()
+        self.running = False
+
+    def init(self) -> None:
+        _run([str(self.bindir / "initdb"), "-D", str(self.data), "-U", PG_USER, "-E", "UTF8",
+              "--auth-local=trust", "--auth-host=trust", "--no-sync", "--no-instructions"],
+             cwd=self.root, log=self.log)
+
+    def start(self) -> None:
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(self.port),
+            "unix_socket_directories": str(self.root),
+            "max_connections": "200",  # 8 worker processes, each with its own pool, plus tests
+            "fsync": "off",            # durability is worthless for a throwaway server
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+        }
+        options = " ".join(f"-c {key}={value}" for key, value in settings.items())
+        self.running = True  # from here on a half-started server must still be stopped
+        _run([str(self.bindir / "pg_ctl"), "start", "-D", str(self.data), "-l",
+              str(self.server_log), "-w", "-t", "60", "-o", options], cwd=self.root, log=self.log)
+
+    def stop(self, mode: str = "fast") -> None:
+        _run([str(self.bindir / "pg_ctl"), "stop", "-D", str(self.data), "-m", mode, "-w",
+              "-t", "60"], cwd=self.root, log=self.log)
+        self.running = False
+
+    def create_database(self, name: str) -> str:
+        conn = _admin_connect(self.port)  # not "with conn": psycopg2 would open a transaction
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+        return _url(self.port, name)
+
+    def close(self) -> None:
+        if self.running:
+            subprocess.run(_as_postgres([str(self.bindir / "pg_ctl"), "stop", "-D",
+                                         str(self.data), "-m", "immediate", "-w", "-t", "60"]),
+                           cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           stdin=subprocess.DEVNULL, timeout=90)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _require_pg_bindir() -> Path:
     bindir = _find_pg_bindir()
     if bindir is None:
         reason = ("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin "
@@ -91,47 +153,35 @@ def postgres_server():
         if _in_ci():
             pytest.fail(f"CI must test against real PostgreSQL: {reason}", pytrace=False)
         pytest.skip(reason)
+    return bindir
 
-    # mkdtemp gives mode 0700; /tmp is world-traversable, so postgres can reach it once it owns it.
-    root = Path(tempfile.mkdtemp(prefix="nkat-pg-", dir="/tmp"))
-    if os.geteuid() == 0:
-        shutil.chown(root, user=PG_USER)
-    # setup.log gets the tools' output (written by us); server.log is the postmaster's own (by
-    # postgres, so it must not exist beforehand with our ownership).
-    data, log, server_log = root / "data", root / "setup.log", root / "server.log"
-    port = _free_port()
-    started = False
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """(port, bindir) of a PostgreSQL server that lives for the whole test session."""
+    server = PostgresServer(_require_pg_bindir())
     try:
-        _run([str(bindir / "initdb"), "-D", str(data), "-U", PG_USER, "-E", "UTF8",
-              "--auth-local=trust", "--auth-host=trust", "--no-sync", "--no-instructions"],
-             cwd=root, log=log)
-        settings = {
-            "listen_addresses": "127.0.0.1",
-            "port": str(port),
-            "unix_socket_directories": str(root),
-            "max_connections": "200",  # 8 worker processes, each with its own pool, plus the tests
-            "fsync": "off",            # durability is worthless for a throwaway server
-            "synchronous_commit": "off",
-            "full_page_writes": "off",
-        }
-        options = " ".join(f"-c {key}={value}" for key, value in settings.items())
-        started = True  # from here on a half-started server must still be stopped
-        _run([str(bindir / "pg_ctl"), "start", "-D", str(data), "-l", str(server_log),
-              "-w", "-t", "60", "-o", options], cwd=root, log=log)
-        conn = _admin_connect(port)  # not "with conn": psycopg2 would open a transaction block
-        try:
-            with conn.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{PG_DB}"')
-        finally:
-            conn.close()
-        yield port, bindir
+        server.init()
+        server.start()
+        server.create_database(PG_DB)
+        yield server.port, server.bindir
     finally:
-        if started:
-            subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "stop", "-D", str(data),
-                                         "-m", "fast", "-w", "-t", "60"]),
-                           cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           stdin=subprocess.DEVNULL, timeout=90)
-        shutil.rmtree(root, ignore_errors=True)
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def private_postgres():
+    """A ``PostgresServer`` of this test module alone, which its tests may stop and start.
+
+    The session server is shared by every test; stopping it would fail the others.
+    """
+    server = PostgresServer(_require_pg_bindir(), prefix="nkat-pg-private-")
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="session")

@@ -102,14 +102,19 @@ def test_killed_worker_trial_resumes_from_its_checkpoint(backend, request, data_
         url = request.getfixturevalue("fresh_postgres_url")
     else:
         url = f"sqlite:///{tmp_path / 'db' / 'study.db'}"
-    original, _ = interrupt_then_recover(url, data_dir, tmp_path, signal.SIGKILL)
-    assert "error" not in original.user_attrs  # killed: nothing could be written, heartbeat told
+    original, retry = interrupt_then_recover(url, data_dir, tmp_path, signal.SIGKILL)
+    # Killed: it wrote nothing itself; the worker that found it dead wrote why.
+    assert original.user_attrs["outcome"] == "failed"
+    assert original.user_attrs["error"].startswith("worker lost: no heartbeat")
+    assert retry.system_attrs["retry_faults"] == 1  # a kill is a fault
 
 
 def test_sigterm_checkpoints_and_queues_the_retry(fresh_postgres_url, data_dir, tmp_path):
-    original, _ = interrupt_then_recover(fresh_postgres_url, data_dir, tmp_path, signal.SIGTERM)
+    original, retry = interrupt_then_recover(fresh_postgres_url, data_dir, tmp_path,
+                                             signal.SIGTERM)
     assert original.user_attrs["outcome"] == "interrupted"
     assert original.user_attrs["error"].startswith("interrupted")
+    assert retry.system_attrs["retry_faults"] == 0  # a stop uses no retry
     # Not a crash: one line says where it stopped and that the retry resumes it; no traceback,
     # no "failed with value None".
     log = (tmp_path / "first.log").read_text()
@@ -165,6 +170,9 @@ def test_after_running_out_of_memory_the_worker_waits_for_its_gpu_neighbour(
 
     url = f"sqlite:///{tmp_path / 'oom.db'}"
     monkeypatch.setitem(STUDY, "n_trials", 2)  # the neighbour's configuration and ours
+    # The neighbour is asked here and never beats; a worker fails a RUNNING trial that has not
+    # beaten for a grace period as dead, so the grace must outlast the neighbour's 3 s.
+    monkeypatch.setitem(STUDY, "heartbeat", {"interval": 1, "grace": 30, "max_retry": 1})
     create(url, tmp_path)
     study = optuna.load_study(study_name="recover", storage=url)
     neighbour = study.ask()  # another worker's trial, RUNNING on the same GPU

@@ -189,15 +189,19 @@ def budget_state(study: optuna.Study, budget: int | None = None) -> dict:
     The budget counts *configurations*: every trial except retries. A retry (a copy queued by the
     heartbeat callback for a trial whose worker died) continues its original trial, so it does not
     use budget; the original stays FAIL and the copy carries the result. Enqueued trials count
-    from the moment they are queued.
+    from the moment they are queued. ``lost`` lists the configurations whose every attempt failed
+    with no retry left (``storage.lost_configurations``).
     """
+    from nkat_search.search.storage import lost_configurations
+
     if budget is None:
         budget = stored_budget(study)
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
     used = sum(1 for t in trials if "failed_trial" not in t.system_attrs)
     return {"budget": budget, "used": used, "left": max(0, budget - used),
-            "retries": len(trials) - used, "states": dict(states)}
+            "retries": len(trials) - used, "states": dict(states),
+            "lost": lost_configurations(trials)}
 
 
 def stored_budget(study: optuna.Study) -> int:

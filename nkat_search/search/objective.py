@@ -10,8 +10,12 @@ in ``missing_datasets`` (never silently dropped).
 A crash is never a score: any exception sets ``outcome=failed`` and ``error`` and propagates, so
 Optuna records FAIL. Whatever the outcome, the trial's ``time_*_s`` attributes say where its wall
 time went (data, setup, compile, training steps, evaluation, checkpoints; ``time_trial_s`` is the
-whole objective) and ``train_images`` how many images it trained. Checkpoints live in ``<root>/<study>/trial-<n>/<dataset>/``, where ``n`` is the
-*original* trial of a retry chain, so a retry continues from the epoch its predecessor finished.
+whole objective) and ``train_images`` how many images it trained. Checkpoints live in
+``<root>/<study>/trial-<n>/<dataset>/``, where ``n`` is the *original* trial of a retry chain, so a
+retry continues from the epoch its predecessor finished; a checkpoint that cannot be read is set
+aside and that dataset resumes from the one before, or starts over. Two exceptions are not
+crashes and write nothing: ``HeartbeatLost`` (the worker lost the storage for too long, and
+another worker may own the trial by now) and ``StorageUnavailable``.
 """
 
 from __future__ import annotations
@@ -49,8 +53,9 @@ class Objective:
 
     ``on_start`` runs once the trial's parameters are drawn (the worker holds the study lock
     until then, so the proposal depends on the study's history and the trial number only);
-    ``stop_requested`` is polled after every epoch (SIGTERM / SIGINT in the worker).
+    ``stop_requested`` is polled after every step (SIGTERM / SIGINT in the worker).
     ``train_fn`` replaces ``train.loop.train_model`` (tests pass a stand-in trainer).
+    ``preflight()`` checks that the worker can run a trial at all, before it takes one.
     """
 
     def __init__(self, spec: StudySpec, *, checkpoint_root: str | Path, data_dir=None,
@@ -84,16 +89,54 @@ class Objective:
         return TrainOptions(session=self._session, timings=timings,
                             checkpoint_interval_s=interval)
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        self.trial_number = trial.number
-        trial.set_user_attr("worker", self.worker)
-        from nkat_search.train.loop import Timings
+    def preflight(self) -> str:
+        """Check, before any trial is taken, that this worker can run one; returns the device.
 
+        A worker that cannot (a device that does not exist or does not work, CIFAR-10 missing
+        or corrupt) would otherwise fail every trial it takes in under a second and drain the
+        study's budget. Stage 1's dataset is loaded into the worker's session, where the first
+        trial finds it; Stage 2 datasets may be missing (they are reported per trial).
+        """
+        import torch
+
+        from nkat_search.errors import UserError
+        from nkat_search.train.loop import resolve_device
+
+        device = resolve_device(self.device)  # UserError for a bad name or an absent GPU
+        try:
+            (torch.ones(8, device=device) * 2).sum().item()
+        except Exception as err:  # noqa: BLE001 - a device that cannot add is no device
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"--device {self.device}: the device does not work ({first})") from None
+        tc = self.spec.base_config().train
+        shape = dict(emnist_split=tc.emnist_split, val_fraction=tc.val_fraction, seed=tc.seed,
+                     train_limit=tc.train_limit, test_limit=tc.test_limit)
+        self._options(None).session.dataset(STAGE1_DATASET, self.data_dir, device, **shape)
+        return str(device)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        from nkat_search.search.heartbeat import HeartbeatLost
+        from nkat_search.search.storage import StorageUnavailable
+        from nkat_search.train.loop import CheckpointUnreadable, Timings
+
+        self.trial_number = trial.number
         timings = Timings()
         started = time.perf_counter()
+        lost = False
         try:
-            return self._run(trial, timings)
+            trial.set_user_attr("worker", self.worker)
+            try:
+                return self._run(trial, timings)
+            except CheckpointUnreadable as err:
+                # The damaged files were set aside: the second run resumes from what is left
+                # (the other datasets' checkpoints) and trains the damaged one from scratch.
+                print(f"trial {trial.number}: {err}", file=sys.stderr, flush=True)
+                return self._run(trial, timings)
         except optuna.TrialPruned:
+            raise
+        except (HeartbeatLost, StorageUnavailable):
+            # Nothing more is written: another worker may own the trial by now (worker.py).
+            lost = True
             raise
         except KeyboardInterrupt:
             _fail(trial, f"{INTERRUPTED}: forced stop (second signal)")
@@ -109,7 +152,8 @@ class Objective:
                 _fail(trial, f"{type(err).__name__}: {err}")
             raise
         finally:
-            _record_timings(trial, timings, time.perf_counter() - started)
+            if not lost:
+                _record_timings(trial, timings, time.perf_counter() - started)
             if self._session is not None:
                 # The next trial is almost always another architecture; its CUDA graphs and
                 # memory pool must not wait for it (an out-of-memory neighbour may need them).
@@ -174,6 +218,11 @@ class Objective:
                             train_kwargs={"stop_requested": self.stop_requested,
                                           "options": options, "on_epoch": track})
         write_report(report, folder)
+        # A retry resumes inside Stage 2 too (CIFAR-10's resume is resumed_from_epoch).
+        resumed = {name: result["resumed_from_epoch"] for name, result in report.results.items()
+                   if name != STAGE1_DATASET and result["resumed_from_epoch"]}
+        if resumed:
+            trials.write(trial, resumed=resumed)
         table = report.table
         trials.write(trial,
                      datasets={row.dataset: DatasetScore(row.accuracy, row.lam, row.tpe)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nkat_search.config import DATASET_NAMES, ConfigError, RunConfig, field_names, field_type
+from nkat_search.config import (DATASET_NAMES, ConfigError, RunConfig, field_names, field_type,
+                                load_yaml)
 from nkat_search.errors import UserError
 
 TOP_KEYS = ("name", "direction", "n_trials", "seed", "search", "fixed", "enqueue", "gate",
@@ -142,7 +143,7 @@ def parse_study_text(text: str, file_name: str = "<study file>") -> StudySpec:
     import yaml
 
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)  # a key given twice is an error, not "the last one wins"
     except yaml.YAMLError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"study file {file_name}: not valid YAML ({first})") from None

@@ -38,6 +38,7 @@ INTERRUPTED = "interrupted"
 TIMING_KEYS = ("time_data_s", "time_setup_s", "time_compile_s", "time_train_s", "time_eval_s",
                "time_checkpoint_s", "time_trial_s", "checkpoints", "train_images")
 _DATASET_FIELDS = (("accuracy", "accuracy"), ("lam", "lambda"), ("tpe", "tpe"))
+RESUMED_PREFIX = "resumed_from_epoch_"
 
 
 @dataclass
@@ -73,7 +74,8 @@ class TrialRecord:
     reason: str | None = None             # why it stopped, in words (pruner, gate)
     error: str | None = None              # failed and interrupted trials
     worker: str | None = None             # host:pid:device
-    resumed_from_epoch: int | None = None  # a retry that continued a checkpoint
+    resumed_from_epoch: int | None = None  # a retry that continued a checkpoint (CIFAR-10)
+    resumed: dict[str, int] = field(default_factory=dict)  # resumed_from_epoch_<name>: Stage 2
     retry_of: int | None = None           # the original trial of a retry chain
     stage: int | None = None              # 1 or 2
     dataset: str | None = None
@@ -83,9 +85,12 @@ class TrialRecord:
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> TrialRecord:
         """The record of a trial's user attributes (older studies' nested ``datasets`` too)."""
-        plain = {f.name for f in fields(cls)} - {"datasets", "timings", "missing_datasets"}
+        plain = {f.name for f in fields(cls)} - {"datasets", "timings", "missing_datasets",
+                                                 "resumed"}
         record = cls(**{name: attrs[name] for name in plain if name in attrs})
         record.missing_datasets = list(attrs.get("missing_datasets") or [])
+        record.resumed = {key[len(RESUMED_PREFIX):]: value for key, value in attrs.items()
+                          if key.startswith(RESUMED_PREFIX)}
         record.timings = {key: attrs[key] for key in TIMING_KEYS if key in attrs}
         names = {key.split("_", 1)[1] for key in attrs if key.startswith("tpe_")}
         for name in sorted(names):
@@ -126,6 +131,8 @@ def attrs_of(**values: Any) -> dict[str, Any]:
             for dataset, score in value.items():
                 for attr_field, attr in _DATASET_FIELDS:
                     attrs[f"{attr}_{dataset}"] = getattr(score, attr_field)
+        elif name == "resumed":
+            attrs.update({f"{RESUMED_PREFIX}{dataset}": epoch for dataset, epoch in value.items()})
         elif name == "timings":
             unknown = set(value) - set(TIMING_KEYS)
             if unknown:

@@ -4,42 +4,71 @@ The budget (``n_trials`` of the study file) counts configurations, across every 
 trial except retries (see ``coordinator.budget_state``). Optuna's ``MaxTrialsCallback`` checks the
 count only after a trial ends, so two workers finishing together would both start one more; here
 the check and ``study.ask`` happen under one study-wide lock (``storage.StudyLock``), so the count
-is exact. Each step is ``study.optimize(n_trials=1)``: Optuna still runs the trial (heartbeat,
-pruning, ``tell``); the objective releases the lock as soon as the trial exists.
+is exact. A trial's end (``tell``, and queueing its retry) happens under the same lock, so no
+worker ever sees a stopped trial without its retry and concludes the study is done.
+
+The trial loop is ask / objective / tell written out rather than ``study.optimize``: Optuna's loop
+dies with ``UnboundLocalError`` when ``tell`` meets a lost database, and its heartbeat thread ends
+silently at the first error (see ``heartbeat.py`` for the one used here).
+
+Before it takes a trial the worker checks that it can run one (the device works, CIFAR-10 loads,
+the checkpoint folder is writable) and exits 2 with one line if not. A worker whose trials fail
+the same way ``FAILURE_STREAK`` times in a row is broken, not its configurations: it queues those
+trials again for the other workers, names the error and exits ``EXIT_BROKEN``. So one broken
+host cannot drain a study.
 
 When the budget is spent but other workers' trials are still running, the worker waits: if one
-of them dies, its heartbeat goes stale, Optuna fails it and queues a retry, and this worker runs
-the retry. So no trial is lost while at least one worker is alive.
+of them dies, its heartbeat goes stale, this worker fails it and queues a retry, and runs the
+retry. So no trial is lost while at least one worker is alive, unless the same configuration
+keeps dying: each fault (a silent worker, out of GPU memory) counts against
+``heartbeat.max_retry``, and a configuration whose retries are spent is reported (status, the
+worker's exit code ``EXIT_LOST``, ``up``'s summary).
+
+Storage outages: every storage call waits for the database to come back, up to
+``--storage-wait`` seconds; a trial keeps training through an outage shorter than the heartbeat
+grace (less a second), and one longer stops training, is queued again (no retry used) and
+resumes from its checkpoint once the database is back.
 
 SIGTERM / SIGINT: the current training step finishes and is checkpointed (mid-epoch, resumed
-bit-for-bit), the trial ends FAIL with
-``error="interrupted: ..."``, and the worker queues its retry itself (the heartbeat callback only
-fires for silent workers), then exits with 128 + signal number. A second signal stops at once;
-the trial is still queued for retry.
+bit-for-bit), the trial ends FAIL with ``error="interrupted: ..."``, and the worker queues it to
+resume (a stop uses no retry), then exits with 128 + signal number. A second signal stops at
+once; the trial is still queued.
 """
 
 from __future__ import annotations
 
-import logging
+import gc
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
+from nkat_search.errors import UserError
 from nkat_search.search import trials as trial_record
 from nkat_search.search.coordinator import budget_state, load_study, load_study_spec_from_storage
+from nkat_search.search.heartbeat import AbortGuard, HeartbeatLost, TrialHeartbeat
 from nkat_search.search.objective import INTERRUPTED, OUT_OF_MEMORY, Objective, trial_dir
-from nkat_search.search.trials import TrialRecord
-from nkat_search.search.storage import RetryStaleTrial, StudyLock, open_storage
+from nkat_search.search.storage import (STORAGE_WAIT_S, RetryStaleTrial, StorageUnavailable,
+                                        StudyLock, backend, describe_lost, fail_stale_trials,
+                                        open_storage)
 from nkat_search.search.spec import StudySpec
+from nkat_search.search.trials import TrialRecord
+
+# Exit codes beyond 0 (done), 2 (a user mistake, one line) and 128 + N (signal N).
+EXIT_LOST = 3    # the study has configurations without a result (every attempt failed)
+EXIT_BROKEN = 4  # this worker's trials kept failing the same way; it stopped taking trials
+FAILURE_STREAK = 3
 
 
 @dataclass
@@ -55,6 +84,7 @@ class WorkerOptions:
     keep_checkpoints: bool = False
     progress: bool | None = None
     cpu_threads: int | None = None  # torch threads; K workers sharing a CPU must split its cores
+    storage_wait_s: float = STORAGE_WAIT_S
 
 
 @dataclass
@@ -82,30 +112,6 @@ class StopFlag:
         return bool(self.signum)
 
 
-class QuietInterruptions(logging.Filter):
-    """Drops Optuna's log records about interrupted trials (a traceback, "failed with value None").
-
-    An interrupted trial is no crash: the checkpoint is kept and the retry resumes it, which the
-    worker's own line for the trial says. Other failures keep Optuna's traceback.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.interrupted: set[int] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from nkat_search.train.loop import TrainingInterrupted
-
-        message = record.getMessage()
-        match = re.match(r"Trial (\d+) failed", message)
-        if match is None:
-            return True
-        if record.exc_info and isinstance(record.exc_info[1], TrainingInterrupted):
-            self.interrupted.add(int(match.group(1)))
-            return False
-        return int(match.group(1)) not in self.interrupted
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         import torch
@@ -121,78 +127,290 @@ def identity(device: str) -> str:
 def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=None) -> int:
     """Run trials until the budget (or ``options.n_trials``) is spent; returns the exit code.
 
-    ``on_ready()`` runs once the storage and the study have loaded (``--trials-per-gpu`` starts
-    its sibling workers there, so a wrong URL is reported once, not K times).
+    ``on_ready()`` runs once the storage and the study have loaded and the checks passed
+    (``--trials-per-gpu`` starts its sibling workers there, so a wrong URL or a missing dataset
+    is reported once, not K times).
     """
     stop = stop or StopFlag()
     plain = open_storage(options.storage)
     spec = load_study_spec_from_storage(plain, options.study)
     hb = spec.heartbeat
     storage = open_storage(options.storage, heartbeat_interval=hb.interval,
-                           grace_period=hb.grace, max_retry=hb.max_retry)
-    device = resolve_device(options.device)
+                           grace_period=hb.grace, max_retry=hb.max_retry,
+                           outage_s=options.storage_wait_s)
     if options.cpu_threads:
         import torch
 
         torch.set_num_threads(options.cpu_threads)
-    worker = identity(device)
-    study = load_study(storage, options.study, spec)
-    lock = StudyLock(storage, options.study)
     from nkat_search.train.sources import data_location
 
+    lock = StudyLock(storage, options.study)
     objective = Objective(spec, checkpoint_root=options.checkpoint_dir,
                           data_dir=data_location(options.data_dir, options.download),
-                          device=device, worker=worker, progress=options.progress,
+                          device=resolve_device(options.device), progress=options.progress,
                           stop_requested=stop, on_start=lock.release,
                           checkpoint_interval_s=options.checkpoint_interval_s)
+    device = objective.preflight()
+    check_checkpoint_dir(options.checkpoint_dir)
+    worker = objective.worker = identity(device)
+    study = load_study(storage, options.study, spec)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    quiet = QuietInterruptions()
-    for handler in logging.getLogger("optuna").handlers:  # a logger's filter misses its children
-        handler.addFilter(quiet)
     print(f"worker {worker}: study '{options.study}', budget {spec.n_trials} trials",
           flush=True)
     if on_ready is not None:
         on_ready()
 
-    ran, waiting = 0, False
-    finished: list[optuna.trial.FrozenTrial] = []
-    while not stop() and (options.n_trials is None or ran < options.n_trials):
-        lock.acquire()
-        try:
-            action = next_action(study, spec)
+    guard = AbortGuard(storage)
+    if threading.current_thread() is threading.main_thread():
+        guard.install()
+    try:
+        return Worker(options, spec, study, storage, lock, objective, guard, stop, worker).run()
+    finally:
+        guard.uninstall()
+
+
+def check_checkpoint_dir(root: str | Path) -> None:
+    """The checkpoint folder exists (or can be made) and takes a file."""
+    path = Path(root)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise UserError(f"--checkpoint-dir {root}: cannot write there "
+                        f"({err.strerror or err}); pick a writable folder") from None
+
+
+class Worker:
+    """The trial loop of one worker process (see the module docstring)."""
+
+    def __init__(self, options: WorkerOptions, spec: StudySpec, study, storage, lock: StudyLock,
+                 objective: Objective, guard: AbortGuard, stop: StopFlag, worker: str):
+        self.options, self.spec, self.study, self.storage = options, spec, study, storage
+        self.lock, self.objective, self.guard, self.stop, self.worker = (
+            lock, objective, guard, stop, worker)
+        self.retry = storage.get_heartbeat_stale_trial_callback() or RetryStaleTrial()
+        self.streak = FailureStreak(FAILURE_STREAK)
+
+    def run(self) -> int:
+        options, spec, study, stop = self.options, self.spec, self.study, self.stop
+        ran, waiting, code = 0, False, 0
+        while not stop() and (options.n_trials is None or ran < options.n_trials):
+            trial = None
+            # Held until the objective has drawn the trial's parameters (its on_start releases
+            # it), so a proposal depends on the study's history and the trial number only.
+            self.lock.acquire()
+            try:
+                action = next_action(study, spec)
+                if action == "run":
+                    with warnings.catch_warnings():
+                        # "Heartbeat ... supposed to be used with Study.optimize": this loop
+                        # runs the heartbeat itself (heartbeat.py).
+                        warnings.simplefilter("ignore", UserWarning)
+                        trial = study.ask()
+            finally:
+                if trial is None:
+                    self.lock.release()
             if action == "done":
                 break
             if action == "wait":
-                lock.release()
                 if not waiting:
-                    print(f"worker {worker}: budget spent; waiting for the running trials of other "
-                          "workers (a dead one's retry runs here)", flush=True)
+                    print(f"worker {self.worker}: budget spent; waiting for the running trials of "
+                          "other workers (a dead one's retry runs here)", flush=True)
                 waiting = True
-                _sleep(hb.interval, stop)
+                _sleep(spec.heartbeat.interval, stop)
                 continue
             waiting = False
             started = time.perf_counter()
-            try:
-                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
-                               callbacks=[lambda _, trial: finished.append(trial)])
-            except KeyboardInterrupt:
-                _requeue(study, storage, _trial(study, objective.trial_number))
-                raise
-        finally:
-            lock.release()
-        ran += 1
-        trial = finished.pop()
-        print(trial_line(trial, time.perf_counter() - started), flush=True)
-        _after_trial(study, storage, trial, options, spec, stop, worker)
-    state = budget_state(study)
-    print(f"worker {worker}: ran {ran} trial(s); study: {state['used']}/{state['budget']} "
-          f"configurations, {state['retries']} retries, states {state['states']}", flush=True)
-    return 128 + stop.signum if stop.signum else 0
+            frozen, ending = self.run_trial(trial)
+            ran += 1
+            print(trial_line(frozen, time.perf_counter() - started), flush=True)
+            if self._after_trial(frozen, ending):
+                code = EXIT_BROKEN
+                break
+        state = budget_state(study)
+        print(f"worker {self.worker}: ran {ran} trial(s); study: {state['used']}/{state['budget']} "
+              f"configurations, {state['retries']} retries, states {state['states']}", flush=True)
+        if code:
+            return code
+        if stop.signum:
+            return 128 + stop.signum
+        if state["lost"]:
+            print(f"worker {self.worker}: {describe_lost(state['lost'])}", flush=True)
+            return EXIT_LOST
+        return 0
+
+    # -- one trial -------------------------------------------------------------------------
+
+    def run_trial(self, trial: optuna.Trial) -> tuple[optuna.trial.FrozenTrial, str]:
+        """Run an asked trial and end it; (the trial as stored, how it ended).
+
+        The ending is ``complete``, ``pruned``, ``interrupted``, ``oom``, ``failed``, ``lost``
+        (the heartbeat gave up: training stopped) or ``taken`` (another worker had declared it
+        dead first; its retry carries on).
+        """
+        hb = self.spec.heartbeat
+        outcome, lost = None, None
+        beat = TrialHeartbeat(backend(self.study._storage), trial._trial_id, hb.interval,
+                              hb.grace)
+        try:
+            with beat:
+                self.guard.arm(beat)
+                try:
+                    outcome = self._call(trial)
+                finally:
+                    self.guard.arm(None)
+                    self.lock.release()  # still held if the objective failed before drawing
+        except HeartbeatLost as err:
+            lost = str(err)
+        except KeyboardInterrupt:
+            # A forced stop: record it and queue the trial, unless the storage is away right now
+            # (waiting for it is no stop at once; the heartbeat then tells the others).
+            if self.storage.health.down_since is None:
+                with self.lock:
+                    self._end(trial, (TrialState.FAIL, None), None, beat)
+            raise
+        gc.collect()
+        with self.lock:
+            return self._end(trial, outcome, lost, beat)
+
+    def _call(self, trial: optuna.Trial):
+        """(state, value) of the objective; exceptions other than a crash propagate."""
+        try:
+            return TrialState.COMPLETE, self.objective(trial)
+        except optuna.TrialPruned:
+            return TrialState.PRUNED, None
+        except StorageUnavailable:
+            raise
+        except Exception:  # noqa: BLE001 - a crash ends the trial FAIL; the objective wrote why
+            return TrialState.FAIL, None
+
+    def _end(self, trial, outcome, lost: str | None, beat: TrialHeartbeat):
+        """Tell the trial's end and queue what must run again; under the study lock."""
+        storage = self.study._storage
+        frozen = storage.get_trial(trial._trial_id)
+        if frozen.state != TrialState.RUNNING:
+            print(f"worker {self.worker}: trial {trial.number} was declared dead by another "
+                  "worker (its heartbeat was late); its retry carries on, this run's result is "
+                  "dropped", flush=True)
+            return frozen, "taken"
+        if outcome is None:
+            # Training stopped on a lost heartbeat and nobody took the trial over: it is still
+            # ours. An outage is no fault of the configuration, so its retry is free.
+            trial_record.write(trial, outcome="failed", error=f"heartbeat lost: {lost}")
+            frozen = self.study.tell(trial, state=TrialState.FAIL)
+            self._requeue(frozen, counted=not beat.transient, why="heartbeat lost")
+            return frozen, "lost"
+        state, value = outcome
+        if state == TrialState.COMPLETE:
+            return self.study.tell(trial, value), "complete"
+        if state == TrialState.PRUNED:
+            return self.study.tell(trial, state=TrialState.PRUNED), "pruned"
+        frozen = self.study.tell(trial, state=TrialState.FAIL)
+        error = str(frozen.user_attrs.get("error", ""))
+        if error.startswith(INTERRUPTED):
+            self._requeue(frozen, counted=False, why="stopped")
+            return frozen, "interrupted"
+        if error.startswith(OUT_OF_MEMORY):
+            # With several trials per GPU the memory may have been a neighbour's: a fault, but
+            # not necessarily the configuration's. Bounded by heartbeat.max_retry.
+            self._requeue(frozen, counted=True, why="out of GPU memory")
+            return frozen, "oom"
+        return frozen, "failed"
+
+    def _requeue(self, trial, counted: bool, why: str) -> int | None:
+        number = self.retry.requeue(self.study, trial, counted=counted)
+        if number is None:
+            print(f"worker {self.worker}: trial {trial.number} ({why}): not queued again, its "
+                  f"retries are spent (heartbeat.max_retry {self.retry.max_retry}); the "
+                  "configuration has no result", flush=True)
+        else:
+            cost = "counts as a retry" if counted else "uses no retry"
+            print(f"worker {self.worker}: trial {trial.number} ({why}) queued to resume as trial "
+                  f"{number} ({cost})", flush=True)
+        return number
+
+    def _after_trial(self, trial, ending: str) -> bool:
+        """Clean-up, the out-of-memory wait and the failure streak; True: stop taking trials."""
+        options, spec = self.options, self.spec
+        # The caching allocator keeps a finished trial's memory reserved; a 257-token trial leaves
+        # about 25 GiB (40 eager) that a neighbour on the same GPU could not otherwise get.
+        _release_gpu_memory()
+        if ending in ("complete", "pruned"):
+            self.streak.clear()
+            if not options.keep_checkpoints:
+                # Checkpoints exist to resume a trial; a finished one never resumes. Reports stay.
+                for path in trial_dir(options.checkpoint_dir, spec.name, trial).glob("*/checkpoint*"):
+                    path.unlink(missing_ok=True)
+            return False
+        if ending not in ("oom", "failed"):
+            return False  # a stop or an outage says nothing about this worker
+        if self.streak.add(trial) >= self.streak.limit:
+            return self._broken()
+        if ending == "oom":
+            self._wait_for_gpu_neighbours(trial)
+        return False
+
+    def _broken(self) -> bool:
+        """Queue the streak's trials again for other workers and say why this one stops."""
+        with self.lock:
+            for failed in self.streak.trials:
+                if str(failed.user_attrs.get("error", "")).startswith(OUT_OF_MEMORY):
+                    continue  # already queued when it failed
+                self._requeue(failed, counted=False, why="failed on a broken worker")
+        error = str(self.streak.trials[-1].user_attrs.get("error", "?")).splitlines()[0][:300]
+        numbers = ", ".join(str(t.number) for t in self.streak.trials)
+        print(f"worker {self.worker}: stopped taking trials: trials {numbers} failed in a row the "
+              f"same way on this worker ({error}); fix this host, the trials are queued for the "
+              "other workers", flush=True)
+        return True
+
+    def _wait_for_gpu_neighbours(self, trial) -> None:
+        # Retrying beside the same neighbour would fail the same way: let the trials that share
+        # this GPU finish first.
+        neighbours = gpu_neighbours(self.study, self.worker)
+        waiting = (f"waiting for trial(s) {', '.join(map(str, neighbours))} on this GPU to finish"
+                   if neighbours else "no other trial on this GPU")
+        print(f"worker {self.worker}: trial {trial.number} ran out of GPU memory; {waiting}",
+              flush=True)
+        while neighbours and not self.stop():
+            _sleep(self.spec.heartbeat.interval, self.stop)
+            with self.lock:
+                fail_stale_trials(self.study)  # a dead neighbour must not block us
+            neighbours = gpu_neighbours(self.study, self.worker)
+
+
+class FailureStreak:
+    """The trials that failed in a row on this worker with the same error (numbers aside)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.trials: list = []
+        self._signature: str | None = None
+
+    def add(self, trial) -> int:
+        signature = failure_signature(str(trial.user_attrs.get("error", "")))
+        if signature != self._signature:
+            self.trials, self._signature = [], signature
+        self.trials.append(trial)
+        return len(self.trials)
+
+    def clear(self) -> None:
+        self.trials, self._signature = [], None
+
+
+def failure_signature(error: str) -> str:
+    """An error with its numbers blanked: "failed the same way" ignores sizes, ids and addresses."""
+    return re.sub(r"0x[0-9a-fA-F]+|\d+(\.\d+)?", "#", error.strip().splitlines()[0] if error.strip()
+                  else "")[:200]
 
 
 def next_action(study: optuna.Study, spec: StudySpec) -> str:
-    """``run`` (a queued trial, or budget left), ``wait`` (others still running) or ``done``."""
-    _fail_stale_trials(study)
+    """``run`` (a queued trial, or budget left), ``wait`` (others still running) or ``done``.
+
+    Call it under the study lock.
+    """
+    fail_stale_trials(study)
     state = budget_state(study)  # the stored budget: `study create --n-trials` may raise it
     if state["states"].get("WAITING", 0) or state["left"] > 0:
         return "run"
@@ -214,8 +432,10 @@ def trial_line(trial: optuna.trial.FrozenTrial, seconds: float) -> str:
         parts.append("feasible" if trial_record.feasible(trial) else "infeasible")
     if record.missing_datasets:
         parts.append(f"missing {','.join(record.missing_datasets)}")
-    if record.resumed_from_epoch:
-        parts.append(f"resumed from epoch {record.resumed_from_epoch}")
+    if record.resumed_from_epoch or record.resumed:
+        epochs = {"cifar10": record.resumed_from_epoch, **record.resumed}
+        parts.append("resumed from epoch " + ", ".join(f"{epoch} ({name})" for name, epoch
+                                                       in epochs.items() if epoch))
     if kind == "interrupted":
         # The worker queues the retry right after this line (``_after_trial``).
         parts.append(f"stopped {trial_record.interrupted_where(record)}; its retry resumes "
@@ -240,66 +460,18 @@ def gpu_neighbours(study: optuna.Study, worker: str) -> list[int]:
     return found
 
 
-def _trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial | None:
-    if number is None:
-        return None
-    return next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-
-
 def _sleep(seconds: float, stop: StopFlag) -> None:
     deadline = time.monotonic() + seconds
     while not stop() and time.monotonic() < deadline:
         time.sleep(min(0.5, deadline - time.monotonic()))
 
 
-def _after_trial(study, storage, trial, options: WorkerOptions, spec: StudySpec,
-                 stop: StopFlag, worker: str) -> None:
-    # The caching allocator keeps a finished trial's memory reserved; a 257-token trial leaves
-    # about 25 GiB (40 eager) that a neighbour on the same GPU could not otherwise get.
-    _release_gpu_memory()
-    error = str(trial.user_attrs.get("error", ""))
-    if trial.state == TrialState.FAIL and error.startswith(INTERRUPTED):
-        _requeue(study, storage, trial)
-    elif trial.state == TrialState.FAIL and error.startswith(OUT_OF_MEMORY):
-        # Queue the retry (bounded by heartbeat.max_retry), then let the trials that share this
-        # GPU finish before taking it: retrying beside the same neighbour would fail the same way.
-        _requeue(study, storage, trial)
-        neighbours = gpu_neighbours(study, worker)
-        waiting = (f"waiting for trial(s) {', '.join(map(str, neighbours))} on this GPU to finish"
-                   if neighbours else "no other trial on this GPU")
-        print(f"worker {worker}: trial {trial.number} ran out of GPU memory; retry queued; "
-              f"{waiting}", flush=True)
-        while neighbours and not stop():
-            _sleep(spec.heartbeat.interval, stop)
-            _fail_stale_trials(study)  # a dead neighbour must not block us
-            neighbours = gpu_neighbours(study, worker)
-    elif trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and not options.keep_checkpoints:
-        # Checkpoints exist to resume a trial; a finished one never resumes. The reports stay.
-        for path in trial_dir(options.checkpoint_dir, spec.name, trial).glob("*/checkpoint.pt"):
-            path.unlink(missing_ok=True)
-
-
-def _fail_stale_trials(study: optuna.Study) -> None:
-    """Dead workers' RUNNING trials -> FAIL, and the retry callback queues their retries."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-
-
 def _release_gpu_memory() -> None:
-    """Hand the caching allocator's free blocks back (``gc_after_trial`` already collected)."""
+    """Hand the caching allocator's free blocks back (the trial's objects are collected)."""
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _requeue(study, storage, trial) -> None:
-    """Queue a retry of an interrupted trial, exactly as the heartbeat callback would."""
-    if trial is None or trial.state != TrialState.FAIL:
-        return
-    callback = storage.get_heartbeat_stale_trial_callback() or RetryStaleTrial()
-    callback(study, trial)
 
 
 def spawn_siblings(argv: list[str], count: int, stop: StopFlag,

@@ -477,25 +477,83 @@ def _add_train_time(timings: Timings, accumulator: Timings | None, seconds: floa
                        train_images=images)
 
 
+PREVIOUS_SUFFIX = ".prev"     # checkpoint.prev.pt: the one before, kept to fall back on
+UNREADABLE_SUFFIX = ".unreadable"  # a damaged checkpoint, set aside for inspection
+CHECKPOINT_KEYS = ("config", "epoch", "epoch_seconds", "model", "ema", "ema_updates",
+                   "optimizer", "cpu_rng")
+
+
+class CheckpointUnreadable(UserError):
+    """Every checkpoint of a run was damaged and has been set aside; a fresh start will work."""
+
+
+def previous_checkpoint(path: Path) -> Path:
+    """``checkpoint.pt`` -> ``checkpoint.prev.pt``."""
+    path = Path(path)
+    return path.with_name(path.stem + PREVIOUS_SUFFIX + path.suffix)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write-then-rename, so a crash mid-write never leaves a half checkpoint behind."""
+    """Write-then-rename, so a crash mid-write never leaves a half checkpoint behind.
+
+    The file is flushed to disk before the rename (a rename can reach the disk before the data
+    it names, leaving an empty file after a power cut), and the checkpoint it replaces stays as
+    ``checkpoint.prev.pt`` (a hard link, so ``checkpoint.pt`` exists at every moment): if the new
+    one is ever damaged, the run resumes from the one before instead of from scratch.
+    """
+    import os
+
+    path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        if path.exists():
+            previous = previous_checkpoint(path)
+            link = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
+            try:
+                link.unlink(missing_ok=True)
+                os.link(path, link)
+                os.replace(link, previous)
+            except OSError:  # no hard links on this file system: keep no previous checkpoint
+                link.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device) -> dict:
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as err:  # a damaged file is the user's to remove, not a crash
-        raise UserError(f"checkpoint {path} is unreadable ({type(err).__name__}); delete it to "
-                        "start over") from None
-    if state.get("config") != cfg.to_dict():
-        raise UserError(f"checkpoint {path} was made with a different config; use another --out "
-                        "directory or --no-resume")
-    for key in ("cpu_rng", "cuda_rng", "generator"):  # RNG states are CPU byte tensors
-        if state.get(key) is not None:
-            state[key] = state[key].cpu()
-    return state
+    """The state of ``path``, or of the checkpoint before it when ``path`` is damaged.
+
+    A checkpoint that cannot be read (truncated, corrupt, missing keys) is renamed to
+    ``*.unreadable`` and the previous one is tried; when none is good, ``CheckpointUnreadable``
+    says so, and the next attempt, finding no checkpoint, starts from scratch. A checkpoint of a
+    different config is no damage but the user's to sort out: that stays an error.
+    """
+    path = Path(path)
+    damaged = []
+    for candidate in (path, previous_checkpoint(path)):
+        if not candidate.exists():
+            continue
+        try:
+            state = torch.load(candidate, map_location=device, weights_only=False)
+            if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
+                raise ValueError("not a checkpoint of this trainer (keys missing)")
+        except Exception as err:  # noqa: BLE001 - any failure to read means: damaged
+            aside = candidate.with_name(candidate.name + UNREADABLE_SUFFIX)
+            candidate.replace(aside)
+            damaged.append(f"{candidate.name} ({type(err).__name__}), set aside as {aside.name}")
+            continue
+        if state.get("config") != cfg.to_dict():
+            raise UserError(f"checkpoint {candidate} was made with a different config; use "
+                            "another --out directory or --no-resume")
+        if damaged:
+            print(f"checkpoint {path.parent}: {'; '.join(damaged)}; resuming from {candidate.name} "
+                  f"(epoch {state['epoch']})", file=sys.stderr, flush=True)
+        for key in ("cpu_rng", "cuda_rng", "generator"):  # RNG states are CPU byte tensors
+            if state.get(key) is not None:
+                state[key] = state[key].cpu()
+        return state
+    raise CheckpointUnreadable(f"checkpoint {path} is unreadable: {'; '.join(damaged)}; the run "
+                               "starts over when run again")
 
 
 def _sync(device: torch.device) -> None:

@@ -19,7 +19,16 @@ HELP = ("Serve optuna-dashboard for every study in --storage and print its URL. 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_storage_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind")
-    parser.add_argument("--port", type=int, default=8080, help="TCP port")
+    parser.add_argument("--port", type=int, default=8080, help="TCP port (0: any free one)")
+
+
+def check_port(port: int, low: int = 0) -> int:
+    """A TCP port is ``low``..65535 (0: any free one); anything else is one line, not a traceback."""
+    from nkat_search.errors import UserError
+
+    if not low <= port <= 65535:
+        raise UserError(f"--port: {port} is out of range; a TCP port is {low}..65535")
+    return port
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from nkat_search.search.storage import mask_url
     from nkat_search.search.trials import DashboardStorage
 
+    check_port(args.port)
     args.storage = resolve_storage(args.storage)
     # What the dashboard shows of constraints, the best trial and pruned trials: see there.
     storage = open_storage_for_reading(args.storage, storage_class=DashboardStorage)

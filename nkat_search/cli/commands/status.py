@@ -25,7 +25,12 @@ def run(args: argparse.Namespace) -> int:
     from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.search.report import format_table, open_study, study_report, summary_line
 
-    report = study_report(open_study(resolve_storage(args.storage, args.study), args.study))
+    from nkat_search.search.storage import describe_lost, lost_configurations
+
+    study = open_study(resolve_storage(args.storage, args.study), args.study)
+    report = study_report(study)
+    # Configurations whose every attempt failed with no retry left: what the study lost.
+    report["lost"] = lost_configurations(study.get_trials(deepcopy=False))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -35,4 +40,6 @@ def run(args: argparse.Namespace) -> int:
           f"study file {report['study_file_name'] or '-'}{used})")
     print(format_table(report["trials"]))
     print(summary_line(report["summary"]))
+    if report["lost"]:
+        print(describe_lost(report["lost"]))
     return 0

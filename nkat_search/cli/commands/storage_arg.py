@@ -55,11 +55,14 @@ def as_url(value: str) -> str:
     return f"sqlite:///{Path(value).expanduser().resolve()}"
 
 
-def storage_argv(url: str) -> list[str]:
-    """``--storage URL`` for a child command, or nothing when the child inherits it from the env."""
-    url = without_file_password(url)
-    env = os.environ.get(STORAGE_ENV)
-    return [] if env and url == as_url(env) else ["--storage", url]
+def child_env(url: str, env: dict | None = None) -> dict:
+    """The environment for a child command that talks to ``url``: ``NKAT_STORAGE`` set to it.
+
+    Children never get ``--storage URL`` on their command line, where ``ps`` shows the password
+    to every user of the host; a password that came from ``$NKAT_STORAGE_PASSWORD_FILE`` stays
+    out of the environment too (the child inherits the file's path and reads it itself).
+    """
+    return dict(os.environ if env is None else env, **{STORAGE_ENV: without_file_password(url)})
 
 
 # -- the password from a file (Docker secrets) ------------------------------------------------

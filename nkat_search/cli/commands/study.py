@@ -77,6 +77,10 @@ def _show(args: argparse.Namespace) -> int:
     print(spec.text.rstrip())
     print()
     print(f"budget: {info['used']}/{info['budget']} configurations used, {info['retries']} retries")
+    if info["lost"]:
+        from nkat_search.search.storage import describe_lost
+
+        print(describe_lost(info["lost"]))
     print("states: " + (", ".join(f"{k} {v}" for k, v in sorted(info["states"].items())) or "none"))
     print("outcomes: " + (", ".join(f"{k} {v}" for k, v in sorted(info["outcomes"].items()))
                           or "none"))

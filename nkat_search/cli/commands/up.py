@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from nkat_search.cli.commands.storage_arg import child_env
+
 from nkat_search.cli.commands.export import DEFAULT_TOP
 
 HELP = ("Run a whole search on this machine: create the study from --study FILE (the coordinator), "
@@ -65,12 +67,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from nkat_search.cli.commands.dashboard import check_port
     from nkat_search.cli.commands.storage_arg import as_url, with_password_file
     from nkat_search.errors import UserError
     from nkat_search.search.spec import load_study_file
 
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.checkpoint_interval is not None and not 0 <= args.checkpoint_interval < float("inf"):
+        raise UserError(f"--checkpoint-interval: must be a number of seconds >= 0, "
+                        f"got {args.checkpoint_interval}")
+    check_port(args.port, low=1)  # up prints the dashboard's address, so it must know the port
+    if not 0 < args.refresh < float("inf"):
+        raise UserError(f"--refresh: must be a number of seconds > 0, got {args.refresh}")
     spec = load_study_file(args.study)
     out = Path(args.out).resolve()
     run_dir = out / spec.name
@@ -100,7 +109,7 @@ class Up:
         from nkat_search.search.storage import mask_url
 
         print(f"study {self.study_name}: storage {mask_url(self.storage)}", flush=True)
-        create = ["study", "create", "--study", self.args.study, "--storage", self.storage]
+        create = ["study", "create", "--study", self.args.study]
         if self.args.n_trials is not None:
             create += ["--n-trials", str(self.args.n_trials)]
         code = self._child(create)
@@ -131,11 +140,14 @@ class Up:
     def _child(self, argv: list[str]) -> int:
         import subprocess
 
-        return subprocess.run(self._command(argv)).returncode
+        return subprocess.run(self._command(argv), env=child_env(self.storage)).returncode
 
     def _spawn(self, argv: list[str], log_path, env: dict | None = None):
         import subprocess
 
+        # The storage URL travels in NKAT_STORAGE: a command line is readable by every user of
+        # the host, and the URL may carry a password.
+        env = child_env(self.storage, env)
         with open(log_path, "ab") as log:
             # A session of its own: the terminal's Ctrl-C reaches only us, and we decide what the
             # children get (one SIGINT each, so a worker checkpoints after its current step).
@@ -170,7 +182,7 @@ class Up:
             # tells them not to start one of their own.
             env = dict(env or os.environ, **self.mps.env())
         for i, device in enumerate(devices):
-            argv = ["worker", "--storage", self.storage, "--study", self.study_name,
+            argv = ["worker", "--study", self.study_name,
                     "--device", device, "--checkpoint-dir", str(checkpoints), "--quiet",
                     "--mps", "off"]
             if self.args.trials_per_gpu is not None:
@@ -193,8 +205,7 @@ class Up:
         if port != self.args.port:
             print(f"port {self.args.port} is in use; the dashboard takes port {port}", flush=True)
         log = self.run_dir / "logs" / "dashboard.log"
-        self.dashboard = self._spawn(["dashboard", "--storage", self.storage, "--host", host,
-                                      "--port", str(port)], log)
+        self.dashboard = self._spawn(["dashboard", "--host", host, "--port", str(port)], log)
         if wait_for_http(url(host, port), self.dashboard, timeout=60):
             print(f"dashboard: {url(host, port)}", flush=True)
         else:
@@ -296,8 +307,11 @@ class Up:
 
                 study = open_study(self.storage, self.study_name)
             return study, study_report(study)
-        except Exception as err:  # noqa: BLE001 - a locked SQLite file must not stop the watch
-            if type(err).__name__ not in ("OperationalError", "DatabaseError"):
+        except Exception as err:  # noqa: BLE001 - a locked or restarting database must not
+            from nkat_search.search.storage import is_transient  # stop the watch
+
+            if type(err).__name__ not in ("OperationalError", "DatabaseError") and \
+                    not is_transient(err):
                 raise
             return study, None
 
@@ -331,11 +345,16 @@ class Up:
         from nkat_search.search.export import NothingToExport, export_best
         from nkat_search.search.report import format_table, open_study, study_report, summary_line
 
+        from nkat_search.search.storage import describe_lost, lost_configurations
+
         failed = [(label, p.returncode, log) for label, p, log in self.workers if p.returncode != 0]
         study = open_study(self.storage, self.study_name)
         report = study_report(study)
         print(format_table(report["trials"]))
         print(summary_line(report["summary"]))
+        lost = lost_configurations(study.get_trials(deepcopy=False))
+        if lost:
+            print(describe_lost(lost))
         export_dir = self.run_dir / "export"
         reach = self._how_to_reach()
         if self.interrupts:

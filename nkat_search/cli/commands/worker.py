@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nkat_search.cli.commands.storage_arg import add_storage_argument, storage_argv
+from nkat_search.cli.commands.storage_arg import STORAGE_ENV, add_storage_argument
 from nkat_search.cli.commands.train import add_data_arguments
 
 # Compiled trials of Round 2's mix side by side on one H200 (benchmarks/packing.py, results/gpu/
@@ -18,9 +18,13 @@ GPU_GIB_PER_TRIAL = 25
 
 HELP = ("Pull trials from a study and train them on one device until the study's budget "
         "(n_trials of its study file, counted over all workers) is spent. The sampler, pruner, "
-        "gate and Stage 2 datasets come from the study file stored in the study. SIGTERM/SIGINT "
-        "checkpoint the trial after its current step and queue it for retry; a second "
-        "signal stops at once. Prints one line per finished trial.")
+        "gate and Stage 2 datasets come from the study file stored in the study. The worker "
+        "first checks the device, CIFAR-10 and the checkpoint folder (exit 2 with one line if it "
+        "cannot run a trial), and stops (exit 4) when its trials fail the same way 3 times in a "
+        "row, queueing them for the other workers. SIGTERM/SIGINT checkpoint the trial after its "
+        "current step and queue it to resume (a stop uses none of the study's retries); a second "
+        "signal stops at once. Prints one line per finished trial. Exit 3: the study has "
+        "configurations without a result (every attempt failed, no retry left).")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "257-token trial shares the GPU, which then takes nearly all of it")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep checkpoints of finished trials (default: only unfinished ones)")
+    parser.add_argument("--storage-wait", type=float, default=600.0, metavar="S",
+                        help="when the database goes away, wait up to S seconds for it to come "
+                        "back before stopping (a trial keeps training through an outage shorter "
+                        "than the study's heartbeat grace, less a second)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -73,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.checkpoint_interval >= 0 or args.checkpoint_interval == float("inf"):
         raise UserError(f"--checkpoint-interval: must be a number of seconds >= 0, "
                         f"got {args.checkpoint_interval}")
+    if not 0 < args.storage_wait < float("inf"):
+        raise UserError(f"--storage-wait: must be a number of seconds > 0, got {args.storage_wait}")
     # K processes on one machine each defaulting to every core would oversubscribe the CPU
     # (data loading, and the whole run with --device cpu); split the cores unless told otherwise.
     processes = args.trials_per_gpu * len(devices)
@@ -85,13 +95,17 @@ def run(args: argparse.Namespace) -> int:
                             checkpoint_dir=args.checkpoint_dir,
                             checkpoint_interval_s=args.checkpoint_interval,
                             keep_checkpoints=args.keep_checkpoints,
-                            progress=False if args.quiet else None, cpu_threads=threads)
+                            progress=False if args.quiet else None, cpu_threads=threads,
+                            storage_wait_s=args.storage_wait)
     mps = _start_mps(args, devices)
     stop = StopFlag()
     stop.install()
     children = []
 
     def start_siblings() -> None:
+        # The siblings inherit the URL through the environment: on their command lines ps would
+        # show its password to every user of the host.
+        os.environ[STORAGE_ENV] = args.storage
         children.extend(spawn_siblings(_sibling_argv(args, devices[0], 1),
                                        args.trials_per_gpu - 1, stop, threads))
         for device in devices[1:]:
@@ -163,9 +177,10 @@ def _devices(device: str) -> list[str]:
 
 
 def _sibling_argv(args: argparse.Namespace, device: str, trials_per_gpu: int) -> list[str]:
-    argv = ["worker", *storage_argv(args.storage), "--study", args.study, "--device", device,
+    argv = ["worker", "--study", args.study, "--device", device,
             "--trials-per-gpu", str(trials_per_gpu), "--checkpoint-dir", args.checkpoint_dir,
-            "--checkpoint-interval", str(args.checkpoint_interval), "--mps", "off"]
+            "--checkpoint-interval", str(args.checkpoint_interval), "--mps", "off",
+            "--storage-wait", str(args.storage_wait)]
     if args.n_trials is not None:
         argv += ["--n-trials", str(args.n_trials)]
     if args.data_dir:
