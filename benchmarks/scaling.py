@@ -202,6 +202,8 @@ def worker_devices(device: str, workers: int) -> list[str]:
 
 
 def run_one(args: argparse.Namespace, text: str, work: Path, workers: int, k: int) -> dict:
+    from nkat_search.cli.commands.storage_arg import child_env
+    from nkat_search.cli.launch import start, threads_per_process
     from nkat_search.search.coordinator import create_study
     from nkat_search.search.storage import mask_url, open_storage
     from nkat_search.search.spec import parse_study_text
@@ -222,8 +224,10 @@ def run_one(args: argparse.Namespace, text: str, work: Path, workers: int, k: in
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
-    if not env.get("OMP_NUM_THREADS"):
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (workers * k)))
+    # Recorded in the row, so set even for one process (then every core).
+    env["OMP_NUM_THREADS"] = (env.get("OMP_NUM_THREADS")
+                              or str(threads_per_process(workers * k) or os.cpu_count() or 1))
+    env = child_env(url, env)  # the URL in NKAT_STORAGE, not on command lines (ps shows those)
     devices = worker_devices(args.device, workers)
     print(f"{run}: {workers} worker(s) x {k} trial(s) per device on {', '.join(devices)}, "
           f"{args.trials} trials, storage {mask_url(url)}", flush=True)
@@ -232,16 +236,14 @@ def run_one(args: argparse.Namespace, text: str, work: Path, workers: int, k: in
     with UtilisationSampler() as gpus:
         started = time.monotonic()
         for i, device in enumerate(devices):
-            argv = ["worker", "--storage", url, "--study", spec.name, "--device", device,
+            argv = ["worker", "--study", spec.name, "--device", device,
                     "--trials-per-gpu", str(k), "--checkpoint-dir", str(folder / "checkpoints"),
                     "--quiet"]
             if args.data_dir:
                 argv += ["--data-dir", args.data_dir]
             log = folder / f"worker-{i}.log"
-            with open(log, "wb") as out:
-                processes.append(subprocess.Popen([sys.executable, "-m", "nkat_search", *argv],
-                                                  stdout=out, stderr=subprocess.STDOUT,
-                                                  stdin=subprocess.DEVNULL, env=env))
+            # In our process group: a Ctrl-C on the benchmark stops its workers too.
+            processes.append(start(argv, env=env, log=log, own_session=False))
             logs.append(log)
         timed_out = wait_all(processes, started + args.timeout, url, spec.name, run, args.trials)
         wall = time.monotonic() - started

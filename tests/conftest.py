@@ -242,3 +242,28 @@ def _private_cache_dir(tmp_path_factory):
             os.environ.pop("NKAT_CACHE_DIR", None)
         else:
             os.environ["NKAT_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_network():
+    """Every HTTP(S) request of the tests and their subprocesses goes to a closed local port.
+
+    Tests never reach the network (a download nobody asked for fails fast and shows as a failed
+    test, not as a 560 MB fetch). urllib, which torchvision's downloads use, honours these
+    variables in every child process; loopback (the dashboard tests) is left direct.
+    """
+    closed = "http://127.0.0.1:9"
+    names = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY")
+    previous = {name: os.environ.get(name) for name in names}
+    for name in names[:4]:
+        os.environ[name] = closed
+    for name in names[4:]:
+        os.environ[name] = "127.0.0.1,localhost,::1"
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -110,9 +110,11 @@ def test_up_gives_eight_gpus_eight_devices_and_eight_logs(monkeypatch, tmp_path)
     assert all(argv[argv.index("--trials-per-gpu") + 1] == "2" for argv, _, _ in spawned)
     # The cores are split over all 8 workers x 2 trials, not over each worker's 2 alone.
     assert all(env["OMP_NUM_THREADS"] == str(64 // (2 * WORKERS)) for _, _, env in spawned)
-    assert up.worker_env(1) is None
+    from nkat_search.cli.launch import threads_per_process
+
+    assert threads_per_process(1) is None
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert up.worker_env(16) is None  # the user's setting is inherited as it is
+    assert threads_per_process(16) is None  # the user's setting is inherited as it is
 
     # More workers than GPUs wrap round; none on a device that does not exist.
     runner.args.workers = 12
@@ -122,11 +124,14 @@ def test_up_gives_eight_gpus_eight_devices_and_eight_logs(monkeypatch, tmp_path)
 def test_worker_device_all_starts_one_worker_per_gpu_of_eight(monkeypatch):
     import torch
 
-    from nkat_search.search import worker
+    from nkat_search.cli import launch
     from nkat_search.cli.commands import worker as command
+    from nkat_search.search import worker
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: WORKERS)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("NKAT_STORAGE", raising=False)
+    monkeypatch.delenv("NKAT_STORAGE_PASSWORD_FILE", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     seen = {}
 
@@ -135,14 +140,15 @@ def test_worker_device_all_starts_one_worker_per_gpu_of_eight(monkeypatch):
         on_ready()
         return 0
 
-    spawned = []
+    spawned, envs = [], []
 
-    def fake_spawn(argv, count, stop, cpu_threads=None):
+    def fake_spawn(argv, count, stop, cpu_threads=None, env=None):
         spawned.append((argv, count, cpu_threads))
+        envs.append(env)
         return []
 
     monkeypatch.setattr(worker, "run_worker", fake_run_worker)
-    monkeypatch.setattr(worker, "spawn_siblings", fake_spawn)
+    monkeypatch.setattr(launch, "start_siblings", fake_spawn)
     monkeypatch.setattr(worker.StopFlag, "install", lambda self: None)
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
@@ -159,6 +165,9 @@ def test_worker_device_all_starts_one_worker_per_gpu_of_eight(monkeypatch):
     assert all(count == 1 and argv[argv.index("--trials-per-gpu") + 1] == "2"
                for argv, count, _ in others)
     assert all(threads == 64 // (2 * WORKERS) for _, _, threads in spawned)
+    # The siblings get the storage in their environment; ours is left as it was.
+    assert all(env["NKAT_STORAGE"] == "sqlite:///x.db" for env in envs)
+    assert "NKAT_STORAGE" not in os.environ
 
 
 def test_trials_per_device_default_follows_the_gpus_memory_and_is_one_on_the_cpu(monkeypatch):
@@ -186,14 +195,16 @@ def test_trials_per_device_default_follows_the_gpus_memory_and_is_one_on_the_cpu
     assert command.default_trials_per_device("auto") == 2
 
     # Without --trials-per-gpu, `worker --device all` on 8 GPUs of 50 GiB packs 2 onto each.
+    from nkat_search.cli import launch
     from nkat_search.search import worker
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: WORKERS)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spawned = []
     monkeypatch.setattr(worker, "run_worker", lambda options, stop, on_ready=None: on_ready() or 0)
-    monkeypatch.setattr(worker, "spawn_siblings",
-                        lambda argv, count, stop, cpu_threads=None: spawned.append((argv, count)) or [])
+    monkeypatch.setattr(launch, "start_siblings",
+                        lambda argv, count, stop, cpu_threads=None, env=None:
+                        spawned.append((argv, count)) or [])
     monkeypatch.setattr(worker.StopFlag, "install", lambda self: None)
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)

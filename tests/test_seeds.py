@@ -49,12 +49,15 @@ def train_model(cfg, *, on_epoch=None, **kwargs):
 loop.train_model = train_model
 from nkat_search.search.worker import WorkerOptions, run_worker  # noqa: E402
 
+# The worker's preflight loads CIFAR-10 (the trainer is the stand-in): from the data folder, never
+# a download.
 sys.exit(run_worker(WorkerOptions(storage=sys.argv[1], study="seeds", device="cpu",
-                                  checkpoint_dir=sys.argv[2], progress=False)))
+                                  checkpoint_dir=sys.argv[2], data_dir=sys.argv[3],
+                                  download=False, progress=False)))
 """
 
 
-def one_run(tmp_path: Path, name: str) -> list[dict]:
+def one_run(tmp_path: Path, name: str, data_dir: Path) -> list[dict]:
     folder = tmp_path / name
     folder.mkdir()
     study_file = folder / "seeds.yaml"
@@ -64,16 +67,16 @@ def one_run(tmp_path: Path, name: str) -> list[dict]:
                               str(study_file), "--storage", url], capture_output=True, text=True,
                              timeout=120)
     assert created.returncode == 0, created.stderr
-    worker = subprocess.run([sys.executable, "-c", WORKER, url, str(folder / "ckpt")],
-                            capture_output=True, text=True, timeout=300)
+    worker = subprocess.run([sys.executable, "-c", WORKER, url, str(folder / "ckpt"),
+                             str(data_dir)], capture_output=True, text=True, timeout=300)
     assert worker.returncode == 0, worker.stdout + worker.stderr
     trials = optuna.load_study(study_name="seeds", storage=url).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE"] * STUDY["n_trials"], worker.stdout
     return [t.params for t in trials]
 
 
-def test_two_runs_of_one_study_file_propose_the_same_trials(tmp_path):
-    first, second = one_run(tmp_path, "first"), one_run(tmp_path, "second")
+def test_two_runs_of_one_study_file_propose_the_same_trials(tmp_path, data_dir):
+    first, second = one_run(tmp_path, "first", data_dir), one_run(tmp_path, "second", data_dir)
     assert first == second, json.dumps([first, second], indent=1)
     assert len({json.dumps(p, sort_keys=True) for p in first}) == len(first)  # a search, not a loop
 

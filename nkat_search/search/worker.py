@@ -42,7 +42,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -472,24 +471,6 @@ def _release_gpu_memory() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def spawn_siblings(argv: list[str], count: int, stop: StopFlag,
-                   cpu_threads: int | None = None) -> list[subprocess.Popen]:
-    """Start ``count`` more workers (same command, one trial at a time each) on the same device.
-
-    They run in their own session so a terminal's Ctrl-C reaches them once, forwarded by us.
-    """
-    env = dict(os.environ)
-    if cpu_threads:
-        env["OMP_NUM_THREADS"] = str(cpu_threads)
-    children = []
-    for _ in range(count):
-        child = subprocess.Popen([sys.executable, "-m", "nkat_search", *argv],
-                                 start_new_session=True, env=env)
-        children.append(child)
-        stop.children.append(child)
-    return children
 
 
 def worst(codes: list[int]) -> int:

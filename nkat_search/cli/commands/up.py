@@ -132,27 +132,20 @@ class Up:
 
     # -- children ---------------------------------------------------------------------------
 
-    def _command(self, argv: list[str]) -> list[str]:
-        import sys
-
-        return [sys.executable, "-m", "nkat_search", *argv]
-
     def _child(self, argv: list[str]) -> int:
         import subprocess
 
-        return subprocess.run(self._command(argv), env=child_env(self.storage)).returncode
+        from nkat_search.cli.launch import nkat_command
+
+        return subprocess.run(nkat_command(argv), env=child_env(self.storage)).returncode
 
     def _spawn(self, argv: list[str], log_path, env: dict | None = None):
-        import subprocess
+        from nkat_search.cli.launch import start
 
         # The storage URL travels in NKAT_STORAGE: a command line is readable by every user of
-        # the host, and the URL may carry a password.
-        env = child_env(self.storage, env)
-        with open(log_path, "ab") as log:
-            # A session of its own: the terminal's Ctrl-C reaches only us, and we decide what the
-            # children get (one SIGINT each, so a worker checkpoints after its current step).
-            return subprocess.Popen(self._command(argv), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        # the host, and the URL may carry a password. A session of its own: the terminal's
+        # Ctrl-C reaches only us, and we decide what the children get.
+        return start(argv, env=child_env(self.storage, env), log=log_path)
 
     def _devices(self) -> list[str]:
         import torch
@@ -176,7 +169,10 @@ class Up:
         if per_device > 1 or self.args.mps == "on":
             self.mps, line = start_or_join(self.args.mps, self.run_dir, gpus)
             print(line, flush=True)
-        env = worker_env(len(devices) * per_device)
+        from nkat_search.cli.launch import threads_per_process, with_threads
+
+        # The cores are split over every trial process of this machine, not per worker.
+        env = with_threads(threads_per_process(len(devices) * per_device))
         if self.mps is not None:
             # The workers' CUDA runtime finds the daemon through these; --mps off below only
             # tells them not to start one of their own.
@@ -407,20 +403,6 @@ class Up:
                 pass
             return f"--study {self.study_name} --storage {path}"
         return f"--study {self.study_name} --storage {mask_url(self.storage)}"
-
-
-def worker_env(processes: int) -> dict | None:
-    """The workers' environment: the CPU cores split over all ``processes`` of this machine.
-
-    A worker splits the cores only over its own ``--trials-per-gpu`` processes, so N workers
-    started here would each take every core (N-fold oversubscription on a CPU). An
-    OMP_NUM_THREADS already set is the user's choice and is kept; None: inherit unchanged.
-    """
-    import os
-
-    if processes <= 1 or os.environ.get("OMP_NUM_THREADS"):
-        return None
-    return dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // processes)))
 
 
 def wait_for_http(address: str, process, timeout: float) -> bool:

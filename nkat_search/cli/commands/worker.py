@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nkat_search.cli.commands.storage_arg import STORAGE_ENV, add_storage_argument
+from nkat_search.cli.commands.storage_arg import add_storage_argument, child_env
 from nkat_search.cli.commands.train import add_data_arguments
 
 # Compiled trials of Round 2's mix side by side on one H200 (benchmarks/packing.py, results/gpu/
@@ -64,11 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
+    from nkat_search.cli import launch
     from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.errors import UserError
-    from nkat_search.search.worker import StopFlag, WorkerOptions, run_worker, spawn_siblings, worst
+    from nkat_search.search.worker import StopFlag, WorkerOptions, run_worker, worst
 
     args.storage = resolve_storage(args.storage, args.study)
     devices = _devices(args.device)
@@ -83,12 +82,8 @@ def run(args: argparse.Namespace) -> int:
                         f"got {args.checkpoint_interval}")
     if not 0 < args.storage_wait < float("inf"):
         raise UserError(f"--storage-wait: must be a number of seconds > 0, got {args.storage_wait}")
-    # K processes on one machine each defaulting to every core would oversubscribe the CPU
-    # (data loading, and the whole run with --device cpu); split the cores unless told otherwise.
-    processes = args.trials_per_gpu * len(devices)
-    threads = None
-    if processes > 1 and not os.environ.get("OMP_NUM_THREADS"):
-        threads = max(1, (os.cpu_count() or 1) // processes)
+    # The cores are split over this worker's processes unless OMP_NUM_THREADS says otherwise.
+    threads = launch.threads_per_process(args.trials_per_gpu * len(devices))
     options = WorkerOptions(storage=args.storage, study=args.study, device=devices[0],
                             n_trials=args.n_trials, data_dir=args.data_dir,
                             download=args.download,
@@ -103,14 +98,16 @@ def run(args: argparse.Namespace) -> int:
     children = []
 
     def start_siblings() -> None:
-        # The siblings inherit the URL through the environment: on their command lines ps would
-        # show its password to every user of the host.
-        os.environ[STORAGE_ENV] = args.storage
-        children.extend(spawn_siblings(_sibling_argv(args, devices[0], 1),
-                                       args.trials_per_gpu - 1, stop, threads))
+        # The siblings get the URL through the environment: on their command lines ps would
+        # show its password to every user of the host. A password from the password file stays
+        # out of it too: they read the file themselves.
+        env = child_env(args.storage)
+        siblings = launch.start_siblings
+        children.extend(siblings(_sibling_argv(args, devices[0], 1), args.trials_per_gpu - 1,
+                                 stop, threads, env))
         for device in devices[1:]:
-            children.extend(spawn_siblings(_sibling_argv(args, device, args.trials_per_gpu), 1,
-                                           stop, threads))
+            children.extend(siblings(_sibling_argv(args, device, args.trials_per_gpu), 1, stop,
+                                     threads, env))
 
     try:
         code = run_worker(options, stop, on_ready=start_siblings)

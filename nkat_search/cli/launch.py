@@ -1,0 +1,68 @@
+"""Starting nkat-search's own processes, in one place.
+
+``up`` (coordinator, workers, dashboard), ``worker --trials-per-gpu K`` / ``--device all`` (its
+siblings) and ``benchmarks/scaling.py`` (workers) all start ``python -m nkat_search ...`` here, so
+the command, the CPU split and the process group are decided once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def nkat_command(argv: list[str]) -> list[str]:
+    """The command line of ``nkat-search ARGV`` in this interpreter (no console script needed)."""
+    return [sys.executable, "-m", "nkat_search", *argv]
+
+
+def threads_per_process(processes: int, environ: dict | None = None) -> int | None:
+    """OpenMP threads for each of ``processes`` processes that share this machine's cores.
+
+    Every process defaulting to every core oversubscribes the CPU (data loading, and the whole run
+    with ``--device cpu``). None, inherit unchanged: one process, or ``OMP_NUM_THREADS`` already
+    set, which is the user's choice.
+    """
+    environ = os.environ if environ is None else environ
+    if processes <= 1 or environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
+def with_threads(threads: int | None, env: dict | None = None) -> dict | None:
+    """``env`` (default: ours) with ``OMP_NUM_THREADS=threads``; None (inherit) when threads is."""
+    if threads is None:
+        return env
+    return dict(os.environ if env is None else env, OMP_NUM_THREADS=str(threads))
+
+
+def start(argv: list[str], *, env: dict | None = None, log: Path | None = None,
+          own_session: bool = True) -> subprocess.Popen:
+    """Start ``nkat-search ARGV``; with ``log``, its output is appended there and stdin closed.
+
+    ``own_session``: the child does not get the terminal's Ctrl-C; the parent forwards what each
+    child should get (one SIGINT, so a worker checkpoints after its current step).
+    """
+    if log is None:
+        return subprocess.Popen(nkat_command(argv), start_new_session=own_session, env=env)
+    with open(log, "ab") as out:
+        return subprocess.Popen(nkat_command(argv), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=own_session, env=env)
+
+
+def start_siblings(argv: list[str], count: int, stop, cpu_threads: int | None = None,
+                   env: dict | None = None) -> list[subprocess.Popen]:
+    """Start ``count`` more workers (``argv``, one trial at a time each) beside this one.
+
+    ``stop`` (the worker's ``StopFlag``) learns of them, so our signals are forwarded to them.
+    ``env``: theirs (default: ours), with ``OMP_NUM_THREADS=cpu_threads`` when that is given.
+    """
+    env = with_threads(cpu_threads, env) or dict(os.environ)
+    children = []
+    for _ in range(count):
+        child = start(argv, env=env)
+        children.append(child)
+        stop.children.append(child)
+    return children
