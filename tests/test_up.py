@@ -171,3 +171,43 @@ def test_a_bad_study_file_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "n_trials" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_up_timeout_ends_after_the_running_trial_and_the_next_up_goes_on(tmp_path, data_dir, env):
+    """``--timeout``: no new trial after S seconds, the running one finishes, nothing is lost.
+
+    A study run in windows (a GPU lent for ten minutes at a time) must neither interrupt trials
+    nor run one twice: the second up takes the rest of the budget.
+    """
+    study_file, name = tiny_study_file(tmp_path)
+    data = yaml.safe_load(study_file.read_text())
+    data["n_trials"] = 3
+    study_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = tmp_path / "runs"
+    first = subprocess.run(up_command(study_file, out, data_dir, "--no-dashboard",
+                                      "--timeout", "0.01"),
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "--timeout 0.01 s: 1 of 3 trials of the budget ran" in first.stdout
+    study_url = f"sqlite:///{out / (name + '.db')}"
+    import optuna
+
+    trials = optuna.load_study(study_name=name, storage=study_url).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"]  # the one it took ran to its end
+
+    second = subprocess.run(up_command(study_file, out, data_dir, "--no-dashboard"),
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    trials = optuna.load_study(study_name=name, storage=study_url).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 3
+
+
+def test_a_bad_timeout_is_one_line(tmp_path):
+    study_file, _ = tiny_study_file(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "nkat_search", "up", "--study", str(study_file),
+                             "--out", str(tmp_path / "runs"), "--timeout", "-5"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("nkat-search up: error: --timeout: must be a number of "
+                                     "seconds > 0, got -5.0")

@@ -84,6 +84,8 @@ class WorkerOptions:
     progress: bool | None = None
     cpu_threads: int | None = None  # torch threads; K workers sharing a CPU must split its cores
     storage_wait_s: float = STORAGE_WAIT_S
+    # Take no new trial after this many seconds; the running one finishes (Optuna's timeout).
+    timeout_s: float | None = None
 
 
 @dataclass
@@ -194,7 +196,13 @@ class Worker:
     def run(self) -> int:
         options, spec, study, stop = self.options, self.spec, self.study, self.stop
         ran, waiting, code = 0, False, 0
+        deadline = (None if options.timeout_s is None
+                    else time.monotonic() + options.timeout_s)
         while not stop() and (options.n_trials is None or ran < options.n_trials):
+            if deadline is not None and time.monotonic() >= deadline:
+                print(f"worker {self.worker}: --timeout {options.timeout_s:g} s reached; no new "
+                      "trial taken (run a worker again to go on)", flush=True)
+                break
             trial = None
             # Held until the objective has drawn the trial's parameters (its on_start releases
             # it), so a proposal depends on the study's history and the trial number only.

@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-trials", type=int, metavar="N",
                         help="the study's budget (default: the study file's n_trials); run up "
                         "again with a larger N to extend a finished study")
+    parser.add_argument("--timeout", type=float, metavar="S",
+                        help="the workers take no new trial after S seconds and up ends when the "
+                        "running ones have finished; run up again to go on with the budget "
+                        "(nothing is lost or repeated, unlike a stop that interrupts trials)")
     parser.add_argument("--mps", choices=("auto", "on", "off"), default="off",
                         help="CUDA MPS for the trials sharing a GPU. off (default): they take "
                         "turns; auto: start a daemon for this run when nvidia-cuda-mps-control "
@@ -77,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint_interval is not None and not 0 <= args.checkpoint_interval < float("inf"):
         raise UserError(f"--checkpoint-interval: must be a number of seconds >= 0, "
                         f"got {args.checkpoint_interval}")
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        raise UserError(f"--timeout: must be a number of seconds > 0, got {args.timeout}")
     check_port(args.port, low=1)  # up prints the dashboard's address, so it must know the port
     if not 0 < args.refresh < float("inf"):
         raise UserError(f"--refresh: must be a number of seconds > 0, got {args.refresh}")
@@ -185,6 +191,8 @@ class Up:
                 argv += ["--trials-per-gpu", str(self.args.trials_per_gpu)]
             if self.args.checkpoint_interval is not None:
                 argv += ["--checkpoint-interval", str(self.args.checkpoint_interval)]
+            if getattr(self.args, "timeout", None) is not None:
+                argv += ["--timeout", str(self.args.timeout)]
             if self.args.data_dir:
                 argv += ["--data-dir", self.args.data_dir]
             if self.args.download:
@@ -377,6 +385,12 @@ class Up:
         for warning in files.warnings:
             print(f"study files: {warning}")
         print(f"this study later: nkat-search status {reach}  (or export, study show)")
+        from nkat_search.search.coordinator import budget_state
+
+        state = budget_state(study)
+        if getattr(self.args, "timeout", None) is not None and state["used"] < state["budget"]:
+            print(f"--timeout {self.args.timeout:g} s: {state['used']} of {state['budget']} "
+                  "trials of the budget ran; the same `nkat-search up` goes on with the rest")
         for label, exit_code, log in failed:
             print(f"{label} exited with {exit_code}; last lines of {log}:")
             print(tail(log))

@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "same, or an error. Measured on an H200: 1.66x the training of one trial "
                         "for four small trials (1.45x without), but 1.09x (1.43x without) when a "
                         "257-token trial shares the GPU, which then takes nearly all of it")
+    parser.add_argument("--timeout", type=float, default=None, metavar="S",
+                        help="take no new trial after S seconds; the running trials finish "
+                        "(as Optuna's optimize(timeout=)). The study keeps its budget: a later "
+                        "worker goes on from there")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep checkpoints of finished trials (default: only unfinished ones)")
     parser.add_argument("--storage-wait", type=float, default=600.0, metavar="S",
@@ -80,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.checkpoint_interval >= 0 or args.checkpoint_interval == float("inf"):
         raise UserError(f"--checkpoint-interval: must be a number of seconds >= 0, "
                         f"got {args.checkpoint_interval}")
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        raise UserError(f"--timeout: must be a number of seconds > 0, got {args.timeout}")
     if not 0 < args.storage_wait < float("inf"):
         raise UserError(f"--storage-wait: must be a number of seconds > 0, got {args.storage_wait}")
     # The cores are split over this worker's processes unless OMP_NUM_THREADS says otherwise.
@@ -91,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                             checkpoint_interval_s=args.checkpoint_interval,
                             keep_checkpoints=args.keep_checkpoints,
                             progress=False if args.quiet else None, cpu_threads=threads,
-                            storage_wait_s=args.storage_wait)
+                            storage_wait_s=args.storage_wait, timeout_s=args.timeout)
     mps = _start_mps(args, devices)
     stop = StopFlag()
     stop.install()
@@ -186,6 +192,8 @@ def _sibling_argv(args: argparse.Namespace, device: str, trials_per_gpu: int) ->
         argv.append("--download")
     if args.keep_checkpoints:
         argv.append("--keep-checkpoints")
+    if args.timeout is not None:
+        argv += ["--timeout", str(args.timeout)]
     if args.quiet:
         argv.append("--quiet")
     return argv
