@@ -33,6 +33,7 @@ from nkat_search.search.space import suggest_config
 from nkat_search.search.storage import retried_trial_number
 from nkat_search.search.spec import STAGE1_DATASET, StudySpec
 from nkat_search.search.trials import INTERRUPTED, DatasetScore
+from nkat_search.terminal import draws_bars
 # A trial that ran out of GPU memory is retried (up to heartbeat.max_retry): with several trials
 # per GPU the memory may have been a neighbour's, which is no fault of the configuration.
 OUT_OF_MEMORY = "out of GPU memory"
@@ -69,7 +70,7 @@ class Objective:
         self.data_dir = data_dir
         self.device = device
         self.worker = worker
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = draws_bars(sys.stderr) if progress is None else progress
         self.stop_requested = stop_requested or (lambda: False)
         self.on_start = on_start
         self.checkpoint_interval_s = checkpoint_interval_s

@@ -563,7 +563,9 @@ def _sync(device: torch.device) -> None:
 
 def _progress_bar(enabled: bool, total: int, description: str):
     # A bar redraws its line with carriage returns: in a log file that is noise, not progress.
-    if not enabled or not sys.stderr.isatty():
+    from nkat_search.terminal import draws_bars
+
+    if not enabled or not draws_bars(sys.stderr):
         return None
     from tqdm import tqdm
 

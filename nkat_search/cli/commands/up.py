@@ -250,6 +250,7 @@ class Up:
         import time
 
         from nkat_search.search.report import finished_count, live_line, running_text, best_text
+        from nkat_search.terminal import draws_bars
 
         bar = None
         last, last_printed = None, 0.0
@@ -257,6 +258,7 @@ class Up:
         announced = 0
         done_before = None
         start = time.monotonic()
+        use_bar = draws_bars(sys.stdout)  # decided once: a resize does not switch views
 
         def say(message: str) -> None:
             # Through the bar on a terminal, so a message never lands on the bar's line.
@@ -274,7 +276,7 @@ class Up:
                     done_before = done
                 elapsed = time.monotonic() - start
                 budget = report["budget"]["budget"] if report["budget"] else done
-                if sys.stdout.isatty():
+                if use_bar:
                     if bar is None:
                         from tqdm import tqdm
 
