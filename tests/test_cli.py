@@ -159,3 +159,19 @@ def test_commands_find_ups_storage_by_the_study_name(capsys, monkeypatch, tmp_pa
     code, _, err = run_cli(capsys, "status", "--study", "other")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "no storage given (no runs/other.db here either)" in err and "NKAT_STORAGE" in err
+
+
+@pytest.mark.parametrize("value, zero_ok, bad", [
+    (None, False, False), (0.5, False, False), (0.0, True, False), (0.0, False, True),
+    (-1.0, True, True), (float("nan"), True, True), (float("inf"), False, True)])
+def test_duration_flags_take_finite_seconds(value, zero_ok, bad):
+    from nkat_search.cli.checks import check_seconds
+    from nkat_search.errors import UserError
+
+    if not bad:
+        check_seconds("--wait", value, zero_ok=zero_ok)
+        return
+    with pytest.raises(UserError) as caught:
+        check_seconds("--wait", value, zero_ok=zero_ok)
+    bound = ">= 0" if zero_ok else "> 0"
+    assert str(caught.value) == f"--wait: must be a number of seconds {bound}, got {value}"

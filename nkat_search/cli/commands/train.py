@@ -46,15 +46,11 @@ def add_checkpoint_interval_argument(parser: argparse.ArgumentParser) -> None:
 
 def run_options(args: argparse.Namespace):
     """TrainOptions from the shared flags; a negative or NaN interval is one clear line."""
-    import math
-
-    from nkat_search.errors import UserError
+    from nkat_search.cli.checks import check_seconds
     from nkat_search.train.loop import TrainOptions
 
-    interval = args.checkpoint_interval
-    if not math.isfinite(interval) or interval < 0:
-        raise UserError(f"--checkpoint-interval: must be a number of seconds >= 0, got {interval}")
-    return TrainOptions(checkpoint_interval_s=interval)
+    check_seconds("--checkpoint-interval", args.checkpoint_interval, zero_ok=True)
+    return TrainOptions(checkpoint_interval_s=args.checkpoint_interval)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

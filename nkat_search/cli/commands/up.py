@@ -71,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from nkat_search.cli.checks import check_seconds
     from nkat_search.cli.commands.dashboard import check_port
     from nkat_search.cli.commands.storage_arg import as_url, with_password_file
     from nkat_search.errors import UserError
@@ -78,14 +79,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
-    if args.checkpoint_interval is not None and not 0 <= args.checkpoint_interval < float("inf"):
-        raise UserError(f"--checkpoint-interval: must be a number of seconds >= 0, "
-                        f"got {args.checkpoint_interval}")
-    if args.timeout is not None and not 0 < args.timeout < float("inf"):
-        raise UserError(f"--timeout: must be a number of seconds > 0, got {args.timeout}")
+    check_seconds("--checkpoint-interval", args.checkpoint_interval, zero_ok=True)
+    check_seconds("--timeout", args.timeout)
     check_port(args.port, low=1)  # up prints the dashboard's address, so it must know the port
-    if not 0 < args.refresh < float("inf"):
-        raise UserError(f"--refresh: must be a number of seconds > 0, got {args.refresh}")
+    check_seconds("--refresh", args.refresh)
     spec = load_study_file(args.study)
     out = Path(args.out).resolve()
     run_dir = out / spec.name
@@ -387,10 +384,9 @@ class Up:
         for warning in files.warnings:
             print(f"study files: {warning}")
         print(f"this study later: nkat-search status {reach}  (or export, study show)")
-        from nkat_search.search.coordinator import budget_state
-
-        state = budget_state(study)
-        if getattr(self.args, "timeout", None) is not None and state["used"] < state["budget"]:
+        state = report["budget"]  # budget_state(study), read once above
+        if (getattr(self.args, "timeout", None) is not None and state
+                and state["used"] < state["budget"]):
             print(f"--timeout {self.args.timeout:g} s: {state['used']} of {state['budget']} "
                   "trials of the budget ran; the same `nkat-search up` goes on with the rest")
         for label, exit_code, log in failed:

@@ -69,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nkat_search.cli import launch
+    from nkat_search.cli.checks import check_seconds
     from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.errors import UserError
     from nkat_search.search.worker import StopFlag, WorkerOptions, run_worker, worst
@@ -81,13 +82,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--trials-per-gpu: must be >= 1, got {args.trials_per_gpu}")
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials: must be >= 1, got {args.n_trials}")
-    if not args.checkpoint_interval >= 0 or args.checkpoint_interval == float("inf"):
-        raise UserError(f"--checkpoint-interval: must be a number of seconds >= 0, "
-                        f"got {args.checkpoint_interval}")
-    if args.timeout is not None and not 0 < args.timeout < float("inf"):
-        raise UserError(f"--timeout: must be a number of seconds > 0, got {args.timeout}")
-    if not 0 < args.storage_wait < float("inf"):
-        raise UserError(f"--storage-wait: must be a number of seconds > 0, got {args.storage_wait}")
+    check_seconds("--checkpoint-interval", args.checkpoint_interval, zero_ok=True)
+    check_seconds("--timeout", args.timeout)
+    check_seconds("--storage-wait", args.storage_wait)
     # The cores are split over this worker's processes unless OMP_NUM_THREADS says otherwise.
     threads = launch.threads_per_process(args.trials_per_gpu * len(devices))
     options = WorkerOptions(storage=args.storage, study=args.study, device=devices[0],
