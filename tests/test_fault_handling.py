@@ -240,8 +240,9 @@ def test_up_gives_its_children_the_url_in_the_environment_only(monkeypatch, tmp_
 
     monkeypatch.setattr(subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(subprocess, "run", lambda argv, **kw: FakeProcess(argv, **kw))
-    args = argparse.Namespace(workers=2, trials_per_gpu=None, data_dir=None, study="s.yaml",
-                              checkpoint_interval=None, mps="off", download=False)
+    parser = argparse.ArgumentParser()
+    up.add_arguments(parser)  # the flags as up parses them, defaults and all
+    args = parser.parse_args(["--study", "s.yaml", "--workers", "2"])
     runner = up.Up(args, "s", PG_URL, tmp_path / "s")
     (tmp_path / "s" / "logs").mkdir(parents=True)
     runner._child(["study", "create", "--study", "s.yaml"])

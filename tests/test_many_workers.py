@@ -99,8 +99,9 @@ def test_up_gives_eight_gpus_eight_devices_and_eight_logs(monkeypatch, tmp_path)
                         lambda self, argv, log, env=None: spawned.append((argv, log, env)) or None)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    args = argparse.Namespace(workers=None, trials_per_gpu=2, data_dir=None, download=False,
-                              study="s.yaml", mps="off", checkpoint_interval=None)
+    parser = argparse.ArgumentParser()
+    up.add_arguments(parser)  # the flags as up parses them, defaults and all
+    args = parser.parse_args(["--study", "s.yaml", "--trials-per-gpu", "2"])
     runner = up.Up(args, "s", "sqlite:///x.db", tmp_path / "s")
     assert runner._devices() == [f"cuda:{i}" for i in range(WORKERS)]
     runner._start_workers()

@@ -188,7 +188,7 @@ class Up:
                 argv += ["--trials-per-gpu", str(self.args.trials_per_gpu)]
             if self.args.checkpoint_interval is not None:
                 argv += ["--checkpoint-interval", str(self.args.checkpoint_interval)]
-            if getattr(self.args, "timeout", None) is not None:
+            if self.args.timeout is not None:
                 argv += ["--timeout", str(self.args.timeout)]
             if self.args.data_dir:
                 argv += ["--data-dir", self.args.data_dir]
@@ -385,7 +385,7 @@ class Up:
             print(f"study files: {warning}")
         print(f"this study later: nkat-search status {reach}  (or export, study show)")
         state = report["budget"]  # budget_state(study), read once above
-        if (getattr(self.args, "timeout", None) is not None and state
+        if (self.args.timeout is not None and state
                 and state["used"] < state["budget"]):
             print(f"--timeout {self.args.timeout:g} s: {state['used']} of {state['budget']} "
                   "trials of the budget ran; the same `nkat-search up` goes on with the rest")
