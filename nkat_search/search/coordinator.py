@@ -169,14 +169,26 @@ def build_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
 
 def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """The pruner of the file; steps are CIFAR-10 epochs and values are Local TPE."""
-    kwargs = {k: v for k, v in spec.pruner.items() if k != "type"}
-    kind = spec.pruner.get("type", "none")
+    return _pruner(spec.pruner, spec)
+
+
+def _pruner(options: dict, spec: StudySpec) -> optuna.pruners.BasePruner:
+    kwargs = {k: v for k, v in options.items() if k not in ("type", "rank")}
+    kind = options.get("type", "none")
+    epochs = spec.base_config().train.epochs
+    if kind == "gate":
+        from nkat_search.search.gate_pruner import GatePruner
+
+        rank = _pruner(options["rank"], spec) if "rank" in options else None
+        return GatePruner(spec.gate, epochs, rank=rank, **kwargs)
     if kind == "median":
         return optuna.pruners.MedianPruner(**kwargs)
     if kind == "percentile":
         return optuna.pruners.PercentilePruner(**kwargs)
+    if kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(**kwargs)
     if kind == "hyperband":
-        kwargs.setdefault("max_resource", spec.base_config().train.epochs)
+        kwargs.setdefault("max_resource", epochs)
         return optuna.pruners.HyperbandPruner(**kwargs)
     if kind == "threshold":
         return optuna.pruners.ThresholdPruner(**kwargs)

@@ -185,11 +185,10 @@ class Objective:
             trial.report(report.tpe, report.epoch)
             # After the last epoch the gate decides; pruning there would only hide its verdict.
             if report.epoch < report.epochs and trial.should_prune():
-                kind = spec.pruner.get("type", "none")
                 trials.write(trial, outcome="pruned", feasible=False, local_tpe=report.tpe,
                              datasets={STAGE1_DATASET: _score(report)},
                              reason=f"pruned at epoch {report.epoch} of {report.epochs} by the "
-                                    f"{kind} pruner (Local TPE {report.tpe:.4f})")
+                                    f"{_pruner_name(trial, spec)} (Local TPE {report.tpe:.4f})")
                 self._unmeasured(trial, report.tpe)
                 raise optuna.TrialPruned(f"Local TPE {report.tpe:.4f} at epoch {report.epoch}")
 
@@ -250,6 +249,17 @@ class Objective:
         shortfall = min(1.0, max(0.0, 1.0 - local_tpe / self.spec.gate))
         for key in self.spec.constraints:
             trial.set_constraint(key, UNMEASURED_VIOLATION + shortfall)
+
+
+def _pruner_name(trial: optuna.Trial, spec: StudySpec) -> str:
+    """Which rule stopped the trial, in words: the gate pruner says whether it was the gate."""
+    kind = spec.pruner.get("type", "none")
+    if kind != "gate":
+        return f"{kind} pruner"
+    pruner = getattr(getattr(trial, "study", None), "pruner", None)
+    if getattr(pruner, "stopped_by", None) == "rank":
+        return f"{spec.pruner['rank']['type']} pruner"
+    return "gate pruner (it can no longer reach the gate)"
 
 
 def _score(result) -> DatasetScore:

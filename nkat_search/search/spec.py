@@ -40,6 +40,11 @@ PRUNER_KEYS = {
     "percentile": ("type", "percentile", "n_startup_trials", "n_warmup_steps", "interval_steps"),
     "hyperband": ("type", "min_resource", "max_resource", "reduction_factor"),
     "threshold": ("type", "lower", "n_warmup_steps", "interval_steps"),
+    "successive_halving": ("type", "min_resource", "reduction_factor", "min_early_stopping_rate",
+                           "bootstrap_count"),
+    # Stops what can no longer reach the gate (search/gate_pruner.py); ``rank`` is another pruner
+    # of this table, asked as well, to rank the trials that still can.
+    "gate": ("type", "safety", "rank"),
 }
 HEARTBEAT_KEYS = ("interval", "grace", "max_retry")
 # Stage 1 always trains CIFAR-10; Stage 2 adds these (the user's MNIST family by default).
@@ -353,9 +358,16 @@ def _parse_pruner(raw: Any) -> dict:
     for key, value in raw.items():
         if key == "type":
             continue
-        if key in ("percentile", "lower"):
+        if key == "rank":
+            pruner[key] = _parse_rank_pruner(value)
+        elif key == "safety":
+            pruner[key] = _float("pruner.safety", value)
+            if pruner[key] < 1:
+                raise ConfigError(f"pruner.safety: must be >= 1 (it stretches the largest rise "
+                                  f"seen), got {pruner[key]}")
+        elif key in ("percentile", "lower"):
             pruner[key] = _float(f"pruner.{key}", value)
-        elif key == "max_resource" and value == "auto":
+        elif key in ("max_resource", "min_resource") and value == "auto":
             pruner[key] = value
         else:
             pruner[key] = _int(f"pruner.{key}", value, minimum=1 if key in (
@@ -367,9 +379,22 @@ def _parse_pruner(raw: Any) -> dict:
             raise ConfigError(f"pruner.percentile: must be in [0, 100], got {pruner['percentile']}")
     if kind == "threshold" and "lower" not in pruner:
         raise ConfigError("pruner.lower: missing (the Local TPE below which a trial is pruned)")
-    if kind == "hyperband" and pruner.get("reduction_factor", 3) < 2:
+    if kind in ("hyperband", "successive_halving") and pruner.get("reduction_factor", 3) < 2:
         raise ConfigError("pruner.reduction_factor: must be >= 2")
     return pruner
+
+
+def _parse_rank_pruner(raw: Any) -> dict:
+    """``pruner.rank``: any pruner of the table but ``gate`` and ``none``, named as such."""
+    _mapping("pruner.rank", raw)
+    kind = raw.get("type")
+    if kind in ("gate", "none") or kind not in PRUNER_KEYS:
+        allowed = ", ".join(k for k in PRUNER_KEYS if k not in ("gate", "none"))
+        raise ConfigError(f"pruner.rank.type: expected one of {allowed}, got {kind!r}")
+    try:
+        return _parse_pruner(raw)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("pruner.", "pruner.rank.", 1)) from None
 
 
 def _parse_heartbeat(raw: Any) -> HeartbeatSpec:

@@ -1,0 +1,197 @@
+"""Replay recorded learning curves through candidate pruners, in many random orders.
+
+    python benchmarks/pruner_replay.py [--curves results/curves/round2_curves.json]
+        [--orders 200] [--parallel 4] [--out results/pruner_replay.json]
+
+Each order is a real Optuna study (in memory) with the candidate pruner. The curves' trials run
+``--parallel`` at a time, as a worker with that many trials per GPU would: each epoch takes its
+trial's recorded wall time / epochs, and a trial reports its Local TPE after every epoch and asks
+``should_prune`` before its last one (as ``search/objective.py`` does). A trial that finishes below
+the gate ends PRUNED, one above it COMPLETE with its final Local TPE as the value (the curves have
+no Stage 2). Per pruner the JSON says:
+
+- ``epochs_share``: CIFAR-10 epochs trained / epochs of the unpruned study;
+- ``seconds_share``: the same weighted by each trial's epoch time (a 257-token epoch costs ~8x);
+- ``best_kept_share``: the share of orders in which the configuration with the best final
+  Local TPE among those passing the gate trained to its end;
+- ``passers_kept_share``: the share of gate-passing trials (over all orders) not pruned.
+
+The gate pruner is replayed with a leave-one-out prior: the curve being judged is never among
+those behind its prior, so the figures say how the rule does on a configuration it has not seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import optuna
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nkat_search.atomic import write_text_atomic  # noqa: E402
+from nkat_search.search.gate_pruner import GatePruner, largest_rises  # noqa: E402
+
+GATE = 0.60
+
+
+class LeaveOneOutGate(GatePruner):
+    """The gate pruner whose prior, for each trial, leaves that trial's own curve out."""
+
+    def __init__(self, priors: list[tuple[float, ...]], **kwargs):
+        super().__init__(prior=(), **kwargs)
+        self.priors = priors
+
+    def prune(self, study, trial):
+        self.prior = self.priors[trial.user_attrs["curve"]]
+        return super().prune(study, trial)
+
+
+def candidates(epochs: int, priors) -> dict[str, callable]:
+    """Name -> a fresh pruner. ``median 5/10`` is what round2.yaml shipped before."""
+    P = optuna.pruners
+
+    def gate(safety: float = 1.0, rank=None):
+        return lambda: LeaveOneOutGate(priors, gate=GATE, epochs=epochs, safety=safety,
+                                       rank=rank() if rank else None)
+
+    median_short = lambda: P.MedianPruner(n_startup_trials=2, n_warmup_steps=5)  # noqa: E731
+    sha = lambda: P.SuccessiveHalvingPruner(min_resource=5, reduction_factor=3)  # noqa: E731
+    return {
+        "none": P.NopPruner,
+        "median 5 startup / 10 warm-up (round2.yaml before)":
+            lambda: P.MedianPruner(n_startup_trials=5, n_warmup_steps=10),
+        "median 2 startup / 5 warm-up": median_short,
+        "percentile 25, 2 startup / 5 warm-up":
+            lambda: P.PercentilePruner(25.0, n_startup_trials=2, n_warmup_steps=5),
+        "successive halving, min 5, factor 3": sha,
+        "successive halving, min 1, factor 4":
+            lambda: P.SuccessiveHalvingPruner(min_resource=1, reduction_factor=4),
+        "hyperband, min 5, max 40, factor 3":
+            lambda: P.HyperbandPruner(min_resource=5, max_resource=epochs, reduction_factor=3),
+        "gate, safety 1.0": gate(1.0),
+        "gate, safety 1.1": gate(1.1),
+        "gate, safety 1.0 + median 2/5": gate(1.0, median_short),
+        "gate, safety 1.0 + successive halving 5/3": gate(1.0, sha),
+    }
+
+
+def replay(make_pruner, curves: list[dict], order: list[int], epochs: int,
+           parallel: int) -> list[int]:
+    """Epochs each curve trained (index = curve) in one study of ``order``, ``parallel`` at once."""
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    trained = [0] * len(curves)
+    queue = list(order)
+    events: list[tuple[float, int, int]] = []  # (time, tie-break, curve)
+    running: dict[int, optuna.Trial] = {}
+    clock, tick = 0.0, 0
+
+    def start(now: float) -> None:
+        nonlocal tick
+        if not queue:
+            return
+        index = queue.pop(0)
+        trial = study.ask()
+        trial.set_user_attr("curve", index)
+        running[index] = trial
+        tick += 1
+        heapq.heappush(events, (now + curves[index]["epoch_s"], tick, index))
+
+    for _ in range(parallel):
+        start(clock)
+    while events:
+        clock, _, index = heapq.heappop(events)
+        trial = running[index]
+        trained[index] += 1
+        epoch = trained[index]
+        value = curves[index]["local_tpe"][epoch - 1]
+        trial.report(value, epoch)
+        if epoch < epochs and trial.should_prune():
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        elif epoch == epochs:
+            if value < GATE:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                study.tell(trial, value)
+        else:
+            tick += 1
+            heapq.heappush(events, (clock + curves[index]["epoch_s"], tick, index))
+            continue
+        del running[index]
+        start(clock)
+    return trained
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--curves", default="results/curves/round2_curves.json")
+    parser.add_argument("--orders", type=int, default=200)
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chosen", help="the candidate the study files use (marked chosen)")
+    parser.add_argument("--out", default="results/pruner_replay.json")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+    data = json.loads(Path(args.curves).read_text())
+    epochs, curves = data["epochs"], data["curves"]
+    for curve in curves:
+        curve["epoch_s"] = (curve.get("time_trial_s") or epochs) / epochs
+    full = [dict(enumerate(c["local_tpe"], start=1)) for c in curves]
+    priors = [largest_rises(full[:i] + full[i + 1:], epochs) for i in range(len(curves))]
+    passers = [i for i, c in enumerate(curves) if c["local_tpe"][-1] >= GATE]
+    best = max(passers, key=lambda i: curves[i]["local_tpe"][-1]) if passers else None
+    cost = [c["epoch_s"] for c in curves]
+    total_epochs = epochs * len(curves)
+    total_seconds = epochs * sum(cost)
+
+    rng = random.Random(args.seed)
+    orders = [rng.sample(range(len(curves)), len(curves)) for _ in range(args.orders)]
+    rows = []
+    for name, make in candidates(epochs, priors).items():
+        started = time.perf_counter()
+        epochs_sum = seconds_sum = best_kept = passers_kept = 0
+        for order in orders:
+            trained = replay(make, curves, order, epochs, args.parallel)
+            epochs_sum += sum(trained)
+            seconds_sum += sum(t * c for t, c in zip(trained, cost))
+            best_kept += best is not None and trained[best] == epochs
+            passers_kept += sum(trained[i] == epochs for i in passers)
+        row = {
+            "pruner": name,
+            "epochs_share": round(epochs_sum / (total_epochs * len(orders)), 4),
+            "seconds_share": round(seconds_sum / (total_seconds * len(orders)), 4),
+            "best_kept_share": round(best_kept / len(orders), 4) if best is not None else None,
+            "passers_kept_share": (round(passers_kept / (len(passers) * len(orders)), 4)
+                                   if passers else None),
+            "chosen": name == args.chosen,
+        }
+        rows.append(row)
+        print(f"{name:48s} epochs {row['epochs_share']:6.1%}  seconds {row['seconds_share']:6.1%}"
+              f"  best kept {row['best_kept_share']}  passers kept {row['passers_kept_share']}"
+              f"  ({time.perf_counter() - started:.0f} s)", flush=True)
+    if args.chosen and not any(r["chosen"] for r in rows):
+        print(f"--chosen {args.chosen!r} is not a candidate", file=sys.stderr)
+        return 2
+    result = {
+        "curves": args.curves, "n_curves": len(curves), "epochs": epochs, "gate": GATE,
+        "passing_curves": len(passers),
+        "best_curve": None if best is None else curves[best]["trial"],
+        "orders": args.orders, "parallel": args.parallel, "seed": args.seed,
+        "command": "python " + " ".join(sys.argv),
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(Path(args.out), json.dumps(result, indent=1) + "\n")
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
