@@ -31,11 +31,14 @@ import time
 from pathlib import Path
 
 import optuna
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nkat_search.atomic import write_text_atomic  # noqa: E402
+from nkat_search.search.coordinator import build_pruner  # noqa: E402
 from nkat_search.search.gate_pruner import GatePruner, largest_rises  # noqa: E402
+from nkat_search.search.spec import parse_study_text  # noqa: E402
 
 GATE = 0.60
 
@@ -43,8 +46,9 @@ GATE = 0.60
 class LeaveOneOutGate(GatePruner):
     """The gate pruner whose prior, for each trial, leaves that trial's own curve out."""
 
-    def __init__(self, priors: list[tuple[float, ...]], **kwargs):
-        super().__init__(prior=(), **kwargs)
+    def __init__(self, priors: list[tuple[float, ...]], pruner: GatePruner):
+        super().__init__(pruner.gate, pruner.epochs, safety=pruner.safety, prior=(),
+                         rank=pruner.rank)
         self.priors = priors
 
     def prune(self, study, trial):
@@ -52,33 +56,39 @@ class LeaveOneOutGate(GatePruner):
         return super().prune(study, trial)
 
 
-def candidates(epochs: int, priors) -> dict[str, callable]:
-    """Name -> a fresh pruner. ``median 5/10`` is what round2.yaml shipped before."""
-    P = optuna.pruners
+MEDIAN_SHORT = {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 5}
+SHA = {"type": "successive_halving", "min_resource": 5, "reduction_factor": 3}
+# Name -> the study file's ``pruner:`` mapping. "median 5/10" is what round2.yaml shipped before.
+CANDIDATES = {
+    "none": {"type": "none"},
+    "median 5 startup / 10 warm-up (round2.yaml before)":
+        {"type": "median", "n_startup_trials": 5, "n_warmup_steps": 10, "interval_steps": 1},
+    "median 2 startup / 5 warm-up": MEDIAN_SHORT,
+    "percentile 75 (prunes the lowest quarter), 2 startup / 5 warm-up":
+        {"type": "percentile", "percentile": 75.0, "n_startup_trials": 2, "n_warmup_steps": 5},
+    "successive halving, min 5, factor 3": SHA,
+    "successive halving, min 1, factor 4":
+        {"type": "successive_halving", "min_resource": 1, "reduction_factor": 4},
+    "hyperband, min 5, max 40, factor 3":
+        {"type": "hyperband", "min_resource": 5, "max_resource": 40, "reduction_factor": 3},
+    "gate, safety 1.0": {"type": "gate", "safety": 1.0},
+    "gate, safety 1.1": {"type": "gate", "safety": 1.1},
+    "gate, safety 1.0 + median 2/5": {"type": "gate", "safety": 1.0, "rank": MEDIAN_SHORT},
+    "gate, safety 1.0 + successive halving 5/3": {"type": "gate", "safety": 1.0, "rank": SHA},
+}
 
-    def gate(safety: float = 1.0, rank=None):
-        return lambda: LeaveOneOutGate(priors, gate=GATE, epochs=epochs, safety=safety,
-                                       rank=rank() if rank else None)
 
-    median_short = lambda: P.MedianPruner(n_startup_trials=2, n_warmup_steps=5)  # noqa: E731
-    sha = lambda: P.SuccessiveHalvingPruner(min_resource=5, reduction_factor=3)  # noqa: E731
-    return {
-        "none": P.NopPruner,
-        "median 5 startup / 10 warm-up (round2.yaml before)":
-            lambda: P.MedianPruner(n_startup_trials=5, n_warmup_steps=10),
-        "median 2 startup / 5 warm-up": median_short,
-        "percentile 25, 2 startup / 5 warm-up":
-            lambda: P.PercentilePruner(25.0, n_startup_trials=2, n_warmup_steps=5),
-        "successive halving, min 5, factor 3": sha,
-        "successive halving, min 1, factor 4":
-            lambda: P.SuccessiveHalvingPruner(min_resource=1, reduction_factor=4),
-        "hyperband, min 5, max 40, factor 3":
-            lambda: P.HyperbandPruner(min_resource=5, max_resource=epochs, reduction_factor=3),
-        "gate, safety 1.0": gate(1.0),
-        "gate, safety 1.1": gate(1.1),
-        "gate, safety 1.0 + median 2/5": gate(1.0, median_short),
-        "gate, safety 1.0 + successive halving 5/3": gate(1.0, sha),
-    }
+def pruner_factory(options: dict, epochs: int, priors):
+    """A fresh pruner per study, built as a study file with ``options`` builds it."""
+    spec = parse_study_text(yaml.safe_dump({
+        "name": "replay", "n_trials": 1, "gate": {"local_tpe": GATE}, "pruner": options,
+        "search": {"temperature": {"type": "float", "low": 0.6, "high": 1.0}},
+        "fixed": {"epochs": epochs}}), file_name="replay.yaml")
+
+    def make():
+        pruner = build_pruner(spec)
+        return LeaveOneOutGate(priors, pruner) if isinstance(pruner, GatePruner) else pruner
+    return make
 
 
 def replay(make_pruner, curves: list[dict], order: list[int], epochs: int,
@@ -154,7 +164,8 @@ def main() -> int:
     rng = random.Random(args.seed)
     orders = [rng.sample(range(len(curves)), len(curves)) for _ in range(args.orders)]
     rows = []
-    for name, make in candidates(epochs, priors).items():
+    for name, options in CANDIDATES.items():
+        make = pruner_factory(options, epochs, priors)
         started = time.perf_counter()
         epochs_sum = seconds_sum = best_kept = passers_kept = 0
         for order in orders:
@@ -170,6 +181,7 @@ def main() -> int:
             "best_kept_share": round(best_kept / len(orders), 4) if best is not None else None,
             "passers_kept_share": (round(passers_kept / (len(passers) * len(orders)), 4)
                                    if passers else None),
+            "study_file_pruner": options,
             "chosen": name == args.chosen,
         }
         rows.append(row)

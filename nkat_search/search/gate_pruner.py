@@ -35,6 +35,7 @@ from typing import Sequence
 import optuna
 from optuna.trial import FrozenTrial
 
+from nkat_search.search import gate_prior
 from nkat_search.search.gate_prior import PRIOR_EPOCHS, PRIOR_RISE
 
 
@@ -63,15 +64,15 @@ def largest_rises(curves, epochs: int) -> tuple[float, ...]:
 
 
 def prior_rise(epoch: int, epochs: int, prior: Sequence[float] = PRIOR_RISE,
-               prior_epochs: int = PRIOR_EPOCHS) -> float:
+               prior_epochs: int = PRIOR_EPOCHS) -> float | None:
     """The shipped rise factor at ``epoch`` of ``epochs``, read at the same share of training.
 
     The prior was recorded at ``prior_epochs``; another length reads it at the same fraction,
     rounded down to an earlier epoch, whose rise is the larger (a curve's rise factor never grows
-    with the epoch), so the mapping errs on the side of training on.
+    with the epoch), so the mapping errs on the side of training on. None without a prior.
     """
     if not prior:
-        return math.inf
+        return None
     index = max(1, math.floor(prior_epochs * epoch / epochs))
     return prior[min(index, len(prior)) - 1]
 
@@ -79,20 +80,22 @@ def prior_rise(epoch: int, epochs: int, prior: Sequence[float] = PRIOR_RISE,
 class GatePruner(optuna.pruners.BasePruner):
     """Stops a trial whose Local TPE cannot reach ``gate`` by epoch ``epochs`` (module docstring).
 
-    ``prior`` is the shipped rise factor per epoch (index 0 is epoch 1 of ``prior_epochs``);
+    ``prior`` is the rise factor per epoch (index 0 is epoch 1 of ``prior_epochs``; default the
+    shipped one, ``gate_prior.PRIOR_RISE``);
     ``rank`` an optional pruner asked as well. ``stopped_by`` names, after a ``prune`` that
     returned True, which rule stopped the trial (for the trial's recorded reason).
     """
 
     def __init__(self, gate: float, epochs: int, *, safety: float = 1.0,
-                 prior: Sequence[float] = PRIOR_RISE, prior_epochs: int = PRIOR_EPOCHS,
+                 prior: Sequence[float] | None = None, prior_epochs: int = PRIOR_EPOCHS,
                  rank: optuna.pruners.BasePruner | None = None):
         if safety < 1:
             raise ValueError(f"safety must be >= 1, got {safety}")
         self.gate = gate
         self.epochs = epochs
         self.safety = safety
-        self.prior = tuple(prior)
+        # None: the shipped prior, read now (not at import) so that tests can replace it.
+        self.prior = tuple(gate_prior.PRIOR_RISE if prior is None else prior)
         self.prior_epochs = prior_epochs
         self.rank = rank
         self.stopped_by: str | None = None
@@ -100,17 +103,18 @@ class GatePruner(optuna.pruners.BasePruner):
         self._finished: dict[int, dict[int, float]] = {}
 
     def largest_rise(self, study: optuna.Study, epoch: int) -> float:
-        """``R(epoch)``: the prior's rise, or a larger one seen in this study's full curves."""
-        rise = prior_rise(epoch, self.epochs, self.prior, self.prior_epochs)
+        """``R(epoch)``: the largest of the prior's rise and those of the study's full curves;
+        infinite (nothing is stopped) while there is neither."""
+        rises = [prior_rise(epoch, self.epochs, self.prior, self.prior_epochs)]
         for trial in study.get_trials(deepcopy=False):
             if trial.number not in self._finished:
-                if trial.state.is_finished() and self.epochs in trial.intermediate_values:
-                    self._finished[trial.number] = rise_factors(trial.intermediate_values,
-                                                                self.epochs)
-                else:
+                if not (trial.state.is_finished() and self.epochs in trial.intermediate_values):
                     continue
-            rise = max(rise, self._finished[trial.number].get(epoch, rise))
-        return rise
+                self._finished[trial.number] = rise_factors(trial.intermediate_values,
+                                                            self.epochs)
+            rises.append(self._finished[trial.number].get(epoch))
+        rises = [r for r in rises if r is not None]
+        return max(rises) if rises else math.inf
 
     def cannot_pass(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         """The gate rule alone."""
