@@ -1,0 +1,99 @@
+"""A whole study in figures: trials by outcome, epochs trained, wall clock, the best trial.
+
+    python benchmarks/study_summary.py STUDY.db --device "one NVIDIA H200" \
+        --windows results/round2/nkat-round2/windows.txt [--out results/round2_whole.json]
+
+``windows.txt`` holds one line per device window as ``benchmarks/gpu_study_window.sh`` writes it
+("up ended at HH:MM:SS after S s"); their seconds are summed into ``wall_minutes``. Pruned trials
+are split by the rule that stopped them (from the reason the objective recorded). Epochs count
+every CIFAR-10 epoch of every attempt, plus the Stage 2 epochs of complete trials (``epochs_trained``); the CIFAR-10
+ones are also given alone (``cifar10_epochs_trained``), beside what the unpruned study would have
+trained (``cifar10_epochs_unpruned`` = configurations x epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nkat_search.atomic import write_text_atomic  # noqa: E402
+from nkat_search.search.trials import TrialRecord, best, outcome, retries  # noqa: E402
+
+
+def window_seconds(path: Path | None) -> list[float]:
+    if path is None or not path.exists():
+        return []
+    return [float(m.group(1)) for m in re.finditer(r"up ended at \S+ after (\d+) s",
+                                                    path.read_text())]
+
+
+def summary(study: optuna.Study, epochs: int) -> dict:
+    trials = study.get_trials(deepcopy=False)
+    kinds = Counter()
+    epochs_all = cifar_epochs = 0
+    for trial in trials:
+        record = TrialRecord.of(trial)
+        kind = outcome(trial)
+        if kind == "pruned":
+            kind = "pruned_by_gate" if "gate pruner" in (record.reason or "") else "pruned_by_rank"
+        kinds[kind] += 1
+        cifar = max(trial.intermediate_values, default=0)
+        if record.resumed_from_epoch:
+            cifar -= record.resumed_from_epoch
+        cifar_epochs += cifar
+        epochs_all += cifar
+        if kind == "complete":
+            resumed = record.resumed
+            epochs_all += sum(epochs - resumed.get(name, 0) for name in record.datasets
+                              if name != "cifar10")
+    configurations = len(trials) - len(retries(trials))
+    top = best(study)
+    return {
+        "study": study.study_name,
+        "trials": dict(sorted(kinds.items())),
+        "configurations": configurations,
+        "retries": len(retries(trials)),
+        "epochs_trained": epochs_all,
+        "cifar10_epochs_trained": cifar_epochs,
+        "cifar10_epochs_unpruned": configurations * epochs,
+        "best_trial": None if top is None else top.trial.number,
+        "best_feasible": None if top is None else top.feasible,
+        "best_global_tpe": None if top is None else top.trial.value,
+        "best_params": None if top is None else top.trial.params,
+        "complete_trials": sum(t.state == TrialState.COMPLETE for t in trials),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("db")
+    parser.add_argument("--device", required=True, help="the GPU, in words")
+    parser.add_argument("--windows", type=Path, help="gpu_study_window.sh's windows.txt")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--out", help="JSON to write (default: print)")
+    args = parser.parse_args()
+    storage = optuna.storages.RDBStorage(f"sqlite:///{args.db}")
+    (name,) = optuna.study.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    seconds = window_seconds(args.windows)
+    result = {"device": args.device, "windows_s": seconds,
+              "wall_minutes": round(sum(seconds) / 60, 2) if seconds else None,
+              **summary(study, args.epochs)}
+    text = json.dumps(result, indent=1) + "\n"
+    if args.out:
+        write_text_atomic(Path(args.out), text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
