@@ -133,4 +133,4 @@ def test_the_dashboard_shows_the_metric_the_constraints_and_the_studys_best_tria
     note = trials[7]["note"]["body"]
     assert note.startswith("**complete**: infeasible: robustness 0.50 < 0.75\n")
     assert "| robustness | 0.2500 | 0.5000 |" in note
-    assert "```yaml\n" in note and "\nembed_dim: 128\n" in note
+    assert " · embed_dim: 128 · depth: 1 · " in note

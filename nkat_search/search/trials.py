@@ -376,8 +376,6 @@ def dashboard_attrs(trial: FrozenTrial) -> dict[str, Any]:
 
 def trial_note(trial: FrozenTrial) -> str:
     """The trial's note on the dashboard (Markdown): verdict, constraints, the whole config."""
-    import yaml
-
     record = TrialRecord.of(trial)
     if not isinstance(record.config, dict) and not trial.constraints:
         return ""
@@ -393,9 +391,20 @@ def trial_note(trial: FrozenTrial) -> str:
             shown = f"{measured:.4f}" if isinstance(measured, (int, float)) else "not measured"
             lines.append(f"| {name} | {value:.4f} | {shown} |")
     if isinstance(record.config, dict):
-        lines += ["", "config (`nkat-search export` writes it as a file `train --config` re-runs):",
-                  "", "```yaml", yaml.safe_dump(record.config, sort_keys=False).rstrip(), "```"]
+        # One wrapped paragraph, not a YAML block of 40 lines: the note sits above the trial's
+        # attributes, which must stay in view.
+        items = " · ".join(f"{key}: {_note_value(value)}" for key, value in record.config.items())
+        lines += ["", f"**config** (`nkat-search export` writes it as a file that "
+                      f"`train --config` re-runs): {items}"]
     return "\n".join(lines)
+
+
+def _note_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)
 
 
 def _for_dashboard(trial: FrozenTrial) -> FrozenTrial:
