@@ -215,6 +215,9 @@ def readable_parallel_coordinate(study, params, target_name=None):
     ax.tick_params(axis="x", labelrotation=0, pad=8)
     for label in ax.get_xticklabels():
         label.set_fontweight("bold")
+    for axis in figure.axes:  # Optuna's twin axes, one per parameter, and the colour bar
+        # Their white grid lines (the ggplot style) cut the lines below into dots.
+        axis.grid(False)
     figure.set_size_inches(max(9, 2.2 * (len(params) + 1)), 5.5)
     return ax
 
@@ -243,7 +246,8 @@ def learning_curves(study):
             kind = "infeasible"
         colour, width, order = OUTCOME_STYLE.get(kind, OUTCOME_STYLE["failed"])
         steps = sorted(t.intermediate_values)
-        label = None if kind in seen else kind.replace("_", "-")
+        label = None if kind in seen else {"infeasible": "complete, infeasible"}.get(
+            kind, kind.replace("_", "-"))
         seen[kind] = True
         ax.plot(steps, [t.intermediate_values[s] for s in steps], color=colour, linewidth=width,
                 marker="o", markersize=3 + width, zorder=order, label=label, alpha=0.9)
