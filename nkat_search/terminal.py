@@ -17,3 +17,18 @@ def draws_bars(stream) -> bool:
         return os.get_terminal_size(stream.fileno()).columns >= MIN_BAR_COLUMNS
     except (AttributeError, OSError, ValueError):
         return False
+
+
+def table_width(stream) -> int | None:
+    """The columns a table must fit on ``stream``: a terminal's width, None for a pipe or a file.
+
+    Piped or redirected output keeps every column (it is read by tools, or in an editor that does
+    not wrap); a terminal that reports no width gets the same.
+    """
+    try:
+        if not stream.isatty():
+            return None
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return None
+    return columns or None

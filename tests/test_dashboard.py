@@ -96,6 +96,9 @@ def test_the_dashboard_shows_the_metric_the_constraints_and_the_studys_best_tria
         study_id = next(s["study_id"] for s in studies["study_summaries"]
                         if s["study_name"] == STUDY)
         detail = get_json(f"http://127.0.0.1:{port}/api/studies/{study_id}", process, log_path)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/bundle.js",
+                                    timeout=10) as response:
+            bundle = response.read().decode()
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -111,3 +114,23 @@ def test_the_dashboard_shows_the_metric_the_constraints_and_the_studys_best_tria
     assert {a["key"] for a in trials[3]["user_attrs"]} >= {"outcome", "reason", "feasible"}
     study_attrs = {a["key"] for a in detail["user_attrs"]}
     assert "study_file" not in study_attrs and "study_file_hash" in study_attrs
+
+    # The learning-curves chart draws pruned trials too, on an axis named for what it plots.
+    assert 'yaxis:{title:"Local TPE@CIFAR10"' in bundle and 'xaxis:{title:"Epoch"' in bundle
+    assert '!n&&"Pruned"===e.state||' in bundle and "(pruned)" in bundle
+    assert trials[4]["intermediate_values"] == [{"step": 1, "value": 0.2}]
+    # A trial's page: what a person looks for first at the top, constraints with feasibility.
+    keys = [a["key"] for a in trials[3]["user_attrs"]]
+    assert keys[:3] == ["outcome", "reason", "feasible"], keys
+    keys = [a["key"] for a in trials[7]["user_attrs"]]
+    assert keys[:2] == ["outcome", "feasible"] and "config" not in keys, keys
+    assert keys.index("constraint_robustness") < keys.index("accuracy_cifar10") < keys.index(
+        "worker")
+    attrs = {a["key"]: a["value"] for a in trials[7]["user_attrs"]}
+    assert attrs["constraint_robustness"] == "0.2500 (missed)"
+    assert attrs["constraint_consistency"] == "-0.1000 (met)"
+    # The whole config is the trial's note, as YAML, with the verdict and the constraints.
+    note = trials[7]["note"]["body"]
+    assert note.startswith("**complete**: infeasible: robustness 0.50 < 0.75\n")
+    assert "| robustness | 0.2500 | 0.5000 |" in note
+    assert " · embed_dim: 128 · depth: 1 · " in note

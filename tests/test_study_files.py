@@ -8,7 +8,6 @@ command runs as a user runs it. The PNGs are decoded, not only named.
 from __future__ import annotations
 
 import csv
-import json
 import stat
 
 import optuna
@@ -58,17 +57,28 @@ def test_export_writes_every_plot_and_a_csv_row_per_trial(fresh_postgres_url, tm
     assert [r["state"] for r in rows] == [t.state.name for t in trials]
     states = {t.state.name for t in trials}
     assert {"COMPLETE", "PRUNED", "FAIL", "RUNNING"} <= states, states
-    assert [r["user_attrs_outcome"] for r in rows] == [t.user_attrs.get("outcome", "")
-                                                      for t in trials]
-    # Optuna names the value column after the study's metric name when it has one.
-    [value] = [c for c in rows[0] if c == "value" or c.startswith(("value_", "values_"))]
+    assert [r["outcome"] for r in rows] == ["complete"] * 3 + [
+        "gate_failed", "pruned", "failed", "running"]
+    # Named columns, no spaces: a pruned trial's last Local TPE is never in a Global TPE column.
+    assert not [c for c in rows[0] if " " in c or c == "value" or c.startswith("value")]
+    for column in ("global_tpe", "local_tpe", "local_tpe_epoch", "feasible", "reason",
+                   "constraint_consistency", "constraint_robustness", "consistency",
+                   "robustness", "accuracy_cifar10", "params_embed_dim", "duration_s"):
+        assert column in rows[0], column
+    assert "config" not in " ".join(rows[0])  # the configs are the exported files
     for row, trial in zip(rows, trials):
         if trial.state.name == "COMPLETE":
-            assert float(row[value]) == pytest.approx(trial.value)
-            # Nested attributes are JSON, so the CSV's config is the stored config.
-            assert json.loads(row["user_attrs_config"]) == trial.user_attrs["config"]
+            assert float(row["global_tpe"]) == pytest.approx(trial.value)
+            assert float(row["constraint_robustness"]) == pytest.approx(
+                trial.constraints["robustness"])
+        else:
+            assert row["global_tpe"] == ""
+        if trial.state.name == "PRUNED":
+            last = max(trial.intermediate_values)
+            assert float(row["local_tpe"]) == pytest.approx(trial.intermediate_values[last])
+            assert int(row["local_tpe_epoch"]) == last and row["feasible"] == "False"
         if "\n" in trial.user_attrs.get("error", ""):
-            assert row["user_attrs_error"] == trial.user_attrs["error"]  # multi-line cells survive
+            assert row["error"] == trial.user_attrs["error"]  # multi-line cells survive
     assert not list(out.glob(".*.tmp")), "a temporary file was left behind"
 
 
@@ -95,7 +105,7 @@ def test_a_study_without_complete_trials_gets_what_can_be_drawn(fresh_postgres_u
     assert all(name in warning[0] for name in
                ("optimization_history", "param_importances", "parallel_coordinate"))
     assert "Traceback" not in stderr
-    assert [r["user_attrs_outcome"] for r in csv_rows(out / "trials.csv")] == [
+    assert [r["outcome"] for r in csv_rows(out / "trials.csv")] == [
         "gate_failed", "pruned", "gate_failed"]
 
 

@@ -201,7 +201,9 @@ def budget_state(study: optuna.Study, budget: int | None = None) -> dict:
     The budget counts *configurations*: every trial except retries. A retry (a copy queued by the
     heartbeat callback for a trial whose worker died) continues its original trial, so it does not
     use budget; the original stays FAIL and the copy carries the result. Enqueued trials count
-    from the moment they are queued. ``lost`` lists the configurations whose every attempt failed
+    from the moment they are queued (the workers must not propose more than the budget), so what
+    a person reads is ``started`` (left the queue) and ``queued`` (enqueued, not yet taken) next
+    to ``used``, never "1 used" before anything ran. ``lost`` lists the configurations whose every attempt failed
     with no retry left (``storage.lost_configurations``).
     """
     from nkat_search.search.storage import lost_configurations
@@ -210,8 +212,11 @@ def budget_state(study: optuna.Study, budget: int | None = None) -> dict:
         budget = stored_budget(study)
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
-    used = sum(1 for t in trials if "failed_trial" not in t.system_attrs)
-    return {"budget": budget, "used": used, "left": max(0, budget - used),
+    originals = [t for t in trials if "failed_trial" not in t.system_attrs]
+    used = len(originals)
+    queued = sum(1 for t in originals if t.state == optuna.trial.TrialState.WAITING)
+    return {"budget": budget, "used": used, "started": used - queued, "queued": queued,
+            "left": max(0, budget - used),
             "retries": len(trials) - used, "states": dict(states),
             "lost": lost_configurations(trials)}
 

@@ -96,6 +96,12 @@ def trial_rows(trials, now: dt.datetime | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def budget_text(budget: dict[str, Any]) -> str:
+    """``3 of 10 trials started, 1 queued``: the budget as trials that ran, not as queue entries."""
+    text = f"{budget['started']} of {budget['budget']} trials started"
+    return text + (f", {budget['queued']} queued" if budget.get("queued") else "")
+
+
 def summarize(rows: list[dict[str, Any]], best=None) -> dict[str, Any]:
     """Counts per outcome and the best trial (``trials.best``: feasible first, see there)."""
     counts = {name: 0 for name in COUNTED}
@@ -130,11 +136,22 @@ def best_text(summary: dict[str, Any], short: bool = False) -> str:
     return text + ")"
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+# Narrowest the "why it stopped" column gets before other columns are hidden to make room.
+WHY_MIN = 28
+# Hidden first when a table is wider than the terminal: the columns a person needs least to tell
+# the trials apart (``--wide`` and ``--json`` still have them).
+HIDE_ORDER = ("time", "lambda", "acc mnist", "acc fashion_mnist", "acc emnist", "acc cifar10")
+WHY_TITLE = "why it stopped / what it is doing"
+
+
+def format_table(rows: list[dict[str, Any]], width: int | None = None) -> str:
     """The trials as a person compares them: results and why each stopped, then the parameters.
 
     The results table has one accuracy column per dataset that ran anywhere; the parameter table
-    only the searched parameters whose values differ between trials.
+    only the searched parameters whose values differ between trials. With ``width`` (a terminal's
+    columns) no line is longer: the "why" column is shortened, then the least needed columns
+    (``HIDE_ORDER``) and parameters are left out, and a last line says which; a terminal never
+    wraps a row onto two lines. ``width=None`` (a pipe, a file, ``--wide``) shows everything.
     """
     datasets = sorted({name for r in rows for name in r["datasets"]},
                       key=lambda n: (n != record_of.STAGE1_DATASET, n))
@@ -147,8 +164,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 ("GlobalTPE", ">", lambda r: _num(r["value"])),
                 ("feasible", "<", lambda r: {True: "yes", False: "no", None: "-"}[r["feasible"]]),
                 ("time", ">", lambda r: format_duration(r["duration_s"])),
-                ("why it stopped / what it is doing", "<", _why)]
-    lines = _grid(columns, rows)
+                (WHY_TITLE, "<", _why)]
+    hidden: list[str] = []
+    if width is not None:
+        columns, hidden = _fit(columns, rows, width)
+    lines = _grid(columns, rows, width)
     missing = sorted({name for r in rows for name in r["missing_datasets"]})
     if missing:
         # A Global TPE over three datasets must never pass for one over four.
@@ -160,8 +180,58 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines += ["", "searched parameters that differ:"]
         param_columns = [("trial", ">", lambda r: str(r["number"]))]
         param_columns += [(n, ">", lambda r, n=n: _value(r["params"].get(n))) for n in differ]
-        lines += _grid(param_columns, [r for r in rows if r["params"]])
+        with_params = [r for r in rows if r["params"]]
+        if width is not None:
+            # Parameters in the study's order until the line is full.
+            cells = _widths(param_columns, with_params)
+            used, keep = -2, 0
+            for w in cells:
+                if used + 2 + w > width and keep > 1:
+                    break
+                used, keep = used + 2 + w, keep + 1
+            hidden += [title for title, _, _ in param_columns[keep:]]
+            param_columns = param_columns[:keep]
+        lines += _grid(param_columns, with_params, width)
+    if hidden:
+        lines += wrap(f"hidden to fit {width} columns: {', '.join(hidden)} (--wide shows them)",
+                      width).splitlines()
     return "\n".join(lines)
+
+
+def _fit(columns, rows, width: int):
+    """(the columns that fit in ``width`` with the "why" column at least ``WHY_MIN``, hidden)."""
+    hidden = []
+
+    def needed(cols) -> int:
+        fixed = [w for (title, _, _), w in zip(cols, _widths(cols, rows)) if title != WHY_TITLE]
+        return sum(fixed) + 2 * len(fixed) + WHY_MIN
+
+    for title in HIDE_ORDER:
+        if needed(columns) <= width:
+            break
+        if any(c[0] == title for c in columns):
+            columns = [c for c in columns if c[0] != title]
+            hidden.append(title)
+    return columns, hidden
+
+
+def _widths(columns, rows) -> list[int]:
+    return [max([len(title)] + [len(get(r)) for r in rows]) for title, _, get in columns]
+
+
+def wrap(text: str, width: int | None) -> str:
+    """A line of prose wrapped at word boundaries to ``width`` (as is for ``None``)."""
+    import textwrap
+
+    if width is None or len(text) <= width:
+        return text
+    return textwrap.fill(text, width, break_on_hyphens=False, subsequent_indent="  ")
+
+
+def _shorten(text: str, width: int | None) -> str:
+    if width is None or len(text) <= width:
+        return text
+    return text[:max(width - 3, 0)] + "..."
 
 
 def _why(row: dict[str, Any]) -> str:
@@ -186,16 +256,20 @@ def progress_text(row: dict[str, Any]) -> str:
     return text
 
 
-def _grid(columns, rows) -> list[str]:
+def _grid(columns, rows, width: int | None = None) -> list[str]:
     cells = [[get(r) for _, _, get in columns] for r in rows]
-    widths = [max([len(title)] + [len(row[i]) for row in cells])
-              for i, (title, _, _) in enumerate(columns)]
+    widths = _widths(columns, rows)
+    if width is not None and columns[-1][0] == WHY_TITLE:
+        # The last column takes what is left of the line; longer texts end in "...".
+        room = max(width - sum(widths[:-1]) - 2 * (len(widths) - 1), 8)
+        widths[-1] = min(widths[-1], room)
+        cells = [row[:-1] + [_shorten(row[-1], room)] for row in cells]
 
     def line(values) -> str:
         out = [f"{v:{align}{w}}" for v, (_, align, _), w in zip(values, columns, widths)]
         return "  ".join(out).rstrip()
 
-    header = line([title for title, _, _ in columns])
+    header = _shorten(line([title for title, _, _ in columns]), width)
     return [header, "-" * len(header)] + [line(row) for row in cells]
 
 
@@ -256,11 +330,103 @@ def finished_count(rows: list[dict[str, Any]]) -> int:
     return sum(1 for r in rows if r["outcome"] in ended and r["retried_by"] is None)
 
 
-def running_text(rows: list[dict[str, Any]]) -> str:
-    """``#3 stage 1 cifar10 epoch 2/3 Local TPE 4.1234; #4 starting``, or 'none running'."""
-    running = [f"#{r['number']} {progress_text(r) or 'starting'}" for r in rows
-               if r["outcome"] == "running"]
-    return "; ".join(running) if running else "none running"
+def running_text(rows: list[dict[str, Any]], level: int = 0) -> str:
+    """``#3 stage 1 cifar10 epoch 2/3 Local TPE 4.1234; #4 starting``, or 'none running'.
+
+    ``level`` shortens it for a narrow line: 1 ``#3 cifar10 2/3 4.1234``, 2 ``#3 2/3``,
+    3 ``2 running``.
+    """
+    running = [r for r in rows if r["outcome"] == "running"]
+    if not running:
+        return "none running"
+    if level >= 3:
+        return f"{len(running)} running"
+    return "; ".join(f"#{r['number']} {_progress_short(r, level) or 'starting'}" for r in running)
+
+
+def _progress_short(row: dict[str, Any], level: int) -> str:
+    if level == 0:
+        return progress_text(row)
+    progress = row["progress"]
+    if progress["stage"] is None:
+        return ""
+    text = f"{progress['epoch']}" + (f"/{row['config_epochs']}" if row.get("config_epochs") else "")
+    if level == 2:
+        return text
+    text = f"{progress['dataset']} {text}"
+    if progress["stage"] == 1 and row["local_tpe"] is not None and progress["epoch"]:
+        text += f" {row['local_tpe']:.4f}"
+    return text
+
+
+def bar_postfix(report: dict[str, Any], room: int) -> str:
+    """The running trials and the best so far in at most ``room`` characters (maybe '').
+
+    The running trials' detail is shortened first (``running_text`` levels), then the best goes.
+    """
+    best = best_text(report["summary"], short=True)
+    for level in range(4):
+        text = f"{running_text(report['trials'], level)} | {best}"
+        if len(text) <= room:
+            return text
+    for text in (best, running_text(report["trials"], 3)):
+        if len(text) <= room:
+            return text
+    return ""
+
+
+class LiveBar:
+    """``up``'s progress bar on a terminal: one line that fits the terminal however wide it is.
+
+    The bar itself gets what the counts, the times and the text leave, at least ``MIN_BAR``
+    characters; the text (running trials, best so far) shrinks first (``bar_postfix``). The width
+    is read at every update, so a resized terminal gets a line of its new width.
+    """
+
+    MIN_BAR = 10
+    FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining}{postfix}"
+
+    def __init__(self, name: str, stream):
+        self.name = name
+        self.stream = stream
+        self.bar = None
+
+    def columns(self) -> int:
+        import os
+
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError):
+            return 80
+
+    def update(self, report: dict[str, Any], done: int, budget: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            # smoothing=0: the time left at the average rate since up started.
+            self.bar = tqdm(total=budget, initial=done, unit="trial", dynamic_ncols=True,
+                            smoothing=0, desc=self.name, file=self.stream,
+                            bar_format=self.FORMAT)
+        self.bar.total = budget
+        # Everything but the bar and the text, at its longest ("1:02:03<1:02:03"), and tqdm
+        # draws one column less than the terminal's so the cursor never wraps.
+        fixed = len(f"{self.name} {budget}/{budget} || 00:00:00<00:00:00, ") + 1
+        room = self.columns() - fixed - self.MIN_BAR
+        self.bar.set_postfix_str(bar_postfix(report, room), refresh=False)
+        if done != self.bar.n:
+            self.bar.update(done - self.bar.n)
+        else:
+            self.bar.refresh()
+
+    def write(self, message: str) -> None:
+        if self.bar is None:
+            print(message, file=self.stream, flush=True)
+        else:
+            self.bar.write(message, file=self.stream)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def eta_seconds(done_now: int, done_before: int, budget: int, elapsed_s: float) -> float | None:

@@ -7,7 +7,10 @@ trial was or which one is best.
 
 Attributes are flat, short values where a person reads them (optuna-dashboard prints every user
 attribute as one line of text): per-dataset results are ``accuracy_<dataset>``,
-``lambda_<dataset>`` and ``tpe_<dataset>``, not one nested JSON blob.
+``lambda_<dataset>`` and ``tpe_<dataset>``, not one nested JSON blob. The one long value, the
+trained ``config`` (about 1,500 characters of JSON; each searched value is already a param), is
+a system attribute (``CONFIG_ATTR``), so ``optuna trials`` and the dashboard's attribute list stay
+readable; the dashboard shows it in the trial's note (``DashboardStorage``).
 
 The best trial is Optuna's ``study.best_trial``: the best complete trial that meets every
 constraint (each constraint value <= 0; here Consistency and Robustness, see ``objective.py``).
@@ -39,6 +42,10 @@ TIMING_KEYS = ("time_data_s", "time_setup_s", "time_compile_s", "time_train_s", 
                "time_checkpoint_s", "time_trial_s", "checkpoints", "train_images")
 _DATASET_FIELDS = (("accuracy", "accuracy"), ("lam", "lambda"), ("tpe", "tpe"))
 RESUMED_PREFIX = "resumed_from_epoch_"
+# The trial's whole config, a system attribute (see the module docstring).
+CONFIG_ATTR = "config"
+# What the pruner and the gate read each epoch (the intermediate values), by name.
+INTERMEDIATE_NAME = "Local TPE@CIFAR10"
 
 
 @dataclass
@@ -104,7 +111,11 @@ class TrialRecord:
 
     @classmethod
     def of(cls, trial) -> TrialRecord:
-        return cls.from_attrs(trial.user_attrs)
+        record = cls.from_attrs(trial.user_attrs)
+        config = trial.system_attrs.get(CONFIG_ATTR)
+        if config is not None:  # trials written before it moved keep it as a user attribute
+            record.config = config
+        return record
 
     @property
     def lam(self) -> float | None:
@@ -144,7 +155,12 @@ def attrs_of(**values: Any) -> dict[str, Any]:
 
 
 def write(trial, **values: Any) -> None:
-    """Set fields of the trial's record (one storage write per attribute)."""
+    """Set fields of the trial's record (one storage write per attribute); ``config`` goes to
+    the system attribute ``CONFIG_ATTR``."""
+    config = values.pop("config", None)
+    if config is not None:
+        # Trial.set_system_attr is deprecated; the storage call is what it did.
+        trial.storage.set_trial_system_attr(trial._trial_id, CONFIG_ATTR, config)
     for key, value in attrs_of(**values).items():
         trial.set_user_attr(key, value)
 
@@ -292,7 +308,9 @@ class DashboardStorage(optuna.storages.RDBStorage):
     infeasible trial "Best Trial"). And Optuna stores a pruned trial's last intermediate value
     (a Local TPE) as its value, which the dashboard plots on the Global TPE axis. This view
     changes nothing in the database; it gives the dashboard the constraint list, the best trial
-    by ``best_of`` and no value for trials that were never scored.
+    by ``best_of`` and no value for trials that were never scored. A trial's page shows no
+    constraints, so they are attributes here (``constraint_<name>``), and the attributes are in
+    the order a person reads them (``dashboard_attrs``); the trial's config is its note.
     """
 
     def get_all_trials(self, study_id, deepcopy=True, states=None):
@@ -309,6 +327,85 @@ class DashboardStorage(optuna.storages.RDBStorage):
             raise ValueError("No trials are completed yet.")
         return _for_dashboard(found.trial)
 
+    def get_all_studies(self):
+        # The dashboard reads the notes from the studies it lists, not from the call below.
+        studies = super().get_all_studies()
+        for study in studies:
+            study.system_attrs = self.get_study_system_attrs(study._study_id)
+        return studies
+
+    def get_study_system_attrs(self, study_id):
+        """The study's system attributes, with a note for each trial that has none of its own."""
+        # The dashboard's own note layout (optuna_dashboard._note: a version and the text in
+        # chunks, keyed by trial id), so it reads these as it reads the notes it wrote.
+        from optuna_dashboard._note import note_ver_key, split_body
+
+        attrs = dict(super().get_study_system_attrs(study_id))
+        for trial in super().get_all_trials(study_id, deepcopy=False):
+            if note_ver_key(trial._trial_id) in attrs:
+                continue  # a note somebody wrote in the dashboard wins
+            body = trial_note(trial)
+            if body:
+                attrs[note_ver_key(trial._trial_id)] = 1
+                attrs.update(split_body(body, trial._trial_id))
+        return attrs
+
+
+# The user attributes a person looks for first, in this order, on a trial's page.
+FIRST_ATTRS = ("outcome", "reason", "feasible", "global_tpe", "local_tpe", "consistency",
+               "robustness", "error")
+FIRST_PREFIXES = ("constraint_", "accuracy_", "tpe_", "lambda_")
+
+
+def dashboard_attrs(trial: FrozenTrial) -> dict[str, Any]:
+    """The trial's user attributes for the dashboard: the telling ones first, then the rest.
+
+    optuna-dashboard 0.21 lists them in a box a few rows high; ``outcome``, ``reason`` and the
+    accuracies were below its fold. The constraint values join them (``constraint_<name>``: the
+    constraint's value, met when <= 0), and the config, when an older trial has it here, goes.
+    """
+    attrs = {k: v for k, v in trial.user_attrs.items() if k != CONFIG_ATTR}
+    for name, value in trial.constraints.items():
+        attrs[f"constraint_{name}"] = f"{value:.4f} ({'met' if value <= 0 else 'missed'})"
+    order = [k for k in FIRST_ATTRS if k in attrs]
+    for prefix in FIRST_PREFIXES:
+        order += sorted(k for k in attrs if k.startswith(prefix) and k not in order)
+    order += [k for k in attrs if k not in order]
+    return {k: attrs[k] for k in order}
+
+
+def trial_note(trial: FrozenTrial) -> str:
+    """The trial's note on the dashboard (Markdown): verdict, constraints, the whole config."""
+    record = TrialRecord.of(trial)
+    if not isinstance(record.config, dict) and not trial.constraints:
+        return ""
+    kind = outcome(trial)
+    ok = feasible(trial)
+    reason = stop_reason(trial)
+    verdict = reason or {True: "meets the constraints", False: "infeasible", None: ""}[ok]
+    lines = [f"**{kind.replace('_', '-')}**" + (f": {verdict}" if verdict else "")]
+    if trial.constraints:
+        lines += ["", "| constraint | value (met when <= 0) | measured |", "| --- | --- | --- |"]
+        for name, value in trial.constraints.items():
+            measured = getattr(record, name, None)
+            shown = f"{measured:.4f}" if isinstance(measured, (int, float)) else "not measured"
+            lines.append(f"| {name} | {value:.4f} | {shown} |")
+    if isinstance(record.config, dict):
+        # One wrapped paragraph, not a YAML block of 40 lines: the note sits above the trial's
+        # attributes, which must stay in view.
+        items = " · ".join(f"{key}: {_note_value(value)}" for key, value in record.config.items())
+        lines += ["", f"**config** (`nkat-search export` writes it as a file that "
+                      f"`train --config` re-runs): {items}"]
+    return "\n".join(lines)
+
+
+def _note_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)
+
 
 def _for_dashboard(trial: FrozenTrial) -> FrozenTrial:
     shown = copy.copy(trial)
@@ -316,6 +413,7 @@ def _for_dashboard(trial: FrozenTrial) -> FrozenTrial:
     if "constraints" not in system_attrs and trial.constraints:
         system_attrs["constraints"] = list(trial.constraints.values())
     shown.system_attrs = system_attrs
+    shown.user_attrs = dashboard_attrs(trial)
     if trial.state == TrialState.PRUNED:
         shown.values = None
     return shown

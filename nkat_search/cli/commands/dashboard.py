@@ -77,7 +77,7 @@ def make_server(storage, host: str, port: int):
         def log_message(self, format, *args):  # noqa: A002 - the base class's signature
             pass
 
-    app = optuna_dashboard.wsgi(storage)
+    app = with_learning_curves(optuna_dashboard.wsgi(storage))
     try:
         return wsgi_make_server(host, port, app, server_class=Server, handler_class=QuietHandler)
     except OSError as err:
@@ -86,6 +86,66 @@ def make_server(storage, host: str, port: int):
         if err.errno == errno.EADDRNOTAVAIL:
             raise UserError(f"cannot bind to {host}: no such local address") from None
         raise
+
+
+# optuna-dashboard 0.21's "Intermediate values" chart, as its bundle writes it, and what it
+# should be for this service: the chart leaves out a pruned trial unless it has a value (the
+# storage view takes a pruned trial's value away, since it is a Local TPE and not a Global TPE),
+# so the search's pruning was invisible; its axes say "Objective Value" and "Step" whatever the
+# study reports. The chart has no option for either, so the served bundle is patched.
+BUNDLE_PATCHES = (
+    ('!n&&"Pruned"===e.state&&e.values&&e.values.length>0', '!n&&"Pruned"===e.state'),
+    ('yaxis:{title:"Objective Value",type:i?"log":"linear"},xaxis:{title:"Step",type:"linear"}',
+     'yaxis:{title:"%s",type:i?"log":"linear"},xaxis:{title:"Epoch",type:"linear"}'),
+    ('"Running"===e.state?"(running)":t?"":"(infeasible)"',
+     '"Running"===e.state?"(running)":"Pruned"===e.state?"(pruned)":t?"":"(infeasible)"'),
+)
+BUNDLE_PATH = "/static/bundle.js"
+
+
+def patched_bundle() -> tuple[bytes | None, list[str]]:
+    """(optuna-dashboard's bundle with ``BUNDLE_PATCHES`` applied, the patches not found).
+
+    None when no patch applies (another dashboard version): its own bundle is then served.
+    """
+    from pathlib import Path
+
+    import optuna_dashboard
+
+    from nkat_search.search.trials import INTERMEDIATE_NAME
+
+    text = (Path(optuna_dashboard.__file__).parent / "public" / "bundle.js").read_text()
+    missing = []
+    for old, new in BUNDLE_PATCHES:
+        if old not in text:
+            missing.append(old)
+        text = text.replace(old, new.replace("%s", INTERMEDIATE_NAME))
+    if len(missing) == len(BUNDLE_PATCHES):
+        return None, missing
+    return text.encode(), missing
+
+
+def with_learning_curves(app):
+    """The dashboard's WSGI ``app``, serving ``patched_bundle`` for its script."""
+    import sys
+
+    bundle, missing = patched_bundle()
+    if missing:
+        print(f"nkat-search dashboard: {len(missing)} of {len(BUNDLE_PATCHES)} chart fixes do not "
+              "apply to this optuna-dashboard version (pruned trials' curves or the axis names "
+              "may be as it draws them)", file=sys.stderr, flush=True)
+    if bundle is None:
+        return app
+
+    def serve(environ, start_response):
+        if environ.get("PATH_INFO") != BUNDLE_PATH:
+            return app(environ, start_response)
+        start_response("200 OK", [("Content-Type", "application/javascript; charset=utf-8"),
+                                  ("Content-Length", str(len(bundle))),
+                                  ("Cache-Control", "no-cache")])
+        return [bundle]
+
+    return serve
 
 
 def find_free_port(host: str, start: int, tries: int = 50) -> int:

@@ -10,22 +10,29 @@ HELP = ("Print the study's trials: outcome, lambda, accuracy per dataset, Local 
         "whether the trial meets the constraints and why it stopped (or what it is doing), then "
         "the searched parameters that differ; and a summary line: complete / pruned / "
         "gate-failed / failed, best Global TPE (the study's own best trial: feasible first). "
-        "--json prints the same, with the timings of each trial, as JSON.")
+        "On a terminal the table fits its width: the least needed columns are left out (a last "
+        "line names them); --wide shows every column, --json prints the same, with the timings "
+        "of each trial, as JSON.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", required=True, metavar="NAME", help="study name")
     add_storage_argument(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--wide", action="store_true",
+                        help="every column, however wide the terminal (a row may wrap)")
 
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
 
     from nkat_search.cli.commands.storage_arg import resolve_storage
-    from nkat_search.search.report import format_table, open_study, study_report, summary_line
+    from nkat_search.search.report import (budget_text, format_table, open_study, study_report,
+                                           summary_line, wrap)
 
     from nkat_search.search.storage import describe_lost, lost_configurations
+    from nkat_search.terminal import table_width
 
     study = open_study(resolve_storage(args.storage, args.study), args.study)
     report = study_report(study)
@@ -35,11 +42,12 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     budget = report["budget"]
-    used = f", {budget['used']}/{budget['budget']} trials of the budget" if budget else ""
-    print(f"study {report['study']} ({report['direction']} {report['metric']}, "
-          f"study file {report['study_file_name'] or '-'}{used})")
-    print(format_table(report["trials"]))
-    print(summary_line(report["summary"]))
+    used = f", {budget_text(budget)}" if budget else ""
+    width = None if args.wide else table_width(sys.stdout)
+    print(wrap(f"study {report['study']} ({report['direction']} {report['metric']}, "
+               f"study file {report['study_file_name'] or '-'}{used})", width))
+    print(format_table(report["trials"], width))
+    print(wrap(summary_line(report["summary"]), width))
     if report["lost"]:
-        print(describe_lost(report["lost"]))
+        print(wrap(describe_lost(report["lost"]), width))
     return 0

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
 def _create(args: argparse.Namespace) -> int:
     from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.search.coordinator import budget_state, create_study
+    from nkat_search.search.report import budget_text
     from nkat_search.search.storage import mask_url, open_storage
     from nkat_search.search.spec import load_study_file
 
@@ -54,7 +55,7 @@ def _create(args: argparse.Namespace) -> int:
         change = f" ({'raised' if state['budget'] > previous else 'lowered'} from {previous})"
     print(f"{verb} study '{study.study_name}' in {mask_url(url)}: file {spec.file_name} "
           f"(sha256 {spec.file_hash[:12]}), budget {state['budget']} trials{change}, "
-          f"{state['used']} used, {len(spec.enqueue) if created else 0} enqueued now")
+          f"{budget_text(state)}; {len(spec.enqueue) if created else 0} enqueued now")
     return 0
 
 
@@ -63,7 +64,7 @@ def _show(args: argparse.Namespace) -> int:
 
     from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.search.coordinator import load_study, load_study_spec_from_storage, summary
-    from nkat_search.search.report import open_storage_for_reading
+    from nkat_search.search.report import budget_text, open_storage_for_reading
 
     storage = open_storage_for_reading(resolve_storage(args.storage, args.study))
     spec = load_study_spec_from_storage(storage, args.study)
@@ -76,7 +77,7 @@ def _show(args: argparse.Namespace) -> int:
     print(f"# study '{args.study}' (file {spec.file_name}, sha256 {spec.file_hash[:12]})")
     print(spec.text.rstrip())
     print()
-    print(f"budget: {info['used']}/{info['budget']} configurations used, {info['retries']} retries")
+    print(f"budget: {budget_text(info)}, {info['retries']} retries")
     if info["lost"]:
         from nkat_search.search.storage import describe_lost
 

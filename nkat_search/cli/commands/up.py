@@ -246,7 +246,7 @@ class Up:
         import sys
         import time
 
-        from nkat_search.search.report import finished_count, live_line, running_text, best_text
+        from nkat_search.search.report import LiveBar, finished_count, live_line
         from nkat_search.terminal import draws_bars
 
         bar = None
@@ -275,16 +275,8 @@ class Up:
                 budget = report["budget"]["budget"] if report["budget"] else done
                 if use_bar:
                     if bar is None:
-                        from tqdm import tqdm
-
-                        # smoothing=0: the time left at the average rate since up started.
-                        bar = tqdm(total=budget, initial=done, unit="trial", dynamic_ncols=True,
-                                   smoothing=0, desc=self.study_name, file=sys.stdout)
-                    bar.total = budget
-                    if done != bar.n:
-                        bar.update(done - bar.n)
-                    bar.set_postfix_str(f"{running_text(report['trials'])} | "
-                                        f"{best_text(report['summary'], short=True)}")
+                        bar = LiveBar(self.study_name, sys.stdout)
+                    bar.update(report, done, budget)
                 else:
                     # A line when something but the time left changed, or once a minute.
                     line = live_line(report, done_before, elapsed)
@@ -346,15 +338,21 @@ class Up:
 
     def _finish(self) -> int:
         from nkat_search.search.export import NothingToExport, export_best
-        from nkat_search.search.report import format_table, open_study, study_report, summary_line
+        from nkat_search.search.report import (format_table, open_study, study_report,
+                                               summary_line, wrap)
 
         from nkat_search.search.storage import describe_lost, lost_configurations
 
         failed = [(label, p.returncode, log) for label, p, log in self.workers if p.returncode != 0]
         study = open_study(self.storage, self.study_name)
         report = study_report(study)
-        print(format_table(report["trials"]))
-        print(summary_line(report["summary"]))
+        import sys
+
+        from nkat_search.terminal import table_width
+
+        width = table_width(sys.stdout)
+        print(format_table(report["trials"], width))
+        print(wrap(summary_line(report["summary"]), width))
         lost = lost_configurations(study.get_trials(deepcopy=False))
         if lost:
             print(describe_lost(lost))
