@@ -330,10 +330,12 @@ def measure(url: str, study: str, budget: int) -> dict:
     per_worker: dict[str, list[float]] = {}  # worker identity -> [images, epoch seconds]
     for t in trials:
         run = (t.user_attrs.get("datasets") or {}).get("cifar10")
-        if not run or not t.user_attrs.get("config"):
+        # The config is a system attribute since the dashboard work; older studies kept a user one.
+        config = t.system_attrs.get("config") or t.user_attrs.get("config")
+        if not run or not config:
             continue
         seconds = run["epoch_seconds"]
-        images = train_images_per_epoch(t.user_attrs["config"]) * len(seconds)
+        images = train_images_per_epoch(config) * len(seconds)
         entry = per_worker.setdefault(t.user_attrs.get("worker", "?"), [0, 0.0])
         entry[0] += images
         entry[1] += sum(seconds)

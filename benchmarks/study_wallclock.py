@@ -155,7 +155,7 @@ def summarise(args, times: dict, trials: list, study_attrs: dict, budget: int) -
     coarse = {"cifar10_epochs_s": 0.0, "rest_s": 0.0}
     for t in sorted(trials, key=lambda t: t.number):
         attrs = t.user_attrs
-        config = attrs.get("config") or {}
+        config = t.system_attrs.get("config") or attrs.get("config") or {}
         error = str(attrs.get("error", ""))
         done = (t.datetime_complete is not None and t.datetime_complete <= stop
                 and t.state.name in ("COMPLETE", "PRUNED", "FAIL")
