@@ -57,7 +57,9 @@ from nkat_search.errors import UserError
 from nkat_search.search import trials as trial_record
 from nkat_search.search.coordinator import budget_state, load_study, load_study_spec_from_storage
 from nkat_search.search.heartbeat import AbortGuard, HeartbeatLost, TrialHeartbeat
-from nkat_search.search.objective import INTERRUPTED, OUT_OF_MEMORY, Objective, trial_dir
+from nkat_search.search.disk import check_room, free_bytes, human, trial_checkpoint_bytes
+from nkat_search.search.objective import (CHECKPOINT_NOT_WRITTEN, INTERRUPTED, OUT_OF_MEMORY,
+                                          Objective, trial_dir)
 from nkat_search.search.storage import (STORAGE_WAIT_S, RetryStaleTrial, StorageUnavailable,
                                         StudyLock, backend, describe_lost, fail_stale_trials,
                                         open_storage)
@@ -153,6 +155,7 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
                           checkpoint_interval_s=options.checkpoint_interval_s)
     device = objective.preflight()
     check_checkpoint_dir(options.checkpoint_dir)
+    check_room(options.checkpoint_dir, trial_checkpoint_bytes(spec))
     worker = objective.worker = identity(device)
     study = load_study(storage, options.study, spec)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -171,7 +174,7 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
 
 
 def check_checkpoint_dir(root: str | Path) -> None:
-    """The checkpoint folder exists (or can be made) and takes a file."""
+    """The checkpoint folder exists (or can be made) and takes a file (its room: ``disk.py``)."""
     path = Path(root)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -318,6 +321,10 @@ class Worker:
         if error.startswith(INTERRUPTED):
             self._requeue(frozen, counted=False, why="stopped")
             return frozen, "interrupted"
+        if error.startswith(CHECKPOINT_NOT_WRITTEN):
+            # The host's disk, not the configuration: it resumes elsewhere at no retry cost.
+            self._requeue(frozen, counted=False, why="checkpoint not written")
+            return frozen, "disk"
         if error.startswith(OUT_OF_MEMORY):
             # With several trials per GPU the memory may have been a neighbour's: a fault, but
             # not necessarily the configuration's. Bounded by heartbeat.max_retry.
@@ -350,6 +357,8 @@ class Worker:
                 for path in trial_dir(options.checkpoint_dir, spec.name, trial).glob("*/checkpoint*"):
                     path.unlink(missing_ok=True)
             return False
+        if ending == "disk":
+            return self._disk_full()
         if ending not in ("oom", "failed"):
             return False  # a stop or an outage says nothing about this worker
         if self.streak.add(trial) >= self.streak.limit:
@@ -370,6 +379,18 @@ class Worker:
         print(f"worker {self.worker}: stopped taking trials: trials {numbers} failed in a row the "
               f"same way on this worker ({error}); fix this host, the trials are queued for the "
               "other workers", flush=True)
+        return True
+
+    def _disk_full(self) -> bool:
+        """One line naming the checkpoint folder and its free space; the worker stops (exit 4)."""
+        fault = self.objective.host_fault
+        folder = getattr(fault, "folder", None) or Path(self.options.checkpoint_dir)
+        reason = getattr(fault, "reason", None) or str(fault)
+        free = free_bytes(folder)
+        print(f"worker {self.worker}: stopped taking trials: cannot write checkpoints to "
+              f"{folder} ({reason}; {human(free) if free is not None else 'unknown'} free there); "
+              "free space or pick another --checkpoint-dir; the trial is queued again at no "
+              "retry cost", flush=True)
         return True
 
     def _wait_for_gpu_neighbours(self, trial) -> None:
