@@ -100,3 +100,89 @@ def test_disk_full_mid_trial_requeues_at_no_cost(postgres_url, data_dir, tmp_pat
     retry = next(t for t in done if t.system_attrs.get("failed_trial") == 0)
     assert retry.user_attrs["resumed_from_epoch"] >= 1, text(second)
     assert not list(disk.glob(f"{name}/trial-*/*/checkpoint*")), "finished trials' checkpoints"
+
+
+# What a worker process does with the storage around a trial, without the training: open the
+# storage as the worker does, take a trial under the study lock, beat and report while every other
+# process holds its trial too, then tell.
+TRIAL_PROCESS = """
+import os, sys, time
+from pathlib import Path
+from nkat_search.search.coordinator import load_study
+from nkat_search.search.heartbeat import TrialHeartbeat
+from nkat_search.search.space import suggest_config
+from nkat_search.search.storage import StudyLock, backend
+from nkat_search.search.worker import next_action, open_worker_storage
+
+name, ready, count = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+spec, storage = open_worker_storage(os.environ["NKAT_STORAGE"], name)
+study = load_study(storage, name, spec)
+lock = StudyLock(storage, name)
+with lock:
+    assert next_action(study, spec) == "run"
+    trial = study.ask()
+    suggest_config(trial, spec)
+hb = spec.heartbeat
+with TrialHeartbeat(backend(study._storage), trial._trial_id, hb.interval, hb.grace):
+    (ready / str(os.getpid())).touch()
+    deadline = time.monotonic() + 120
+    while len(list(ready.iterdir())) < count:
+        assert time.monotonic() < deadline, "the others never came"
+        time.sleep(0.2)
+    for epoch in range(1, 4):
+        trial.report(0.1 * epoch, epoch)
+        trial.set_user_attr("epoch", epoch)
+        time.sleep(0.3)
+study.tell(trial, 1.0)
+"""
+
+PROCESSES = 24
+MAX_CONNECTIONS = 52  # 2 per process, the test's own sampling connection, 3 to spare
+
+
+def test_24_trial_processes_within_a_small_max_connections(private_postgres, tmp_path):
+    """24 processes, each holding a trial at the same moment as the others, against a server with
+    max_connections 52: none is refused, none holds more than 2 connections, 24 trials complete.
+    (On main a worker process held 4 or 5, and the processes beyond the limit failed.)"""
+    import psycopg2
+
+    private_postgres.settings = {"max_connections": str(MAX_CONNECTIONS)}
+    private_postgres.stop()
+    private_postgres.start()
+    url = private_postgres.create_database("connections")
+    name = "connections"
+    create(url, write_study(tmp_path, name, n_trials=PROCESSES, epochs=1))
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    env = dict(os.environ, NKAT_STORAGE=url, OMP_NUM_THREADS="1")
+    logs = [tmp_path / f"p{i}.log" for i in range(PROCESSES)]
+    processes = [subprocess.Popen([sys.executable, "-c", TRIAL_PROCESS, name, str(ready),
+                                   str(PROCESSES)], env=dict(env, PGAPPNAME=f"p{i}"),
+                                  stdout=log.open("w"), stderr=subprocess.STDOUT)
+                 for i, log in enumerate(logs)]
+    most: dict[str, int] = {}
+    total = 0
+    admin = psycopg2.connect(host="127.0.0.1", port=private_postgres.port, user="postgres",
+                             dbname="postgres")
+    admin.autocommit = True
+    try:
+        while any(p.poll() is None for p in processes):
+            with admin.cursor() as cur:
+                cur.execute("SELECT application_name, count(*) FROM pg_stat_activity "
+                            "WHERE datname = %s GROUP BY application_name", (name,))
+                rows = dict(cur.fetchall())
+            for app, n in rows.items():
+                most[app] = max(most.get(app, 0), n)
+            total = max(total, sum(rows.values()))
+            time.sleep(0.1)
+        codes = finish(processes, 10)
+    finally:
+        admin.close()
+        finish(processes, 1)
+    assert codes == [0] * PROCESSES, text(*[log for log, c in zip(logs, codes) if c][:2])
+    assert most and max(most.values()) <= 2, most
+    assert len(most) == PROCESSES, most  # each process was connected while sampled
+    trials = load_trials(url, name)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * PROCESSES
+    print(f"\n{PROCESSES} processes: at most {max(most.values())} connections each, "
+          f"{total} at once")

@@ -60,9 +60,9 @@ from nkat_search.search.heartbeat import AbortGuard, HeartbeatLost, TrialHeartbe
 from nkat_search.search.disk import check_room, free_bytes, human, trial_checkpoint_bytes
 from nkat_search.search.objective import (CHECKPOINT_NOT_WRITTEN, INTERRUPTED, OUT_OF_MEMORY,
                                           Objective, trial_dir)
-from nkat_search.search.storage import (STORAGE_WAIT_S, RetryStaleTrial, StorageUnavailable,
-                                        StudyLock, backend, describe_lost, fail_stale_trials,
-                                        open_storage)
+from nkat_search.search.storage import (STORAGE_WAIT_S, WORKER_CONNECTIONS, RetryStaleTrial,
+                                        StorageUnavailable, StudyLock, backend, describe_lost,
+                                        fail_stale_trials, open_storage)
 from nkat_search.search.spec import StudySpec
 from nkat_search.search.trials import TrialRecord
 
@@ -135,12 +135,7 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
     is reported once, not K times).
     """
     stop = stop or StopFlag()
-    plain = open_storage(options.storage)
-    spec = load_study_spec_from_storage(plain, options.study)
-    hb = spec.heartbeat
-    storage = open_storage(options.storage, heartbeat_interval=hb.interval,
-                           grace_period=hb.grace, max_retry=hb.max_retry,
-                           outage_s=options.storage_wait_s)
+    spec, storage = open_worker_storage(options.storage, options.study, options.storage_wait_s)
     if options.cpu_threads:
         import torch
 
@@ -171,6 +166,25 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
         return Worker(options, spec, study, storage, lock, objective, guard, stop, worker).run()
     finally:
         guard.uninstall()
+
+
+def open_worker_storage(url: str, study: str, storage_wait_s: float = STORAGE_WAIT_S):
+    """(the study's spec, the worker's storage): heartbeat, retries, outages ridden out, and at
+    most ``WORKER_CONNECTIONS`` connections to PostgreSQL for the whole process.
+
+    The study file is read first through a storage without heartbeat (the heartbeat settings are
+    in it), whose connection is closed before the worker's own storage opens.
+    """
+    plain = open_storage(url, connections=WORKER_CONNECTIONS)  # Optuna's schema check takes 2
+    try:
+        spec = load_study_spec_from_storage(plain, study)
+    finally:
+        plain.engine.dispose()
+    hb = spec.heartbeat
+    storage = open_storage(url, heartbeat_interval=hb.interval, grace_period=hb.grace,
+                           max_retry=hb.max_retry, outage_s=storage_wait_s,
+                           connections=WORKER_CONNECTIONS)
+    return spec, storage
 
 
 def check_checkpoint_dir(root: str | Path) -> None:
