@@ -186,3 +186,105 @@ def test_24_trial_processes_within_a_small_max_connections(private_postgres, tmp
     assert [t.state.name for t in trials] == ["COMPLETE"] * PROCESSES
     print(f"\n{PROCESSES} processes: at most {max(most.values())} connections each, "
           f"{total} at once")
+
+
+def study_text(name: str, seed: int = 1) -> str:
+    return (f"name: {name!r}\nn_trials: 1\nseed: {seed}\n"
+            "search: {temperature: {type: float, low: 0.6, high: 1.0}}\n")
+
+
+def test_bad_names_and_inputs_are_one_line_before_any_work(tmp_path):
+    """A name that would leave --out (../../escape), a 600-character name, --name '', a seed
+    numpy cannot take, a study file that is not UTF-8: each one line, exit 2, nothing written.
+    (On main: the first ran up outside --out, the long name ended in a traceback, '' was taken,
+    the seed and the encoding were tracebacks.)"""
+    out = tmp_path / "work" / "runs"
+    cases = {}
+    for label, content in {"escape": study_text("../../escape").encode(),
+                           "long": study_text("n" * 600).encode(),
+                           "seed": study_text("ok", seed=2**32).encode(),
+                           "latin1": study_text("caf\xe9").encode("latin-1")}.items():
+        path = tmp_path / f"case-{label}.yaml"
+        path.write_bytes(content)
+        cases[label] = ["up", "--study", str(path), "--out", str(out), "--no-dashboard",
+                        "--data-dir", str(tmp_path)]
+    (tmp_path / "good.yaml").write_text(study_text("ok"))
+    cases["empty --name"] = ["study", "create", "--study", str(tmp_path / "good.yaml"),
+                             "--storage", str(tmp_path / "s.db"), "--name", ""]
+    for label, argv in cases.items():
+        done = cli(*argv, timeout=60)
+        assert done.returncode == 2, (label, done.stdout, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, (label, done.stderr)
+        assert "Traceback" not in done.stdout + done.stderr, label
+    assert not list(tmp_path.rglob("escape*.db")) and not (tmp_path / "escape").exists()
+    assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
+
+
+def test_two_coordinators_on_one_new_sqlite_study(tmp_path):
+    """Two `study create` (what two `up` run first) on one new SQLite file at once, 3 times:
+    both succeed every time. (On main one exited 2 in 2 of 3 tries, blaming the URL.)"""
+    path = tmp_path / "two.yaml"
+    path.write_text(study_text("two"))
+    for attempt in range(3):
+        db = tmp_path / f"two-{attempt}.db"
+        argv = [sys.executable, "-m", "nkat_search", "study", "create", "--study", str(path),
+                "--storage", str(db)]
+        both = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True) for _ in range(2)]
+        outputs = [p.communicate(timeout=60)[0] for p in both]
+        assert [p.returncode for p in both] == [0, 0], outputs
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_kill_9_of_up_ends_its_children(data_dir, tmp_path):
+    """kill -9 of `up` while its dashboard serves and its worker trains: both end within
+    seconds (the worker checkpoints and queues its trial, as on SIGTERM). (On main the
+    dashboard served on forever.)"""
+    study = tmp_path / "orphans.yaml"
+    study.write_text(write_study(tmp_path, "orphans", n_trials=2, epochs=30).read_text())
+    up = subprocess.Popen([sys.executable, "-m", "nkat_search", "up", "--study", str(study),
+                           "--out", str(tmp_path / "runs"), "--data-dir", str(data_dir),
+                           "--port", "18731", "--refresh", "1"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = []
+    try:
+        deadline = time.monotonic() + 120
+        while not any("worker 0 on" in line for line in lines):
+            assert time.monotonic() < deadline and up.poll() is None, lines
+            lines.append(up.stdout.readline())
+        assert any(line.startswith("dashboard: http") for line in lines), lines
+        children = children_of(up.pid)
+        assert len(children) == 2, (children, lines)  # the dashboard and the worker
+        time.sleep(3)
+        up.kill()
+        up.wait()
+        killed = time.monotonic()
+        while any(alive(pid) for pid in children) and time.monotonic() - killed < 60:
+            time.sleep(0.2)
+        survivors = [pid for pid in children if alive(pid)]
+        print(f"\nchildren of up ended {time.monotonic() - killed:.1f} s after kill -9")
+        assert not survivors, survivors
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()

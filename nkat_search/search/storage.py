@@ -133,7 +133,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     extra = {}
     if outage_s is not None:
         kind, extra = ResilientRDBStorage, {"outage_s": outage_s, "given_url": given}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _schema_lock(url):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             return kind(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
@@ -141,6 +141,24 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
                         **extra)
         except Exception as err:  # driver, SQLAlchemy and Optuna errors all mean: fix the URL
             raise StorageError(_explain(given, err)) from None
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str):
+    """One process at a time opens a SQLite file: Optuna creates the schema on the first open,
+    and two at once (two ``up`` on one new study) failed with "table trials already exists" or
+    "UNIQUE constraint failed: alembic_version". A ``flock`` beside the database, released when
+    the storage is open."""
+    path = sqlite_path(url) if url.startswith(SQLITE_SCHEME + "://") else None
+    if path is None:
+        yield
+        return
+    fd = os.open(path.with_name(path.name + ".open-lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _prepare_sqlite(url: str) -> None:
