@@ -101,6 +101,7 @@ class PostgresServer:
         self.log, self.server_log = self.root / "setup.log", self.root / "server.log"
         self.port = _free_port()
         self.running = False
+        self.settings: dict[str, str] = {}  # server settings of one test module (max_connections)
 
     def init(self) -> None:
         _run([str(self.bindir / "initdb"), "-D", str(self.data), "-U", PG_USER, "-E", "UTF8",
@@ -116,6 +117,7 @@ class PostgresServer:
             "fsync": "off",            # durability is worthless for a throwaway server
             "synchronous_commit": "off",
             "full_page_writes": "off",
+            **self.settings,
         }
         options = " ".join(f"-c {key}={value}" for key, value in settings.items())
         self.running = True  # from here on a half-started server must still be stopped

@@ -8,9 +8,12 @@ the command, the CPU split and the process group are decided once.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def nkat_command(argv: list[str]) -> list[str]:
@@ -38,18 +41,44 @@ def with_threads(threads: int | None, env: dict | None = None) -> dict | None:
     return dict(os.environ if env is None else env, OMP_NUM_THREADS=str(threads))
 
 
+def die_with_parent(parent: int):
+    """A ``preexec_fn``: the child gets SIGTERM when ``parent`` dies, ``kill -9`` included.
+
+    A child in its own session is out of reach of the terminal's hangup, and a parent killed
+    with SIGKILL forwards nothing: without this, ``up``'s dashboard served on forever. SIGTERM
+    makes a worker checkpoint after its current step and queue its trial, as a polite stop does.
+    Linux's ``PR_SET_PDEATHSIG``; elsewhere nothing is set.
+    """
+    def arm() -> None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
 def start(argv: list[str], *, env: dict | None = None, log: Path | None = None,
           own_session: bool = True) -> subprocess.Popen:
     """Start ``nkat-search ARGV``; with ``log``, its output is appended there and stdin closed.
 
     ``own_session``: the child does not get the terminal's Ctrl-C; the parent forwards what each
-    child should get (one SIGINT, so a worker checkpoints after its current step).
+    child should get (one SIGINT, so a worker checkpoints after its current step). The child ends
+    with this process (``die_with_parent``).
     """
+    arm = die_with_parent(os.getpid())
     if log is None:
-        return subprocess.Popen(nkat_command(argv), start_new_session=own_session, env=env)
+        return subprocess.Popen(nkat_command(argv), start_new_session=own_session, env=env,
+                                preexec_fn=arm)
     with open(log, "ab") as out:
         return subprocess.Popen(nkat_command(argv), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=own_session, env=env)
+                                stdin=subprocess.DEVNULL, start_new_session=own_session, env=env,
+                                preexec_fn=arm)
 
 
 def start_siblings(argv: list[str], count: int, stop, cpu_threads: int | None = None,

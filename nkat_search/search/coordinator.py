@@ -37,13 +37,24 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
     model. A changed budget (in the file or ``n_trials``) is not another search: it is stored,
     and the workers, which read it before every trial, extend or end the study by it.
     """
-    name = name or spec.name
+    from nkat_search.search.spec import check_study_name
+
+    name = spec.name if name is None else check_study_name(name, "--name")
     budget = spec.n_trials if n_trials is None else n_trials
     if budget < 1:
         raise UserError(f"--n-trials: must be >= 1, got {budget}")
     if len(spec.enqueue) > budget:
         raise UserError(f"{spec.file_name}: {len(spec.enqueue)} queued configs exceed the budget "
                         f"of {budget} trials")
+    from nkat_search.search.storage import StudyLock
+
+    # Two coordinators at once (two `up` on one new study): the second waits until the first has
+    # stored the study file, then resumes the study instead of finding it half made.
+    with StudyLock(storage, name):
+        return _create_or_resume(spec, storage, name, budget)
+
+
+def _create_or_resume(spec: StudySpec, storage, name: str, budget: int):
     with _quiet():
         try:
             study = optuna.create_study(study_name=name, storage=storage, direction=spec.direction,

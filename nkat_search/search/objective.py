@@ -29,6 +29,7 @@ import optuna
 
 from nkat_search.config import RunConfig
 from nkat_search.search import trials
+from nkat_search.search.disk import is_host_fault
 from nkat_search.search.space import suggest_config
 from nkat_search.search.storage import retried_trial_number
 from nkat_search.search.spec import STAGE1_DATASET, StudySpec
@@ -37,6 +38,9 @@ from nkat_search.terminal import draws_bars
 # A trial that ran out of GPU memory is retried (up to heartbeat.max_retry): with several trials
 # per GPU the memory may have been a neighbour's, which is no fault of the configuration.
 OUT_OF_MEMORY = "out of GPU memory"
+# A checkpoint the host could not write (a full disk): queued again at no retry cost, and the
+# worker stops (worker.py), since every trial it takes would meet the same disk.
+CHECKPOINT_NOT_WRITTEN = "checkpoint not written"
 # Constraint value of a trial that never reached Stage 2. Measured violations stay below it
 # (consistency >= 1 - sqrt(3) over 4 datasets, robustness >= 0, so at most ~1.53 and 0.75).
 UNMEASURED_VIOLATION = 2.0
@@ -77,6 +81,7 @@ class Objective:
         self.train_fn = train_fn
         self.trial_number: int | None = None
         self._session = None  # a TrainingSession, made at the first trial (it imports torch)
+        self.host_fault: BaseException | None = None  # the last trial's disk error, if any
 
     def _options(self, timings):
         """The trial's TrainOptions: this worker's session, the trial's timings accumulator."""
@@ -121,6 +126,7 @@ class Objective:
         from nkat_search.train.loop import CheckpointUnreadable, Timings
 
         self.trial_number = trial.number
+        self.host_fault = None
         timings = Timings()
         started = time.perf_counter()
         lost = False
@@ -149,6 +155,9 @@ class Objective:
                 _fail(trial, f"{INTERRUPTED}: stopped {err.where}, checkpoint kept")
             elif _is_out_of_memory(err):
                 _fail(trial, f"{OUT_OF_MEMORY}: {err}")
+            elif is_host_fault(err):
+                self.host_fault = err
+                _fail(trial, f"{CHECKPOINT_NOT_WRITTEN}: {err}")
             else:
                 _fail(trial, f"{type(err).__name__}: {err}")
             raise

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,25 @@ def search_hash(spec: StudySpec) -> str:
     return hashlib.sha256(json.dumps(definition, sort_keys=True, default=repr).encode()).hexdigest()
 
 
+# A study name becomes a file name (up's OUT/NAME.db, OUT/NAME/{logs,export}) and a folder of the
+# worker's --checkpoint-dir: one path component, printable in a shell command without quotes, and
+# short enough for every file system (a 600-character name failed its trial: File name too long).
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+SEED_MAX = 2**32 - 1
+
+
+def check_study_name(name: Any, where: str = "name") -> str:
+    """``name`` if it is a safe study name; else ``ConfigError`` naming the rule."""
+    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name):
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 80 else \
+            f"{name[:60]!r}... ({len(name)} characters)"
+        raise ConfigError(f"{where}: {shown} is not a study name: 1 to 64 letters, digits, '.', "
+                          "'_' or '-', starting with a letter or digit")
+    return name
+
+
 def load_study_file(path: str | Path) -> StudySpec:
     """Read and check a study file; any problem is one ``UserError`` line naming the key."""
     path = Path(path)
@@ -140,6 +160,9 @@ def load_study_file(path: str | Path) -> StudySpec:
         text = path.read_text()
     except OSError as err:
         raise UserError(f"study file {path}: cannot read it ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"study file {path}: not UTF-8 text (byte {err.start}); save it as "
+                        "UTF-8") from None
     return parse_study_text(text, file_name=str(path))
 
 
@@ -167,15 +190,15 @@ def _parse(data: Any) -> StudySpec:
     for key in REQUIRED_KEYS:
         if key not in data:
             raise ConfigError(f"{key}: missing (required keys: {', '.join(REQUIRED_KEYS)})")
-    name = data["name"]
-    if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"name: expected a non-empty string, got {name!r}")
+    name = check_study_name(data["name"])
     direction = data.get("direction", "maximize")
     if direction != "maximize":
         raise ConfigError(f"direction: only 'maximize' is supported (the objective is Global TPE), "
                           f"got {direction!r}")
     n_trials = _int("n_trials", data["n_trials"], minimum=1)
     seed = _int("seed", data.get("seed", 0), minimum=0)
+    if seed > SEED_MAX:
+        raise ConfigError(f"seed: at most {SEED_MAX} (numpy's seeds are 32-bit), got {seed}")
 
     search = _parse_search(data["search"])
     fixed = data.get("fixed") or {}

@@ -42,6 +42,15 @@ POSTGRES_CONNECT_TIMEOUT_S = 10
 # died) is noticed within idle + interval * count seconds instead of the kernel's two hours.
 POSTGRES_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
                        "keepalives_count": 3}
+# A worker process's connections to PostgreSQL: the study lock's (a session advisory lock, held
+# from ``ask`` until the trial's parameters are drawn) and one that the trial's calls and its
+# heartbeat thread take turns on (each call holds it for milliseconds). SQLAlchemy's default pool
+# (5 + 10 overflow) and a second engine for reading the study file let one process hold 4-5, so a
+# host of 8 GPUs at 4 trials each opened about 150 against PostgreSQL's default max_connections
+# of 100.
+WORKER_CONNECTIONS = 2
+# How long a call waits for the pool's connection before it counts as an outage (retried).
+POOL_WAIT_S = 30
 # How long a worker waits for a storage that went away before it gives up (``--storage-wait``).
 STORAGE_WAIT_S = 600.0
 RETRY_FIRST_S, RETRY_MAX_S = 0.25, 2.0
@@ -86,12 +95,14 @@ def check_url(url: str) -> None:
 
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
                  max_retry: int | None = 2, outage_s: float | None = None,
-                 storage_class=optuna.storages.RDBStorage):
+                 storage_class=optuna.storages.RDBStorage, connections: int | None = None):
     """An ``optuna.storages.RDBStorage`` for ``url``, with heartbeat and retries when asked.
 
     ``heartbeat_interval=None`` opens the storage without heartbeat (the coordinator and read-only
     commands); workers pass the study file's interval, grace and max_retry, and ``outage_s``: how
     long each storage call waits for a database that went away (a ``ResilientRDBStorage``).
+    ``connections`` bounds the PostgreSQL connections this storage ever holds at once (workers
+    pass ``WORKER_CONNECTIONS``; None: SQLAlchemy's default pool).
     """
     given = url
     check_url(url)
@@ -105,6 +116,8 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         engine_kwargs = {"pool_pre_ping": True,
                          "connect_args": {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S,
                                           **POSTGRES_KEEPALIVES}}
+        if connections is not None:
+            engine_kwargs.update(pool_size=connections, max_overflow=0, pool_timeout=POOL_WAIT_S)
     elif scheme == SQLITE_SCHEME:
         _prepare_sqlite(url)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
@@ -120,7 +133,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     extra = {}
     if outage_s is not None:
         kind, extra = ResilientRDBStorage, {"outage_s": outage_s, "given_url": given}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _schema_lock(url):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             return kind(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
@@ -128,6 +141,24 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
                         **extra)
         except Exception as err:  # driver, SQLAlchemy and Optuna errors all mean: fix the URL
             raise StorageError(_explain(given, err)) from None
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str):
+    """One process at a time opens a SQLite file: Optuna creates the schema on the first open,
+    and two at once (two ``up`` on one new study) failed with "table trials already exists" or
+    "UNIQUE constraint failed: alembic_version". A ``flock`` beside the database, released when
+    the storage is open."""
+    path = sqlite_path(url) if url.startswith(SQLITE_SCHEME + "://") else None
+    if path is None:
+        yield
+        return
+    fd = os.open(path.with_name(path.name + ".open-lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _prepare_sqlite(url: str) -> None:
@@ -169,6 +200,10 @@ def _explain(url: str, err: Exception) -> str:
     if "does not exist" in lower and "database" in lower:
         database = url.rsplit("/", 1)[-1].split("?", 1)[0]
         fix = f"create it first (createdb {database}, or docker compose up starts one)"
+    elif "too many clients" in lower or "connection slots are reserved" in lower:
+        fix = (f"the server has no connection left (its max_connections); each worker process "
+               f"holds at most {WORKER_CONNECTIONS}: run fewer workers, raise max_connections, or "
+               "put a connection pooler such as PgBouncer (pool_mode = session) in front of it")
     elif "password authentication failed" in lower or "no password supplied" in lower:
         fix = "check the user and password in the URL"
     elif any(s in lower for s in ("connection refused", "could not connect", "timeout expired",

@@ -57,10 +57,12 @@ from nkat_search.errors import UserError
 from nkat_search.search import trials as trial_record
 from nkat_search.search.coordinator import budget_state, load_study, load_study_spec_from_storage
 from nkat_search.search.heartbeat import AbortGuard, HeartbeatLost, TrialHeartbeat
-from nkat_search.search.objective import INTERRUPTED, OUT_OF_MEMORY, Objective, trial_dir
-from nkat_search.search.storage import (STORAGE_WAIT_S, RetryStaleTrial, StorageUnavailable,
-                                        StudyLock, backend, describe_lost, fail_stale_trials,
-                                        open_storage)
+from nkat_search.search.disk import check_room, free_bytes, human, trial_checkpoint_bytes
+from nkat_search.search.objective import (CHECKPOINT_NOT_WRITTEN, INTERRUPTED, OUT_OF_MEMORY,
+                                          Objective, trial_dir)
+from nkat_search.search.storage import (STORAGE_WAIT_S, WORKER_CONNECTIONS, RetryStaleTrial,
+                                        StorageUnavailable, StudyLock, backend, describe_lost,
+                                        fail_stale_trials, open_storage)
 from nkat_search.search.spec import StudySpec
 from nkat_search.search.trials import TrialRecord
 
@@ -133,12 +135,7 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
     is reported once, not K times).
     """
     stop = stop or StopFlag()
-    plain = open_storage(options.storage)
-    spec = load_study_spec_from_storage(plain, options.study)
-    hb = spec.heartbeat
-    storage = open_storage(options.storage, heartbeat_interval=hb.interval,
-                           grace_period=hb.grace, max_retry=hb.max_retry,
-                           outage_s=options.storage_wait_s)
+    spec, storage = open_worker_storage(options.storage, options.study, options.storage_wait_s)
     if options.cpu_threads:
         import torch
 
@@ -153,6 +150,7 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
                           checkpoint_interval_s=options.checkpoint_interval_s)
     device = objective.preflight()
     check_checkpoint_dir(options.checkpoint_dir)
+    check_room(options.checkpoint_dir, trial_checkpoint_bytes(spec))
     worker = objective.worker = identity(device)
     study = load_study(storage, options.study, spec)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -170,8 +168,27 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
         guard.uninstall()
 
 
+def open_worker_storage(url: str, study: str, storage_wait_s: float = STORAGE_WAIT_S):
+    """(the study's spec, the worker's storage): heartbeat, retries, outages ridden out, and at
+    most ``WORKER_CONNECTIONS`` connections to PostgreSQL for the whole process.
+
+    The study file is read first through a storage without heartbeat (the heartbeat settings are
+    in it), whose connection is closed before the worker's own storage opens.
+    """
+    plain = open_storage(url, connections=WORKER_CONNECTIONS)  # Optuna's schema check takes 2
+    try:
+        spec = load_study_spec_from_storage(plain, study)
+    finally:
+        plain.engine.dispose()
+    hb = spec.heartbeat
+    storage = open_storage(url, heartbeat_interval=hb.interval, grace_period=hb.grace,
+                           max_retry=hb.max_retry, outage_s=storage_wait_s,
+                           connections=WORKER_CONNECTIONS)
+    return spec, storage
+
+
 def check_checkpoint_dir(root: str | Path) -> None:
-    """The checkpoint folder exists (or can be made) and takes a file."""
+    """The checkpoint folder exists (or can be made) and takes a file (its room: ``disk.py``)."""
     path = Path(root)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -318,6 +335,10 @@ class Worker:
         if error.startswith(INTERRUPTED):
             self._requeue(frozen, counted=False, why="stopped")
             return frozen, "interrupted"
+        if error.startswith(CHECKPOINT_NOT_WRITTEN):
+            # The host's disk, not the configuration: it resumes elsewhere at no retry cost.
+            self._requeue(frozen, counted=False, why="checkpoint not written")
+            return frozen, "disk"
         if error.startswith(OUT_OF_MEMORY):
             # With several trials per GPU the memory may have been a neighbour's: a fault, but
             # not necessarily the configuration's. Bounded by heartbeat.max_retry.
@@ -350,6 +371,8 @@ class Worker:
                 for path in trial_dir(options.checkpoint_dir, spec.name, trial).glob("*/checkpoint*"):
                     path.unlink(missing_ok=True)
             return False
+        if ending == "disk":
+            return self._disk_full()
         if ending not in ("oom", "failed"):
             return False  # a stop or an outage says nothing about this worker
         if self.streak.add(trial) >= self.streak.limit:
@@ -370,6 +393,18 @@ class Worker:
         print(f"worker {self.worker}: stopped taking trials: trials {numbers} failed in a row the "
               f"same way on this worker ({error}); fix this host, the trials are queued for the "
               "other workers", flush=True)
+        return True
+
+    def _disk_full(self) -> bool:
+        """One line naming the checkpoint folder and its free space; the worker stops (exit 4)."""
+        fault = self.objective.host_fault
+        folder = getattr(fault, "folder", None) or Path(self.options.checkpoint_dir)
+        reason = getattr(fault, "reason", None) or str(fault)
+        free = free_bytes(folder)
+        print(f"worker {self.worker}: stopped taking trials: cannot write checkpoints to "
+              f"{folder} ({reason}; {human(free) if free is not None else 'unknown'} free there); "
+              "free space or pick another --checkpoint-dir; the trial is queued again at no "
+              "retry cost", flush=True)
         return True
 
     def _wait_for_gpu_neighbours(self, trial) -> None:

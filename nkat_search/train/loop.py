@@ -483,6 +483,20 @@ CHECKPOINT_KEYS = ("config", "epoch", "epoch_seconds", "model", "ema", "ema_upda
                    "optimizer", "cpu_rng")
 
 
+class CheckpointNotWritten(Exception):
+    """A checkpoint could not be written (a full disk, a lost mount): the host's fault.
+
+    Not a ``UserError`` and not the configuration's fault: the worker queues the trial again at
+    no retry cost and stops (``search/worker.py``). torch reports a full disk as an ``OSError``
+    or as a ``RuntimeError`` from its zip writer ("unexpected pos"), so both are wrapped.
+    """
+
+    def __init__(self, folder: Path, err: BaseException):
+        self.folder = Path(folder)
+        self.reason = " ".join(str(err).split())[:200] or type(err).__name__
+        super().__init__(f"cannot write a checkpoint to {self.folder} ({self.reason})")
+
+
 class CheckpointUnreadable(UserError):
     """Every checkpoint of a run was damaged and has been set aside; a fresh start will work."""
 
@@ -504,20 +518,23 @@ def save_checkpoint(path: Path, state: dict) -> None:
     import os
 
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        if path.exists():
-            previous = previous_checkpoint(path)
-            link = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
-            try:
-                link.unlink(missing_ok=True)
-                os.link(path, link)
-                os.replace(link, previous)
-            except OSError:  # no hard links on this file system: keep no previous checkpoint
-                link.unlink(missing_ok=True)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
+            if path.exists():
+                previous = previous_checkpoint(path)
+                link = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
+                try:
+                    link.unlink(missing_ok=True)
+                    os.link(path, link)
+                    os.replace(link, previous)
+                except OSError:  # no hard links on this file system: keep no previous checkpoint
+                    link.unlink(missing_ok=True)
+    except Exception as err:  # noqa: BLE001 - a full disk is an OSError or torch's RuntimeError
+        raise CheckpointNotWritten(path.parent, err) from err
 
 
 def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device) -> dict:

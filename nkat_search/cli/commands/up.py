@@ -194,7 +194,8 @@ class Up:
                 argv += ["--data-dir", self.args.data_dir]
             if self.args.download:
                 argv.append("--download")
-            log = self.run_dir / "logs" / f"worker-{i}.log"
+            # This up's own logs: a second up on the same study must not write into them.
+            log = self.run_dir / "logs" / f"worker-{i}.up-{os.getpid()}.log"
             self.workers.append((f"worker {i} ({device})", self._spawn(argv, log, env), log))
             print(f"worker {i} on {device}: log {log}", flush=True)
 
@@ -207,7 +208,7 @@ class Up:
             print(f"port {self.args.port} is in use; the dashboard takes port {port}", flush=True)
         log = self.run_dir / "logs" / "dashboard.log"
         self.dashboard = self._spawn(["dashboard", "--host", host, "--port", str(port)], log)
-        if wait_for_http(url(host, port), self.dashboard, timeout=60):
+        if wait_for_http(url(host, port), self.dashboard, timeout=60) and serving(self.dashboard):
             print(f"dashboard: {url(host, port)}", flush=True)
         else:
             print(f"dashboard did not start (exit {self.dashboard.poll()}); see {log}", flush=True)
@@ -431,6 +432,22 @@ def wait_for_http(address: str, process, timeout: float) -> bool:
         except OSError:
             time.sleep(0.2)
     return False
+
+
+def serving(process, settle_s: float = 1.0) -> bool:
+    """True if ``process`` is still alive a moment after its address answered.
+
+    Another process may hold the port (a second up picked the same free port an instant after
+    the first): the address answers, but ours exits on "address already in use".
+    """
+    import time
+
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        time.sleep(0.1)
+    return process.poll() is None
 
 
 def tail(path, lines: int = 20) -> str:
