@@ -37,6 +37,8 @@ not baked into a CUDA graph), and the same tensor goes to backward.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -75,10 +77,19 @@ def kernel_supports(head_dim: int, top_k: int, top_p: float, n: int) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr):
+        if PRECISION == "upcast":
+            # Triton's interpreter multiplies bf16 operands as raw integers (Triton 3.8); bf16
+            # values are exact in float32, so the CPU tests upcast them instead.
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
     def _score_tile(q, k, col_ok, scale, PRECISION: tl.constexpr):
         # The one place scores are formed: forward and both backward kernels must agree bit for
         # bit, because the filter keeps scores >= a threshold that is one of the scores.
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = _dot(q, tl.trans(k), PRECISION) * scale
         return tl.where(col_ok[None, :], s, float("-inf"))
 
     @triton.jit
@@ -205,7 +216,7 @@ if triton is not None:
                 keep = _dropout_keep(seed, bh, rows, cols, N, dropout_p)
                 p = tl.where(keep, p * inv_keep, 0.0)
             v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask, other=0.0)
-            acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            acc += _dot(p.to(v.dtype), v, PRECISION)
         tl.store(O + b * sob + h * soh + rows[:, None] * son + dims[None, :] * sod,
                  acc.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
         tl.store(THR + bh * N + rows, threshold, mask=row_ok)
@@ -251,7 +262,7 @@ if triton is not None:
             delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
             s = _score_tile(q, k, col_ok, scale, PRECISION)
             p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
-            dw = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            dw = _dot(do, tl.trans(v), PRECISION)
             if DROPOUT:
                 keep = _dropout_keep(seed, bh, rows, cols, N, dropout_p)
                 w = tl.where(keep, p * inv_keep, 0.0)
@@ -259,9 +270,9 @@ if triton is not None:
             else:
                 w = p
                 dp = dw
-            dv += tl.dot(tl.trans(w.to(do.dtype)), do, input_precision=PRECISION)
+            dv += _dot(tl.trans(w.to(do.dtype)), do, PRECISION)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
         dk = dk * scale
         g = b * sgb + h * sgh + cols[:, None] * sgn + dims[None, :] * sgd
         tl.store(DK + g, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -305,12 +316,12 @@ if triton is not None:
             v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask, other=0.0)
             s = _score_tile(q, k, col_ok, scale, PRECISION)
             p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
-            dw = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            dw = _dot(do, tl.trans(v), PRECISION)
             if DROPOUT:
                 keep = _dropout_keep(seed, bh, rows, cols, N, dropout_p)
                 dw = tl.where(keep, dw * inv_keep, 0.0)
             ds = p * (dw - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            dq += _dot(ds.to(k.dtype), k, PRECISION)
         dq = dq * scale
         tl.store(DQ + b * sgb + h * sgh + rows[:, None] * sgn + dims[None, :] * sgd,
                  dq.to(DQ.dtype.element_ty), mask=qo_mask)
@@ -332,7 +343,9 @@ def _like_qkv_layout(q: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 def _precision(dtype: torch.dtype) -> str:
     # float32 inputs are the reference checks: full float32 products, no TF32.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32"
 
 
 @torch.library.custom_op("nkat::attention_kernel_fwd", mutates_args=())
