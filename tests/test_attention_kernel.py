@@ -158,11 +158,11 @@ def _dropout_case() -> dict:
     q, k = torch.randn(2, 2, 4, n, 64, generator=gen).unbind(0)
     eye = torch.eye(n).expand(2, 4, n, n).contiguous()
     seed = torch.tensor([1234], dtype=torch.int64)
-    weights = _attention_fwd(q, k, eye, seed, 1.0, 0, 1.0, p, TILE, TILE)[0]
+    weights = _attention_fwd(q, k, eye, seed, 1.0, 0, 1.0, p, TILE, TILE, 4)[0]
     probs = (q @ k.transpose(-2, -1)).softmax(dim=-1)
     kept = weights > 0
-    again = _attention_fwd(q, k, eye, seed, 1.0, 0, 1.0, p, TILE, TILE)[0]
-    other = _attention_fwd(q, k, eye, seed + 1, 1.0, 0, 1.0, p, TILE, TILE)[0]
+    again = _attention_fwd(q, k, eye, seed, 1.0, 0, 1.0, p, TILE, TILE, 4)[0]
+    other = _attention_fwd(q, k, eye, seed + 1, 1.0, 0, 1.0, p, TILE, TILE, 4)[0]
     return {
         "entries": kept.numel(),
         "kept_share": kept.float().mean().item(),
@@ -185,16 +185,17 @@ def _dropout_gradient_case() -> dict:
     grad = torch.randn(2, 2, n, 48, generator=gen)
     seed = torch.tensor([99], dtype=torch.int64)
     eye = torch.eye(n, 48).expand(2, 2, n, 48).contiguous()  # 33 keys fit in 48 columns
-    keep = _attention_fwd(q, k, eye, seed, 0.5, 6, 0.8, p, TILE, TILE)[0][..., :n] > 0
+    keep = _attention_fwd(q, k, eye, seed, 0.5, 6, 0.8, p, TILE, TILE, 4)[0][..., :n] > 0
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = _attention_fwd(*leaves, seed, 0.5, 6, 0.8, p, TILE, TILE)[0]
+    out = _attention_fwd(*leaves, seed, 0.5, 6, 0.8, p, TILE, TILE, 4)[0]
     grads = torch.autograd.grad(out, leaves, grad)
     # Keep at filtered entries does not matter (their probability is 0); give them the mask too.
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = _explicit_core(*ref_leaves, 0.5, 6, 0.8, keep=keep, dropout_p=p)
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad)
     # The same check against a mask from another seed must fail: the test can tell.
-    wrong_keep = _attention_fwd(q, k, eye, seed + 1, 0.5, 6, 0.8, p, TILE, TILE)[0][..., :n] > 0
+    wrong_keep = _attention_fwd(q, k, eye, seed + 1, 0.5, 6, 0.8, p, TILE, TILE, 4)[0]
+    wrong_keep = wrong_keep[..., :n] > 0
     wrong_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     wrong = _explicit_core(*wrong_leaves, 0.5, 6, 0.8, keep=wrong_keep, dropout_p=p)
     wrong_grads = torch.autograd.grad(wrong, wrong_leaves, grad)
@@ -231,12 +232,14 @@ def _opcheck_case() -> dict:
     gen = torch.Generator().manual_seed(14)
     q, k, v = (t.requires_grad_() for t in torch.randn(3, 1, 2, 17, 48, generator=gen).unbind(0))
     seed = torch.tensor([7], dtype=torch.int64)
-    report = torch.library.opcheck(_attention_fwd, (q, k, v, seed, 0.5, 6, 0.8, 0.1, TILE, TILE))
+    args = (q, k, v, seed, 0.5, 6, 0.8, 0.1, TILE, TILE, 4)
+    report = torch.library.opcheck(_attention_fwd, args)
     return {name: str(value) for name, value in report.items()}
 
 
 def run_cases() -> dict:
-    cases = {f"layer_{name}": (lambda c=case: _layer_case(*c)) for name, case in LAYER_CASES.items()}
+    cases = {f"layer_{name}": (lambda c=case: _layer_case(*c))
+             for name, case in LAYER_CASES.items()}
     cases.update({
         "integer_ties_float32": lambda: _integer_ties_case(torch.float32),
         "integer_ties_bf16": lambda: _integer_ties_case(torch.bfloat16),

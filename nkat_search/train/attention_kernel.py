@@ -57,9 +57,11 @@ KERNEL_MAX_LEVELS = 16
 # need more registers than the tiles below leave, and none of the searched configs has them.
 KERNEL_MAX_HEAD_DIM = 64
 # Tiles of 64 keys cover a 257-token row in 5 tiles (320 columns) instead of one power-of-two
-# tile of 512. Not tuned on a GPU yet.
+# tile of 512. Not tuned on a GPU yet: ``benchmarks/attention_kernel_check.py`` times a few
+# choices. All three kernels use the same tiles (see ``_score_tile``).
 BLOCK_M = 64
 BLOCK_N = 64
+NUM_WARPS = 4
 
 
 def kernel_available() -> bool:
@@ -350,7 +352,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 @torch.library.custom_op("nkat::attention_kernel_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float, top_k: int,
-                   top_p: float, dropout_p: float, block_m: int, block_n: int
+                   top_p: float, dropout_p: float, block_m: int, block_n: int, num_warps: int
                    ) -> tuple[Tensor, Tensor, Tensor]:
     B, H, N, D = q.shape
     o = _like_qkv_layout(q)
@@ -365,13 +367,13 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float, 
         TOP_K=top_k, TOPK_ON=0 < top_k < N, NUCLEUS_ON=top_p < 1.0,
         LEVELS=levels, LEVELS_PAD=max(2, triton.next_power_of_2(max(levels, 1))),
         DROPOUT=dropout_p > 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        PRECISION=_precision(q.dtype),
+        PRECISION=_precision(q.dtype), num_warps=num_warps,
     )
     return o, threshold, lse
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n):
+def _(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n, num_warps):
     B, H, N, D = q.shape
     return (_like_qkv_layout(q), q.new_empty((B, H, N), dtype=torch.float32),
             q.new_empty((B, H, N), dtype=torch.float32))
@@ -380,7 +382,7 @@ def _(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n):
 @torch.library.custom_op("nkat::attention_kernel_bwd", mutates_args=())
 def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                    threshold: Tensor, lse: Tensor, seed: Tensor, scale: float, dropout_p: float,
-                   block_m: int, block_n: int) -> tuple[Tensor, Tensor, Tensor]:
+                   block_m: int, block_n: int, num_warps: int) -> tuple[Tensor, Tensor, Tensor]:
     B, H, N, D = q.shape
     grad_out = grad_out.to(q.dtype)
     delta = (grad_out.float() * out.float()).sum(dim=-1).contiguous()
@@ -389,7 +391,7 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     dv = _like_qkv_layout(q)
     bm, bn, bd = _blocks(N, D, block_m, block_n)
     common = dict(DROPOUT=dropout_p > 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-                  PRECISION=_precision(q.dtype))
+                  PRECISION=_precision(q.dtype), num_warps=num_warps)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     scalars = (H, N, D, scale, dropout_p, 1.0 / (1.0 - dropout_p))
     _bwd_kv_kernel[(triton.cdiv(N, bn), B * H)](
@@ -402,29 +404,30 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 
 
 @_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, threshold, lse, seed, scale, dropout_p, block_m, block_n):
+def _(grad_out, q, k, v, out, threshold, lse, seed, scale, dropout_p, block_m, block_n,
+      num_warps):
     return _like_qkv_layout(q), _like_qkv_layout(q), _like_qkv_layout(q)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seed, scale, _top_k, _top_p, dropout_p, block_m, block_n = inputs
+    q, k, v, seed, scale, _top_k, _top_p, dropout_p, block_m, block_n, num_warps = inputs
     out, threshold, lse = output
     ctx.save_for_backward(q, k, v, out, threshold, lse, seed)
-    ctx.args = (scale, dropout_p, block_m, block_n)
+    ctx.args = (scale, dropout_p, block_m, block_n, num_warps)
 
 
 def _backward(ctx, grad_out, _grad_threshold, _grad_lse):
     q, k, v, out, threshold, lse, seed = ctx.saved_tensors
     dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, threshold, lse, seed, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, top_p: float,
-                     dropout_p: float = 0.0, block_m: int = BLOCK_M, block_n: int = BLOCK_N
-                     ) -> Tensor:
+                     dropout_p: float = 0.0, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
+                     num_warps: int = NUM_WARPS) -> Tensor:
     """The NKAT attention core from q, k, v (B, heads, N, head_dim), unmodulated: (B, heads, N, hd).
 
     Same contract as ``fused_attention``: ``dropout_p`` applied as given (pass 0 in eval mode);
@@ -432,7 +435,7 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, 
     are float32 (the bf16 products summed in float32, not rounded to bf16 in between: ties are
     those of exactly equal products, e.g. identical tokens). The output is laid out (B, N, heads,
     hd) in memory. ``block_m`` / ``block_n`` are the query and key tile sizes (tests shrink them to
-    cross tile borders on small rows).
+    cross tile borders on small rows), ``num_warps`` the warps per program.
     """
     if not kernel_supports(q.shape[-1], top_k, top_p, q.shape[-2]):
         raise ValueError(f"kernel_attention: head dim {q.shape[-1]} with top_k {top_k}, top_p "
@@ -442,4 +445,5 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, 
         seed = torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
     else:
         seed = torch.zeros(1, device=q.device, dtype=torch.int64)
-    return _attention_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n)[0]
+    return _attention_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n,
+                          num_warps)[0]
