@@ -83,9 +83,10 @@ if triton is not None:
         if PRECISION == "upcast":
             # Triton's interpreter multiplies bf16 operands as raw integers (Triton 3.8); bf16
             # values are exact in float32, so the CPU tests upcast them instead.
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         else:
-            return tl.dot(a, b, input_precision=PRECISION)
+            out = tl.dot(a, b, input_precision=PRECISION)
+        return out
 
     @triton.jit
     def _score_tile(q, k, col_ok, scale, PRECISION: tl.constexpr):

@@ -3,8 +3,9 @@
 Reads top to bottom like timm's ``vision_transformer.py``: the pure attention filters
 (``topk_mask``, ``nucleus_mask``), the small layers (``ColorLayerNorm``, ``ConvStem``,
 ``NKATAttention``, ``Mlp``, ``Block``), then the model ``NKAT``, then ``build_model`` and named
-presets. Every option is a field of ``ModelConfig``; nothing here reads globals. The fused NKAT
-attention core that compiled GPU training uses for long rows lives in ``train/attention.py``.
+presets. Every option is a field of ``ModelConfig``; nothing here reads globals. The NKAT
+attention cores that GPU training uses for long rows live in ``train/attention.py`` (fused) and
+``train/attention_kernel.py`` (Triton kernel).
 
 Inputs are float tensors (B, in_chans, 32, 32), already normalised by the data loader; 28x28
 datasets are padded to 32x32 there, so one architecture serves all four datasets and lambda differs
