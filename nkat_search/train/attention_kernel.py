@@ -114,9 +114,9 @@ if triton is not None:
         PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        bh = b * H + h
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         row_ok = rows < N
@@ -236,9 +236,9 @@ if triton is not None:
     ):
         # dK and dV of one key block, over every query block. DK and DV share the strides sg*.
         pid_n = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        bh = b * H + h
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, BLOCK_D)
         col_ok = cols < N
@@ -292,9 +292,9 @@ if triton is not None:
     ):
         # dQ of one query block, over every key block.
         pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        bh = b * H + h
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         row_ok = rows < N
@@ -330,6 +330,10 @@ if triton is not None:
                  dq.to(DQ.dtype.element_ty), mask=qo_mask)
 
 
+# Grids are (row blocks, heads, batch): CUDA allows 65,535 programs along the last two axes, so
+# batch x heads on one of them would stop at batch 8,191 with 8 heads.
+
+
 def _blocks(n: int, d: int, block_m: int, block_n: int) -> tuple[int, int, int]:
     """Tile sizes: the defaults, shrunk to a 16-multiple power of two for short rows (tl.dot
     needs 16 at least)."""
@@ -361,7 +365,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float, 
     lse = q.new_empty((B, H, N), dtype=torch.float32)
     bm, bn, bd = _blocks(N, D, block_m, block_n)
     levels = filter_levels(top_k, top_p, N)
-    _fwd_kernel[(triton.cdiv(N, bm), B * H)](
+    _fwd_kernel[(triton.cdiv(N, bm), H, B)](
         q, k, v, o, threshold, lse, seed,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, N, D, scale, top_p, dropout_p, 1.0 / (1.0 - dropout_p),
@@ -395,10 +399,10 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                   PRECISION=_precision(q.dtype), num_warps=num_warps)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     scalars = (H, N, D, scale, dropout_p, 1.0 / (1.0 - dropout_p))
-    _bwd_kv_kernel[(triton.cdiv(N, bn), B * H)](
+    _bwd_kv_kernel[(triton.cdiv(N, bn), H, B)](
         q, k, v, grad_out, threshold, lse, delta, dk, dv, seed, *strides, *dk.stride(),
         *scalars, **common)
-    _bwd_q_kernel[(triton.cdiv(N, bm), B * H)](
+    _bwd_q_kernel[(triton.cdiv(N, bm), H, B)](
         q, k, v, grad_out, threshold, lse, delta, dq, seed, *strides, *dq.stride(),
         *scalars, **common)
     return dq, dk, dv
