@@ -216,8 +216,8 @@ if triton is not None:
             s = _score_tile(q, k, col_ok, scale, PRECISION)
             p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
             if DROPOUT:
-                keep = _dropout_keep(seed, bh, rows, cols, N, dropout_p)
-                p = tl.where(keep, p * inv_keep, 0.0)
+                survives = _dropout_keep(seed, bh, rows, cols, N, dropout_p)
+                p = tl.where(survives, p * inv_keep, 0.0)
             v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask, other=0.0)
             acc += _dot(p.to(v.dtype), v, PRECISION)
         tl.store(O + b * sob + h * soh + rows[:, None] * son + dims[None, :] * sod,
