@@ -325,6 +325,50 @@ def test_kernel_op_registration_passes_opcheck(interpreted):
 
 # --- in process: no kernel launches, so no interpreter needed ------------------------------------
 
+def _compile_for_hopper(fn, dtype: str, constexprs: dict, num_warps: int):
+    """Triton's compiler (its bundled ptxas, no GPU needed) on one kernel for sm_90: catches what
+    the interpreter lets through (loop-carried type changes, layouts, shared memory)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = f"*{dtype}"
+        elif name in ("THR", "LSE", "DELTA"):
+            signature[name] = "*fp32"
+        elif name == "SEED":
+            signature[name] = "*i64"
+        elif name in ("scale", "top_p", "dropout_p", "inv_keep"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps})
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="kernels are interpreted functions in this process")
+def test_kernels_compile_for_hopper_in_bf16():
+    pytest.importorskip("triton")
+    from nkat_search.train import attention_kernel as ak
+
+    tiles = dict(BLOCK_M=ak.BLOCK_M, BLOCK_N=ak.BLOCK_N, BLOCK_D=64, PRECISION="tf32")
+    forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8, **tiles)
+    for fn, constexprs in ((ak._fwd_kernel, dict(DROPOUT=True, **forward)),
+                           (ak._bwd_kv_kernel, dict(DROPOUT=True, **tiles)),
+                           (ak._bwd_q_kernel, dict(DROPOUT=True, **tiles))):
+        compiled = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
+        # Hopper's warpgroup MMA in every kernel: the score tiles must come out of the same
+        # instruction in forward and backward (see _score_tile).
+        assert "wgmma" in compiled.asm["ptx"], fn.__name__
+
+
 def test_kernel_supports_and_cpu_auto_path(monkeypatch):
     import nkat_search.train.model as model_module
     from nkat_search.config import ModelConfig
