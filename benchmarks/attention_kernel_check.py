@@ -145,7 +145,7 @@ def check_dropout(device, small: bool) -> bool:
     q, k = torch.randn(2, batch, 8, n, 64, device=device, generator=gen).unbind(0)
     eye = torch.eye(n, device=device).expand(batch, 8, n, n).contiguous()
     seed = torch.tensor([1234], dtype=torch.int64, device=device)
-    weights = _attention_fwd(q, k, eye, seed, 1.0, 0, 1.0, p, 64, 64, 4)[0]
+    weights = _attention_fwd(q, k, eye, seed, 1.0, 0, 1.0, p, 64, 64, 4, False)[0]
     kept = weights > 0
     share = kept.float().mean().item()
     sigma = (p * (1 - p) / kept.numel()) ** 0.5
@@ -160,9 +160,9 @@ def check_dropout(device, small: bool) -> bool:
     n, d = 64, 64
     q, k, v, grad = inputs(batch, n, d, False, device, seed=5)
     scale = d ** -0.5 / TEMPERATURE
-    keep = _attention_fwd(q, k, eye, seed, scale, TOP_K, TOP_P, p, 64, 64, 4)[0] > 0
+    keep = _attention_fwd(q, k, eye, seed, scale, TOP_K, TOP_P, p, 64, 64, 4, False)[0] > 0
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = _attention_fwd(*leaves, seed, scale, TOP_K, TOP_P, p, 64, 64, 4)[0]
+    out = _attention_fwd(*leaves, seed, scale, TOP_K, TOP_P, p, 64, 64, 4, False)[0]
     grads = torch.autograd.grad(out, leaves, grad)
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = explicit_core(*ref_leaves, scale, keep=keep, dropout_p=p)
@@ -246,6 +246,17 @@ def time_layers(device, batch: int, steps: int) -> None:
         timed(f"core kernel top_k 6 top_p 0.8, dropout 0.17, tiles {block_m}x{block_n} w{warps}",
               core(lambda: kernel_attention(q, k, v, scale, TOP_K, TOP_P, 0.17, block_m=block_m,
                                             block_n=block_n, num_warps=warps)))
+    # Skipping tiles whose probabilities are all 0: on random q, k (few such tiles) and on an
+    # attention sink (every row keeps keys among the first 4: the other tiles are all empty),
+    # the two ends of what trained attention may look like.
+    sink_q = (q.detach() * 0.1 + 1.0).requires_grad_()
+    sink_k = (k.detach() * 0.1).index_add(2, torch.arange(4, device=device), torch.full(
+        (batch, 8, 4, dim // 8), 3.0, device=device, dtype=k.dtype)).requires_grad_()
+    for name, (qq, kk) in (("random", (q, k)), ("sink", (sink_q, sink_k))):
+        for skip in (False, True):
+            timed(f"core kernel top_k 6 top_p 0.8, dropout 0.17, {name}, skip_empty {skip}",
+                  core(lambda: kernel_attention(qq, kk, v, scale, TOP_K, TOP_P, 0.17,
+                                                skip_empty=skip)))
 
     print(f"\nforward + backward, batch {batch}, {n} tokens, embed {dim}, bf16, {steps} steps "
           f"({torch.cuda.get_device_name(device)}, torch {torch.__version__})")

@@ -148,21 +148,48 @@ def _integer_ties_case(dtype: torch.dtype) -> dict:
     return result
 
 
-def _dropout_case() -> dict:
-    """Dropout 0.17, no filter, v = identity: the output is the weight matrix itself."""
+def _raw_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, skip_empty=False):
+    """The forward op with a given seed tensor, on the test tiles: (output, threshold, lse)."""
     from nkat_search.train.attention_kernel import _attention_fwd
 
+    return _attention_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, TILE, TILE, 4,
+                          skip_empty)
+
+
+def _skip_empty_case() -> dict:
+    """Tiles whose probabilities are all 0 skipped: the same output and gradients, bit for bit,
+    on rows that all keep only keys 0..3 (an attention sink), so most key tiles are empty."""
+    gen = torch.Generator().manual_seed(15)
+    n = 64
+    q = torch.randn(1, 2, n, 48, generator=gen) * 0.1 + 1.0
+    k = torch.randn(1, 2, n, 48, generator=gen) * 0.1
+    k[:, :, :4] += 3.0
+    v, grad = torch.randn(2, 1, 2, n, 48, generator=gen).unbind(0)
+    seed = torch.tensor([5], dtype=torch.int64)
+    results = []
+    for skip in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = _raw_fwd(*leaves, seed, 0.5, 2, 0.9, 0.2, skip_empty=skip)[0]
+        results.append([out, *torch.autograd.grad(out, leaves, grad)])
+    eye = torch.eye(n).expand(1, 2, n, n).contiguous()
+    weights = _raw_fwd(q, k, eye, seed, 0.5, 2, 0.9, 0.0)[0]
+    return {"kept_keys_beyond_4": int((weights[..., 4:] > 0).sum()),
+            "identical": [bool(torch.equal(a, b)) for a, b in zip(*results)]}
+
+
+def _dropout_case() -> dict:
+    """Dropout 0.17, no filter, v = identity: the output is the weight matrix itself."""
     p = 0.17
     gen = torch.Generator().manual_seed(11)
     n = 64
-    q, k = torch.randn(2, 2, 4, n, 64, generator=gen).unbind(0)
-    eye = torch.eye(n).expand(2, 4, n, n).contiguous()
+    q, k = torch.randn(2, 2, 2, n, 64, generator=gen).unbind(0)
+    eye = torch.eye(n).expand(2, 2, n, n).contiguous()
     seed = torch.tensor([1234], dtype=torch.int64)
-    weights = _attention_fwd(q, k, eye, seed, 1.0, 0, 1.0, p, TILE, TILE, 4)[0]
+    weights = _raw_fwd(q, k, eye, seed, 1.0, 0, 1.0, p)[0]
     probs = (q @ k.transpose(-2, -1)).softmax(dim=-1)
     kept = weights > 0
-    again = _attention_fwd(q, k, eye, seed, 1.0, 0, 1.0, p, TILE, TILE, 4)[0]
-    other = _attention_fwd(q, k, eye, seed + 1, 1.0, 0, 1.0, p, TILE, TILE, 4)[0]
+    again = _raw_fwd(q, k, eye, seed, 1.0, 0, 1.0, p)[0]
+    other = _raw_fwd(q, k, eye, seed + 1, 1.0, 0, 1.0, p)[0]
     return {
         "entries": kept.numel(),
         "kept_share": kept.float().mean().item(),
@@ -176,8 +203,6 @@ def _dropout_case() -> dict:
 def _dropout_gradient_case() -> dict:
     """Forward and backward use the same mask: the kernel's gradients on a fixed seed against the
     explicit core with the mask read back from the kernel's own forward (v = identity)."""
-    from nkat_search.train.attention_kernel import _attention_fwd
-
     p = 0.3
     gen = torch.Generator().manual_seed(12)
     n = 33
@@ -185,16 +210,16 @@ def _dropout_gradient_case() -> dict:
     grad = torch.randn(2, 2, n, 48, generator=gen)
     seed = torch.tensor([99], dtype=torch.int64)
     eye = torch.eye(n, 48).expand(2, 2, n, 48).contiguous()  # 33 keys fit in 48 columns
-    keep = _attention_fwd(q, k, eye, seed, 0.5, 6, 0.8, p, TILE, TILE, 4)[0][..., :n] > 0
+    keep = _raw_fwd(q, k, eye, seed, 0.5, 6, 0.8, p)[0][..., :n] > 0
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = _attention_fwd(*leaves, seed, 0.5, 6, 0.8, p, TILE, TILE, 4)[0]
+    out = _raw_fwd(*leaves, seed, 0.5, 6, 0.8, p)[0]
     grads = torch.autograd.grad(out, leaves, grad)
     # Keep at filtered entries does not matter (their probability is 0); give them the mask too.
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = _explicit_core(*ref_leaves, 0.5, 6, 0.8, keep=keep, dropout_p=p)
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad)
     # The same check against a mask from another seed must fail: the test can tell.
-    wrong_keep = _attention_fwd(q, k, eye, seed + 1, 0.5, 6, 0.8, p, TILE, TILE, 4)[0]
+    wrong_keep = _raw_fwd(q, k, eye, seed + 1, 0.5, 6, 0.8, p)[0]
     wrong_keep = wrong_keep[..., :n] > 0
     wrong_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     wrong = _explicit_core(*wrong_leaves, 0.5, 6, 0.8, keep=wrong_keep, dropout_p=p)
@@ -232,7 +257,7 @@ def _opcheck_case() -> dict:
     gen = torch.Generator().manual_seed(14)
     q, k, v = (t.requires_grad_() for t in torch.randn(3, 1, 2, 17, 48, generator=gen).unbind(0))
     seed = torch.tensor([7], dtype=torch.int64)
-    args = (q, k, v, seed, 0.5, 6, 0.8, 0.1, TILE, TILE, 4)
+    args = (q, k, v, seed, 0.5, 6, 0.8, 0.1, TILE, TILE, 4, False)
     report = torch.library.opcheck(_attention_fwd, args)
     return {name: str(value) for name, value in report.items()}
 
@@ -245,6 +270,7 @@ def run_cases() -> dict:
         "integer_ties_bf16": lambda: _integer_ties_case(torch.bfloat16),
         "dropout": _dropout_case,
         "dropout_gradient": _dropout_gradient_case,
+        "skip_empty": _skip_empty_case,
         "seed": _seed_case,
         "opcheck": _opcheck_case,
     })
@@ -312,6 +338,12 @@ def test_kernel_dropout_backward_uses_the_forward_mask(interpreted):
     assert result["wrong_seed_grad_q"] > 1e-2, result  # the comparison can tell masks apart
 
 
+def test_kernel_skipping_empty_tiles_changes_nothing(interpreted):
+    result = _case(interpreted, "skip_empty")
+    assert result["kept_keys_beyond_4"] == 0, result  # every tile past the first is empty
+    assert result["identical"] == [True] * 4, result
+
+
 def test_kernel_dropout_seed_follows_torch_generator(interpreted):
     result = _case(interpreted, "seed")
     assert result["replay_equal"] and not result["next_call_equal"], result
@@ -358,7 +390,8 @@ def test_kernels_compile_for_hopper_in_bf16():
     pytest.importorskip("triton")
     from nkat_search.train import attention_kernel as ak
 
-    tiles = dict(BLOCK_M=ak.BLOCK_M, BLOCK_N=ak.BLOCK_N, BLOCK_D=64, PRECISION="tf32")
+    tiles = dict(BLOCK_M=ak.BLOCK_M, BLOCK_N=ak.BLOCK_N, BLOCK_D=64, PRECISION="tf32",
+                 SKIP_EMPTY=ak.SKIP_EMPTY_TILES)
     forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8, **tiles)
     for fn, constexprs in ((ak._fwd_kernel, dict(DROPOUT=True, **forward)),
                            (ak._bwd_kv_kernel, dict(DROPOUT=True, **tiles)),

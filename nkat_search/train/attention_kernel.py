@@ -62,6 +62,12 @@ KERNEL_MAX_HEAD_DIM = 64
 BLOCK_M = 64
 BLOCK_N = 64
 NUM_WARPS = 4
+# The issue's sparsity idea at tile granularity: a (query block, key block) tile whose
+# probabilities are all 0 skips its P V (forward), dO V^T, dV and dK (backward) and dQ products.
+# With top_k of 257 keys a row keeps a few keys, but 64 rows rarely miss a whole 64-key tile on
+# random data, so the gain depends on how trained attention concentrates; off until measured
+# (``benchmarks/attention_kernel_check.py`` times both).
+SKIP_EMPTY_TILES = False
 
 
 def kernel_available() -> bool:
@@ -96,6 +102,16 @@ if triton is not None:
         return tl.where(col_ok[None, :], s, float("-inf"))
 
     @triton.jit
+    def _any_kept(p, SKIP_EMPTY: tl.constexpr):
+        # Whether a tile of probabilities needs its products (always, unless SKIP_EMPTY): with
+        # top_k of 257 keys most entries are 0, and a tile where every entry is 0 adds nothing.
+        if SKIP_EMPTY:
+            active = tl.max(tl.max(p, 1), 0) > 0
+        else:
+            active = True
+        return active
+
+    @triton.jit
     def _dropout_keep(seed, bh, rows, cols, N, dropout_p):
         # Philox keyed by (seed, batch x head) on the entry's offset in its N x N row block: the
         # offset stays below 2**31 for rows up to 46,340 keys, and the key separates the heads.
@@ -111,7 +127,7 @@ if triton is not None:
         TOP_K: tl.constexpr, TOPK_ON: tl.constexpr, NUCLEUS_ON: tl.constexpr,
         LEVELS: tl.constexpr, LEVELS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
@@ -215,11 +231,13 @@ if triton is not None:
             k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=kv_mask, other=0.0)
             s = _score_tile(q, k, col_ok, scale, PRECISION)
             p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
-            if DROPOUT:
-                survives = _dropout_keep(seed, bh, rows, cols, N, dropout_p)
-                p = tl.where(survives, p * inv_keep, 0.0)
-            v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask, other=0.0)
-            acc += _dot(p.to(v.dtype), v, PRECISION)
+            if _any_kept(p, SKIP_EMPTY):
+                if DROPOUT:
+                    survives = _dropout_keep(seed, bh, rows, cols, N, dropout_p)
+                    p = tl.where(survives, p * inv_keep, 0.0)
+                v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask,
+                            other=0.0)
+                acc += _dot(p.to(v.dtype), v, PRECISION)
         tl.store(O + b * sob + h * soh + rows[:, None] * son + dims[None, :] * sod,
                  acc.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
         tl.store(THR + bh * N + rows, threshold, mask=row_ok)
@@ -232,7 +250,7 @@ if triton is not None:
         sgb, sgh, sgn, sgd,
         H, N, D, scale, dropout_p, inv_keep,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
     ):
         # dK and dV of one key block, over every query block. DK and DV share the strides sg*.
         pid_n = tl.program_id(0)
@@ -257,25 +275,26 @@ if triton is not None:
             qo_mask = row_ok[:, None] & dim_ok[None, :]
             q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd,
                         mask=qo_mask, other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + dims[None, :] * sdd,
-                         mask=qo_mask, other=0.0)
             # Rows past N: threshold +inf keeps nothing.
             threshold = tl.load(THR + bh * N + rows, mask=row_ok, other=float("inf"))
             lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
             s = _score_tile(q, k, col_ok, scale, PRECISION)
             p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
-            dw = _dot(do, tl.trans(v), PRECISION)
-            if DROPOUT:
-                keep = _dropout_keep(seed, bh, rows, cols, N, dropout_p)
-                w = tl.where(keep, p * inv_keep, 0.0)
-                dp = tl.where(keep, dw * inv_keep, 0.0)
-            else:
-                w = p
-                dp = dw
-            dv += _dot(tl.trans(w.to(do.dtype)), do, PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
+            if _any_kept(p, SKIP_EMPTY):
+                do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + dims[None, :] * sdd,
+                             mask=qo_mask, other=0.0)
+                delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
+                dw = _dot(do, tl.trans(v), PRECISION)
+                if DROPOUT:
+                    keep = _dropout_keep(seed, bh, rows, cols, N, dropout_p)
+                    w = tl.where(keep, p * inv_keep, 0.0)
+                    dp = tl.where(keep, dw * inv_keep, 0.0)
+                else:
+                    w = p
+                    dp = dw
+                dv += _dot(tl.trans(w.to(do.dtype)), do, PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
         dk = dk * scale
         g = b * sgb + h * sgh + cols[:, None] * sgn + dims[None, :] * sgd
         tl.store(DK + g, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -288,7 +307,7 @@ if triton is not None:
         sgb, sgh, sgn, sgd,
         H, N, D, scale, dropout_p, inv_keep,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
     ):
         # dQ of one query block, over every key block.
         pid_m = tl.program_id(0)
@@ -316,15 +335,17 @@ if triton is not None:
             col_ok = cols < N
             kv_mask = col_ok[:, None] & dim_ok[None, :]
             k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask, other=0.0)
             s = _score_tile(q, k, col_ok, scale, PRECISION)
             p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
-            dw = _dot(do, tl.trans(v), PRECISION)
-            if DROPOUT:
-                keep = _dropout_keep(seed, bh, rows, cols, N, dropout_p)
-                dw = tl.where(keep, dw * inv_keep, 0.0)
-            ds = p * (dw - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, PRECISION)
+            if _any_kept(p, SKIP_EMPTY):
+                v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask,
+                            other=0.0)
+                dw = _dot(do, tl.trans(v), PRECISION)
+                if DROPOUT:
+                    keep = _dropout_keep(seed, bh, rows, cols, N, dropout_p)
+                    dw = tl.where(keep, dw * inv_keep, 0.0)
+                ds = p * (dw - delta[:, None])
+                dq += _dot(ds.to(k.dtype), k, PRECISION)
         dq = dq * scale
         tl.store(DQ + b * sgb + h * sgh + rows[:, None] * sgn + dims[None, :] * sgd,
                  dq.to(DQ.dtype.element_ty), mask=qo_mask)
@@ -357,8 +378,8 @@ def _precision(dtype: torch.dtype) -> str:
 
 @torch.library.custom_op("nkat::attention_kernel_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float, top_k: int,
-                   top_p: float, dropout_p: float, block_m: int, block_n: int, num_warps: int
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   top_p: float, dropout_p: float, block_m: int, block_n: int, num_warps: int,
+                   skip_empty: bool) -> tuple[Tensor, Tensor, Tensor]:
     B, H, N, D = q.shape
     o = _like_qkv_layout(q)
     threshold = q.new_empty((B, H, N), dtype=torch.float32)
@@ -372,13 +393,13 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float, 
         TOP_K=top_k, TOPK_ON=0 < top_k < N, NUCLEUS_ON=top_p < 1.0,
         LEVELS=levels, LEVELS_PAD=max(2, triton.next_power_of_2(max(levels, 1))),
         DROPOUT=dropout_p > 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        PRECISION=_precision(q.dtype), num_warps=num_warps,
+        PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, num_warps=num_warps,
     )
     return o, threshold, lse
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n, num_warps):
+def _(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n, num_warps, skip_empty):
     B, H, N, D = q.shape
     return (_like_qkv_layout(q), q.new_empty((B, H, N), dtype=torch.float32),
             q.new_empty((B, H, N), dtype=torch.float32))
@@ -387,7 +408,8 @@ def _(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n, num_warps
 @torch.library.custom_op("nkat::attention_kernel_bwd", mutates_args=())
 def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                    threshold: Tensor, lse: Tensor, seed: Tensor, scale: float, dropout_p: float,
-                   block_m: int, block_n: int, num_warps: int) -> tuple[Tensor, Tensor, Tensor]:
+                   block_m: int, block_n: int, num_warps: int, skip_empty: bool
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     B, H, N, D = q.shape
     grad_out = grad_out.to(q.dtype)
     delta = (grad_out.float() * out.float()).sum(dim=-1).contiguous()
@@ -396,7 +418,7 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     dv = _like_qkv_layout(q)
     bm, bn, bd = _blocks(N, D, block_m, block_n)
     common = dict(DROPOUT=dropout_p > 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-                  PRECISION=_precision(q.dtype), num_warps=num_warps)
+                  PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, num_warps=num_warps)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     scalars = (H, N, D, scale, dropout_p, 1.0 / (1.0 - dropout_p))
     _bwd_kv_kernel[(triton.cdiv(N, bn), H, B)](
@@ -410,21 +432,21 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 
 @_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, threshold, lse, seed, scale, dropout_p, block_m, block_n,
-      num_warps):
+      num_warps, skip_empty):
     return _like_qkv_layout(q), _like_qkv_layout(q), _like_qkv_layout(q)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seed, scale, _top_k, _top_p, dropout_p, block_m, block_n, num_warps = inputs
+    q, k, v, seed, scale, _top_k, _top_p, dropout_p, *launch = inputs
     out, threshold, lse = output
     ctx.save_for_backward(q, k, v, out, threshold, lse, seed)
-    ctx.args = (scale, dropout_p, block_m, block_n, num_warps)
+    ctx.args = (scale, dropout_p, *launch)
 
 
 def _backward(ctx, grad_out, _grad_threshold, _grad_lse):
     q, k, v, out, threshold, lse, seed = ctx.saved_tensors
     dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, threshold, lse, seed, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -432,7 +454,7 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, top_p: float,
                      dropout_p: float = 0.0, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
-                     num_warps: int = NUM_WARPS) -> Tensor:
+                     num_warps: int = NUM_WARPS, skip_empty: bool = SKIP_EMPTY_TILES) -> Tensor:
     """The NKAT attention core from q, k, v (B, heads, N, head_dim), unmodulated: (B, heads, N, hd).
 
     Same contract as ``fused_attention``: ``dropout_p`` applied as given (pass 0 in eval mode);
@@ -440,7 +462,8 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, 
     are float32 (the bf16 products summed in float32, not rounded to bf16 in between: ties are
     those of exactly equal products, e.g. identical tokens). The output is laid out (B, N, heads,
     hd) in memory. ``block_m`` / ``block_n`` are the query and key tile sizes (tests shrink them to
-    cross tile borders on small rows), ``num_warps`` the warps per program.
+    cross tile borders on small rows), ``num_warps`` the warps per program; ``skip_empty`` skips
+    the products of tiles whose probabilities are all 0 (the same result, bit for bit).
     """
     if not kernel_supports(q.shape[-1], top_k, top_p, q.shape[-2]):
         raise ValueError(f"kernel_attention: head dim {q.shape[-1]} with top_k {top_k}, top_p "
@@ -451,4 +474,4 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, 
     else:
         seed = torch.zeros(1, device=q.device, dtype=torch.int64)
     return _attention_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n,
-                          num_warps)[0]
+                          num_warps, skip_empty)[0]
