@@ -20,7 +20,7 @@ Prints one line per check, ``PASS`` or ``FAIL`` at the end of part 1 (exit 1 on 
 the default tiles, the other tile choices are reported beside), then the timing table. Nothing is
 written.
 
-    python benchmarks/attention_kernel_check.py [--no-timing] [--batch 512]
+    python benchmarks/attention_kernel_check.py [--no-timing | --no-check] [--batch 512]
     TRITON_INTERPRET=1 python benchmarks/attention_kernel_check.py --device cpu   # smoke run
 """
 
@@ -270,7 +270,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--no-timing", action="store_true", help="part 1 only")
+    parser.add_argument("--no-check", action="store_true", help="part 2 only")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -283,8 +284,10 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 comparisons are float32 ones
     torch.backends.cudnn.allow_tf32 = False
     small = device.type == "cpu"
-    passed = check_agreement(device, small)
-    print("PASS" if passed else "FAIL", flush=True)
+    passed = True
+    if not args.no_check:
+        passed = check_agreement(device, small)
+        print("PASS" if passed else "FAIL", flush=True)
     if not args.no_timing and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         time_layers(device, args.batch, args.steps)
