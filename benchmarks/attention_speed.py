@@ -1,22 +1,24 @@
-"""Images/s and peak memory of the model step on each NKAT attention path, and a fused-vs-explicit check.
+"""Images/s and peak memory of the model step on each NKAT attention path, and an agreement check.
 
 For 17, 65 and 257 tokens (ConvStem tiny + patch 2, off + patch 4, off + patch 2; everything else
 the user's baseline: embed 384, depth 7, top_k 6, top_p 0.8, batch 512) this times the whole model
 step on one fixed random batch, as ``train/loop.py`` runs it: bf16 autocast, the model compiled
 with CUDA graphs (``CUDA_COMPILE_MODE``), loss, backward, gradient clipping, fused AdamW, EMA.
-Three paths per token count:
+Four paths per token count:
 
 - ``explicit``: ``NKATAttention.attend`` (topk / pairwise filters, masked softmax), forced;
 - ``fused``: ``train/attention.py`` (per-row threshold, one fused kernel per direction), forced;
+- ``kernel``: ``train/attention_kernel.py`` (Triton kernel pair, nothing N x N in memory), forced;
 - ``sdpa_filters_off``: the same model with every NKAT filter off, on fused SDPA (the bar).
 
 Every variant runs in its own process. They compile side by side (``--jobs`` at a time; compiling
 is CPU work, and nine compiles in a row take most of a four-minute budget), then each times its
 steps alone on the GPU while the others wait. Peak memory is each process's own
 ``max_memory_allocated`` from model build to the end of timing (compile and warm-up included).
-A further process checks, on the GPU, that the compiled fused path matches the eager explicit one
-(float32, forward and gradients, random and tied data), that both give identical masks from the
-same bf16 logits, and the fused dropout's keep rate; it prints the errors and asserts nothing.
+A further process checks, on the GPU, that the compiled fused and kernel paths match the eager
+explicit one (float32, forward and gradients, random and tied data), that the fused threshold and
+the explicit filters give identical masks from the same bf16 logits, and the fused and kernel
+dropouts' keep rates; it prints the errors and asserts nothing.
 
 Prints a table and writes ``--out`` (default results/attention_speed.json): a list of rows with
 ``tokens``, ``path``, ``images_per_s``, ``ms_per_step``, ``peak_gib``, ``compile_s``, ``device``
@@ -46,14 +48,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from nkat_search.config import RunConfig  # noqa: E402
-from nkat_search.train.model import FUSED_MIN_TOKENS  # noqa: E402
+from nkat_search.train.model import FUSED_MIN_TOKENS, KERNEL_MIN_TOKENS  # noqa: E402
 
 ARCHITECTURES = {  # tokens -> (conv_stem, patch_size)
     17: ("tiny", 2),
     65: ("off", 4),
     257: ("off", 2),
 }
-PATHS = ("explicit", "fused", "sdpa_filters_off")
+PATHS = ("explicit", "fused", "kernel", "sdpa_filters_off")
 FILTERS_OFF = {"top_k": 0, "top_p": 1.0, "nkat_strength": 0.0}
 
 
@@ -171,9 +173,11 @@ def _one_line(err: BaseException) -> str:
 # --- worker: the agreement check ----------------------------------------------------------------
 
 def check_worker(spec: dict) -> None:
-    """Fused (compiled) against explicit (eager) on the GPU; prints every error, asserts nothing."""
+    """Fused and kernel (compiled) against explicit (eager) on the GPU; prints every error, asserts
+    nothing."""
     from nkat_search.config import ModelConfig
     from nkat_search.train.attention import fused_attention, row_filter
+    from nkat_search.train.attention_kernel import kernel_attention
     from nkat_search.train.model import NKATAttention, topk_mask, nucleus_mask, topk_nucleus_mask
 
     device = torch.device(spec["device"])
@@ -196,27 +200,32 @@ def check_worker(spec: dict) -> None:
     for n in spec["tokens"]:
         cfg = ModelConfig(embed_dim=dim, num_heads=8, dropout_attn=0.0, nkat_strength=0.3)
         attn = NKATAttention(dim, 8, layer_index=0, cfg=cfg).to(device).train()
-        fused_forward = torch.compile(attn, dynamic=False)
+        # One compiled module for both paths: the path is a Python attribute, so changing it
+        # recompiles (a guard), as a model built with another path would.
+        compiled_forward = torch.compile(attn, dynamic=False)
         for ties in (False, True):
             x = tokens(n, dim, ties)
             weight = torch.randn(x.shape, device=device, generator=torch.Generator(
                 device=device).manual_seed(1))
             results = {}
-            for path in ("explicit", "fused"):
+            for path in ("explicit", "fused", "kernel"):
+                if path == "kernel" and device.type == "cpu":
+                    continue  # the kernel needs CUDA (or Triton's interpreter)
                 attn.path = path
                 attn.zero_grad(set_to_none=True)
                 inp = x.clone().requires_grad_()
-                out = (fused_forward if path == "fused" else attn)(inp)
+                out = (attn if path == "explicit" else compiled_forward)(inp)
                 (out * weight).sum().backward()
                 results[path] = [("out", out.detach()), ("grad_x", inp.grad)] + [
                     (name, p.grad.clone()) for name, p in attn.named_parameters()]
-            errors = []
-            for (name, a), (_, b) in zip(results["explicit"], results["fused"]):
-                rel = ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
-                errors.append(f"{name} {rel:.1e}")
-            worst = max(float(e.split()[-1]) for e in errors)
-            say(f"float32 layer, {n} tokens, {'ties' if ties else 'random'}: max relative "
-                f"error {worst:.1e} ({', '.join(errors)})")
+            for path in [p for p in results if p != "explicit"]:
+                errors = []
+                for (name, a), (_, b) in zip(results["explicit"], results[path]):
+                    rel = ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
+                    errors.append(f"{name} {rel:.1e}")
+                worst = max(float(e.split()[-1]) for e in errors)
+                say(f"float32 layer, {n} tokens, {'ties' if ties else 'random'}, {path}: max "
+                    f"relative error {worst:.1e} ({', '.join(errors)})")
         if device.type == "cuda":
             # Under bf16 autocast the explicit path rounds logits * scale to bf16 again, the
             # fused one scales the bf16 logits in float32, so a near-tie at a row's threshold
@@ -225,11 +234,12 @@ def check_worker(spec: dict) -> None:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 attn.path = "explicit"
                 a = attn(x).float()
-                attn.path = "fused"
-                b = fused_forward(x).float()
-            rel = ((a - b).norm(dim=-1) / a.norm(dim=-1)).flatten()
-            say(f"bf16 autocast layer, {n} tokens, ties: per-token relative difference median "
-                f"{rel.median():.1e}, max {rel.max():.1e}")
+                for path in ("fused", "kernel"):
+                    attn.path = path
+                    b = compiled_forward(x).float()
+                    rel = ((a - b).norm(dim=-1) / a.norm(dim=-1)).flatten()
+                    say(f"bf16 autocast layer, {n} tokens, ties, {path}: per-token relative "
+                        f"difference median {rel.median():.1e}, max {rel.max():.1e}")
         torch._dynamo.reset()
 
     # Which path the model takes by itself when compiled on this device (path "auto").
@@ -240,14 +250,18 @@ def check_worker(spec: dict) -> None:
         stem, patch = ARCHITECTURES[n]
         cfg = ModelConfig(embed_dim=64, depth=2, conv_stem=stem, patch_size=patch)
         model = build_model(cfg, 3, 10).to(device)
-        calls = []
-        real = model_module.fused_attention
-        model_module.fused_attention = lambda *a: calls.append(1) or real(*a)
+        calls = {"fused_attention": [], "kernel_attention": []}
+        real = {name: getattr(model_module, name) for name in calls}
+        for name in calls:
+            setattr(model_module, name,
+                    lambda *a, _name=name, **kw: calls[_name].append(1) or real[_name](*a, **kw))
         try:
             torch.compile(model)(torch.randn(2, 3, 32, 32, device=device))
         finally:
-            model_module.fused_attention = real
-        say(f"auto path, compiled on {device.type}, {n} tokens: fused core in {len(calls)} of "
+            for name in calls:
+                setattr(model_module, name, real[name])
+        say(f"auto path, compiled on {device.type}, {n} tokens: kernel in "
+            f"{len(calls['kernel_attention'])}, fused core in {len(calls['fused_attention'])} of "
             f"{cfg.depth} layers")
         torch._dynamo.reset()
 
@@ -293,8 +307,16 @@ def check_worker(spec: dict) -> None:
     out = dropped(q, k, torch.ones(batch, 8, 257, 1, device=device))
     rate = (out > 0).float().mean().item()
     sigma = (0.17 * 0.83 / out.numel()) ** 0.5
-    say(f"dropout 0.17: keep rate {rate:.4f} (expected 0.8300 +- {sigma:.4f}), kept weights "
-        f"{out[out > 0].min().item():.4f}..{out[out > 0].max().item():.4f} (1/0.83 = 1.2048)")
+    say(f"dropout 0.17, fused: keep rate {rate:.4f} (expected 0.8300 +- {sigma:.4f}), kept "
+        f"weights {out[out > 0].min().item():.4f}..{out[out > 0].max().item():.4f} "
+        f"(1/0.83 = 1.2048)")
+    if device.type == "cuda":
+        # The kernel wants a head dim of 16 at least; v = 1 in every column, the same reading.
+        dropped = torch.compile(lambda q, k, v: kernel_attention(q, k, v, 1.0, 1, 1.0, 0.17))
+        out = dropped(q, k, torch.ones(batch, 8, 257, 16, device=device))[..., 0]
+        rate = (out > 0).float().mean().item()
+        say(f"dropout 0.17, kernel: keep rate {rate:.4f} (expected 0.8300 +- {sigma:.4f}), kept "
+            f"weights {out[out > 0].min().item():.4f}..{out[out > 0].max().item():.4f}")
 
 
 # --- main: start the workers, let them compile, time them one by one ----------------------------
@@ -463,13 +485,16 @@ def main() -> int:
               f"{row['ms_per_step']:>8.1f} {peak} {share:>8} {row.get('compile_s', 0):>9.0f}")
     for tokens in sorted(args.tokens):
         speed = {r["path"]: r.get("images_per_s") for r in rows if r["tokens"] == tokens}
-        explicit, fused, bar = (speed.get(p) for p in PATHS)
-        if fused and explicit:
-            taken = "fused" if tokens >= FUSED_MIN_TOKENS else "explicit"
-            print(f"{tokens} tokens: fused {fused / explicit:.2f}x explicit"
-                  + (f", {fused / bar:.0%} of sdpa_filters_off (target 70 %)" if bar else "")
-                  + f"; compiled training on a GPU takes {taken} (FUSED_MIN_TOKENS = "
-                  f"{FUSED_MIN_TOKENS})")
+        explicit, fused, kernel, bar = (speed.get(p) for p in PATHS)
+        taken = ("kernel" if tokens >= KERNEL_MIN_TOKENS else
+                 "fused" if tokens >= FUSED_MIN_TOKENS else "explicit")
+        for name, value, target in (("fused", fused, "70 %"), ("kernel", kernel, "90 %")):
+            if value and explicit:
+                print(f"{tokens} tokens: {name} {value / explicit:.2f}x explicit"
+                      + (f", {value / bar:.0%} of sdpa_filters_off (target {target})" if bar
+                         else "")
+                      + f"; training on a GPU takes {taken} (KERNEL_MIN_TOKENS = "
+                      f"{KERNEL_MIN_TOKENS}, FUSED_MIN_TOKENS = {FUSED_MIN_TOKENS})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1) + "\n")

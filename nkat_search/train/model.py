@@ -3,8 +3,9 @@
 Reads top to bottom like timm's ``vision_transformer.py``: the pure attention filters
 (``topk_mask``, ``nucleus_mask``), the small layers (``ColorLayerNorm``, ``ConvStem``,
 ``NKATAttention``, ``Mlp``, ``Block``), then the model ``NKAT``, then ``build_model`` and named
-presets. Every option is a field of ``ModelConfig``; nothing here reads globals. The fused NKAT
-attention core that compiled GPU training uses for long rows lives in ``train/attention.py``.
+presets. Every option is a field of ``ModelConfig``; nothing here reads globals. The NKAT
+attention cores that GPU training uses for long rows live in ``train/attention.py`` (fused) and
+``train/attention_kernel.py`` (Triton kernel).
 
 Inputs are float tensors (B, in_chans, 32, 32), already normalised by the data loader; 28x28
 datasets are padded to 32x32 there, so one architecture serves all four datasets and lambda differs
@@ -19,6 +20,12 @@ from torch import Tensor, nn
 
 from nkat_search.config import ModelConfig
 from nkat_search.train.attention import FUSED_MAX_LEVELS, filter_levels, fused_attention
+from nkat_search.train.attention_kernel import (
+    KERNEL_MAX_HEAD_DIM,
+    KERNEL_MAX_LEVELS,
+    kernel_available,
+    kernel_attention,
+)
 
 # Token channels are viewed as 4 groups by split-head attention (R, G, B, shared) and by the
 # channel shuffle; 4 always divides embed_dim because embed_dim % num_heads == 0 with 8 heads.
@@ -37,7 +44,12 @@ PAIRWISE_MAX_TOKENS = 32
 # already; ``benchmarks/attention_speed.py`` times both at 17 tokens, so this is where to change it.
 FUSED_MIN_TOKENS = PAIRWISE_MAX_TOKENS + 1
 
-ATTENTION_PATHS = ("auto", "explicit", "fused")
+# Rows at least this long take the Triton kernel (``train/attention_kernel.py``) on a GPU, eager or
+# compiled. Set equal to the fused core's limit before any GPU timing; ``attention_speed.py`` times
+# the kernel beside the other paths at 17, 65 and 257 tokens, so this is where to change it.
+KERNEL_MIN_TOKENS = FUSED_MIN_TOKENS
+
+ATTENTION_PATHS = ("auto", "explicit", "fused", "kernel")
 
 
 def topk_mask(logits: Tensor, k: int) -> Tensor:
@@ -193,10 +205,10 @@ class NKATAttention(nn.Module):
     input and ``s_l = nkat_strength * nkat_decay ** layer_index``. When every filter is off
     (``not cfg.uses_nkat_attention``) the same computation is ``F.scaled_dot_product_attention``.
     The NKAT path has two implementations, tested to agree: ``attend`` (explicit: topk / pairwise
-    masks and a masked softmax; the reference and the CPU path) and ``fused_attention``
+    masks and a masked softmax; the reference and the CPU path), ``fused_attention``
     (``train/attention.py``: one per-row threshold, a fused kernel per direction under
-    torch.compile), taken on a GPU under torch.compile for rows of ``FUSED_MIN_TOKENS`` or more
-    (``uses_fused``).
+    torch.compile) and ``kernel_attention`` (``train/attention_kernel.py``: one Triton kernel per
+    direction that never writes the N x N scores). ``nkat_path`` says which one runs.
 
     Split heads (``cfg.split_heads``, 8 heads): the D token channels are viewed as 4 groups of D/4.
     Heads 0-1 (R), 2-3 (G), 4-5 (B) take q, k, v from their own channel group only (one D/4 -> 3D/4
@@ -216,9 +228,12 @@ class NKATAttention(nn.Module):
         self.uses_nkat = cfg.uses_nkat_attention
         # Tests set this to run the explicit path with filters off and compare it with SDPA.
         self.force_explicit = False
-        # Which NKAT path: "auto" (the rule in ``uses_fused``), or "explicit" / "fused" forced
-        # (tests and benchmarks).
+        # Which NKAT path: "auto" (the rule in ``nkat_path``), or "explicit" / "fused" / "kernel"
+        # forced (tests and benchmarks).
         self.path = "auto"
+        # The parts of the kernel rule that the config decides, settled once here; the device and
+        # the row length are known at the first call.
+        self.kernel_fits = kernel_available() and self.head_dim <= KERNEL_MAX_HEAD_DIM
         self.split_heads = cfg.split_heads
         if self.split_heads:
             group = dim // CHANNEL_GROUPS
@@ -269,9 +284,10 @@ class NKATAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop_p if self.training else 0.0, scale=self.scale
             )
-        elif self.uses_fused(q):
-            out = fused_attention(q, k, v, self.scale, self.top_k, self.top_p,
-                                  self.attn_drop_p if self.training else 0.0)
+        elif (path := self.nkat_path(q)) != "explicit":
+            core = kernel_attention if path == "kernel" else fused_attention
+            out = core(q, k, v, self.scale, self.top_k, self.top_p,
+                       self.attn_drop_p if self.training else 0.0)
             if self.alpha is not None:
                 # The row factor on the output rows equals it on the weights, and its gradient
                 # is then a sum over heads x head_dim values instead of heads x N weights.
@@ -281,19 +297,31 @@ class NKATAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(out))
 
-    def uses_fused(self, q: Tensor) -> bool:
-        """Whether the NKAT path runs fused: forced, or (``auto``) on a GPU under torch.compile for
-        rows of at least ``FUSED_MIN_TOKENS`` and a threshold search of at most
-        ``FUSED_MAX_LEVELS`` levels. Eager, the level loop runs op by op, several passes over the
-        N x N logits per level, so eager runs stay explicit; on the CPU the explicit path is the
-        reference."""
+    def nkat_path(self, q: Tensor) -> str:
+        """Which NKAT implementation runs: ``explicit``, ``fused`` or ``kernel``; forced by
+        ``path``, or (``auto``) on a GPU: the kernel, eager or compiled, for rows of at least
+        ``KERNEL_MIN_TOKENS`` whose head dim and threshold search it takes (Triton installed, head
+        dim <= ``KERNEL_MAX_HEAD_DIM``, at most ``KERNEL_MAX_LEVELS`` levels); else the fused core
+        under torch.compile for rows of at least ``FUSED_MIN_TOKENS`` and at most
+        ``FUSED_MAX_LEVELS`` levels (eager, its level loop runs op by op, several passes over the
+        N x N logits per level); else explicit. On the CPU the explicit path is the reference."""
         if self.path not in ATTENTION_PATHS:
             raise ValueError(f"attention path: expected one of {ATTENTION_PATHS}, got {self.path!r}")
         if self.path != "auto":
-            return self.path == "fused"
+            return self.path
         n = q.shape[-2]
-        return (q.is_cuda and torch.compiler.is_compiling() and n >= FUSED_MIN_TOKENS
-                and filter_levels(self.top_k, self.top_p, n) <= FUSED_MAX_LEVELS)
+        levels = filter_levels(self.top_k, self.top_p, n)
+        if not q.is_cuda:
+            return "explicit"
+        if self.kernel_fits and n >= KERNEL_MIN_TOKENS and levels <= KERNEL_MAX_LEVELS:
+            return "kernel"
+        if torch.compiler.is_compiling() and n >= FUSED_MIN_TOKENS and levels <= FUSED_MAX_LEVELS:
+            return "fused"
+        return "explicit"
+
+    def uses_fused(self, q: Tensor) -> bool:
+        """Whether the NKAT path runs the fused core (``nkat_path``)."""
+        return self.nkat_path(q) == "fused"
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> Tensor:
         """The explicit NKAT path from q, k, v (B, heads, N, head_dim) to ``weights @ v``; ``x``

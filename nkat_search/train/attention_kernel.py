@@ -1,0 +1,477 @@
+"""The NKAT attention core as one Triton kernel per direction, flash-attention style (issue 22).
+
+Same definition as ``row_filter`` and ``fused_attention`` in ``train/attention.py``: scores =
+(q k^T) * scale in float32; keep the entries with fewer than ``top_k`` strictly larger scores
+(ties kept together); nucleus on the softmax of the kept scores (the top entry always stays, ties
+go together); softmax; attention dropout; ``weights @ v``. The per-row modulation stays a factor on
+the output rows, applied by the caller.
+
+Why a kernel. The fused core writes and re-reads the N x N logits, weights, dropout mask and their
+gradients (about 24 bytes per logit per layer, ``benchmarks/attention_notes.md``). Here nothing
+N x N reaches memory:
+
+- forward, one program per (batch x head, block of query rows), loops over key tiles twice. The
+  first pass keeps, per row, the ``LEVELS`` largest distinct scores with their counts (each tile's
+  scores are merged into that short list by the same level walk as ``row_filter``: one max and one
+  count per level), which gives the threshold, the row max and the kept softmax mass exactly as
+  ``row_filter`` computes them. The second pass forms the weights (filter, softmax, dropout) and
+  accumulates ``weights @ v``. Only two float32 scalars per row are saved: threshold and
+  log-sum-exp.
+- backward recomputes the scores and probabilities from q, k and those scalars (as
+  FlashAttention-2 does) and regenerates the dropout mask from the seed and each entry's (row,
+  column): one kernel per key block accumulates dK and dV over the query blocks, one per query
+  block accumulates dQ, so no atomics and the result is deterministic. ``delta = rowsum(dO * O)``
+  equals ``rowsum(P * dP)`` of the softmax backward even with dropout (the mask and 1 / (1 - p)
+  are in both O and dP).
+
+The filter keeps ``scores >= threshold`` and the threshold is itself one of the row's scores, so
+forward and backward must compute every score bit for bit the same: all three kernels form them
+with the same ``_score_tile`` on tiles of the same shape.
+
+Registered as ``torch.library.custom_op`` (``nkat::attention_kernel_fwd`` / ``_bwd``) with a fake
+implementation and an autograd formula, so ``torch.compile`` treats the pair as one opaque op and
+CUDA graphs capture its launches. The dropout seed is an int64 tensor drawn from torch's generator
+on the tensors' device at every call (so it changes per step, follows ``torch.manual_seed``, and is
+not baked into a CUDA graph), and the same tensor goes to backward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from nkat_search.train.attention import filter_levels
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only environment may lack Triton; the kernel path is then never taken
+    triton = None
+
+# The level walk costs two row reductions per level and tile; past this many levels (top_k off or
+# >= N with the nucleus on: one level per distinct value) the explicit path's sort is the tool.
+KERNEL_MAX_LEVELS = 16
+# Head dims are padded to a power of two in registers (48 and 56 run as 64); larger ones would
+# need more registers than the tiles below leave, and none of the searched configs has them.
+KERNEL_MAX_HEAD_DIM = 64
+# Tiles of 64 keys cover a 257-token row in 5 tiles (320 columns) instead of one power-of-two
+# tile of 512. Not tuned on a GPU yet: ``benchmarks/attention_kernel_check.py`` times a few
+# choices. All three kernels use the same tiles (see ``_score_tile``).
+BLOCK_M = 64
+BLOCK_N = 64
+NUM_WARPS = 4
+# The issue's sparsity idea at tile granularity: a (query block, key block) tile whose
+# probabilities are all 0 skips its P V (forward), dO V^T, dV and dK (backward) and dQ products.
+# With top_k of 257 keys a row keeps a few keys, but 64 rows rarely miss a whole 64-key tile on
+# random data, so the gain depends on how trained attention concentrates; off until measured
+# (``benchmarks/attention_kernel_check.py`` times both).
+SKIP_EMPTY_TILES = False
+
+
+def kernel_available() -> bool:
+    """Whether Triton is importable here (the kernel itself then runs on CUDA, or on the CPU
+    under ``TRITON_INTERPRET=1``)."""
+    return triton is not None
+
+
+def kernel_supports(head_dim: int, top_k: int, top_p: float, n: int) -> bool:
+    """Whether ``kernel_attention`` takes this head dim and filter for rows of ``n`` keys."""
+    return (kernel_available() and head_dim <= KERNEL_MAX_HEAD_DIM
+            and filter_levels(top_k, top_p, n) <= KERNEL_MAX_LEVELS)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr):
+        if PRECISION == "upcast":
+            # Triton's interpreter multiplies bf16 operands as raw integers (Triton 3.8); bf16
+            # values are exact in float32, so the CPU tests upcast them instead.
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            out = tl.dot(a, b, input_precision=PRECISION)
+        return out
+
+    @triton.jit
+    def _score_tile(q, k, col_ok, scale, PRECISION: tl.constexpr):
+        # The one place scores are formed: forward and both backward kernels must agree bit for
+        # bit, because the filter keeps scores >= a threshold that is one of the scores.
+        s = _dot(q, tl.trans(k), PRECISION) * scale
+        return tl.where(col_ok[None, :], s, float("-inf"))
+
+    @triton.jit
+    def _any_kept(p, SKIP_EMPTY: tl.constexpr):
+        # Whether a tile of probabilities needs its products (always, unless SKIP_EMPTY): with
+        # top_k of 257 keys most entries are 0, and a tile where every entry is 0 adds nothing.
+        if SKIP_EMPTY:
+            active = tl.max(tl.max(p, 1), 0) > 0
+        else:
+            active = True
+        return active
+
+    @triton.jit
+    def _dropout_keep(seed, bh, rows, cols, N, dropout_p):
+        # Philox keyed by (seed, batch x head) on the entry's offset in its N x N row block: the
+        # offset stays below 2**31 for rows up to 46,340 keys, and the key separates the heads.
+        key = seed + bh.to(tl.int64) * 4294967296
+        offsets = rows[:, None] * N + cols[None, :]
+        return tl.rand(key, offsets) >= dropout_p
+
+    @triton.jit
+    def _fwd_kernel(
+        Q, K, V, O, THR, LSE, SEED,
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+        H, N, D, scale, top_p, dropout_p, inv_keep,
+        TOP_K: tl.constexpr, TOPK_ON: tl.constexpr, NUCLEUS_ON: tl.constexpr,
+        LEVELS: tl.constexpr, LEVELS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        bh = b * H + h
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < N
+        dim_ok = dims < D
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd,
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+
+        # Pass 1: the row max and either the plain softmax sum (no filter) or the LEVELS largest
+        # distinct scores of the row with their counts.
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        slots = tl.arange(0, LEVELS_PAD)
+        values = tl.full([BLOCK_M, LEVELS_PAD], float("-inf"), tl.float32)
+        counts = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd,
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            s = _score_tile(q, k, col_ok, scale, PRECISION)
+            if LEVELS == 0:
+                new_max = tl.maximum(row_max, tl.max(s, 1))
+                total = total * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
+                row_max = new_max
+            else:
+                # Merge the tile into the list: the union's levels from the top, each the largest
+                # value below the previous one, its count summed over tile and list.
+                new_values = tl.full([BLOCK_M, LEVELS_PAD], float("-inf"), tl.float32)
+                new_counts = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
+                prev = tl.full([BLOCK_M], float("inf"), tl.float32)
+                for i in tl.static_range(LEVELS):
+                    level = tl.maximum(
+                        tl.max(tl.where(s < prev[:, None], s, float("-inf")), 1),
+                        tl.max(tl.where(values < prev[:, None], values, float("-inf")), 1))
+                    count = (tl.sum((s == level[:, None]).to(tl.int32), 1)
+                             + tl.sum(tl.where(values == level[:, None], counts, 0), 1))
+                    # -inf is padding (columns past N, empty slots), never a score.
+                    count = tl.where(level == float("-inf"), 0, count)
+                    new_values = tl.where(slots[None, :] == i, level[:, None], new_values)
+                    new_counts = tl.where(slots[None, :] == i, count[:, None], new_counts)
+                    prev = level
+                values = new_values
+                counts = new_counts
+
+        # The threshold and kept mass from the levels, in row_filter's order of operations.
+        if LEVELS == 0:
+            threshold = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            mass = total
+        else:
+            row_max = tl.max(values, 1)
+            above = tl.zeros([BLOCK_M], tl.int32)
+            topk_mass = tl.zeros([BLOCK_M], tl.float32)
+            level_masses = tl.zeros([BLOCK_M, LEVELS_PAD], tl.float32)
+            level_kept = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
+            threshold = row_max
+            for i in tl.static_range(LEVELS):
+                value = tl.sum(tl.where(slots[None, :] == i, values, 0.0), 1)
+                count = tl.sum(tl.where(slots[None, :] == i, counts, 0), 1)
+                if TOPK_ON:
+                    kept = (count > 0) & (above < TOP_K)
+                else:
+                    kept = count > 0
+                level_mass = tl.where(kept, count.to(tl.float32) * tl.exp(value - row_max), 0.0)
+                if i == 0:
+                    topk_mass = level_mass
+                else:
+                    topk_mass = topk_mass + level_mass
+                    if not NUCLEUS_ON:
+                        threshold = tl.where(kept, value, threshold)
+                level_masses = tl.where(slots[None, :] == i, level_mass[:, None], level_masses)
+                level_kept = tl.where(slots[None, :] == i, kept.to(tl.int32)[:, None], level_kept)
+                above = above + count
+            mass = topk_mass
+            if NUCLEUS_ON:
+                mass = tl.sum(tl.where(slots[None, :] == 0, level_masses, 0.0), 1)
+                above_mass = mass
+                for i in tl.static_range(1, LEVELS):
+                    value = tl.sum(tl.where(slots[None, :] == i, values, 0.0), 1)
+                    level_mass = tl.sum(tl.where(slots[None, :] == i, level_masses, 0.0), 1)
+                    kept = tl.sum(tl.where(slots[None, :] == i, level_kept, 0), 1) > 0
+                    keep = kept & (above_mass / topk_mass < top_p)
+                    threshold = tl.where(keep, value, threshold)
+                    mass = mass + tl.where(keep, level_mass, 0.0)
+                    above_mass = above_mass + level_mass
+        lse = row_max + tl.log(mass)
+
+        # Pass 2: weights (filter, softmax, dropout) @ v.
+        seed = tl.load(SEED)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            kv_mask = col_ok[:, None] & dim_ok[None, :]
+            k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=kv_mask, other=0.0)
+            s = _score_tile(q, k, col_ok, scale, PRECISION)
+            p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
+            if _any_kept(p, SKIP_EMPTY):
+                if DROPOUT:
+                    survives = _dropout_keep(seed, bh, rows, cols, N, dropout_p)
+                    p = tl.where(survives, p * inv_keep, 0.0)
+                v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask,
+                            other=0.0)
+                acc += _dot(p.to(v.dtype), v, PRECISION)
+        tl.store(O + b * sob + h * soh + rows[:, None] * son + dims[None, :] * sod,
+                 acc.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+        tl.store(THR + bh * N + rows, threshold, mask=row_ok)
+        tl.store(LSE + bh * N + rows, lse, mask=row_ok)
+
+    @triton.jit
+    def _bwd_kv_kernel(
+        Q, K, V, DO, THR, LSE, DELTA, DK, DV, SEED,
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+        sgb, sgh, sgn, sgd,
+        H, N, D, scale, dropout_p, inv_keep,
+        DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    ):
+        # dK and dV of one key block, over every query block. DK and DV share the strides sg*.
+        pid_n = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        bh = b * H + h
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        dims = tl.arange(0, BLOCK_D)
+        col_ok = cols < N
+        dim_ok = dims < D
+        kv_mask = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + dims[None, :] * skd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dims[None, :] * svd,
+                    mask=kv_mask, other=0.0)
+        seed = tl.load(SEED)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start in range(0, N, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            row_ok = rows < N
+            qo_mask = row_ok[:, None] & dim_ok[None, :]
+            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd,
+                        mask=qo_mask, other=0.0)
+            # Rows past N: threshold +inf keeps nothing.
+            threshold = tl.load(THR + bh * N + rows, mask=row_ok, other=float("inf"))
+            lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
+            s = _score_tile(q, k, col_ok, scale, PRECISION)
+            p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
+            if _any_kept(p, SKIP_EMPTY):
+                do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + dims[None, :] * sdd,
+                             mask=qo_mask, other=0.0)
+                delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
+                dw = _dot(do, tl.trans(v), PRECISION)
+                if DROPOUT:
+                    keep = _dropout_keep(seed, bh, rows, cols, N, dropout_p)
+                    w = tl.where(keep, p * inv_keep, 0.0)
+                    dp = tl.where(keep, dw * inv_keep, 0.0)
+                else:
+                    w = p
+                    dp = dw
+                dv += _dot(tl.trans(w.to(do.dtype)), do, PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
+        dk = dk * scale
+        g = b * sgb + h * sgh + cols[:, None] * sgn + dims[None, :] * sgd
+        tl.store(DK + g, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + g, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _bwd_q_kernel(
+        Q, K, V, DO, THR, LSE, DELTA, DQ, SEED,
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+        sgb, sgh, sgn, sgd,
+        H, N, D, scale, dropout_p, inv_keep,
+        DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    ):
+        # dQ of one query block, over every key block.
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        bh = b * H + h
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < N
+        dim_ok = dims < D
+        qo_mask = row_ok[:, None] & dim_ok[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd,
+                    mask=qo_mask, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + dims[None, :] * sdd,
+                     mask=qo_mask, other=0.0)
+        threshold = tl.load(THR + bh * N + rows, mask=row_ok, other=float("inf"))
+        lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
+        seed = tl.load(SEED)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            kv_mask = col_ok[:, None] & dim_ok[None, :]
+            k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=kv_mask, other=0.0)
+            s = _score_tile(q, k, col_ok, scale, PRECISION)
+            p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
+            if _any_kept(p, SKIP_EMPTY):
+                v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask,
+                            other=0.0)
+                dw = _dot(do, tl.trans(v), PRECISION)
+                if DROPOUT:
+                    keep = _dropout_keep(seed, bh, rows, cols, N, dropout_p)
+                    dw = tl.where(keep, dw * inv_keep, 0.0)
+                ds = p * (dw - delta[:, None])
+                dq += _dot(ds.to(k.dtype), k, PRECISION)
+        dq = dq * scale
+        tl.store(DQ + b * sgb + h * sgh + rows[:, None] * sgn + dims[None, :] * sgd,
+                 dq.to(DQ.dtype.element_ty), mask=qo_mask)
+
+
+# Grids are (row blocks, heads, batch): CUDA allows 65,535 programs along the last two axes, so
+# batch x heads on one of them would stop at batch 8,191 with 8 heads.
+
+
+def _blocks(n: int, d: int, block_m: int, block_n: int) -> tuple[int, int, int]:
+    """Tile sizes: the defaults, shrunk to a 16-multiple power of two for short rows (tl.dot
+    needs 16 at least)."""
+    fit = max(16, triton.next_power_of_2(n))
+    return min(block_m, fit), min(block_n, fit), max(16, triton.next_power_of_2(d))
+
+
+def _like_qkv_layout(q: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    # (B, N, H, D) in memory, seen as (B, H, N, D): the caller's transpose(1, 2).reshape(B, N, C)
+    # is then free.
+    B, H, N, D = q.shape
+    return q.new_empty((B, N, H, D), dtype=dtype).transpose(1, 2)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs are the reference checks: full float32 products, no TF32.
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32"
+
+
+@torch.library.custom_op("nkat::attention_kernel_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float, top_k: int,
+                   top_p: float, dropout_p: float, block_m: int, block_n: int, num_warps: int,
+                   skip_empty: bool) -> tuple[Tensor, Tensor, Tensor]:
+    B, H, N, D = q.shape
+    o = _like_qkv_layout(q)
+    threshold = q.new_empty((B, H, N), dtype=torch.float32)
+    lse = q.new_empty((B, H, N), dtype=torch.float32)
+    bm, bn, bd = _blocks(N, D, block_m, block_n)
+    levels = filter_levels(top_k, top_p, N)
+    _fwd_kernel[(triton.cdiv(N, bm), H, B)](
+        q, k, v, o, threshold, lse, seed,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, N, D, scale, top_p, dropout_p, 1.0 / (1.0 - dropout_p),
+        TOP_K=top_k, TOPK_ON=0 < top_k < N, NUCLEUS_ON=top_p < 1.0,
+        LEVELS=levels, LEVELS_PAD=max(2, triton.next_power_of_2(max(levels, 1))),
+        DROPOUT=dropout_p > 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, num_warps=num_warps,
+    )
+    return o, threshold, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n, num_warps, skip_empty):
+    B, H, N, D = q.shape
+    return (_like_qkv_layout(q), q.new_empty((B, H, N), dtype=torch.float32),
+            q.new_empty((B, H, N), dtype=torch.float32))
+
+
+@torch.library.custom_op("nkat::attention_kernel_bwd", mutates_args=())
+def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                   threshold: Tensor, lse: Tensor, seed: Tensor, scale: float, dropout_p: float,
+                   block_m: int, block_n: int, num_warps: int, skip_empty: bool
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    B, H, N, D = q.shape
+    grad_out = grad_out.to(q.dtype)
+    delta = (grad_out.float() * out.float()).sum(dim=-1).contiguous()
+    dq = _like_qkv_layout(q)
+    dk = _like_qkv_layout(q)
+    dv = _like_qkv_layout(q)
+    bm, bn, bd = _blocks(N, D, block_m, block_n)
+    common = dict(DROPOUT=dropout_p > 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+                  PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, num_warps=num_warps)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    scalars = (H, N, D, scale, dropout_p, 1.0 / (1.0 - dropout_p))
+    _bwd_kv_kernel[(triton.cdiv(N, bn), H, B)](
+        q, k, v, grad_out, threshold, lse, delta, dk, dv, seed, *strides, *dk.stride(),
+        *scalars, **common)
+    _bwd_q_kernel[(triton.cdiv(N, bm), H, B)](
+        q, k, v, grad_out, threshold, lse, delta, dq, seed, *strides, *dq.stride(),
+        *scalars, **common)
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, threshold, lse, seed, scale, dropout_p, block_m, block_n,
+      num_warps, skip_empty):
+    return _like_qkv_layout(q), _like_qkv_layout(q), _like_qkv_layout(q)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, seed, scale, _top_k, _top_p, dropout_p, *launch = inputs
+    out, threshold, lse = output
+    ctx.save_for_backward(q, k, v, out, threshold, lse, seed)
+    ctx.args = (scale, dropout_p, *launch)
+
+
+def _backward(ctx, grad_out, _grad_threshold, _grad_lse):
+    q, k, v, out, threshold, lse, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, threshold, lse, seed, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, top_p: float,
+                     dropout_p: float = 0.0, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
+                     num_warps: int = NUM_WARPS, skip_empty: bool = SKIP_EMPTY_TILES) -> Tensor:
+    """The NKAT attention core from q, k, v (B, heads, N, head_dim), unmodulated: (B, heads, N, hd).
+
+    Same contract as ``fused_attention``: ``dropout_p`` applied as given (pass 0 in eval mode);
+    under autocast q, k, v arrive in bf16 and the output is bf16, the scores, filter and softmax
+    are float32 (the bf16 products summed in float32, not rounded to bf16 in between: ties are
+    those of exactly equal products, e.g. identical tokens). The output is laid out (B, N, heads,
+    hd) in memory. ``block_m`` / ``block_n`` are the query and key tile sizes (tests shrink them to
+    cross tile borders on small rows), ``num_warps`` the warps per program; ``skip_empty`` skips
+    the products of tiles whose probabilities are all 0 (the same result, bit for bit).
+    """
+    if not kernel_supports(q.shape[-1], top_k, top_p, q.shape[-2]):
+        raise ValueError(f"kernel_attention: head dim {q.shape[-1]} with top_k {top_k}, top_p "
+                         f"{top_p} over {q.shape[-2]} keys is not supported; use the explicit path")
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if dropout_p > 0:
+        seed = torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
+    else:
+        seed = torch.zeros(1, device=q.device, dtype=torch.int64)
+    return _attention_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n,
+                          num_warps, skip_empty)[0]

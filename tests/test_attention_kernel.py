@@ -1,0 +1,429 @@
+"""nkat_search.train.attention_kernel: the Triton kernel pair against the explicit path, on the CPU.
+
+The kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), which Triton reads when a
+kernel is decorated, i.e. when ``attention_kernel`` is first imported; the other test files import
+the model (and so the kernel module) without it. So every interpreted case runs in one child
+process (this file run as a script, ``run_cases``), which prints its measurements as JSON; the
+tests below judge them. Sizes are small (rows of 12 to 64 keys, tiles of 16 so that rows cross
+tile borders and end in a partial tile) because the interpreter runs every program in Python.
+
+Float32 tolerances: outputs and gradients within 2e-5 relative to the largest reference value
+(the kernel sums in another order than torch's matmuls; measured errors are about 1e-6, at most
+3e-6), except the modulation's alpha and beta, whose gradients are single sums over every output
+entry with cancellation: 2e-4 relative to themselves (measured up to 5e-5). bf16:
+5e-2 relative (the output and the gradients are rounded to bf16, 2**-8, and the explicit path
+rounds the probabilities to bf16 before the product with v).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TILE = 16  # block_m = block_n in the interpreted cases
+FLOAT32_TOL = 2e-5
+SCALAR_SUM_TOL = 2e-4
+BF16_TOL = 5e-2
+
+# name -> (tokens, head_dim, top_k, top_p, ties, split_heads): the layer cases, each forward and
+# gradients.
+LAYER_CASES = {
+    "n17_d48_k6_p08": (17, 48, 6, 0.8, False, False),
+    "n17_d56_k6_p08_ties": (17, 56, 6, 0.8, True, False),
+    "n33_d64_k4_p09": (33, 64, 4, 0.9, False, False),
+    "n40_d48_k6_p08_ties": (40, 48, 6, 0.8, True, False),
+    "n12_d48_topk_ge_n": (12, 48, 20, 0.8, False, False),  # top_k >= N: nucleus only, 12 levels
+    "n17_d64_topk_only": (17, 64, 6, 1.0, True, False),  # top_p >= 1
+    "n17_d48_no_filter": (17, 48, 0, 1.0, False, False),  # both off: the plain softmax pass
+    "n17_d48_split_heads": (17, 48, 6, 0.8, True, True),  # 8 heads, q, k, v from a concatenation
+}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _layer_case(tokens: int, head_dim: int, top_k: int, top_p: float, ties: bool,
+                split_heads: bool) -> dict:
+    """The NKATAttention layer (modulation on) on the kernel and the explicit path: relative
+    errors of the output and of every gradient."""
+    from nkat_search.config import ModelConfig
+    from nkat_search.train.model import NKATAttention
+
+    heads = 8 if split_heads else 2
+    dim = heads * head_dim
+    cfg = ModelConfig(embed_dim=dim, num_heads=heads, top_k=top_k, top_p=top_p,
+                      temperature=0.65, dropout_attn=0.0, nkat_strength=0.3,
+                      split_heads=split_heads)
+    torch.manual_seed(tokens + head_dim)
+    attn = NKATAttention(dim, heads, layer_index=0, cfg=cfg).train()
+    for module in attn.modules():  # larger logits than at init, so the filters cut rows unevenly
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data.mul_(3)
+    x = torch.randn(1 if split_heads else 2, tokens, dim)
+    if ties:  # identical tokens: exactly tied logits, at the k-th value and inside the nucleus
+        x[:, 1::2] = x[:, 1:2]
+        x[:, 2:8] = x[:, 3:4]
+    weight = torch.randn(x.shape)
+    results = {}
+    for path in ("explicit", "kernel"):
+        attn.path = path
+        attn.zero_grad(set_to_none=True)
+        inp = x.clone().requires_grad_()
+        if path == "kernel":
+            import nkat_search.train.model as model_module
+            real = model_module.kernel_attention
+            model_module.kernel_attention = lambda *a: real(*a, block_m=TILE, block_n=TILE)
+            try:
+                out = attn(inp)
+            finally:
+                model_module.kernel_attention = real
+        else:
+            out = attn(inp)
+        (out * weight).sum().backward()
+        results[path] = {"out": out.detach(), "grad_x": inp.grad,
+                         **{name: p.grad.clone() for name, p in attn.named_parameters()}}
+    return {name: _rel(results["kernel"][name], ref)
+            for name, ref in results["explicit"].items()}
+
+
+def _explicit_core(q, k, v, scale, top_k, top_p, keep=None, dropout_p=0.0):
+    """The explicit path's core (``NKATAttention.attend``, modulation off), with an optional
+    dropout mask applied as ``nn.Dropout`` would."""
+    from nkat_search.config import ModelConfig
+    from nkat_search.train.model import NKATAttention
+
+    cfg = ModelConfig(embed_dim=8 * 4, num_heads=8, top_k=top_k, top_p=top_p, dropout_attn=0.0,
+                      nkat_strength=0.0)
+    attn = NKATAttention(32, 8, layer_index=0, cfg=cfg)
+    attn.scale = scale
+    if keep is not None:
+        attn.attn_drop = _FixedDropout(keep, dropout_p)
+    return attn.attend(q, k, v, None)
+
+
+class _FixedDropout(torch.nn.Module):
+    """``nn.Dropout`` with a given mask."""
+
+    def __init__(self, keep: torch.Tensor, p: float):
+        super().__init__()
+        self.keep, self.p = keep, p
+
+    def forward(self, weights: torch.Tensor) -> torch.Tensor:
+        return weights * self.keep / (1.0 - self.p)
+
+
+def _integer_ties_case(dtype: torch.dtype) -> dict:
+    """q, k with small integer entries: every product is exact, so ties are exact in any summation
+    order; forward and gradients against the explicit core in float32 from the same values."""
+    from nkat_search.train.attention_kernel import kernel_attention
+
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randint(-2, 3, (2, 2, 2, 33, 48), generator=gen).float().unbind(0)
+    v = torch.randn(2, 2, 33, 48, generator=gen)
+    grad = torch.randn(2, 2, 33, 48, generator=gen)
+    q, k, v = (t.to(dtype).float() for t in (q, k, v))  # the values bf16 can hold
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = _explicit_core(*leaves, 0.25, 6, 0.8)
+    ref_grads = torch.autograd.grad(ref, leaves, grad)
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out = kernel_attention(*leaves, 0.25, 6, 0.8, 0.0, block_m=TILE, block_n=TILE)
+    grads = torch.autograd.grad(out, leaves, grad.to(dtype))
+    result = {"out": _rel(out, ref), "dtype": str(out.dtype)}
+    for name, a, b in zip(("grad_q", "grad_k", "grad_v"), grads, ref_grads):
+        result[name] = _rel(a, b)
+    # Ties do occur at the threshold: rows whose kept count exceeds top_k.
+    scores = (q @ k.transpose(-2, -1)) * 0.25
+    larger = (scores.unsqueeze(-2) > scores.unsqueeze(-1)).sum(-1)
+    result["rows_with_ties_at_kth"] = int(((larger < 6).sum(-1) > 6).sum())
+    return result
+
+
+def _raw_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, skip_empty=False):
+    """The forward op with a given seed tensor, on the test tiles: (output, threshold, lse)."""
+    from nkat_search.train.attention_kernel import _attention_fwd
+
+    return _attention_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, TILE, TILE, 4,
+                          skip_empty)
+
+
+def _skip_empty_case() -> dict:
+    """Tiles whose probabilities are all 0 skipped: the same output and gradients, bit for bit,
+    on rows that all keep only keys 0..3 (an attention sink), so most key tiles are empty."""
+    gen = torch.Generator().manual_seed(15)
+    n = 64
+    q = torch.randn(1, 2, n, 48, generator=gen) * 0.1 + 1.0
+    k = torch.randn(1, 2, n, 48, generator=gen) * 0.1
+    k[:, :, :4] += 3.0
+    v, grad = torch.randn(2, 1, 2, n, 48, generator=gen).unbind(0)
+    seed = torch.tensor([5], dtype=torch.int64)
+    results = []
+    for skip in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = _raw_fwd(*leaves, seed, 0.5, 2, 0.9, 0.2, skip_empty=skip)[0]
+        results.append([out, *torch.autograd.grad(out, leaves, grad)])
+    eye = torch.eye(n).expand(1, 2, n, n).contiguous()
+    weights = _raw_fwd(q, k, eye, seed, 0.5, 2, 0.9, 0.0)[0]
+    return {"kept_keys_beyond_4": int((weights[..., 4:] > 0).sum()),
+            "identical": [bool(torch.equal(a, b)) for a, b in zip(*results)]}
+
+
+def _dropout_case() -> dict:
+    """Dropout 0.17, no filter, v = identity: the output is the weight matrix itself."""
+    p = 0.17
+    gen = torch.Generator().manual_seed(11)
+    n = 64
+    q, k = torch.randn(2, 2, 2, n, 64, generator=gen).unbind(0)
+    eye = torch.eye(n).expand(2, 2, n, n).contiguous()
+    seed = torch.tensor([1234], dtype=torch.int64)
+    weights = _raw_fwd(q, k, eye, seed, 1.0, 0, 1.0, p)[0]
+    probs = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+    kept = weights > 0
+    again = _raw_fwd(q, k, eye, seed, 1.0, 0, 1.0, p)[0]
+    other = _raw_fwd(q, k, eye, seed + 1, 1.0, 0, 1.0, p)[0]
+    return {
+        "entries": kept.numel(),
+        "kept_share": kept.float().mean().item(),
+        "kept_weight_error": _rel(weights[kept], probs[kept] / (1 - p)),
+        "same_seed_same_mask": bool(torch.equal(again, weights)),
+        "other_seed_share_equal": (kept == (other > 0)).float().mean().item(),
+        "rows_per_head_differ": bool((kept[:, 0] != kept[:, 1]).any()),
+    }
+
+
+def _dropout_gradient_case() -> dict:
+    """Forward and backward use the same mask: the kernel's gradients on a fixed seed against the
+    explicit core with the mask read back from the kernel's own forward (v = identity)."""
+    p = 0.3
+    gen = torch.Generator().manual_seed(12)
+    n = 33
+    q, k, v = (t * 2 for t in torch.randn(3, 2, 2, n, 48, generator=gen).unbind(0))
+    grad = torch.randn(2, 2, n, 48, generator=gen)
+    seed = torch.tensor([99], dtype=torch.int64)
+    eye = torch.eye(n, 48).expand(2, 2, n, 48).contiguous()  # 33 keys fit in 48 columns
+    keep = _raw_fwd(q, k, eye, seed, 0.5, 6, 0.8, p)[0][..., :n] > 0
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = _raw_fwd(*leaves, seed, 0.5, 6, 0.8, p)[0]
+    grads = torch.autograd.grad(out, leaves, grad)
+    # Keep at filtered entries does not matter (their probability is 0); give them the mask too.
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = _explicit_core(*ref_leaves, 0.5, 6, 0.8, keep=keep, dropout_p=p)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad)
+    # The same check against a mask from another seed must fail: the test can tell.
+    wrong_keep = _raw_fwd(q, k, eye, seed + 1, 0.5, 6, 0.8, p)[0]
+    wrong_keep = wrong_keep[..., :n] > 0
+    wrong_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    wrong = _explicit_core(*wrong_leaves, 0.5, 6, 0.8, keep=wrong_keep, dropout_p=p)
+    wrong_grads = torch.autograd.grad(wrong, wrong_leaves, grad)
+    result = {"out": _rel(out, ref), "wrong_seed_grad_q": _rel(grads[0], wrong_grads[0])}
+    for name, a, b in zip(("grad_q", "grad_k", "grad_v"), grads, ref_grads):
+        result[name] = _rel(a, b)
+    return result
+
+
+def _seed_case() -> dict:
+    """The public function draws its seed from torch's generator: reproducible under
+    ``torch.manual_seed``, different on the next call."""
+    from nkat_search.train.attention_kernel import kernel_attention
+
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = torch.randn(3, 1, 2, 17, 48, generator=gen).unbind(0)
+
+    def run():
+        return kernel_attention(q, k, v, 0.5, 0, 1.0, 0.5, block_m=TILE, block_n=TILE)
+
+    torch.manual_seed(0)
+    first, second = run(), run()
+    torch.manual_seed(0)
+    replay = run()
+    return {"replay_equal": bool(torch.equal(first, replay)),
+            "next_call_equal": bool(torch.equal(first, second))}
+
+
+def _opcheck_case() -> dict:
+    """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT
+    dispatch of the forward op, i.e. what torch.compile relies on."""
+    from nkat_search.train.attention_kernel import _attention_fwd
+
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = (t.requires_grad_() for t in torch.randn(3, 1, 2, 17, 48, generator=gen).unbind(0))
+    seed = torch.tensor([7], dtype=torch.int64)
+    args = (q, k, v, seed, 0.5, 6, 0.8, 0.1, TILE, TILE, 4, False)
+    report = torch.library.opcheck(_attention_fwd, args)
+    return {name: str(value) for name, value in report.items()}
+
+
+def run_cases() -> dict:
+    cases = {f"layer_{name}": (lambda c=case: _layer_case(*c))
+             for name, case in LAYER_CASES.items()}
+    cases.update({
+        "integer_ties_float32": lambda: _integer_ties_case(torch.float32),
+        "integer_ties_bf16": lambda: _integer_ties_case(torch.bfloat16),
+        "dropout": _dropout_case,
+        "dropout_gradient": _dropout_gradient_case,
+        "skip_empty": _skip_empty_case,
+        "seed": _seed_case,
+        "opcheck": _opcheck_case,
+    })
+    results = {}
+    for name, case in cases.items():
+        started = time.perf_counter()
+        try:
+            results[name] = case()
+            results[name]["seconds"] = round(time.perf_counter() - started, 2)
+        except Exception as err:  # noqa: BLE001 - reported to the test that reads this case
+            results[name] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _case(interpreted: dict, name: str) -> dict:
+    result = interpreted[name]
+    assert "error" not in result, result["error"]
+    return result
+
+
+@pytest.mark.parametrize("name", list(LAYER_CASES))
+def test_kernel_layer_matches_explicit_forward_and_gradients(interpreted, name):
+    errors = _case(interpreted, f"layer_{name}")
+    errors.pop("seconds")
+    assert set(errors) >= {"out", "grad_x", "alpha", "beta", "proj.weight"}
+    scalars = {name: errors.pop(name) for name in ("alpha", "beta")}
+    assert max(errors.values()) < FLOAT32_TOL, errors
+    assert max(scalars.values()) < SCALAR_SUM_TOL, scalars
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bf16"])
+def test_kernel_exact_ties_at_the_threshold(interpreted, dtype):
+    result = _case(interpreted, f"integer_ties_{dtype}")
+    assert result["rows_with_ties_at_kth"] > 0  # the case does exercise ties at the cut
+    tol = FLOAT32_TOL if dtype == "float32" else BF16_TOL
+    assert result["dtype"] == ("torch.float32" if dtype == "float32" else "torch.bfloat16")
+    errors = {k: v for k, v in result.items() if k.startswith(("out", "grad_"))}
+    assert max(errors.values()) < tol, result
+
+
+def test_kernel_dropout_keep_share_and_scaling(interpreted):
+    result = _case(interpreted, "dropout")
+    sigma = math.sqrt(0.17 * 0.83 / result["entries"])
+    assert abs(result["kept_share"] - 0.83) < 5 * sigma, result
+    assert result["kept_weight_error"] < FLOAT32_TOL, result
+    assert result["same_seed_same_mask"], result
+    # Another seed: an independent mask agrees on about 0.83^2 + 0.17^2 = 0.72 of the entries.
+    assert abs(result["other_seed_share_equal"] - 0.7178) < 0.03, result
+    assert result["rows_per_head_differ"], result
+
+
+def test_kernel_dropout_backward_uses_the_forward_mask(interpreted):
+    result = _case(interpreted, "dropout_gradient")
+    for name in ("out", "grad_q", "grad_k", "grad_v"):
+        assert result[name] < FLOAT32_TOL, result
+    assert result["wrong_seed_grad_q"] > 1e-2, result  # the comparison can tell masks apart
+
+
+def test_kernel_skipping_empty_tiles_changes_nothing(interpreted):
+    result = _case(interpreted, "skip_empty")
+    assert result["kept_keys_beyond_4"] == 0, result  # every tile past the first is empty
+    assert result["identical"] == [True] * 4, result
+
+
+def test_kernel_dropout_seed_follows_torch_generator(interpreted):
+    result = _case(interpreted, "seed")
+    assert result["replay_equal"] and not result["next_call_equal"], result
+
+
+def test_kernel_op_registration_passes_opcheck(interpreted):
+    report = _case(interpreted, "opcheck")
+    report.pop("seconds")
+    assert report and all(value == "SUCCESS" for value in report.values()), report
+
+
+# --- in process: no kernel launches, so no interpreter needed ------------------------------------
+
+def _compile_for_hopper(fn, dtype: str, constexprs: dict, num_warps: int):
+    """Triton's compiler (its bundled ptxas, no GPU needed) on one kernel for sm_90: catches what
+    the interpreter lets through (loop-carried type changes, layouts, shared memory)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = f"*{dtype}"
+        elif name in ("THR", "LSE", "DELTA"):
+            signature[name] = "*fp32"
+        elif name == "SEED":
+            signature[name] = "*i64"
+        elif name in ("scale", "top_p", "dropout_p", "inv_keep"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps})
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="kernels are interpreted functions in this process")
+def test_kernels_compile_for_hopper_in_bf16():
+    pytest.importorskip("triton")
+    from nkat_search.train import attention_kernel as ak
+
+    tiles = dict(BLOCK_M=ak.BLOCK_M, BLOCK_N=ak.BLOCK_N, BLOCK_D=64, PRECISION="tf32",
+                 SKIP_EMPTY=ak.SKIP_EMPTY_TILES)
+    forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8, **tiles)
+    for fn, constexprs in ((ak._fwd_kernel, dict(DROPOUT=True, **forward)),
+                           (ak._bwd_kv_kernel, dict(DROPOUT=True, **tiles)),
+                           (ak._bwd_q_kernel, dict(DROPOUT=True, **tiles))):
+        compiled = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
+        # Hopper's warpgroup MMA in every kernel: the score tiles must come out of the same
+        # instruction in forward and backward (see _score_tile).
+        assert "wgmma" in compiled.asm["ptx"], fn.__name__
+
+
+def test_kernel_supports_and_cpu_auto_path(monkeypatch):
+    import nkat_search.train.model as model_module
+    from nkat_search.config import ModelConfig
+    from nkat_search.train.attention_kernel import KERNEL_MAX_LEVELS, kernel_supports
+    from nkat_search.train.model import build_model
+
+    assert kernel_supports(48, 6, 0.8, 257) and kernel_supports(64, 0, 1.0, 512)
+    assert not kernel_supports(96, 6, 0.8, 257)  # head dim past the padded 64
+    assert kernel_supports(48, 0, 0.8, KERNEL_MAX_LEVELS)
+    assert not kernel_supports(48, 0, 0.8, KERNEL_MAX_LEVELS + 1)  # nucleus only: a level per key
+    calls = []
+    monkeypatch.setattr(model_module, "kernel_attention", lambda *a: calls.append(1))
+    cfg = ModelConfig(embed_dim=32, num_heads=4, depth=1, conv_stem="off", patch_size=2)
+    model = build_model(cfg, 3, 10).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert calls == []  # auto on the CPU: explicit, even for 257-token rows
+    assert model.blocks[0].attn.nkat_path(torch.randn(1, 4, 257, 8)) == "explicit"
+    model.blocks[0].attn.path = "kernel"
+    assert model.blocks[0].attn.nkat_path(torch.randn(1, 4, 257, 8)) == "kernel"
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    print(json.dumps(run_cases()))
