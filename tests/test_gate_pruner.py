@@ -93,8 +93,13 @@ def test_safety_stretches_the_rise():
     assert run_curve(gate_study(safety=1.2), [0.31, 0.38, 0.45, 0.50]) == 3
 
 
-def test_no_prior_and_no_finished_curve_never_stops_a_trial():
-    assert run_curve(gate_study(prior=()), [0.01, 0.02, 0.03, 0.04]) == EPOCHS
+def test_without_a_prior_the_study_decides_only_from_min_curves_of_its_own():
+    study = gate_study(prior=(), min_curves=2)
+    assert run_curve(study, [0.02, 0.02, 0.02, 0.02]) == EPOCHS  # no evidence: trains on
+    study.add_trial(optuna.trial.create_trial(
+        value=0.62, intermediate_values={1: 0.31, 2: 0.50, 3: 0.60, 4: 0.62}))
+    # Two full curves now; the flat one rose 1.0x, the other 2.0x after epoch 1: R(1) = 2.0.
+    assert run_curve(study, [0.25, 0.30, 0.35, 0.40]) == 1
 
 
 def test_a_rank_pruner_behind_the_gate_stops_what_it_ranks_low():

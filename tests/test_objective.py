@@ -157,22 +157,27 @@ def test_the_pruner_stops_a_trial_before_its_last_epoch_and_says_why(tmp_path):
 
 def test_the_gate_pruner_stops_a_hopeless_trial_in_its_first_epoch_and_says_so(tmp_path,
                                                                               monkeypatch):
-    """A flat Local TPE of 0.20 with no prior and no finished curve: R is infinite, it trains
-    on; the study's first full curve is then the evidence that stops the next one."""
-    monkeypatch.setattr("nkat_search.search.gate_prior.PRIOR_RISE", ())
-    trainer = StandInTrainer({"cifar10": 0.20})
-    study, trial = run_one(tmp_path, trainer, epochs=3, gate=0.60, pruner={"type": "gate"})
-    assert outcome(trial) == "gate_failed" and trial.last_step == 3  # no evidence yet: trained
-    # That flat curve rose by 1.0x after every epoch, so the next flat one cannot reach 0.60.
-    spec = parse_study_text(spec_text(epochs=3, gate=0.60, pruner={"type": "gate"}),
-                            file_name="objective-test.yaml")
-    objective = Objective(spec, checkpoint_root=tmp_path / "ckpt", device="cpu", progress=False,
-                          train_fn=trainer)
-    study.optimize(objective, n_trials=1, catch=())
-    record = TrialRecord.of(study.trials[-1])
-    assert outcome(study.trials[-1]) == "pruned" and study.trials[-1].last_step == 1
+    """A prior of 3 epochs that never rose more than 1.5x: a flat Local TPE of 0.30 cannot reach
+    0.60 (0.30 x 1.5 = 0.45), so the gate pruner stops it after its first epoch."""
+    monkeypatch.setattr("nkat_search.search.gate_prior.PRIOR_RISE", (1.5, 1.2))
+    monkeypatch.setattr("nkat_search.search.gate_prior.PRIOR_EPOCHS", 3)
+    _, trial = run_one(tmp_path, StandInTrainer({"cifar10": 0.30}), epochs=3, gate=0.60,
+                       pruner={"type": "gate"})
+    record = TrialRecord.of(trial)
+    assert outcome(trial) == "pruned" and trial.last_step == 1
     assert record.reason == ("pruned at epoch 1 of 3 by the gate pruner (it can no longer reach "
-                             "the gate) (Local TPE 0.2000)")
+                             "the gate) (Local TPE 0.3000)")
+
+
+def test_the_gate_pruner_lets_a_trial_that_can_still_pass_train_to_the_gate(tmp_path,
+                                                                            monkeypatch):
+    """0.45 x 1.5 = 0.675 >= 0.60 after epoch 1 and 0.45 x 1.2 = 0.54 < 0.60 after epoch 2:
+    stopped there, one epoch later than the hopeless one."""
+    monkeypatch.setattr("nkat_search.search.gate_prior.PRIOR_RISE", (1.5, 1.2))
+    monkeypatch.setattr("nkat_search.search.gate_prior.PRIOR_EPOCHS", 3)
+    _, trial = run_one(tmp_path, StandInTrainer({"cifar10": 0.45}), epochs=3, gate=0.60,
+                       pruner={"type": "gate"})
+    assert outcome(trial) == "pruned" and trial.last_step == 2
 
 
 def test_after_the_last_epoch_the_gate_decides_not_the_pruner(tmp_path):

@@ -16,7 +16,8 @@ in accuracy, and holds across model sizes (an additive rise in TPE would not). T
 seen, ``R(e) = max_c r_c(e)``, is taken over the curves shipped with the project (``PRIOR_RISE``,
 recorded with pruning off, ``benchmarks/round2_curves.yaml``) and every curve of the study itself
 that reached its last epoch, so the prior holds before any trial has finished and the study can
-only widen it. The trial is stopped at epoch ``e < E`` iff
+only widen it. Without a shipped prior, nothing is stopped until the study has ``MIN_CURVES``
+full curves of its own. The trial is stopped at epoch ``e < E`` iff
 
     b(e) * (1 + safety * (R(e) - 1)) < gate
 
@@ -37,6 +38,9 @@ from optuna.trial import FrozenTrial
 
 from nkat_search.search import gate_prior
 from nkat_search.search.gate_prior import PRIOR_EPOCHS, PRIOR_RISE
+
+# Without a prior, the study's own full curves decide only once there are this many.
+MIN_CURVES = 5
 
 
 def rise_factors(curve: dict[int, float], epochs: int) -> dict[int, float]:
@@ -87,8 +91,8 @@ class GatePruner(optuna.pruners.BasePruner):
     """
 
     def __init__(self, gate: float, epochs: int, *, safety: float = 1.0,
-                 prior: Sequence[float] | None = None, prior_epochs: int = PRIOR_EPOCHS,
-                 rank: optuna.pruners.BasePruner | None = None):
+                 prior: Sequence[float] | None = None, prior_epochs: int | None = None,
+                 min_curves: int = MIN_CURVES, rank: optuna.pruners.BasePruner | None = None):
         if safety < 1:
             raise ValueError(f"safety must be >= 1, got {safety}")
         self.gate = gate
@@ -96,25 +100,32 @@ class GatePruner(optuna.pruners.BasePruner):
         self.safety = safety
         # None: the shipped prior, read now (not at import) so that tests can replace it.
         self.prior = tuple(gate_prior.PRIOR_RISE if prior is None else prior)
-        self.prior_epochs = prior_epochs
+        self.prior_epochs = gate_prior.PRIOR_EPOCHS if prior_epochs is None else prior_epochs
+        self.min_curves = min_curves
         self.rank = rank
         self.stopped_by: str | None = None
         # Rise factors of finished curves, by trial number: a finished trial never changes.
         self._finished: dict[int, dict[int, float]] = {}
 
     def largest_rise(self, study: optuna.Study, epoch: int) -> float:
-        """``R(epoch)``: the largest of the prior's rise and those of the study's full curves;
-        infinite (nothing is stopped) while there is neither."""
-        rises = [prior_rise(epoch, self.epochs, self.prior, self.prior_epochs)]
+        """``R(epoch)``: the largest of the prior's rise and those of the study's full curves.
+
+        Infinite (nothing is stopped) while there is no prior and fewer than ``min_curves`` full
+        curves: the largest rise of one or two curves says little about the next.
+        """
+        own = []
         for trial in study.get_trials(deepcopy=False):
             if trial.number not in self._finished:
                 if not (trial.state.is_finished() and self.epochs in trial.intermediate_values):
                     continue
                 self._finished[trial.number] = rise_factors(trial.intermediate_values,
                                                             self.epochs)
-            rises.append(self._finished[trial.number].get(epoch))
-        rises = [r for r in rises if r is not None]
-        return max(rises) if rises else math.inf
+            own.append(self._finished[trial.number].get(epoch))
+        rises = [r for r in own if r is not None]
+        prior = prior_rise(epoch, self.epochs, self.prior, self.prior_epochs)
+        if prior is None and len(rises) < self.min_curves:
+            return math.inf
+        return max(rises + ([prior] if prior is not None else []))
 
     def cannot_pass(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         """The gate rule alone."""
