@@ -118,7 +118,7 @@ def test_coordinator_and_two_workers(fresh_postgres_url, data_dir, tmp_path):
     assert (ckpt / "svc" / f"trial-{complete[0].number}" / "stage2.md").exists()
 
     shown = cli("study", "show", "--study", "svc", "--storage", fresh_postgres_url)
-    assert shown.returncode == 0 and f"{BUDGET}/{BUDGET} configurations" in shown.stdout
+    assert shown.returncode == 0 and f"{BUDGET} of {BUDGET} trials started" in shown.stdout
 
     # Same name, another search: refused, naming both hashes and the way out.
     changed = study_variant(tmp_path, gate={"local_tpe": 2.5})
