@@ -288,3 +288,30 @@ def test_kill_9_of_up_ends_its_children(data_dir, tmp_path):
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_a_retry_on_another_host_resumes_from_the_checkpoint_store(postgres_url, data_dir,
+                                                                    tmp_path):
+    """Two workers with their own local checkpoint folders (two hosts) and one checkpoint store
+    (an Optuna artifact store on a folder): ``kill -9`` the first after an epoch's checkpoint
+    reached the store; the second, which never saw the first's folder, resumes the trial from that
+    epoch, not from epoch 0, and removes the finished trial's checkpoints from the store. (On
+    merge the local folder was the only copy: the retry started over.)"""
+    name = "twohosts"
+    create(postgres_url, write_study(tmp_path, name, n_trials=1, epochs=6, grace=3))
+    store = tmp_path / "store"
+    first_log, second_log = tmp_path / "host-a.log", tmp_path / "host-b.log"
+    first = start_worker(postgres_url, name, data_dir, tmp_path / "host-a", first_log,
+                         "--checkpoint-store", str(store))
+    latest = store / name / "trial-0" / "cifar10" / "latest"
+    wait_until(latest.exists, "a checkpoint in the store", 120, [first])
+    first.kill()
+    first.wait()
+    second = start_worker(postgres_url, name, data_dir, tmp_path / "host-b", second_log,
+                          env={"NKAT_CHECKPOINT_STORE": str(store)})
+    assert finish([second], 180) == [0], text(first_log, second_log)
+    trials = load_trials(postgres_url, name)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"], text(first_log, second_log)
+    assert trials[1].user_attrs["resumed_from_epoch"] >= 1, text(second_log)
+    assert not (tmp_path / "host-b" / name / "trial-0" / "cifar10" / "checkpoint.pt").exists()
+    assert not [p for p in store.rglob("*") if p.is_file()], "the finished trial's checkpoints"
