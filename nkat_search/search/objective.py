@@ -87,6 +87,10 @@ class Objective:
         self.trial_number: int | None = None
         self._session = None  # a TrainingSession, made at the first trial (it imports torch)
         self.host_fault: BaseException | None = None  # the last trial's disk error, if any
+        # (epoch, Local TPE) of a report the storage did not take (an outage stopped the trial
+        # there): the worker sends it once the storage is back, before it queues the retry,
+        # which resumes past that epoch and would otherwise leave a gap in the curve.
+        self.unsent_report: tuple[int, float] | None = None
 
     def _options(self, timings):
         """The trial's TrainOptions: this worker's session, the trial's timings accumulator."""
@@ -132,6 +136,7 @@ class Objective:
 
         self.trial_number = trial.number
         self.host_fault = None
+        self.unsent_report = None
         timings = Timings()
         started = time.perf_counter()
         lost = False
@@ -202,8 +207,10 @@ class Objective:
             where.update(now)
 
         def report_and_maybe_prune(report) -> None:
+            self.unsent_report = (report.epoch, report.tpe)
             track(report)
             trial.report(report.tpe, report.epoch)
+            self.unsent_report = None
             # After the last epoch the gate decides; pruning there would only hide its verdict.
             if report.epoch < report.epochs and trial.should_prune():
                 trials.write(trial, outcome="pruned", feasible=False, local_tpe=report.tpe,
@@ -258,6 +265,13 @@ class Objective:
             trial.set_constraint(key, value)
         trials.write(trial, feasible=all(v <= 0 for v in violations.values()), outcome="complete")
         return table.global_tpe
+
+    def resend_report(self, trial: optuna.Trial) -> None:
+        """Send the report an outage interrupted (the storage is back; the trial still ours)."""
+        if self.unsent_report is not None and self.trial_number == trial.number:
+            epoch, value = self.unsent_report
+            self.unsent_report = None
+            trial.report(value, epoch)
 
     def _datasets(self) -> list[str]:
         return [STAGE1_DATASET, *[d for d in self.spec.stage2_datasets if d != STAGE1_DATASET]]

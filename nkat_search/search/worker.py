@@ -329,7 +329,13 @@ class Worker:
             return frozen, "taken"
         if outcome is None:
             # Training stopped on a lost heartbeat and nobody took the trial over: it is still
-            # ours. An outage is no fault of the configuration, so its retry is free.
+            # ours. An outage is no fault of the configuration, so its retry is free. The report
+            # the outage held up goes in first, so the retry inherits the whole curve.
+            try:
+                self.objective.resend_report(trial)
+            except Exception as err:  # noqa: BLE001 - a gap in a curve is no reason to stop
+                print(f"worker {self.worker}: trial {trial.number}: the report held up by the "
+                      f"outage was not sent ({err})", file=sys.stderr, flush=True)
             trial_record.write(trial, outcome="failed", error=f"heartbeat lost: {lost}")
             frozen = self.study.tell(trial, state=TrialState.FAIL)
             self._requeue(frozen, counted=not beat.transient, why="heartbeat lost")
