@@ -143,7 +143,9 @@ class TrainConfig:
         _in_range("ema", self.ema, 0.0, 1.0, high_open=True)
         _in_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
         _in_range("cutmix", self.cutmix, 0.0, 1.0)
-        _in_range("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
+        # Trials are chosen on the validation slice and trained on the rest: a slice larger than
+        # what is left to train on measures a model that barely trained.
+        _in_range("val_fraction", self.val_fraction, 0.0, MAX_VAL_FRACTION)
         for name in ("weight_decay", "clip_grad", "mixup", "cutout", "crop_padding",
                      "train_limit", "test_limit"):
             if getattr(self, name) < 0:
@@ -316,6 +318,9 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 def _positive(key: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{key}: must be > 0, got {value}")
+
+
+MAX_VAL_FRACTION = 0.5
 
 
 def _in_range(key: str, value: float, low: float, high: float,

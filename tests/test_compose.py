@@ -289,6 +289,18 @@ def test_the_caches_are_on_volumes(path):
     assert mounts["/app/runs"] == "checkpoints"
 
 
+@pytest.mark.parametrize("path", [COMPOSE_FILE, WORKER_FILE], ids=lambda p: p.name)
+def test_the_checkpoint_store_is_a_host_folder_the_worker_is_told_of(path):
+    """NKAT_CHECKPOINT_STORE reaches the worker (empty: none), and /checkpoint-store is the host's
+    NKAT_HOST_CHECKPOINT_STORE, the folder to mount from a file server every host shares."""
+    worker = load(path)["services"]["worker"]
+    assert worker["environment"]["NKAT_CHECKPOINT_STORE"] == "${NKAT_CHECKPOINT_STORE:-}"
+    assert "${NKAT_HOST_CHECKPOINT_STORE:-./checkpoint-store}:/checkpoint-store" in worker["volumes"]
+    env_example = (REPO / ".env.example").read_text()
+    assert "\nNKAT_CHECKPOINT_STORE=\n" in env_example
+    assert "\nNKAT_HOST_CHECKPOINT_STORE=" in env_example
+
+
 def test_the_worker_of_other_hosts_is_the_main_worker(services, remote_worker):
     main = dict(services["worker"])
     remote = dict(remote_worker)

@@ -271,6 +271,23 @@ def test_export_top_two_writes_the_best_configs(storage_url, tmp_path, capsys):
     assert all(p.stat().st_mode & 0o777 == 0o666 & ~_umask() for p in out.iterdir())
 
 
+def test_export_into_an_earlier_export_replaces_its_trial_files(tmp_path, capsys):
+    """--top 3, then --top 2 into the same folder: trial-2 (third) goes, a file that is not this
+    study's export stays; --out naming a file is one line, exit 2. (On merge trial-2 stayed:
+    3 trial files for --top 2, 4 for the issue's --top 3; --out FILE was a traceback.)"""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    build_study(url)
+    out = tmp_path / "export"
+    assert cli(capsys, "export", "--study", STUDY, "--storage", url, "--top", 3, "--out", out)[0] == 0
+    (out / "trial-99.yaml").write_text("mine: true\n")
+    assert cli(capsys, "export", "--study", STUDY, "--storage", url, "--top", 2, "--out", out)[0] == 0
+    assert sorted(p.name for p in out.glob("trial-*")) == [
+        "trial-0.json", "trial-0.yaml", "trial-1.json", "trial-1.yaml", "trial-99.yaml"]
+    code, out_text, err = cli(capsys, "export", "--study", STUDY, "--storage", url,
+                              "--out", out / "trials.csv")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not a folder" in err, err
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

@@ -288,3 +288,72 @@ def test_kill_9_of_up_ends_its_children(data_dir, tmp_path):
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_a_retry_on_another_host_resumes_from_the_checkpoint_store(postgres_url, data_dir,
+                                                                    tmp_path):
+    """Two workers with their own local checkpoint folders (two hosts) and one checkpoint store
+    (an Optuna artifact store on a folder): ``kill -9`` the first after an epoch's checkpoint
+    reached the store; the second, which never saw the first's folder, resumes the trial from that
+    epoch, not from epoch 0, and removes the finished trial's checkpoints from the store. (On
+    merge the local folder was the only copy: the retry started over.)"""
+    name = "twohosts"
+    create(postgres_url, write_study(tmp_path, name, n_trials=1, epochs=6, grace=3))
+    store = tmp_path / "store"
+    first_log, second_log = tmp_path / "host-a.log", tmp_path / "host-b.log"
+    first = start_worker(postgres_url, name, data_dir, tmp_path / "host-a", first_log,
+                         "--checkpoint-store", str(store))
+    latest = store / name / "trial-0" / "cifar10" / "latest"
+    wait_until(latest.exists, "a checkpoint in the store", 120, [first])
+    first.kill()
+    first.wait()
+    second = start_worker(postgres_url, name, data_dir, tmp_path / "host-b", second_log,
+                          env={"NKAT_CHECKPOINT_STORE": str(store)})
+    assert finish([second], 180) == [0], text(first_log, second_log)
+    trials = load_trials(postgres_url, name)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"], text(first_log, second_log)
+    assert trials[1].user_attrs["resumed_from_epoch"] >= 1, text(second_log)
+    assert not (tmp_path / "host-b" / name / "trial-0" / "cifar10" / "checkpoint.pt").exists()
+    assert not [p for p in store.rglob("*") if p.is_file()], "the finished trial's checkpoints"
+
+
+def test_bad_input_is_one_line_and_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
+    """The rest of the issue's point 7, each refused in one line before anything is created.
+    (On merge: up --top -1 ran the whole study first; up --data-dir FILE and missing data created
+    the study first; consistency 1.5 and --val_fraction 0.999 were accepted; --storage DIR said
+    the SQLite file does not exist.)"""
+    import yaml
+
+    from nkat_search.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NKAT_DATA_DIR", raising=False)
+    monkeypatch.delenv("NKAT_STORAGE", raising=False)
+    quick = str(Path(__file__).resolve().parents[1] / "studies" / "quick.yaml")
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    (tmp_path / "empty").mkdir()
+    impossible = yaml.safe_load(Path(quick).read_text())
+    impossible.setdefault("sampler", {})["constraints"] = {"consistency": 1.5}
+    (tmp_path / "impossible.yaml").write_text(yaml.safe_dump(impossible))
+    cases = {
+        "--top must be at least 1": ["up", "--study", quick, "--top", "-1", "--out", "runs"],
+        "is a file, not a folder": ["up", "--study", quick, "--data-dir", str(a_file),
+                                    "--out", "runs"],
+        "not found in": ["up", "--study", quick, "--data-dir", "empty", "--out", "runs"],
+        "can never be met": ["study", "create", "--study", "impossible.yaml",
+                             "--storage", "sqlite:///s.db"],
+        "val_fraction": ["train", "--dataset", "cifar10", "--val_fraction", "0.999",
+                         "--out", "t"],
+        "not a study name": ["study", "create", "--study", quick, "--name", "",
+                             "--storage", "sqlite:///s.db"],
+        "is a folder": ["status", "--study", "nkat-quick", "--storage", str(tmp_path / "empty")],
+    }
+    for needle, argv in cases.items():
+        code = main(argv)
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (argv, out, err)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "s.db").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "impossible.yaml",
+                                                          "not-a-folder"]

@@ -154,6 +154,9 @@ def test_database_restart_under_three_workers(private_postgres, data_dir, tmp_pa
         assert retry.system_attrs["retry_faults"] == 0  # an outage uses no retry
         assert retry.user_attrs["resumed_from_epoch"] >= 1, output
         assert_no_overlap(attempts)
+        # The report the outage held up was sent once the database was back: the retry's
+        # curve has every epoch, no gap where the training stopped (on merge it lacked one).
+        assert sorted(retry.intermediate_values) == list(range(1, 21)), retry.intermediate_values
         reported.append(len(failed.intermediate_values))
         resumed.append(retry.user_attrs["resumed_from_epoch"])
     assert all(worker_line in output for worker_line in ("unreachable", "reachable again"))

@@ -123,4 +123,24 @@ def export_best(study, out_dir: str | Path, top: int) -> Exported:
         result.trials.append(trial.number)
         result.feasible.append(found.feasible)
     result.paths += best_paths
+    _remove_earlier_exports(study.study_name, out_dir, keep=set(result.paths))
     return result
+
+
+def _remove_earlier_exports(study_name: str, out_dir: Path, keep: set[Path]) -> None:
+    """An export into the folder of an earlier one replaces it: the earlier export's trial files
+    that are not in this one (a trial no longer in the top K) go. Only this study's exports are
+    touched (the YAML's first line, the JSON's ``study.name``); any other file stays."""
+    for path in [*out_dir.glob("trial-*.yaml"), *out_dir.glob("trial-*.json")]:
+        if path in keep:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".yaml":
+                ours = text.startswith(f"# nkat-search export: study '{study_name}', ")
+            else:
+                ours = json.loads(text).get("study", {}).get("name") == study_name
+        except (OSError, ValueError, AttributeError):
+            continue
+        if ours:
+            path.unlink(missing_ok=True)

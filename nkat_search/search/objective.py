@@ -13,7 +13,10 @@ time went (data, setup, compile, training steps, evaluation, checkpoints; ``time
 whole objective) and ``train_images`` how many images it trained. Checkpoints live in
 ``<root>/<study>/trial-<n>/<dataset>/``, where ``n`` is the *original* trial of a retry chain, so a
 retry continues from the epoch its predecessor finished; a checkpoint that cannot be read is set
-aside and that dataset resumes from the one before, or starts over. Two exceptions are not
+aside and that dataset resumes from the one before, or starts over. With a checkpoint store
+(``checkpoint_store.py``) each checkpoint is also copied there after its epoch and after a stop,
+and a trial takes its checkpoints from there before it trains, so a retry on another host resumes
+too. Two exceptions are not
 crashes and write nothing: ``HeartbeatLost`` (the worker lost the storage for too long, and
 another worker may own the trial by now) and ``StorageUnavailable``.
 """
@@ -68,7 +71,7 @@ class Objective:
                  stop_requested: Callable[[], bool] | None = None,
                  on_start: Callable[[], None] | None = None,
                  checkpoint_interval_s: float | None = None,
-                 train_fn: Callable | None = None):
+                 train_fn: Callable | None = None, checkpoint_store=None):
         self.spec = spec
         self.checkpoint_root = Path(checkpoint_root)
         self.data_dir = data_dir
@@ -79,9 +82,15 @@ class Objective:
         self.on_start = on_start
         self.checkpoint_interval_s = checkpoint_interval_s
         self.train_fn = train_fn
+        self.checkpoint_store = checkpoint_store  # a CheckpointStore, or None: local folder only
+        self._stored: dict[Path, tuple] = {}  # checkpoint file -> what was last copied to the store
         self.trial_number: int | None = None
         self._session = None  # a TrainingSession, made at the first trial (it imports torch)
         self.host_fault: BaseException | None = None  # the last trial's disk error, if any
+        # (epoch, Local TPE) of a report the storage did not take (an outage stopped the trial
+        # there): the worker sends it once the storage is back, before it queues the retry,
+        # which resumes past that epoch and would otherwise leave a gap in the curve.
+        self.unsent_report: tuple[int, float] | None = None
 
     def _options(self, timings):
         """The trial's TrainOptions: this worker's session, the trial's timings accumulator."""
@@ -127,6 +136,7 @@ class Objective:
 
         self.trial_number = trial.number
         self.host_fault = None
+        self.unsent_report = None
         timings = Timings()
         started = time.perf_counter()
         lost = False
@@ -152,6 +162,10 @@ class Objective:
             from nkat_search.train.loop import TrainingInterrupted
 
             if isinstance(err, TrainingInterrupted):
+                try:
+                    self._store_checkpoints(trial)
+                except Exception as store_err:  # noqa: BLE001 - the retry resumes from an older one
+                    print(f"trial {trial.number}: {store_err}", file=sys.stderr, flush=True)
                 _fail(trial, f"{INTERRUPTED}: stopped {err.where}, checkpoint kept")
             elif _is_out_of_memory(err):
                 _fail(trial, f"{OUT_OF_MEMORY}: {err}")
@@ -181,17 +195,22 @@ class Objective:
         trials.write(trial, config=cfg.to_dict(), retry_of=retried_trial_number(trial), stage=1,
                      dataset=STAGE1_DATASET, epoch=0)
         folder = trial_dir(self.checkpoint_root, spec.name, trial)
+        self._restore_checkpoints(trial)
         where = {"stage": 1, "dataset": STAGE1_DATASET, "epoch": 0}
 
         def track(report) -> None:
-            """Where the trial is, for ``up``'s live line: only what changed, once per epoch."""
+            """Where the trial is, for ``up``'s live line: only what changed, once per epoch;
+            the epoch's checkpoint, if it wrote one, goes to the checkpoint store."""
+            self._store_checkpoints(trial, [report.dataset])
             now = {"dataset": report.dataset, "epoch": report.epoch}
             trials.write(trial, **{k: v for k, v in now.items() if where.get(k) != v})
             where.update(now)
 
         def report_and_maybe_prune(report) -> None:
+            self.unsent_report = (report.epoch, report.tpe)
             track(report)
             trial.report(report.tpe, report.epoch)
+            self.unsent_report = None
             # After the last epoch the gate decides; pruning there would only hide its verdict.
             if report.epoch < report.epochs and trial.should_prune():
                 trials.write(trial, outcome="pruned", feasible=False, local_tpe=report.tpe,
@@ -247,6 +266,53 @@ class Objective:
         trials.write(trial, feasible=all(v <= 0 for v in violations.values()), outcome="complete")
         return table.global_tpe
 
+    def resend_report(self, trial: optuna.Trial) -> None:
+        """Send the report an outage interrupted (the storage is back; the trial still ours)."""
+        if self.unsent_report is not None and self.trial_number == trial.number:
+            epoch, value = self.unsent_report
+            self.unsent_report = None
+            trial.report(value, epoch)
+
+    def _datasets(self) -> list[str]:
+        return [STAGE1_DATASET, *[d for d in self.spec.stage2_datasets if d != STAGE1_DATASET]]
+
+    def _restore_checkpoints(self, trial) -> None:
+        """The store's checkpoints of this trial (a retry's, maybe from another host) into the
+        local folder, where the trainer resumes from them."""
+        store = self.checkpoint_store
+        if store is None:
+            return
+        from nkat_search.train.loop import CHECKPOINT_NAME, previous_checkpoint
+
+        folder = trial_dir(self.checkpoint_root, self.spec.name, trial)
+        number = int(folder.name.removeprefix("trial-"))
+        for dataset in self._datasets():
+            path = folder / dataset / CHECKPOINT_NAME
+            if store.restore(self.spec.name, number, dataset, path.parent, path.name,
+                             previous_checkpoint(path).name):
+                self._stored[path] = _identity(path)
+
+    def _store_checkpoints(self, trial, datasets=None) -> None:
+        """Copy each checkpoint the trainer wrote since the last copy into the store; a store
+        that cannot take it is the host's fault, as a full local disk is."""
+        store = self.checkpoint_store
+        if store is None:
+            return
+        from nkat_search.train.loop import CHECKPOINT_NAME, CheckpointNotWritten
+
+        folder = trial_dir(self.checkpoint_root, self.spec.name, trial)
+        number = int(folder.name.removeprefix("trial-"))
+        for dataset in datasets or self._datasets():
+            path = folder / dataset / CHECKPOINT_NAME
+            now = _identity(path)
+            if now is None or self._stored.get(path) == now:
+                continue
+            try:
+                store.upload(self.spec.name, number, dataset, path)
+            except Exception as err:  # noqa: BLE001 - a store that fails is the host's trouble
+                raise CheckpointNotWritten(Path(store.url), err) from err
+            self._stored[path] = now
+
     def _unmeasured(self, trial: optuna.Trial, local_tpe: float) -> None:
         """Mark a trial stopped before Stage 2 infeasible, behind every measured one.
 
@@ -258,6 +324,15 @@ class Objective:
         shortfall = min(1.0, max(0.0, 1.0 - local_tpe / self.spec.gate))
         for key in self.spec.constraints:
             trial.set_constraint(key, UNMEASURED_VIOLATION + shortfall)
+
+
+def _identity(path: Path):
+    """What tells one written checkpoint from the next (a rename gives a new inode)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 def _pruner_name(trial: optuna.Trial, spec: StudySpec) -> str:

@@ -45,6 +45,9 @@ def open_storage_for_reading(storage_url: str, **kwargs):
 
     if storage_url.startswith(SQLITE_SCHEME + "://"):
         path = sqlite_path(storage_url)
+        if path is not None and path.is_dir():
+            raise UserError(f"storage {storage_url}: {path} is a folder; name the study's SQLite "
+                            "file (up keeps study S in runs/S.db)")
         if path is not None and not path.is_file():
             raise UserError(f"storage {storage_url}: the SQLite file {path} does not exist")
     return open_storage(storage_url, **kwargs)

@@ -368,6 +368,12 @@ def _parse_sampler(raw: Any) -> tuple[dict, dict[str, float]]:
     _known_keys("sampler.constraints", constraints_raw, CONSTRAINT_KEYS)
     constraints = {key: _float(f"sampler.constraints.{key}", value)
                    for key, value in constraints_raw.items()}
+    for key, target in constraints.items():
+        # Consistency = 1 - std/mean and Robustness = min/mean are at most 1 (a trial whose four
+        # TPEs are equal): a higher target would leave every trial infeasible, the study no best.
+        if not target <= 1.0:
+            raise ConfigError(f"sampler.constraints.{key}: {target:g} can never be met "
+                                 f"({key} is at most 1); use a target of 1 or less")
     return sampler, constraints
 
 

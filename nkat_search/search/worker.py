@@ -83,6 +83,8 @@ class WorkerOptions:
     checkpoint_dir: str = "runs/checkpoints"
     checkpoint_interval_s: float | None = None  # None: the trainer's default (60 s)
     keep_checkpoints: bool = False
+    # Optuna artifact store (a folder or s3://) that every host reaches (checkpoint_store.py)
+    checkpoint_store: str | None = None
     progress: bool | None = None
     cpu_threads: int | None = None  # torch threads; K workers sharing a CPU must split its cores
     storage_wait_s: float = STORAGE_WAIT_S
@@ -143,11 +145,18 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
     from nkat_search.train.sources import data_location
 
     lock = StudyLock(storage, options.study)
+    store = None
+    if options.checkpoint_store:
+        from nkat_search.search.checkpoint_store import CheckpointStore
+
+        store = CheckpointStore(options.checkpoint_store)
+        store.check()
     objective = Objective(spec, checkpoint_root=options.checkpoint_dir,
                           data_dir=data_location(options.data_dir, options.download),
                           device=resolve_device(options.device), progress=options.progress,
                           stop_requested=stop, on_start=lock.release,
-                          checkpoint_interval_s=options.checkpoint_interval_s)
+                          checkpoint_interval_s=options.checkpoint_interval_s,
+                          checkpoint_store=store)
     device = objective.preflight()
     check_checkpoint_dir(options.checkpoint_dir)
     check_room(options.checkpoint_dir, trial_checkpoint_bytes(spec))
@@ -320,7 +329,13 @@ class Worker:
             return frozen, "taken"
         if outcome is None:
             # Training stopped on a lost heartbeat and nobody took the trial over: it is still
-            # ours. An outage is no fault of the configuration, so its retry is free.
+            # ours. An outage is no fault of the configuration, so its retry is free. The report
+            # the outage held up goes in first, so the retry inherits the whole curve.
+            try:
+                self.objective.resend_report(trial)
+            except Exception as err:  # noqa: BLE001 - a gap in a curve is no reason to stop
+                print(f"worker {self.worker}: trial {trial.number}: the report held up by the "
+                      f"outage was not sent ({err})", file=sys.stderr, flush=True)
             trial_record.write(trial, outcome="failed", error=f"heartbeat lost: {lost}")
             frozen = self.study.tell(trial, state=TrialState.FAIL)
             self._requeue(frozen, counted=not beat.transient, why="heartbeat lost")
@@ -368,8 +383,17 @@ class Worker:
             self.streak.clear()
             if not options.keep_checkpoints:
                 # Checkpoints exist to resume a trial; a finished one never resumes. Reports stay.
-                for path in trial_dir(options.checkpoint_dir, spec.name, trial).glob("*/checkpoint*"):
+                folder = trial_dir(options.checkpoint_dir, spec.name, trial)
+                for path in folder.glob("*/checkpoint*"):
                     path.unlink(missing_ok=True)
+                store = self.objective.checkpoint_store
+                if store is not None:
+                    try:
+                        store.remove(spec.name, int(folder.name.removeprefix("trial-")),
+                                     self.objective._datasets())
+                    except Exception as err:  # noqa: BLE001 - leftovers cost room, not results
+                        print(f"worker {self.worker}: could not remove trial {trial.number}'s "
+                              f"checkpoints from the store ({err})", file=sys.stderr, flush=True)
             return False
         if ending == "disk":
             return self._disk_full()

@@ -137,6 +137,26 @@ def load_split(
 # ---- finding and fetching files -----------------------------------------------------------------
 
 
+def check_present(name: str, data_dir, emnist_split: str = "letters") -> None:
+    """The ``DataError`` that ``load_split`` would raise for missing files, without reading or
+    downloading anything, so a command can refuse before it does any work; a data folder that
+    is a file is named as such."""
+    where = data_location(data_dir)
+    if where.path.exists() and not where.path.is_dir():
+        raise DataError(f"{where.path}: is a file, not a folder (the {where.origin} data folder)")
+    if where.download:
+        return
+    info = facts(name, emnist_split)
+    for split in ("train", "test"):
+        files = info.file_names(split, emnist_split)
+        if info.format == "cifar-bin" and (where.path / "cifar-10-batches-py").is_dir():
+            continue
+        for file in files:
+            if _find(info, file, where) is None:
+                raise _missing(info, file, where, emnist_split)
+
+
+
 def _search_roots(where: DataDir) -> list[Path]:
     """The data dir, then where downloads go beside it (the cache dir when it is read-only)."""
     return list(dict.fromkeys([where.path, _download_root(where.path), cache_dir()]))

@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     from nkat_search.search.report import open_study
     from nkat_search.search.study_files import write_study_files
 
+    from nkat_search.errors import UserError
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out}: is a file, not a folder; name a folder to export into")
     study = open_study(resolve_storage(args.storage, args.study), args.study)
     try:
         exported, nothing = export_best(study, args.out, top=args.top), None

@@ -45,7 +45,11 @@ def _create(args: argparse.Namespace) -> int:
     from nkat_search.search.storage import mask_url, open_storage
     from nkat_search.search.spec import load_study_file
 
+    from nkat_search.search.spec import check_study_name
+
     spec = load_study_file(args.study)
+    if args.name is not None:
+        check_study_name(args.name, "--name")  # before the storage: a SQLite file is made on open
     url = resolve_storage(args.storage, args.name or spec.name)
     study, created, previous = create_study(spec, open_storage(url), args.name, args.n_trials)
     state = budget_state(study)

@@ -83,7 +83,16 @@ def run(args: argparse.Namespace) -> int:
     check_seconds("--timeout", args.timeout)
     check_port(args.port, low=1)  # up prints the dashboard's address, so it must know the port
     check_seconds("--refresh", args.refresh)
+    if args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
     spec = load_study_file(args.study)
+    # Stage 1's data is checked before the study is created: a wrong --data-dir is one line,
+    # not a study, a table and then the workers' refusal.
+    from nkat_search.search.spec import STAGE1_DATASET
+    from nkat_search.train.sources import check_present, data_location
+
+    check_present(STAGE1_DATASET, data_location(args.data_dir, args.download),
+                  spec.base_config().train.emnist_split)
     out = Path(args.out).resolve()
     run_dir = out / spec.name
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)

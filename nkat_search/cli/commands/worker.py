@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from nkat_search.cli.commands.storage_arg import add_storage_argument, child_env
 from nkat_search.cli.commands.train import add_data_arguments
@@ -42,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     parser.add_argument("--checkpoint-dir", default="runs/checkpoints", metavar="DIR",
                         help="checkpoints go to DIR/<study>/trial-<n>/<dataset>/ (shared by retries)")
+    parser.add_argument("--checkpoint-store", default=os.environ.get("NKAT_CHECKPOINT_STORE"),
+                        metavar="URL",
+                        help="also keep every checkpoint in this Optuna artifact store, a folder "
+                        "(file system shared by the hosts) or s3://BUCKET/PREFIX (S3, MinIO: "
+                        "boto3's AWS_* variables), so a trial retried on another host resumes "
+                        "from it (default: $NKAT_CHECKPOINT_STORE; none: local checkpoints only)")
     parser.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="S",
                         help="write a trial's checkpoint at most every S seconds (0: after every "
                         "epoch); always at the end of a stage and on SIGTERM / Ctrl-C, so a "
@@ -93,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
                             checkpoint_dir=args.checkpoint_dir,
                             checkpoint_interval_s=args.checkpoint_interval,
                             keep_checkpoints=args.keep_checkpoints,
+                            checkpoint_store=args.checkpoint_store or None,
                             progress=False if args.quiet else None, cpu_threads=threads,
                             storage_wait_s=args.storage_wait, timeout_s=args.timeout)
     mps = _start_mps(args, devices)
@@ -189,6 +197,8 @@ def _sibling_argv(args: argparse.Namespace, device: str, trials_per_gpu: int) ->
         argv.append("--download")
     if args.keep_checkpoints:
         argv.append("--keep-checkpoints")
+    if args.checkpoint_store:
+        argv += ["--checkpoint-store", args.checkpoint_store]
     if args.timeout is not None:
         argv += ["--timeout", str(args.timeout)]
     if args.quiet:
