@@ -75,7 +75,7 @@ class Timings:
 
     @contextmanager
     def timed(self, phase: str):
-        """Adds the block's seconds to ``phase`` when it ends normally (a failed phase is not counted)."""
+        """Adds the block's seconds to ``phase``; a block that raises adds nothing."""
         started = time.perf_counter()
         yield
         self.add(**{phase: time.perf_counter() - started})
@@ -265,7 +265,9 @@ def train_model(
     timings = Timings()
     try:  # the caller's accumulator gets this run's time however it ends (pruned, stopped, failed)
         with timings.timed("data_s"):
-            data = options.data if options.data is not None else _load_data(tc, data_dir, device, options)
+            data = options.data
+            if data is None:
+                data = _load_data(tc, data_dir, device, options)
         with timings.timed("setup_s"):
             state, run = _build(cfg, data, device, options)
             if resume and path is not None and path.exists():
@@ -282,9 +284,8 @@ def train_model(
                                 f"{tc.dataset} epoch {state.epoch + 1}/{tc.epochs}")
             seconds, loss = _run_epoch(state, run, data, timings, stop_requested, bar,
                                        first=state.epoch == resumed_from)
-            if state.step:  # stopped mid-epoch: keep these steps (a 257-token epoch lasts half a minute)
-                if bar is not None:
-                    bar.close()
+            if state.step:  # a stop mid-epoch: keep these steps (a 257-token epoch lasts 30 s)
+                _close(bar)
                 _save(state, path, timings)
                 raise TrainingInterrupted(state.epoch, state.step, run.steps_per_epoch)
             with timings.timed("eval_s"):
@@ -292,10 +293,7 @@ def train_model(
             report = EpochReport(state.epoch, tc.epochs, tc.dataset, loss, accuracy, run.lam,
                                  metrics.tpe(accuracy, run.lam), seconds,
                                  run.steps_per_epoch * run.batch_size / seconds)
-            if bar is not None:
-                bar.set_postfix(loss=f"{report.train_loss:.3f}", acc=f"{accuracy:.4f}",
-                                img_s=f"{report.images_per_s:,.0f}")
-                bar.close()
+            _close(bar, report)
             last, stopping = state.epoch == tc.epochs, stop_requested()
             interval = options.checkpoint_interval_s
             due = last or stopping or interval <= 0 or time.monotonic() - last_saved >= interval
@@ -311,18 +309,7 @@ def train_model(
         if options.timings is not None:
             options.timings.merge(timings)
 
-    train_seconds = sum(state.epoch_seconds)
-    images = run.steps_per_epoch * run.batch_size * len(state.epoch_seconds)
-    return TrainResult(
-        dataset=tc.dataset, eval_split=data.eval_split, accuracy=accuracy, parameters=run.parameters,
-        lam=run.lam, tpe=metrics.tpe(accuracy, run.lam), epochs_run=tc.epochs,
-        resumed_from_epoch=resumed_from, train_seconds=train_seconds,
-        images_per_s=images / train_seconds if train_seconds > 0 else 0.0,
-        epoch_seconds=state.epoch_seconds, config=cfg.to_dict(), device=str(device),
-        peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30
-                         if device.type == "cuda" else 0.0),
-        timings=asdict(timings),
-    )
+    return _result(state, run, data, accuracy, resumed_from, timings)
 
 
 @dataclass
@@ -411,7 +398,8 @@ def _load_data(tc, data_dir, device: torch.device, options: TrainOptions):
     return load_dataset(tc.dataset, data_dir, device, **shape)
 
 
-def _build(cfg: RunConfig, data, device: torch.device, options: TrainOptions) -> tuple[TrainState, Run]:
+def _build(cfg: RunConfig, data, device: torch.device,
+           options: TrainOptions) -> tuple[TrainState, Run]:
     """A fresh run: the model (compiled, or the session's compiled one), EMA, optimizer."""
     tc, info = cfg.train, data.info
     compile_mode = options.compile_mode
@@ -520,6 +508,23 @@ def _run_epoch(state: TrainState, run: Run, data, timings: Timings,
     return earlier_seconds + seconds, loss_sum.item() / run.steps_per_epoch
 
 
+def _result(state: TrainState, run: Run, data, accuracy: float, resumed_from: int,
+            timings: Timings) -> TrainResult:
+    cfg, device = state.cfg, state.device
+    train_seconds = sum(state.epoch_seconds)
+    images = run.steps_per_epoch * run.batch_size * len(state.epoch_seconds)
+    return TrainResult(
+        dataset=cfg.train.dataset, eval_split=data.eval_split, accuracy=accuracy,
+        parameters=run.parameters, lam=run.lam, tpe=metrics.tpe(accuracy, run.lam),
+        epochs_run=cfg.train.epochs, resumed_from_epoch=resumed_from, train_seconds=train_seconds,
+        images_per_s=images / train_seconds if train_seconds > 0 else 0.0,
+        epoch_seconds=state.epoch_seconds, config=cfg.to_dict(), device=str(device),
+        peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30
+                         if device.type == "cuda" else 0.0),
+        timings=asdict(timings),
+    )
+
+
 def _save(state: TrainState, path: Path | None, timings: Timings) -> bool:
     """``state.save(path)``, timed; False when the run keeps no checkpoint."""
     if path is None:
@@ -624,6 +629,15 @@ def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device, keys: tupl
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _close(bar, report: EpochReport | None = None) -> None:
+    if bar is None:
+        return
+    if report is not None:
+        bar.set_postfix(loss=f"{report.train_loss:.3f}", acc=f"{report.accuracy:.4f}",
+                        img_s=f"{report.images_per_s:,.0f}")
+    bar.close()
 
 
 def _progress_bar(enabled: bool, total: int, description: str):
