@@ -408,7 +408,7 @@ def _build(cfg: RunConfig, data, device: torch.device,
 
     def build() -> nn.Module:
         torch.manual_seed(tc.seed)
-        return build_model(cfg.model, info.in_chans, info.num_classes).to(device)
+        return build_model(cfg.model, info.in_chans, info.num_classes, device)
 
     if tc.compile and options.session is not None:
         key = {"model": asdict(cfg.model), "in_chans": info.in_chans,
