@@ -43,7 +43,7 @@ def flops_per_training_image(cfg: RunConfig, device: torch.device) -> float:
     """Forward + backward FLOPs per image, counted by PyTorch's FlopCounterMode on one batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_model(cfg.model, 3, 10).to(device)
+    model = build_model(cfg.model, 3, 10, device)
     x = torch.randn(8, 3, 32, 32, device=device)
     counter = FlopCounterMode(display=False)
     with counter:
@@ -73,7 +73,7 @@ def user_pipeline(cfg: RunConfig, data_dir, device, steps: int, warmup_steps: in
     loader = DataLoader(PerImageCifar(), batch_size=32, shuffle=True, num_workers=workers,
                         pin_memory=device.type == "cuda", drop_last=True,
                         persistent_workers=workers > 0)
-    model = build_model(cfg.model, 3, 10).to(device)
+    model = build_model(cfg.model, 3, 10, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     model.train()
     batches = iter(loader)
