@@ -463,7 +463,7 @@ def build_model(cfg: ModelConfig, in_chans: int, num_classes: int,
                 device: str | torch.device = "cpu", attention_path: str = "auto") -> NKAT:
     """Validate ``cfg`` and build the 32x32 NKAT model for this dataset's channels and classes,
     on ``device``, its attention path chosen for it (``attention_path`` forces one). A model
-    moved with ``.to()`` afterwards keeps the path chosen here; ``settle_attention`` chooses again."""
+    moved with ``.to()`` afterwards keeps the path chosen here (``settle_attention`` redoes it)."""
     cfg.validate()
     model = NKAT(cfg, in_chans, num_classes, attention_path=attention_path).to(device)
     return model.settle_attention(torch.device(device).type)
