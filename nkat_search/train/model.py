@@ -460,13 +460,15 @@ class NKAT(nn.Module):
 
 
 def build_model(cfg: ModelConfig, in_chans: int, num_classes: int,
-                device: str | torch.device = "cpu", attention_path: str = "auto") -> NKAT:
+                device: str | torch.device | None = None, attention_path: str = "auto") -> NKAT:
     """Validate ``cfg`` and build the 32x32 NKAT model for this dataset's channels and classes,
     on ``device``, its attention path chosen for it (``attention_path`` forces one). A model
     moved with ``.to()`` afterwards keeps the path chosen here (``settle_attention`` redoes it)."""
     cfg.validate()
-    model = NKAT(cfg, in_chans, num_classes, attention_path=attention_path).to(device)
-    return model.settle_attention(torch.device(device).type)
+    model = NKAT(cfg, in_chans, num_classes, attention_path=attention_path)
+    if device is not None:  # None: where torch builds it (the CPU, or a ``torch.device`` context)
+        model = model.to(device)
+    return model.settle_attention(model.head.weight.device.type)
 
 
 def count_parameters(model: nn.Module) -> int:
