@@ -248,14 +248,13 @@ def main() -> int:
     dim, heads = cfg.embed_dim, cfg.num_heads
     for n in args.tokens:
         for path in ("explicit", "fused"):
-            attn = NKATAttention(dim, heads, layer_index=0, cfg=cfg).train()
-            attn.path = path
+            attn = NKATAttention(dim, heads, layer_index=0, cfg=cfg, path=path).train()
             x = torch.randn(2, n, dim, requires_grad=True)
 
             def layer(inp, attn=attn):
                 # q, k, v in bf16 as autocast gives them; the rest as NKATAttention.forward.
                 q, k, v = (t.to(torch.bfloat16) for t in attn._qkv(inp))
-                if attn.uses_fused(q):
+                if attn.nkat_path() == "fused":
                     from nkat_search.train.attention import fused_attention
 
                     out = fused_attention(q, k, v, attn.scale, attn.top_k, attn.top_p,

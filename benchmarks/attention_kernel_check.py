@@ -210,8 +210,7 @@ def time_layers(device, batch: int, steps: int) -> None:
         values = dict(top_k=0, top_p=1.0, nkat_strength=0.0) if filters_off else {}
         cfg = ModelConfig(embed_dim=dim, num_heads=8, **values)
         torch.manual_seed(0)
-        attn = NKATAttention(dim, 8, layer_index=0, cfg=cfg).to(device).train()
-        attn.path = path
+        attn = NKATAttention(dim, 8, layer_index=0, cfg=cfg, path=path).to(device).train()
         forward = torch.compile(attn, mode=CUDA_COMPILE_MODE) if compiled else attn
         inp = x.clone().requires_grad_()
 

@@ -83,9 +83,7 @@ def main() -> int:
         torch._dynamo.reset()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        stepper = Stepper(cfg, data, device, mode, mode is not None)
-        for block in stepper.model.blocks:
-            block.attn.path = path
+        stepper = Stepper(cfg, data, device, mode, mode is not None, attention_path=path)
         if recompute:
             for block in stepper.model.blocks:
                 block.attn.forward = _recomputing(block.attn)

@@ -82,9 +82,8 @@ class ModelStep:
 
         torch.manual_seed(0)
         self.cfg = cfg
-        self.model = build_model(cfg.model, 3, 10).to(device)
-        for block in self.model.blocks:
-            block.attn.path = "auto" if path == "sdpa_filters_off" else path
+        self.model = build_model(cfg.model, 3, 10, device,
+                                 attention_path="auto" if path == "sdpa_filters_off" else path)
         self.ema = EmaModel(self.model, cfg.train.effective_ema())
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.train.weight_decay),
                                            lr=cfg.train.effective_lr(),
@@ -199,10 +198,13 @@ def check_worker(spec: dict) -> None:
     dim = 32 if small else 384
     for n in spec["tokens"]:
         cfg = ModelConfig(embed_dim=dim, num_heads=8, dropout_attn=0.0, nkat_strength=0.3)
-        attn = NKATAttention(dim, 8, layer_index=0, cfg=cfg).to(device).train()
-        # One compiled module for both paths: the path is a Python attribute, so changing it
-        # recompiles (a guard), as a model built with another path would.
-        compiled_forward = torch.compile(attn, dynamic=False)
+        # One layer per path, the same weights; the fused and kernel ones compiled.
+        layers, forwards = {}, {}
+        for path in ("explicit", "fused", "kernel"):
+            layers[path] = NKATAttention(dim, 8, layer_index=0, cfg=cfg, path=path).to(device)
+            layers[path].train().load_state_dict(layers["explicit"].state_dict())
+            forwards[path] = (layers[path] if path == "explicit"
+                              else torch.compile(layers[path], dynamic=False))
         for ties in (False, True):
             x = tokens(n, dim, ties)
             weight = torch.randn(x.shape, device=device, generator=torch.Generator(
@@ -211,13 +213,12 @@ def check_worker(spec: dict) -> None:
             for path in ("explicit", "fused", "kernel"):
                 if path == "kernel" and device.type == "cpu":
                     continue  # the kernel needs CUDA (or Triton's interpreter)
-                attn.path = path
-                attn.zero_grad(set_to_none=True)
+                layers[path].zero_grad(set_to_none=True)
                 inp = x.clone().requires_grad_()
-                out = (attn if path == "explicit" else compiled_forward)(inp)
+                out = forwards[path](inp)
                 (out * weight).sum().backward()
                 results[path] = [("out", out.detach()), ("grad_x", inp.grad)] + [
-                    (name, p.grad.clone()) for name, p in attn.named_parameters()]
+                    (name, p.grad.clone()) for name, p in layers[path].named_parameters()]
             for path in [p for p in results if p != "explicit"]:
                 errors = []
                 for (name, a), (_, b) in zip(results["explicit"], results[path]):
@@ -232,11 +233,9 @@ def check_worker(spec: dict) -> None:
             # can go either way: the size of that difference, for reading training runs.
             x = tokens(n, dim, True)
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                attn.path = "explicit"
-                a = attn(x).float()
+                a = forwards["explicit"](x).float()
                 for path in ("fused", "kernel"):
-                    attn.path = path
-                    b = compiled_forward(x).float()
+                    b = forwards[path](x).float()
                     rel = ((a - b).norm(dim=-1) / a.norm(dim=-1)).flatten()
                     say(f"bf16 autocast layer, {n} tokens, ties, {path}: per-token relative "
                         f"difference median {rel.median():.1e}, max {rel.max():.1e}")
@@ -249,7 +248,7 @@ def check_worker(spec: dict) -> None:
     for n in spec["tokens"]:
         stem, patch = ARCHITECTURES[n]
         cfg = ModelConfig(embed_dim=64, depth=2, conv_stem=stem, patch_size=patch)
-        model = build_model(cfg, 3, 10).to(device)
+        model = build_model(cfg, 3, 10, device)
         calls = {"fused_attention": [], "kernel_attention": []}
         real = {name: getattr(model_module, name) for name in calls}
         for name in calls:

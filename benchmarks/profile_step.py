@@ -34,9 +34,10 @@ from nkat_search.train.loop import EmaModel, param_groups, soft_cross_entropy  #
 class Stepper:
     """One training setup: model, optimizer, EMA and augmentation, as ``train_model`` builds them."""
 
-    def __init__(self, cfg: RunConfig, data, device, mode: str | None, compile_augment: bool):
+    def __init__(self, cfg: RunConfig, data, device, mode: str | None, compile_augment: bool,
+                 attention_path: str = "auto"):
         torch.manual_seed(0)
-        self.model = build_model(cfg.model, 3, 10).to(device)
+        self.model = build_model(cfg.model, 3, 10, device, attention_path)
         self.ema = EmaModel(self.model, cfg.train.effective_ema())
         self.optimizer = torch.optim.AdamW(param_groups(self.model, 0.05), lr=1e-4, fused=True)
         self.augment = GpuAugment(cfg.train, data.info, data, compile=compile_augment)

@@ -31,7 +31,8 @@ from nkat_search.config import RunConfig  # noqa: E402
 from nkat_search.train.data import load_dataset, load_split  # noqa: E402
 from nkat_search.train.model import build_model, count_parameters  # noqa: E402
 from nkat_search.train.loop import (  # noqa: E402
-    TrainOptions, resolve_device, soft_cross_entropy, train_model)
+    TrainOptions, soft_cross_entropy, train_model)
+from nkat_search.train.device import torch_device  # noqa: E402
 
 # Dense bf16 peak used for MFU; the H100 SXM datasheet figure without sparsity.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -42,7 +43,7 @@ def flops_per_training_image(cfg: RunConfig, device: torch.device) -> float:
     """Forward + backward FLOPs per image, counted by PyTorch's FlopCounterMode on one batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_model(cfg.model, 3, 10).to(device)
+    model = build_model(cfg.model, 3, 10, device)
     x = torch.randn(8, 3, 32, 32, device=device)
     counter = FlopCounterMode(display=False)
     with counter:
@@ -72,7 +73,7 @@ def user_pipeline(cfg: RunConfig, data_dir, device, steps: int, warmup_steps: in
     loader = DataLoader(PerImageCifar(), batch_size=32, shuffle=True, num_workers=workers,
                         pin_memory=device.type == "cuda", drop_last=True,
                         persistent_workers=workers > 0)
-    model = build_model(cfg.model, 3, 10).to(device)
+    model = build_model(cfg.model, 3, 10, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     model.train()
     batches = iter(loader)
@@ -124,7 +125,7 @@ def main() -> int:
                         help="tiny model and slices, to check the script on a CPU")
     args = parser.parse_args()
 
-    device = resolve_device(args.device)
+    device = torch_device(args.device)
     overrides = {"batch_size": args.batch_size}
     if args.quick:
         overrides |= {"embed_dim": 32, "depth": 1, "train_limit": 512, "test_limit": 256,

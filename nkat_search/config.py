@@ -32,6 +32,9 @@ REFERENCE_BATCH_SIZE = 32
 # Peak learning rate = lr * (batch_size / 32) ** LR_SCALING_EXPONENT. Measured, not derived: see
 # TrainConfig.effective_lr.
 LR_SCALING_EXPONENT = 0.25
+# Checkpoints at most once a minute by default (``train``'s and ``worker``'s --checkpoint-interval):
+# a kill -9 then loses at most about a minute.
+CHECKPOINT_INTERVAL_S = 60.0
 
 
 @dataclass

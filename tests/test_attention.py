@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -150,13 +152,14 @@ def layer_tokens(n: int, ties: bool, dim: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
-def run_paths(attn: NKATAttention, x: torch.Tensor, paths=("explicit", "fused"), compiled=False):
-    """Output and every gradient (input and parameters) per path, from the same weights."""
+def run_paths(make, x: torch.Tensor, paths=("explicit", "fused"), compiled=False):
+    """Output and every gradient (input and parameters) per path, from the same weights:
+    ``make(path=...)`` builds the layer with that path, after the same seed each time."""
     results = {}
     weight = torch.linspace(-1, 1, x.numel()).view_as(x)
     for path in paths:
-        attn.path = path
-        attn.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        attn = make(path=path).train()
         inp = x.clone().requires_grad_()
         forward = torch.compile(attn) if compiled and path == "fused" else attn
         out = forward(inp)
@@ -186,8 +189,9 @@ def test_fused_layer_matches_explicit_forward_and_gradients(n, case, ties):
     cfg = ModelConfig(embed_dim=32, num_heads=4, temperature=0.65, dropout_attn=0.0,
                       **FILTER_CASES[case])
     cfg.validate()
-    attn = NKATAttention(32, 4, layer_index=1, cfg=cfg).train()
-    results = run_paths(attn, layer_tokens(n, ties, 32))
+    make = functools.partial(NKATAttention, 32, 4, layer_index=1, cfg=cfg)
+    attn = make().train()
+    results = run_paths(make, layer_tokens(n, ties, 32))
     # Every parameter got a gradient on both paths (alpha and beta only with strength > 0).
     assert len(results["fused"]) == 2 + len(list(attn.parameters()))
     assert_paths_agree(results)
@@ -199,8 +203,8 @@ def test_fused_layer_with_split_heads(ties):
     cfg = ModelConfig(embed_dim=64, num_heads=8, split_heads=True, dropout_attn=0.0,
                       nkat_strength=0.3)
     cfg.validate()
-    attn = NKATAttention(64, 8, layer_index=0, cfg=cfg).train()
-    assert_paths_agree(run_paths(attn, layer_tokens(65, ties, 64)))
+    make = functools.partial(NKATAttention, 64, 8, layer_index=0, cfg=cfg)
+    assert_paths_agree(run_paths(make, layer_tokens(65, ties, 64)))
 
 
 def test_fused_model_matches_explicit_model():
@@ -208,14 +212,13 @@ def test_fused_model_matches_explicit_model():
     torch.manual_seed(0)
     cfg = ModelConfig(embed_dim=32, num_heads=4, depth=2, conv_stem="off", patch_size=4,
                       dropout_attn=0.0, dropout_embed=0.0, nkat_strength=0.3)
-    model = build_model(cfg, in_chans=1, num_classes=10).train()
+    weights = build_model(cfg, in_chans=1, num_classes=10).state_dict()
     images = torch.zeros(2, 1, 32, 32)
     images[:, :, 6:26, 6:26] = torch.randn(2, 1, 20, 20)  # a blank border: tied tokens
     grads = {}
     for path in ("explicit", "fused"):
-        for block in model.blocks:
-            block.attn.path = path
-        model.zero_grad(set_to_none=True)
+        model = build_model(cfg, in_chans=1, num_classes=10, attention_path=path).train()
+        model.load_state_dict(weights)
         out = model(images)
         out.square().sum().backward()
         grads[path] = [out.detach()] + [p.grad.clone() for p in model.parameters()]
@@ -228,9 +231,9 @@ def test_compiled_fused_layer_matches_explicit():
     torch._dynamo.reset()
     torch.manual_seed(0)
     cfg = ModelConfig(embed_dim=32, num_heads=4, dropout_attn=0.0, nkat_strength=0.3)
-    attn = NKATAttention(32, 4, layer_index=0, cfg=cfg).train()
+    make = functools.partial(NKATAttention, 32, 4, layer_index=0, cfg=cfg)
     # Inductor's vectorised exp and its summation order: a few float32 ulps more.
-    assert_paths_agree(run_paths(attn, layer_tokens(65, True, 32), compiled=True), rtol=1e-4)
+    assert_paths_agree(run_paths(make, layer_tokens(65, True, 32), compiled=True), rtol=1e-4)
 
 
 def keep_rate(q: torch.Tensor, k: torch.Tensor, dropout_p: float, compiled: bool = False) -> float:
@@ -283,10 +286,9 @@ def test_cpu_and_eager_take_the_explicit_path(monkeypatch):
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert calls == []  # auto on the CPU: explicit
-    model.blocks[0].attn.path = "fused"
+    model = build_model(cfg, 3, 10, attention_path="fused").eval()
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert calls == [1]
-    model.blocks[0].attn.path = "sideways"
     with pytest.raises(ValueError, match="attention path"):
-        model(torch.randn(1, 3, 32, 32))
+        build_model(cfg, 3, 10, attention_path="sideways")

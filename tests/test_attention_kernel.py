@@ -76,22 +76,22 @@ def _layer_case(tokens: int, head_dim: int, top_k: int, top_p: float, ties: bool
     weight = torch.randn(x.shape)
     results = {}
     for path in ("explicit", "kernel"):
-        attn.path = path
-        attn.zero_grad(set_to_none=True)
+        layer = NKATAttention(dim, heads, layer_index=0, cfg=cfg, path=path).train()
+        layer.load_state_dict(attn.state_dict())
         inp = x.clone().requires_grad_()
         if path == "kernel":
             import nkat_search.train.model as model_module
             real = model_module.kernel_attention
             model_module.kernel_attention = lambda *a: real(*a, block_m=TILE, block_n=TILE)
             try:
-                out = attn(inp)
+                out = layer(inp)
             finally:
                 model_module.kernel_attention = real
         else:
-            out = attn(inp)
+            out = layer(inp)
         (out * weight).sum().backward()
         results[path] = {"out": out.detach(), "grad_x": inp.grad,
-                         **{name: p.grad.clone() for name, p in attn.named_parameters()}}
+                         **{name: p.grad.clone() for name, p in layer.named_parameters()}}
     return {name: _rel(results["kernel"][name], ref)
             for name, ref in results["explicit"].items()}
 
@@ -419,9 +419,9 @@ def test_kernel_supports_and_cpu_auto_path(monkeypatch):
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert calls == []  # auto on the CPU: explicit, even for 257-token rows
-    assert model.blocks[0].attn.nkat_path(torch.randn(1, 4, 257, 8)) == "explicit"
-    model.blocks[0].attn.path = "kernel"
-    assert model.blocks[0].attn.nkat_path(torch.randn(1, 4, 257, 8)) == "kernel"
+    assert model.blocks[0].attn.nkat_path() == "explicit"
+    model = build_model(cfg, 3, 10, attention_path="kernel").eval()
+    assert model.blocks[0].attn.nkat_path() == "kernel"
 
 
 if __name__ == "__main__":

@@ -81,6 +81,17 @@ def build_parser(command_name: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _with_flag(err: UserError) -> str:
+    """The trainer says what went wrong; the CLI names the flag that sets it."""
+    from nkat_search.train.errors import CheckpointMismatch, DeviceError
+
+    if isinstance(err, DeviceError):
+        return f"--device {err.device}: {err.reason}"
+    if isinstance(err, CheckpointMismatch):
+        return f"{err}; use another --out directory or --no-resume"
+    return str(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     names = {name for name, _, _ in COMMANDS}
@@ -89,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(command).parse_args(argv)
         return int(args.run(args) or 0)
     except UserError as err:
-        print(f"nkat-search {command or ''}: error: {err}".replace("  ", " "), file=sys.stderr)
+        print(f"nkat-search {command or ''}: error: {_with_flag(err)}".replace("  ", " "),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"nkat-search {command}: interrupted", file=sys.stderr)

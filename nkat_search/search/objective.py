@@ -30,7 +30,7 @@ from typing import Callable
 
 import optuna
 
-from nkat_search.config import RunConfig
+from nkat_search.config import CHECKPOINT_INTERVAL_S, RunConfig
 from nkat_search.search import trials
 from nkat_search.search.disk import is_host_fault
 from nkat_search.search.space import suggest_config
@@ -94,7 +94,7 @@ class Objective:
 
     def _options(self, timings):
         """The trial's TrainOptions: this worker's session, the trial's timings accumulator."""
-        from nkat_search.train.loop import CHECKPOINT_INTERVAL_S, TrainOptions
+        from nkat_search.train.loop import TrainOptions
         from nkat_search.train.session import TrainingSession
 
         if self._session is None:
@@ -114,15 +114,15 @@ class Objective:
         """
         import torch
 
-        from nkat_search.errors import UserError
-        from nkat_search.train.loop import resolve_device
+        from nkat_search.train.device import torch_device
+        from nkat_search.train.errors import DeviceError
 
-        device = resolve_device(self.device)  # UserError for a bad name or an absent GPU
+        device = torch_device(self.device)  # DeviceError for a bad name or an absent GPU
         try:
             (torch.ones(8, device=device) * 2).sum().item()
         except Exception as err:  # noqa: BLE001 - a device that cannot add is no device
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"--device {self.device}: the device does not work ({first})") from None
+            raise DeviceError(self.device, f"the device does not work ({first})") from None
         tc = self.spec.base_config().train
         shape = dict(emnist_split=tc.emnist_split, val_fraction=tc.val_fraction, seed=tc.seed,
                      train_limit=tc.train_limit, test_limit=tc.test_limit)

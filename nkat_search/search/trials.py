@@ -27,6 +27,8 @@ from typing import Any, Iterable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from nkat_search.search.spec import STAGE1_DATASET
+
 # What a finished trial was. A gate failure and a pruned trial are both Optuna PRUNED; an
 # interrupted trial (SIGTERM / Ctrl-C) is FAIL with a retry queued, not a crash.
 OUTCOMES = ("complete", "pruned", "gate_failed", "failed", "interrupted")
@@ -34,7 +36,6 @@ OUTCOMES = ("complete", "pruned", "gate_failed", "failed", "interrupted")
 LIVE = ("running", "waiting")
 # The study's value, named for Optuna's plots and optuna-dashboard (``Study.set_metric_names``).
 METRIC_NAME = "Global TPE"
-STAGE1_DATASET = "cifar10"
 # Prefix of the ``error`` of an interrupted trial (objective.py writes it, worker.py requeues).
 INTERRUPTED = "interrupted"
 # Timing attributes (``train.loop.Timings.as_attrs`` plus the whole objective's wall time).

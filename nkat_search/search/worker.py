@@ -117,14 +117,6 @@ class StopFlag:
         return bool(self.signum)
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def identity(device: str) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{device}"
 
@@ -142,6 +134,7 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
         import torch
 
         torch.set_num_threads(options.cpu_threads)
+    from nkat_search.train.device import device_name
     from nkat_search.train.sources import data_location
 
     lock = StudyLock(storage, options.study)
@@ -153,7 +146,7 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
         store.check()
     objective = Objective(spec, checkpoint_root=options.checkpoint_dir,
                           data_dir=data_location(options.data_dir, options.download),
-                          device=resolve_device(options.device), progress=options.progress,
+                          device=device_name(options.device), progress=options.progress,
                           stop_requested=stop, on_start=lock.release,
                           checkpoint_interval_s=options.checkpoint_interval_s,
                           checkpoint_store=store)

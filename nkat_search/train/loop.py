@@ -10,27 +10,36 @@ order and augmentation draw from a generator seeded by (seed, epoch), and the gl
 is saved and restored.
 
 Every run records where its wall time went (``Timings``: data, setup, compile, training steps,
-evaluation, checkpoints), into its ``TrainResult`` and into a caller's accumulator as it goes, so
-a run that is pruned or stopped half-way still counts.
+evaluation, checkpoints), into its ``TrainResult`` and, however it ends, into a caller's
+accumulator, so a run that is pruned or stopped half-way still counts.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
+import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from nkat_search.train import metrics
 from nkat_search.atomic import atomic_path
-from nkat_search.config import RunConfig
+from nkat_search.config import CHECKPOINT_INTERVAL_S, RunConfig
 from nkat_search.errors import UserError
+from nkat_search.train import metrics
+from nkat_search.train.augment import GpuAugment
+from nkat_search.train.data import load_dataset
+from nkat_search.train.device import torch_device
+from nkat_search.train.errors import CheckpointMismatch
+from nkat_search.train.model import build_model, count_parameters
 
 CHECKPOINT_NAME = "checkpoint.pt"
 EVAL_BATCH_SIZE = 1024
@@ -39,8 +48,6 @@ EVAL_BATCH_SIZE = 1024
 # step took 14.4 ms compiled and 7.2 ms compiled with CUDA graphs (benchmarks/profile_step.py,
 # results/gpu/session3/profile_log.txt).
 CUDA_COMPILE_MODE = "reduce-overhead"
-# At most one checkpoint per minute by default: a kill -9 then loses at most about a minute.
-CHECKPOINT_INTERVAL_S = 60.0
 # The first steps of a run compile (Dynamo, Inductor, CUDA-graph recording) and warm up; their
 # time beyond that of as many steady steps is counted as compile time.
 WARM_STEPS = 3
@@ -65,6 +72,23 @@ class Timings:
 
     def merge(self, other: Timings) -> None:
         self.add(**asdict(other))
+
+    @contextmanager
+    def timed(self, phase: str):
+        """Adds the block's seconds to ``phase``; a block that raises adds nothing."""
+        started = time.perf_counter()
+        yield
+        self.add(**{phase: time.perf_counter() - started})
+
+    def add_steps(self, seconds: float, steps: int, images: int, warm_steps: int = 0,
+                  warm_seconds: float = 0.0) -> None:
+        """``seconds`` of ``steps`` training steps, split into compile (what the first
+        ``warm_steps``, which took ``warm_seconds``, took beyond steady steps) and train."""
+        compile_seconds = 0.0
+        if warm_steps > 0 and steps > warm_steps:
+            steady = (seconds - warm_seconds) / (steps - warm_steps)
+            compile_seconds = max(0.0, warm_seconds - warm_steps * steady)
+        self.add(compile_s=compile_seconds, train_s=seconds - compile_seconds, train_images=images)
 
     @property
     def total_s(self) -> float:
@@ -139,22 +163,6 @@ class TrainingInterrupted(Exception):
                  else f"in epoch {epoch + 1} at step {step} of {steps_per_epoch}")
         super().__init__(f"training interrupted {where}")
         self.epoch, self.step, self.where = epoch, step, where
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` means the first CUDA device when there is one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device: '{device}' is not a device; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
-    return resolved
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -244,46 +252,163 @@ def train_model(
     ``stop_requested()`` is polled after every step: when true, the progress so far (mid-epoch
     too) is checkpointed and ``TrainingInterrupted`` raised. ``options`` holds the knobs of workers and benchmarks.
     """
-    from nkat_search.train.augment import GpuAugment
-    from nkat_search.train.data import load_dataset
-    from nkat_search.train.model import build_model, count_parameters
-
     options = options or TrainOptions()
+    stop_requested = stop_requested or (lambda: False)
     cfg.validate()
     tc = cfg.train
-    device = resolve_device(device)
+    device = torch_device(device)
     if device.type == "cuda" and device.index is not None:
         # Make cuda:N the current device too, so nothing that uses the current device (a library's
         # scratch buffer, a stray context) lands on GPU 0 while the trial trains on GPU N.
         torch.cuda.set_device(device)
+    path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     timings = Timings()
+    try:  # the caller's accumulator gets this run's time however it ends (pruned, stopped, failed)
+        with timings.timed("data_s"):
+            data = options.data
+            if data is None:
+                data = _load_data(tc, data_dir, device, options)
+        with timings.timed("setup_s"):
+            state, run = _build(cfg, data, device, options)
+            if resume and path is not None and path.exists():
+                state.load(path)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        resumed_from, accuracy = state.epoch, 0.0
+        if state.epoch >= tc.epochs:
+            with timings.timed("eval_s"):
+                accuracy = evaluate(state.ema, data, device, run.autocast)
+        last_saved = time.monotonic()
+        while state.epoch < tc.epochs:
+            bar = _progress_bar(progress, run.steps_per_epoch,
+                                f"{tc.dataset} epoch {state.epoch + 1}/{tc.epochs}")
+            seconds, loss = _run_epoch(state, run, data, timings, stop_requested, bar,
+                                       first=state.epoch == resumed_from)
+            if state.step:  # a stop mid-epoch: keep these steps (a 257-token epoch lasts 30 s)
+                _close(bar)
+                _save(state, path, timings)
+                raise TrainingInterrupted(state.epoch, state.step, run.steps_per_epoch)
+            with timings.timed("eval_s"):
+                accuracy = evaluate(state.ema, data, device, run.autocast)
+            report = EpochReport(state.epoch, tc.epochs, tc.dataset, loss, accuracy, run.lam,
+                                 metrics.tpe(accuracy, run.lam), seconds,
+                                 run.steps_per_epoch * run.batch_size / seconds)
+            _close(bar, report)
+            last, stopping = state.epoch == tc.epochs, stop_requested()
+            interval = options.checkpoint_interval_s
+            due = last or stopping or interval <= 0 or time.monotonic() - last_saved >= interval
+            if due and _save(state, path, timings):
+                last_saved = time.monotonic()
+            if on_epoch is not None:
+                on_epoch(report)
+            if not last and (stopping or stop_requested()):
+                if not due:
+                    _save(state, path, timings)
+                raise TrainingInterrupted(state.epoch)
+    finally:
+        if options.timings is not None:
+            options.timings.merge(timings)
 
-    def spent(phase: str, since: float) -> float:
-        now = time.perf_counter()
-        for record in (timings, options.timings):
-            if record is not None:
-                record.add(**{phase: now - since})
-        return now
+    return _result(state, run, data, accuracy, resumed_from, timings)
 
-    clock = time.perf_counter()
-    data = options.data
-    if data is None:
-        shape = dict(emnist_split=tc.emnist_split, val_fraction=tc.val_fraction, seed=tc.seed,
-                     train_limit=tc.train_limit, test_limit=tc.test_limit)
-        if options.session is not None:
-            data = options.session.dataset(tc.dataset, data_dir, device, **shape)
-        else:
-            data = load_dataset(tc.dataset, data_dir, device, **shape)
-    clock = spent("data_s", clock)
-    info = data.info
 
+@dataclass
+class TrainState:
+    """What a run continues from, and what its checkpoint holds: ``save`` writes it as one dict
+    and ``load`` reads it back, as nanoGPT's checkpoint.
+
+    ``epoch`` epochs are complete. Between epochs ``step`` is 0; a stop mid-epoch saves the
+    ``step`` steps done of the next epoch with the data generator's state after them, their loss
+    sum and seconds, and a resume skips those batches of the same permutation and continues
+    bit-for-bit. The global RNG (dropout) is saved and restored.
+    """
+
+    cfg: RunConfig
+    model: nn.Module
+    ema: EmaModel
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    epoch: int = 0
+    epoch_seconds: list[float] = field(default_factory=list)
+    step: int = 0
+    generator: torch.Tensor | None = None  # the data generator's state after ``step`` steps
+    loss_sum: torch.Tensor | None = None   # the loss summed over those steps, on the device
+    seconds: float = 0.0                   # their training seconds
+
+    # Every checkpoint has these; a file without them is damaged (``load_checkpoint``).
+    KEYS = ("config", "epoch", "epoch_seconds", "model", "ema", "ema_updates", "optimizer",
+            "cpu_rng")
+
+    def save(self, path: Path) -> None:
+        cuda = self.device.type == "cuda"
+        mid_epoch = {"step": self.step, "generator": self.generator,
+                     "loss_sum": self.loss_sum.detach().clone(),
+                     "partial_seconds": self.seconds} if self.step else {}
+        save_checkpoint(path, {
+            "config": self.cfg.to_dict(), "epoch": self.epoch, "epoch_seconds": self.epoch_seconds,
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "ema_updates": self.ema.updates, "optimizer": self.optimizer.state_dict(),
+            "cpu_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
+            **mid_epoch,
+        })
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path, self.cfg, self.device, self.KEYS)
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.ema.updates = state["ema_updates"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.epoch_seconds = state["epoch"], list(state["epoch_seconds"])
+        torch.set_rng_state(state["cpu_rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if state.get("step"):
+            self.step, self.generator = state["step"], state["generator"]
+            self.loss_sum, self.seconds = state["loss_sum"], state["partial_seconds"]
+
+
+@dataclass
+class Run:
+    """What stays fixed while a run trains: the compiled step's parts and the step arithmetic."""
+
+    forward: Callable
+    augment: Callable
+    autocast: bool        # bf16 autocast (CUDA only)
+    cudagraphs: bool      # compiled with CUDA graphs ("reduce-overhead")
+    clip_grad: float
+    parameters: int
+    lam: float
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    seed: int
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr)
+
+
+def _load_data(tc, data_dir, device: torch.device, options: TrainOptions):
+    shape = dict(emnist_split=tc.emnist_split, val_fraction=tc.val_fraction, seed=tc.seed,
+                 train_limit=tc.train_limit, test_limit=tc.test_limit)
+    if options.session is not None:
+        return options.session.dataset(tc.dataset, data_dir, device, **shape)
+    return load_dataset(tc.dataset, data_dir, device, **shape)
+
+
+def _build(cfg: RunConfig, data, device: torch.device,
+           options: TrainOptions) -> tuple[TrainState, Run]:
+    """A fresh run: the model (compiled, or the session's compiled one), EMA, optimizer."""
+    tc, info = cfg.train, data.info
     compile_mode = options.compile_mode
     if tc.compile and compile_mode is None:
         compile_mode = CUDA_COMPILE_MODE if device.type == "cuda" else "default"
 
-    def build() -> torch.nn.Module:
+    def build() -> nn.Module:
         torch.manual_seed(tc.seed)
-        return build_model(cfg.model, info.in_chans, info.num_classes).to(device)
+        return build_model(cfg.model, info.in_chans, info.num_classes, device)
 
     if tc.compile and options.session is not None:
         key = {"model": asdict(cfg.model), "in_chans": info.in_chans,
@@ -301,186 +426,117 @@ def train_model(
         model = build()
         forward = model
     parameters = count_parameters(model)
-    lam = metrics.param_lambda(parameters)
     ema = EmaModel(model, tc.effective_ema())
     peak_lr = tc.effective_lr()
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=peak_lr,
                                   betas=(0.9, 0.999), fused=device.type == "cuda")
-    augment = GpuAugment(tc, info, data, compile=tc.compile and options.compile_augment)
-    autocast = tc.bf16 and device.type == "cuda"
-    cudagraphs = tc.compile and "reduce-overhead" in compile_mode
-
     n_train = data.train_labels.numel()
     batch_size = min(tc.batch_size, n_train)
     steps_per_epoch = n_train // batch_size
-    total_steps = steps_per_epoch * tc.epochs
-    warmup_steps = steps_per_epoch * tc.warmup
+    run = Run(forward=forward,
+              augment=GpuAugment(tc, info, data, compile=tc.compile and options.compile_augment),
+              autocast=tc.bf16 and device.type == "cuda",
+              cudagraphs=tc.compile and "reduce-overhead" in compile_mode,
+              clip_grad=tc.clip_grad, parameters=parameters,
+              lam=metrics.param_lambda(parameters), batch_size=batch_size,
+              steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * tc.epochs,
+              warmup_steps=steps_per_epoch * tc.warmup, peak_lr=peak_lr, seed=tc.seed)
+    return TrainState(cfg, model, ema, optimizer, device), run
 
-    checkpoint_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    start_epoch, epoch_seconds = 0, []
-    # A checkpoint written mid-epoch (a stop) also holds the steps done in the next epoch, its
-    # data generator's state after them, their loss sum and seconds: resuming skips those
-    # batches of the same permutation and continues bit-for-bit.
-    partial = None
-    if resume and checkpoint_path is not None and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, cfg, device)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        ema.updates = state["ema_updates"]
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, epoch_seconds = state["epoch"], list(state["epoch_seconds"])
-        torch.set_rng_state(state["cpu_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        if state.get("step"):
-            partial = state
 
-    def checkpoint(epochs_done: int, step: int = 0, generator=None, loss=None,
-                   seconds: float = 0.0) -> None:
-        since = time.perf_counter()
-        mid_epoch = {"step": step, "generator": generator.get_state(), "loss_sum": loss,
-                     "partial_seconds": seconds} if step else {}
-        save_checkpoint(checkpoint_path, {
-            "config": cfg.to_dict(), "epoch": epochs_done, "epoch_seconds": epoch_seconds,
-            "model": model.state_dict(), "ema": ema.state_dict(), "ema_updates": ema.updates,
-            "optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            **mid_epoch,
-        })
-        spent("checkpoint_s", since)
-        for record in (timings, options.timings):
-            if record is not None:
-                record.add(checkpoints=1)
+def _run_epoch(state: TrainState, run: Run, data, timings: Timings,
+               stop_requested: Callable[[], bool], bar, first: bool) -> tuple[float, float]:
+    """Train epoch ``state.epoch + 1`` from step ``state.step``; returns its seconds and mean loss.
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    clock = spent("setup_s", clock)
-    accuracy = 0.0
-    if start_epoch >= tc.epochs:
-        accuracy = evaluate(ema, data, device, autocast)
-        clock = spent("eval_s", clock)
-    train_seconds = sum(epoch_seconds)
-    last_checkpoint = time.monotonic()
-    for epoch in range(start_epoch, tc.epochs):
-        model.train()
-        generator = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + epoch)
-        loss_sum = torch.zeros((), device=device)
-        skip, earlier_seconds = 0, 0.0
-        if partial is not None and epoch == start_epoch:
-            skip, earlier_seconds = partial["step"], partial["partial_seconds"]
-            loss_sum += partial["loss_sum"]
-        bar = _progress_bar(progress, steps_per_epoch, f"{tc.dataset} epoch {epoch + 1}/{tc.epochs}")
-        # The first epoch of this process compiles: its first steps are timed apart.
-        warm_steps = min(WARM_STEPS, steps_per_epoch - skip - 1) if epoch == start_epoch else 0
-        _sync(device)
-        started = time.perf_counter()
-        warm_seconds = 0.0
-        done = 0  # steps run in this call
-        for i, (images, labels) in enumerate(data.train_batches(batch_size, generator)):
-            if i < skip:
-                if i == 0:
-                    # The permutation is drawn; continue the stream where the stop left it.
-                    generator.set_state(partial["generator"])
-                continue
-            step = epoch * steps_per_epoch + i
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, warmup_steps, peak_lr)
-            inputs, targets = augment(images, labels, generator)
-            if cudagraphs:
-                # Tells the CUDA-graph runtime that last step's outputs (logits, gradients) are
-                # consumed, so this replay may reuse their memory.
-                torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = forward(inputs)
-            loss = soft_cross_entropy(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad, foreach=True)
-            optimizer.step()
-            ema.update()
-            loss_sum += loss.detach()
-            done += 1
-            if bar is not None:
-                bar.update(1)
-            if warm_steps > 0 and done == warm_steps:
-                # One host sync per run, so the compile time is measured, not guessed.
-                _sync(device)
-                warm_seconds = time.perf_counter() - started
-            if i + 1 < steps_per_epoch and stop_requested is not None and stop_requested():
-                # A stop mid-epoch: keep these steps (a 257-token epoch lasts half a minute).
-                _sync(device)
-                seconds = time.perf_counter() - started
-                _add_train_time(timings, options.timings, seconds, warm_steps, warm_seconds,
-                                done, done * batch_size)
-                if bar is not None:
-                    bar.close()
-                if checkpoint_path is not None:
-                    checkpoint(epoch, step=i + 1, generator=generator,
-                               loss=loss_sum.detach().clone(), seconds=earlier_seconds + seconds)
-                raise TrainingInterrupted(epoch, i + 1, steps_per_epoch)
-        _sync(device)
-        seconds = time.perf_counter() - started
-        epoch_seconds.append(earlier_seconds + seconds)
-        train_seconds += earlier_seconds + seconds
-        _add_train_time(timings, options.timings, seconds, warm_steps, warm_seconds, done,
-                        done * batch_size)
-        seconds += earlier_seconds
-        clock = time.perf_counter()
-        accuracy = evaluate(ema, data, device, autocast)
-        clock = spent("eval_s", clock)
-        report = EpochReport(epoch + 1, tc.epochs, tc.dataset, loss_sum.item() / steps_per_epoch,
-                             accuracy, lam, metrics.tpe(accuracy, lam), seconds,
-                             steps_per_epoch * batch_size / seconds)
+    Each epoch's data order and augmentation draw from a generator seeded by (seed, epoch), so a
+    resumed epoch continues the same stream. A stop after a step that is not the epoch's last
+    leaves ``state.step`` > 0 (the steps done) and returns; the caller saves and raises.
+    ``first``: the first epoch of this call compiles, so its first steps are timed apart.
+    """
+    model, device = state.model, state.device
+    model.train()
+    generator = torch.Generator(device=device).manual_seed(run.seed * 1_000_003 + state.epoch)
+    batches = data.train_batches(run.batch_size, generator)
+    skip, earlier_seconds = state.step, state.seconds
+    loss_sum = torch.zeros((), device=device)
+    if skip:
+        for _ in itertools.islice(batches, skip):  # the first draws the permutation
+            pass
+        generator.set_state(state.generator)  # and the stream goes on where the stop left it
+        loss_sum += state.loss_sum
+    warm_steps = min(WARM_STEPS, run.steps_per_epoch - skip - 1) if first else 0
+    _sync(device)
+    started = time.perf_counter()
+    warm_seconds, done = 0.0, 0
+    for done, (images, labels) in enumerate(batches, start=1):  # done: steps run in this call
+        step = state.epoch * run.steps_per_epoch + skip + done - 1
+        for group in state.optimizer.param_groups:
+            group["lr"] = run.lr(step)
+        inputs, targets = run.augment(images, labels, generator)
+        if run.cudagraphs:
+            # Tells the CUDA-graph runtime that last step's outputs (logits, gradients) are
+            # consumed, so this replay may reuse their memory.
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.autocast):
+            logits = run.forward(inputs)
+        loss = soft_cross_entropy(logits, targets)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if run.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), run.clip_grad, foreach=True)
+        state.optimizer.step()
+        state.ema.update()
+        loss_sum += loss.detach()
         if bar is not None:
-            bar.set_postfix(loss=f"{report.train_loss:.3f}", acc=f"{accuracy:.4f}",
-                            img_s=f"{report.images_per_s:,.0f}")
-            bar.close()
-        last = epoch + 1 == tc.epochs
-        stopping = stop_requested is not None and stop_requested()
-        saved = False
-        interval = options.checkpoint_interval_s
-        if checkpoint_path is not None and (
-                last or stopping or interval <= 0 or time.monotonic() - last_checkpoint >= interval):
-            checkpoint(epoch + 1)
-            last_checkpoint, saved = time.monotonic(), True
-        if on_epoch is not None:
-            on_epoch(report)
-        if not last and (stopping or (stop_requested is not None and stop_requested())):
-            if checkpoint_path is not None and not saved:
-                checkpoint(epoch + 1)
-            raise TrainingInterrupted(epoch + 1)
+            bar.update(1)
+        if warm_steps > 0 and done == warm_steps:
+            # One host sync per run, so the compile time is measured, not guessed.
+            _sync(device)
+            warm_seconds = time.perf_counter() - started
+        if skip + done < run.steps_per_epoch and stop_requested():
+            break
+    _sync(device)
+    seconds = time.perf_counter() - started
+    timings.add_steps(seconds, done, done * run.batch_size, warm_steps, warm_seconds)
+    if skip + done < run.steps_per_epoch:
+        state.step, state.generator = skip + done, generator.get_state()
+        state.loss_sum, state.seconds = loss_sum, earlier_seconds + seconds
+        return earlier_seconds + seconds, math.nan
+    state.epoch, state.step, state.generator, state.loss_sum, state.seconds = (
+        state.epoch + 1, 0, None, None, 0.0)
+    state.epoch_seconds.append(earlier_seconds + seconds)
+    return earlier_seconds + seconds, loss_sum.item() / run.steps_per_epoch
 
-    images = steps_per_epoch * batch_size * len(epoch_seconds)
+
+def _result(state: TrainState, run: Run, data, accuracy: float, resumed_from: int,
+            timings: Timings) -> TrainResult:
+    cfg, device = state.cfg, state.device
+    train_seconds = sum(state.epoch_seconds)
+    images = run.steps_per_epoch * run.batch_size * len(state.epoch_seconds)
     return TrainResult(
-        dataset=tc.dataset, eval_split=data.eval_split, accuracy=accuracy, parameters=parameters,
-        lam=lam, tpe=metrics.tpe(accuracy, lam), epochs_run=tc.epochs,
-        resumed_from_epoch=start_epoch, train_seconds=train_seconds,
+        dataset=cfg.train.dataset, eval_split=data.eval_split, accuracy=accuracy,
+        parameters=run.parameters, lam=run.lam, tpe=metrics.tpe(accuracy, run.lam),
+        epochs_run=cfg.train.epochs, resumed_from_epoch=resumed_from, train_seconds=train_seconds,
         images_per_s=images / train_seconds if train_seconds > 0 else 0.0,
-        epoch_seconds=epoch_seconds, config=cfg.to_dict(), device=str(device),
+        epoch_seconds=state.epoch_seconds, config=cfg.to_dict(), device=str(device),
         peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30
                          if device.type == "cuda" else 0.0),
         timings=asdict(timings),
     )
 
 
-def _add_train_time(timings: Timings, accumulator: Timings | None, seconds: float,
-                    warm_steps: int, warm_seconds: float, steps: int, images: int) -> None:
-    """Split ``seconds`` of ``steps`` training steps into compile (the warm steps' extra) and train."""
-    compile_seconds = 0.0
-    if warm_steps > 0 and steps > warm_steps:
-        steady = (seconds - warm_seconds) / (steps - warm_steps)
-        compile_seconds = max(0.0, warm_seconds - warm_steps * steady)
-    for record in (timings, accumulator):
-        if record is not None:
-            record.add(compile_s=compile_seconds, train_s=seconds - compile_seconds,
-                       train_images=images)
+def _save(state: TrainState, path: Path | None, timings: Timings) -> bool:
+    """``state.save(path)``, timed; False when the run keeps no checkpoint."""
+    if path is None:
+        return False
+    with timings.timed("checkpoint_s"):
+        state.save(path)
+    timings.checkpoints += 1
+    return True
 
 
 PREVIOUS_SUFFIX = ".prev"     # checkpoint.prev.pt: the one before, kept to fall back on
 UNREADABLE_SUFFIX = ".unreadable"  # a damaged checkpoint, set aside for inspection
-CHECKPOINT_KEYS = ("config", "epoch", "epoch_seconds", "model", "ema", "ema_updates",
-                   "optimizer", "cpu_rng")
 
 
 class CheckpointNotWritten(Exception):
@@ -515,8 +571,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
     ``checkpoint.prev.pt`` (a hard link, so ``checkpoint.pt`` exists at every moment): if the new
     one is ever damaged, the run resumes from the one before instead of from scratch.
     """
-    import os
-
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
@@ -537,7 +591,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
         raise CheckpointNotWritten(path.parent, err) from err
 
 
-def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device) -> dict:
+def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device, keys: tuple[str, ...]) -> dict:
     """The state of ``path``, or of the checkpoint before it when ``path`` is damaged.
 
     A checkpoint that cannot be read (truncated, corrupt, missing keys) is renamed to
@@ -552,7 +606,7 @@ def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device) -> dict:
             continue
         try:
             state = torch.load(candidate, map_location=device, weights_only=False)
-            if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
+            if not isinstance(state, dict) or any(key not in state for key in keys):
                 raise ValueError("not a checkpoint of this trainer (keys missing)")
         except Exception as err:  # noqa: BLE001 - any failure to read means: damaged
             aside = candidate.with_name(candidate.name + UNREADABLE_SUFFIX)
@@ -560,8 +614,7 @@ def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device) -> dict:
             damaged.append(f"{candidate.name} ({type(err).__name__}), set aside as {aside.name}")
             continue
         if state.get("config") != cfg.to_dict():
-            raise UserError(f"checkpoint {candidate} was made with a different config; use "
-                            "another --out directory or --no-resume")
+            raise CheckpointMismatch(candidate)
         if damaged:
             print(f"checkpoint {path.parent}: {'; '.join(damaged)}; resuming from {candidate.name} "
                   f"(epoch {state['epoch']})", file=sys.stderr, flush=True)
@@ -576,6 +629,15 @@ def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device) -> dict:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _close(bar, report: EpochReport | None = None) -> None:
+    if bar is None:
+        return
+    if report is not None:
+        bar.set_postfix(loss=f"{report.train_loss:.3f}", acc=f"{report.accuracy:.4f}",
+                        img_s=f"{report.images_per_s:,.0f}")
+    bar.close()
 
 
 def _progress_bar(enabled: bool, total: int, description: str):

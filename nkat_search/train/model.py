@@ -49,7 +49,9 @@ FUSED_MIN_TOKENS = PAIRWISE_MAX_TOKENS + 1
 # the kernel beside the other paths at 17, 65 and 257 tokens, so this is where to change it.
 KERNEL_MIN_TOKENS = FUSED_MIN_TOKENS
 
-ATTENTION_PATHS = ("auto", "explicit", "fused", "kernel")
+# What ``NKATAttention(path=...)`` takes: "auto" (the rule in ``NKATAttention.settle``), or one
+# forced (tests and benchmarks): "sdpa" (every filter off only), "explicit", "fused", "kernel".
+ATTENTION_PATHS = ("auto", "sdpa", "explicit", "fused", "kernel")
 
 
 def topk_mask(logits: Tensor, k: int) -> Tensor:
@@ -208,7 +210,9 @@ class NKATAttention(nn.Module):
     masks and a masked softmax; the reference and the CPU path), ``fused_attention``
     (``train/attention.py``: one per-row threshold, a fused kernel per direction under
     torch.compile) and ``kernel_attention`` (``train/attention_kernel.py``: one Triton kernel per
-    direction that never writes the N x N scores). ``nkat_path`` says which one runs.
+    direction that never writes the N x N scores). Which one runs is chosen once, by ``settle``
+    when the model is on its device (``build_model`` calls it), as timm's ``fused_attn``; what is
+    left to each call is only whether it runs under torch.compile (``nkat_path``).
 
     Split heads (``cfg.split_heads``, 8 heads): the D token channels are viewed as 4 groups of D/4.
     Heads 0-1 (R), 2-3 (G), 4-5 (B) take q, k, v from their own channel group only (one D/4 -> 3D/4
@@ -218,22 +222,20 @@ class NKATAttention(nn.Module):
     this costs fewer attention FLOPs than full heads; filters and modulation apply unchanged.
     """
 
-    def __init__(self, dim: int, num_heads: int, layer_index: int, cfg: ModelConfig):
+    def __init__(self, dim: int, num_heads: int, layer_index: int, cfg: ModelConfig,
+                 tokens: int | None = None, path: str = "auto"):
         super().__init__()
+        if path not in ATTENTION_PATHS:
+            raise ValueError(f"attention path: expected one of {ATTENTION_PATHS}, got {path!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5 / cfg.temperature
         self.top_k = cfg.top_k
         self.top_p = cfg.top_p
         self.uses_nkat = cfg.uses_nkat_attention
-        # Tests set this to run the explicit path with filters off and compare it with SDPA.
-        self.force_explicit = False
-        # Which NKAT path: "auto" (the rule in ``nkat_path``), or "explicit" / "fused" / "kernel"
-        # forced (tests and benchmarks).
-        self.path = "auto"
-        # The parts of the kernel rule that the config decides, settled once here; the device and
-        # the row length are known at the first call.
-        self.kernel_fits = kernel_available() and self.head_dim <= KERNEL_MAX_HEAD_DIM
+        self.tokens = tokens  # the row length, which "auto" needs on a GPU
+        self.requested = path
+        self.path = self.settle("cpu")
         self.split_heads = cfg.split_heads
         if self.split_heads:
             group = dim // CHANNEL_GROUPS
@@ -277,14 +279,49 @@ class NKATAttention(nn.Module):
         factor = 1 + self.strength * (self.alpha * torch.tanh(mean) + self.beta * torch.sigmoid(var))
         return factor[:, None, :, None]
 
+    def settle(self, device_type: str) -> str:
+        """The path for this layer on ``device_type``, set as ``self.path`` and returned.
+
+        A forced path is kept. ``auto``: SDPA when every filter is off; on the CPU the explicit
+        path (the reference); on a GPU the kernel, eager or compiled, for rows of at least
+        ``KERNEL_MIN_TOKENS`` whose head dim and threshold search it takes (Triton installed, head
+        dim <= ``KERNEL_MAX_HEAD_DIM``, at most ``KERNEL_MAX_LEVELS`` levels); else the fused
+        core for rows of at least ``FUSED_MIN_TOKENS`` and at most ``FUSED_MAX_LEVELS`` levels,
+        under torch.compile only (eager, its level loop runs op by op, several passes over the
+        N x N logits per level: ``fused_if_compiled``); else explicit.
+        """
+        self.path = self.requested
+        if self.path != "auto":
+            return self.path
+        n = self.tokens or 0
+        levels = filter_levels(self.top_k, self.top_p, n) if n else 0
+        kernel_fits = kernel_available() and self.head_dim <= KERNEL_MAX_HEAD_DIM
+        if not self.uses_nkat:
+            self.path = "sdpa"
+        elif device_type != "cuda":
+            self.path = "explicit"
+        elif kernel_fits and n >= KERNEL_MIN_TOKENS and levels <= KERNEL_MAX_LEVELS:
+            self.path = "kernel"
+        elif n >= FUSED_MIN_TOKENS and levels <= FUSED_MAX_LEVELS:
+            self.path = "fused_if_compiled"
+        else:
+            self.path = "explicit"
+        return self.path
+
+    def nkat_path(self) -> str:
+        """The path this call runs: the settled one, with ``fused_if_compiled`` decided."""
+        if self.path == "fused_if_compiled":
+            return "fused" if torch.compiler.is_compiling() else "explicit"
+        return self.path
+
     def forward(self, x: Tensor) -> Tensor:
         B, N, D = x.shape
         q, k, v = self._qkv(x)
-        if not self.uses_nkat and not self.force_explicit:
+        if (path := self.nkat_path()) == "sdpa":
             out = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop_p if self.training else 0.0, scale=self.scale
             )
-        elif (path := self.nkat_path(q)) != "explicit":
+        elif path != "explicit":
             core = kernel_attention if path == "kernel" else fused_attention
             out = core(q, k, v, self.scale, self.top_k, self.top_p,
                        self.attn_drop_p if self.training else 0.0)
@@ -296,32 +333,6 @@ class NKATAttention(nn.Module):
             out = self.attend(q, k, v, x)
         out = out.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(out))
-
-    def nkat_path(self, q: Tensor) -> str:
-        """Which NKAT implementation runs: ``explicit``, ``fused`` or ``kernel``; forced by
-        ``path``, or (``auto``) on a GPU: the kernel, eager or compiled, for rows of at least
-        ``KERNEL_MIN_TOKENS`` whose head dim and threshold search it takes (Triton installed, head
-        dim <= ``KERNEL_MAX_HEAD_DIM``, at most ``KERNEL_MAX_LEVELS`` levels); else the fused core
-        under torch.compile for rows of at least ``FUSED_MIN_TOKENS`` and at most
-        ``FUSED_MAX_LEVELS`` levels (eager, its level loop runs op by op, several passes over the
-        N x N logits per level); else explicit. On the CPU the explicit path is the reference."""
-        if self.path not in ATTENTION_PATHS:
-            raise ValueError(f"attention path: expected one of {ATTENTION_PATHS}, got {self.path!r}")
-        if self.path != "auto":
-            return self.path
-        n = q.shape[-2]
-        levels = filter_levels(self.top_k, self.top_p, n)
-        if not q.is_cuda:
-            return "explicit"
-        if self.kernel_fits and n >= KERNEL_MIN_TOKENS and levels <= KERNEL_MAX_LEVELS:
-            return "kernel"
-        if torch.compiler.is_compiling() and n >= FUSED_MIN_TOKENS and levels <= FUSED_MAX_LEVELS:
-            return "fused"
-        return "explicit"
-
-    def uses_fused(self, q: Tensor) -> bool:
-        """Whether the NKAT path runs the fused core (``nkat_path``)."""
-        return self.nkat_path(q) == "fused"
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> Tensor:
         """The explicit NKAT path from q, k, v (B, heads, N, head_dim) to ``weights @ v``; ``x``
@@ -369,10 +380,11 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block; optional channel shuffle after the attention residual."""
 
-    def __init__(self, dim: int, layer_index: int, cfg: ModelConfig):
+    def __init__(self, dim: int, layer_index: int, cfg: ModelConfig, tokens: int | None = None,
+                 attention_path: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = NKATAttention(dim, cfg.num_heads, layer_index, cfg)
+        self.attn = NKATAttention(dim, cfg.num_heads, layer_index, cfg, tokens, attention_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.dropout_embed)
         self.shuffle = cfg.channel_shuffle
@@ -387,7 +399,8 @@ class Block(nn.Module):
 class NKAT(nn.Module):
     """Colour LayerNorm -> ConvStem -> patch embedding (+ CLS, position) -> blocks -> CLS head."""
 
-    def __init__(self, cfg: ModelConfig, in_chans: int, num_classes: int, image_size: int = 32):
+    def __init__(self, cfg: ModelConfig, in_chans: int, num_classes: int, image_size: int = 32,
+                 attention_path: str = "auto"):
         super().__init__()
         dim = cfg.embed_dim
         self.cfg = cfg
@@ -412,7 +425,8 @@ class NKAT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
         self.pos_drop = nn.Dropout(cfg.dropout_embed)
-        self.blocks = nn.Sequential(*(Block(dim, i, cfg) for i in range(cfg.depth)))
+        self.blocks = nn.Sequential(*(Block(dim, i, cfg, num_patches + 1, attention_path)
+                                      for i in range(cfg.depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self._init_weights()
@@ -438,11 +452,23 @@ class NKAT(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x)[:, 0])
 
+    def settle_attention(self, device_type: str) -> NKAT:
+        """Choose every layer's attention path for ``device_type`` (``NKATAttention.settle``)."""
+        for block in self.blocks:
+            block.attn.settle(device_type)
+        return self
 
-def build_model(cfg: ModelConfig, in_chans: int, num_classes: int) -> NKAT:
-    """Validate ``cfg`` and build the 32x32 NKAT model for this dataset's channels and classes."""
+
+def build_model(cfg: ModelConfig, in_chans: int, num_classes: int,
+                device: str | torch.device | None = None, attention_path: str = "auto") -> NKAT:
+    """Validate ``cfg`` and build the 32x32 NKAT model for this dataset's channels and classes,
+    on ``device``, its attention path chosen for it (``attention_path`` forces one). A model
+    moved with ``.to()`` afterwards keeps the path chosen here (``settle_attention`` redoes it)."""
     cfg.validate()
-    return NKAT(cfg, in_chans, num_classes)
+    model = NKAT(cfg, in_chans, num_classes, attention_path=attention_path)
+    if device is not None:  # None: where torch builds it (the CPU, or a ``torch.device`` context)
+        model = model.to(device)
+    return model.settle_attention(model.head.weight.device.type)
 
 
 def count_parameters(model: nn.Module) -> int:

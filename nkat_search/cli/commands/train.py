@@ -39,7 +39,9 @@ def data_dir_of(args: argparse.Namespace):
 
 
 def add_checkpoint_interval_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="S",
+    from nkat_search.config import CHECKPOINT_INTERVAL_S
+
+    parser.add_argument("--checkpoint-interval", type=float, default=CHECKPOINT_INTERVAL_S, metavar="S",
                         help="write the checkpoint at most every S seconds (0: after every epoch); "
                         "always after the last epoch and on SIGTERM / Ctrl-C")
 

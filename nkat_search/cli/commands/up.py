@@ -160,11 +160,11 @@ class Up:
         return start(argv, env=child_env(self.storage, env), log=log_path)
 
     def _devices(self) -> list[str]:
-        import torch
+        from nkat_search.train.device import gpu_names
 
-        gpus = torch.cuda.device_count()
-        count = self.args.workers or max(gpus, 1)
-        return [f"cuda:{i % gpus}" if gpus else "cpu" for i in range(count)]
+        gpus = gpu_names() or ["cpu"]
+        count = self.args.workers or len(gpus)
+        return [gpus[i % len(gpus)] for i in range(count)]
 
     def _start_workers(self) -> None:
         import os

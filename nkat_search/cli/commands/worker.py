@@ -43,13 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     parser.add_argument("--checkpoint-dir", default="runs/checkpoints", metavar="DIR",
                         help="checkpoints go to DIR/<study>/trial-<n>/<dataset>/ (shared by retries)")
+    from nkat_search.config import CHECKPOINT_INTERVAL_S
+
     parser.add_argument("--checkpoint-store", default=os.environ.get("NKAT_CHECKPOINT_STORE"),
                         metavar="URL",
                         help="also keep every checkpoint in this Optuna artifact store, a folder "
                         "(file system shared by the hosts) or s3://BUCKET/PREFIX (S3, MinIO: "
                         "boto3's AWS_* variables), so a trial retried on another host resumes "
                         "from it (default: $NKAT_CHECKPOINT_STORE; none: local checkpoints only)")
-    parser.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="S",
+    parser.add_argument("--checkpoint-interval", type=float, default=CHECKPOINT_INTERVAL_S,
+                        metavar="S",
                         help="write a trial's checkpoint at most every S seconds (0: after every "
                         "epoch); always at the end of a stage and on SIGTERM / Ctrl-C, so a "
                         "kill -9 loses at most about S seconds of training")
@@ -156,16 +159,17 @@ def _start_mps(args: argparse.Namespace, devices: list[str]):
 
 def default_trials_per_device(device: str) -> int:
     """Trials side by side on ``device``: 1 on the CPU; on a GPU one per 25 GiB, 1 to 4."""
-    from nkat_search.search.worker import resolve_device
-
-    resolved = resolve_device(device)
-    if not resolved.startswith("cuda"):
-        return 1
     import torch
 
+    from nkat_search.errors import UserError
+    from nkat_search.train.device import device_name
+
     try:
+        resolved = device_name(device)
+        if not resolved.startswith("cuda"):
+            return 1
         total = torch.cuda.get_device_properties(torch.device(resolved)).total_memory / 2**30
-    except (RuntimeError, AssertionError, ValueError):
+    except (UserError, RuntimeError, AssertionError, ValueError):
         return 1  # a device that cannot be read is reported by the worker's own checks
     return max(1, min(GPU_TRIALS_PER_DEVICE, int(total // GPU_GIB_PER_TRIAL)))
 
@@ -174,14 +178,12 @@ def _devices(device: str) -> list[str]:
     """``all`` becomes every visible GPU; any other value is one device."""
     if device != "all":
         return [device]
-    import torch
-
     from nkat_search.errors import UserError
+    from nkat_search.train.device import gpu_names
 
-    count = torch.cuda.device_count()
-    if count == 0:
+    if not gpu_names():
         raise UserError("--device all: no CUDA GPU is visible; use --device cpu")
-    return [f"cuda:{i}" for i in range(count)]
+    return gpu_names()
 
 
 def _sibling_argv(args: argparse.Namespace, device: str, trials_per_gpu: int) -> list[str]:
