@@ -1,13 +1,14 @@
 """``nkat-search train`` with the NKAT attention path chosen: the accuracy check of the fast paths.
 
-``auto`` is what training does (the Triton kernel for rows of 33+ tokens on a GPU); ``fused``
-keeps those rows on the fused core (under ``--compile``), the path before the kernel; ``explicit``
-keeps every layer on ``NKATAttention.attend``, the path before both. Everything after ``--`` goes
+``auto`` is what training does (``model.KERNEL_BY_DEFAULT`` says whether that is the Triton
+kernel for rows of 33+ tokens on a GPU, or the fused core); ``kernel`` turns the kernel on for
+those rows; ``fused`` keeps them on the fused core (under ``--compile``), the path before the
+kernel; ``explicit`` keeps every layer on ``NKATAttention.attend``, the path before both. Everything after ``--`` goes
 to ``nkat-search train`` unchanged. For the issue's comparison, one 257-token configuration, 40
 epochs, the same seed, each run on the GPU alone:
 
-    python benchmarks/attention_accuracy.py auto -- --conv_stem off --patch_size 2 --compile \\
-        --quiet --out runs/attn_auto
+    python benchmarks/attention_accuracy.py kernel -- --conv_stem off --patch_size 2 --compile \\
+        --quiet --out runs/attn_kernel
     python benchmarks/attention_accuracy.py explicit -- --conv_stem off --patch_size 2 --compile \\
         --quiet --out runs/attn_explicit
 
@@ -24,13 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] not in ("auto", "fused", "explicit") or argv[1] != "--":
-        print("usage: attention_accuracy.py auto|fused|explicit -- TRAIN_FLAGS...",
+    if len(argv) < 2 or argv[0] not in ("auto", "kernel", "fused", "explicit") or argv[1] != "--":
+        print("usage: attention_accuracy.py auto|kernel|fused|explicit -- TRAIN_FLAGS...",
               file=sys.stderr)
         return 2
     import nkat_search.train.model as model_module
     from nkat_search.cli.main import main as cli_main
 
+    if argv[0] == "kernel":
+        model_module.KERNEL_BY_DEFAULT = True
     if argv[0] in ("fused", "explicit"):
         # No row is long enough for the kernel.
         model_module.KERNEL_MIN_TOKENS = sys.maxsize

@@ -48,7 +48,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from nkat_search.config import RunConfig  # noqa: E402
-from nkat_search.train.model import FUSED_MIN_TOKENS, KERNEL_MIN_TOKENS  # noqa: E402
+from nkat_search.train.model import (  # noqa: E402
+    FUSED_MIN_TOKENS,
+    KERNEL_BY_DEFAULT,
+    KERNEL_MIN_TOKENS,
+)
 
 ARCHITECTURES = {  # tokens -> (conv_stem, patch_size)
     17: ("tiny", 2),
@@ -485,7 +489,7 @@ def main() -> int:
     for tokens in sorted(args.tokens):
         speed = {r["path"]: r.get("images_per_s") for r in rows if r["tokens"] == tokens}
         explicit, fused, kernel, bar = (speed.get(p) for p in PATHS)
-        taken = ("kernel" if tokens >= KERNEL_MIN_TOKENS else
+        taken = ("kernel" if KERNEL_BY_DEFAULT and tokens >= KERNEL_MIN_TOKENS else
                  "fused" if tokens >= FUSED_MIN_TOKENS else "explicit")
         for name, value, target in (("fused", fused, "70 %"), ("kernel", kernel, "90 %")):
             if value and explicit:

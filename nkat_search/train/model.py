@@ -48,6 +48,11 @@ FUSED_MIN_TOKENS = PAIRWISE_MAX_TOKENS + 1
 # compiled. Set equal to the fused core's limit before any GPU timing; ``attention_speed.py`` times
 # the kernel beside the other paths at 17, 65 and 257 tokens, so this is where to change it.
 KERNEL_MIN_TOKENS = FUSED_MIN_TOKENS
+# Whether ``auto`` takes the kernel at all. Off until the kernel has passed its agreement check
+# on a GPU (``benchmarks/attention_kernel_check.py``; its CPU tests run Triton's interpreter and
+# its sm_90 compile, but no GPU could be had in session 6): until then training keeps the
+# measured fused core, and the kernel is taken only when asked for (``path="kernel"``).
+KERNEL_BY_DEFAULT = False
 
 # What ``NKATAttention(path=...)`` takes: "auto" (the rule in ``NKATAttention.settle``), or one
 # forced (tests and benchmarks): "sdpa" (every filter off only), "explicit", "fused", "kernel".
@@ -283,7 +288,8 @@ class NKATAttention(nn.Module):
         """The path for this layer on ``device_type``, set as ``self.path`` and returned.
 
         A forced path is kept. ``auto``: SDPA when every filter is off; on the CPU the explicit
-        path (the reference); on a GPU the kernel, eager or compiled, for rows of at least
+        path (the reference); on a GPU (once ``KERNEL_BY_DEFAULT``) the kernel, eager or
+        compiled, for rows of at least
         ``KERNEL_MIN_TOKENS`` whose head dim and threshold search it takes (Triton installed, head
         dim <= ``KERNEL_MAX_HEAD_DIM``, at most ``KERNEL_MAX_LEVELS`` levels); else the fused
         core for rows of at least ``FUSED_MIN_TOKENS`` and at most ``FUSED_MAX_LEVELS`` levels,
@@ -300,7 +306,8 @@ class NKATAttention(nn.Module):
             self.path = "sdpa"
         elif device_type != "cuda":
             self.path = "explicit"
-        elif kernel_fits and n >= KERNEL_MIN_TOKENS and levels <= KERNEL_MAX_LEVELS:
+        elif (KERNEL_BY_DEFAULT and kernel_fits and n >= KERNEL_MIN_TOKENS
+              and levels <= KERNEL_MAX_LEVELS):
             self.path = "kernel"
         elif n >= FUSED_MIN_TOKENS and levels <= FUSED_MAX_LEVELS:
             self.path = "fused_if_compiled"
