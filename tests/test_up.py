@@ -211,3 +211,34 @@ def test_a_bad_timeout_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("nkat-search up: error: --timeout: must be a number of "
                                      "seconds > 0, got -5.0")
+
+
+def test_two_ups_on_one_study_share_its_budget_and_keep_their_own_logs(tmp_path, data_dir, env):
+    """Two ``up`` started at once on one new SQLite study, one folder, one port: both run, the
+    budget is shared (N_TRIALS trials, each once), a printed dashboard address is one that its
+    own up served (never the other's), and each up writes its own worker and dashboard logs."""
+    study_file, name = tiny_study_file(tmp_path)
+    out = tmp_path / "runs"
+    port = find_free_port("127.0.0.1", 18280)
+    processes = [subprocess.Popen(up_command(study_file, out, data_dir, "--port", str(port)),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=env) for _ in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    for p, stdout in zip(processes, outputs):
+        assert p.returncode == 0, stdout
+    addresses = [line.split()[1] for stdout in outputs for line in stdout.splitlines()
+                 if line.startswith("dashboard: ")]
+    assert len(addresses) == len(set(addresses)), outputs
+    import optuna
+
+    numbers = sorted(t.number for t in optuna.load_study(
+        study_name=name, storage=f"sqlite:///{out / (name + '.db')}").trials)
+    assert numbers == list(range(N_TRIALS)), outputs
+    logs = sorted(p.name for p in (out / name / "logs").glob("*.log"))
+    for p in processes:
+        assert f"worker-0.up-{p.pid}.log" in logs and f"dashboard.up-{p.pid}.log" in logs, logs

@@ -209,13 +209,15 @@ class Up:
             print(f"worker {i} on {device}: log {log}", flush=True)
 
     def _start_dashboard(self) -> None:
+        import os
+
         from nkat_search.cli.commands.dashboard import find_free_port, url
 
         host = "127.0.0.1"
         port = find_free_port(host, self.args.port)
         if port != self.args.port:
             print(f"port {self.args.port} is in use; the dashboard takes port {port}", flush=True)
-        log = self.run_dir / "logs" / "dashboard.log"
+        log = self.run_dir / "logs" / f"dashboard.up-{os.getpid()}.log"
         self.dashboard = self._spawn(["dashboard", "--host", host, "--port", str(port)], log)
         if wait_for_http(url(host, port), self.dashboard, timeout=60) and serving(self.dashboard):
             print(f"dashboard: {url(host, port)}", flush=True)

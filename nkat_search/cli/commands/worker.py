@@ -165,7 +165,8 @@ def default_trials_per_device(device: str) -> int:
     from nkat_search.train.device import device_name
 
     try:
-        resolved = device_name(device)
+        # Only auto is resolved here: whether a named device exists is the preflight's to say.
+        resolved = device_name(device) if device == "auto" else device
         if not resolved.startswith("cuda"):
             return 1
         total = torch.cuda.get_device_properties(torch.device(resolved)).total_memory / 2**30
