@@ -35,6 +35,9 @@ LR_SCALING_EXPONENT = 0.25
 # Checkpoints at most once a minute by default (``train``'s and ``worker``'s --checkpoint-interval):
 # a kill -9 then loses at most about a minute.
 CHECKPOINT_INTERVAL_S = 60.0
+# How long a worker waits for a storage that went away before it gives up (``--storage-wait``).
+# Here, beside the other defaults, so the CLI reads it without importing optuna.
+STORAGE_WAIT_S = 600.0
 
 
 @dataclass

@@ -30,6 +30,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from nkat_search.config import STORAGE_WAIT_S
 from nkat_search.errors import UserError
 
 POSTGRES_SCHEMES = ("postgresql", "postgresql+psycopg2")
@@ -51,8 +52,6 @@ POSTGRES_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_inter
 WORKER_CONNECTIONS = 2
 # How long a call waits for the pool's connection before it counts as an outage (retried).
 POOL_WAIT_S = 30
-# How long a worker waits for a storage that went away before it gives up (``--storage-wait``).
-STORAGE_WAIT_S = 600.0
 RETRY_FIRST_S, RETRY_MAX_S = 0.25, 2.0
 # System attr of a queued retry: the faults (not polite stops) in its chain so far.
 FAULTS_ATTR = "retry_faults"
@@ -119,7 +118,6 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         if connections is not None:
             engine_kwargs.update(pool_size=connections, max_overflow=0, pool_timeout=POOL_WAIT_S)
     elif scheme == SQLITE_SCHEME:
-        _prepare_sqlite(url)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     else:
         raise StorageError(
@@ -135,6 +133,10 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         kind, extra = ResilientRDBStorage, {"outage_s": outage_s, "given_url": given}
     with warnings.catch_warnings(), _schema_lock(url):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if scheme == SQLITE_SCHEME:
+            # Under the lock too: switching a new file to WAL while another process creates the
+            # schema failed at once with "database is locked" (1 in 30 pairs of `study create`).
+            _prepare_sqlite(url)
         try:
             return kind(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                         grace_period=grace_period, heartbeat_stale_trial_callback=callback,
@@ -153,7 +155,13 @@ def _schema_lock(url: str):
     if path is None:
         yield
         return
-    fd = os.open(path.with_name(path.name + ".open-lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_name(path.name + ".open-lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise StorageError(
+            f"storage URL {url}: cannot create or open the SQLite file {path} ({err.strerror}); "
+            "pick a writable path, e.g. sqlite:///runs/study.db") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

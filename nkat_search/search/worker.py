@@ -57,10 +57,11 @@ from nkat_search.errors import UserError
 from nkat_search.search import trials as trial_record
 from nkat_search.search.coordinator import budget_state, load_study, load_study_spec_from_storage
 from nkat_search.search.heartbeat import AbortGuard, HeartbeatLost, TrialHeartbeat
+from nkat_search.config import STORAGE_WAIT_S
 from nkat_search.search.disk import check_room, free_bytes, human, trial_checkpoint_bytes
 from nkat_search.search.objective import (CHECKPOINT_NOT_WRITTEN, INTERRUPTED, OUT_OF_MEMORY,
                                           Objective, trial_dir)
-from nkat_search.search.storage import (STORAGE_WAIT_S, WORKER_CONNECTIONS, RetryStaleTrial,
+from nkat_search.search.storage import (WORKER_CONNECTIONS, RetryStaleTrial,
                                         StorageUnavailable, StudyLock, backend, describe_lost,
                                         fail_stale_trials, open_storage)
 from nkat_search.search.spec import StudySpec

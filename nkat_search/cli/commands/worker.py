@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     parser.add_argument("--checkpoint-dir", default="runs/checkpoints", metavar="DIR",
                         help="checkpoints go to DIR/<study>/trial-<n>/<dataset>/ (shared by retries)")
-    from nkat_search.config import CHECKPOINT_INTERVAL_S
+    from nkat_search.config import CHECKPOINT_INTERVAL_S, STORAGE_WAIT_S
 
     parser.add_argument("--checkpoint-store", default=os.environ.get("NKAT_CHECKPOINT_STORE"),
                         metavar="URL",
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "worker goes on from there")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep checkpoints of finished trials (default: only unfinished ones)")
-    parser.add_argument("--storage-wait", type=float, default=600.0, metavar="S",
+    parser.add_argument("--storage-wait", type=float, default=STORAGE_WAIT_S, metavar="S",
                         help="when the database goes away, wait up to S seconds for it to come "
                         "back before stopping (a trial keeps training through an outage shorter "
                         "than the study's heartbeat grace, less a second)")
