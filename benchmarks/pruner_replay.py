@@ -47,7 +47,9 @@ class LeaveOneOutGate(GatePruner):
     """The gate pruner whose prior, for each trial, leaves that trial's own curve out."""
 
     def __init__(self, priors: list[tuple[float, ...]], pruner: GatePruner):
+        # The left-out priors come from the curves, so they are read at the curves' length.
         super().__init__(pruner.gate, pruner.epochs, safety=pruner.safety, prior=(),
+                         prior_epochs=pruner.epochs, min_curves=pruner.min_curves,
                          rank=pruner.rank)
         self.priors = priors
 

@@ -132,7 +132,7 @@ class GatePruner(optuna.pruners.BasePruner):
         step = trial.last_step
         if step is None or step >= self.epochs:
             return False
-        best = max(v for s, v in trial.intermediate_values.items() if s <= step)
+        best = max(trial.intermediate_values.values())  # every step reported so far is <= step
         if not best > 0:
             return False
         reach = best * (1 + self.safety * (self.largest_rise(study, step) - 1))

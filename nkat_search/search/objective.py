@@ -49,11 +49,15 @@ CHECKPOINT_NOT_WRITTEN = "checkpoint not written"
 UNMEASURED_VIOLATION = 2.0
 
 
+def original_number(trial) -> int:
+    """The number of the first trial of ``trial``'s retry chain (its own if it is no retry)."""
+    original = retried_trial_number(trial)
+    return trial.number if original is None else original
+
+
 def trial_dir(checkpoint_root: str | Path, study_name: str, trial) -> Path:
     """The trial's checkpoint folder, shared by every retry of the same original trial."""
-    original = retried_trial_number(trial)
-    number = trial.number if original is None else original
-    return Path(checkpoint_root) / study_name / f"trial-{number}"
+    return Path(checkpoint_root) / study_name / f"trial-{original_number(trial)}"
 
 
 class Objective:
@@ -273,7 +277,8 @@ class Objective:
             self.unsent_report = None
             trial.report(value, epoch)
 
-    def _datasets(self) -> list[str]:
+    def datasets(self) -> list[str]:
+        """Every dataset a trial of this study trains, CIFAR-10 first."""
         return [STAGE1_DATASET, *[d for d in self.spec.stage2_datasets if d != STAGE1_DATASET]]
 
     def _restore_checkpoints(self, trial) -> None:
@@ -285,8 +290,8 @@ class Objective:
         from nkat_search.train.loop import CHECKPOINT_NAME, previous_checkpoint
 
         folder = trial_dir(self.checkpoint_root, self.spec.name, trial)
-        number = int(folder.name.removeprefix("trial-"))
-        for dataset in self._datasets():
+        number = original_number(trial)
+        for dataset in self.datasets():
             path = folder / dataset / CHECKPOINT_NAME
             if store.restore(self.spec.name, number, dataset, path.parent, path.name,
                              previous_checkpoint(path).name):
@@ -301,8 +306,8 @@ class Objective:
         from nkat_search.train.loop import CHECKPOINT_NAME, CheckpointNotWritten
 
         folder = trial_dir(self.checkpoint_root, self.spec.name, trial)
-        number = int(folder.name.removeprefix("trial-"))
-        for dataset in datasets or self._datasets():
+        number = original_number(trial)
+        for dataset in datasets or self.datasets():
             path = folder / dataset / CHECKPOINT_NAME
             now = _identity(path)
             if now is None or self._stored.get(path) == now:

@@ -53,14 +53,14 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from nkat_search.config import STORAGE_WAIT_S
 from nkat_search.errors import UserError
 from nkat_search.search import trials as trial_record
 from nkat_search.search.coordinator import budget_state, load_study, load_study_spec_from_storage
 from nkat_search.search.heartbeat import AbortGuard, HeartbeatLost, TrialHeartbeat
-from nkat_search.config import STORAGE_WAIT_S
 from nkat_search.search.disk import check_room, free_bytes, human, trial_checkpoint_bytes
 from nkat_search.search.objective import (CHECKPOINT_NOT_WRITTEN, INTERRUPTED, OUT_OF_MEMORY,
-                                          Objective, trial_dir)
+                                          Objective, original_number, trial_dir)
 from nkat_search.search.storage import (WORKER_CONNECTIONS, RetryStaleTrial,
                                         StorageUnavailable, StudyLock, backend, describe_lost,
                                         fail_stale_trials, open_storage)
@@ -383,8 +383,7 @@ class Worker:
                 store = self.objective.checkpoint_store
                 if store is not None:
                     try:
-                        store.remove(spec.name, int(folder.name.removeprefix("trial-")),
-                                     self.objective._datasets())
+                        store.remove(spec.name, original_number(trial), self.objective.datasets())
                     except Exception as err:  # noqa: BLE001 - leftovers cost room, not results
                         print(f"worker {self.worker}: could not remove trial {trial.number}'s "
                               f"checkpoints from the store ({err})", file=sys.stderr, flush=True)
