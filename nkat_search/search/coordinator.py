@@ -215,9 +215,9 @@ def budget_state(study: optuna.Study, budget: int | None = None) -> dict:
     from the moment they are queued (the workers must not propose more than the budget), so what
     a person reads is ``started`` (left the queue) and ``queued`` (enqueued, not yet taken) next
     to ``used``, never "1 used" before anything ran. ``lost`` lists the configurations whose every attempt failed
-    with no retry left (``storage.lost_configurations``).
+    with no retry left (``report.lost_configurations``).
     """
-    from nkat_search.search.storage import lost_configurations
+    from nkat_search.search.report import lost_configurations
 
     if budget is None:
         budget = stored_budget(study)

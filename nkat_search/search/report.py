@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from optuna.trial import TrialState
+
 from nkat_search.errors import UserError
 from nkat_search.search import trials as record_of
 from nkat_search.search.trials import LIVE, OUTCOMES, TrialRecord
@@ -103,6 +105,32 @@ def budget_text(budget: dict[str, Any]) -> str:
     """``3 of 10 trials started, 1 queued``: the budget as trials that ran, not as queue entries."""
     text = f"{budget['started']} of {budget['budget']} trials started"
     return text + (f", {budget['queued']} queued" if budget.get("queued") else "")
+
+
+def lost_configurations(trials) -> list[dict]:
+    """Configurations with no result: every attempt ended FAIL and none is queued or running.
+
+    One entry per original trial: ``{"trial", "attempts", "last_trial", "error"}``. These are
+    what a study lost: a configuration that kept crashing, or whose retries were spent.
+    """
+    chains: dict[int, list] = {}
+    for trial in trials:
+        chains.setdefault(trial.system_attrs.get("failed_trial", trial.number), []).append(trial)
+    lost = []
+    for original, attempts in sorted(chains.items()):
+        if all(t.state == TrialState.FAIL for t in attempts):
+            last = max(attempts, key=lambda t: t.number)
+            lost.append({"trial": original, "attempts": len(attempts), "last_trial": last.number,
+                         "error": last.user_attrs.get("error") or "no error recorded"})
+    return lost
+
+
+def describe_lost(lost: list[dict]) -> str:
+    """One line for people: which configurations ended without a result, and why."""
+    parts = [f"trial {c['trial']} ({c['attempts']} attempt{'s' if c['attempts'] > 1 else ''}; "
+             f"last: {str(c['error']).splitlines()[0][:160]})" for c in lost]
+    return (f"{len(lost)} configuration(s) ended without a result, every attempt failed and no "
+            f"retry is left: {'; '.join(parts)}")
 
 
 def summarize(rows: list[dict[str, Any]], best=None) -> dict[str, Any]:

@@ -581,32 +581,6 @@ def _spent(callback, trial) -> str:
             f"{callback.max_retry}); the configuration has no result")
 
 
-def lost_configurations(trials) -> list[dict]:
-    """Configurations with no result: every attempt ended FAIL and none is queued or running.
-
-    One entry per original trial: ``{"trial", "attempts", "last_trial", "error"}``. These are
-    what a study lost: a configuration that kept crashing, or whose retries were spent.
-    """
-    chains: dict[int, list] = {}
-    for trial in trials:
-        chains.setdefault(trial.system_attrs.get("failed_trial", trial.number), []).append(trial)
-    lost = []
-    for original, attempts in sorted(chains.items()):
-        if all(t.state == TrialState.FAIL for t in attempts):
-            last = max(attempts, key=lambda t: t.number)
-            lost.append({"trial": original, "attempts": len(attempts), "last_trial": last.number,
-                         "error": last.user_attrs.get("error") or "no error recorded"})
-    return lost
-
-
-def describe_lost(lost: list[dict]) -> str:
-    """One line for people: which configurations ended without a result, and why."""
-    parts = [f"trial {c['trial']} ({c['attempts']} attempt{'s' if c['attempts'] > 1 else ''}; "
-             f"last: {str(c['error']).splitlines()[0][:160]})" for c in lost]
-    return (f"{len(lost)} configuration(s) ended without a result, every attempt failed and no "
-            f"retry is left: {'; '.join(parts)}")
-
-
 class StudyLock:
     """A lock held by one worker at a time, across machines, for a study's check-and-ask step.
 

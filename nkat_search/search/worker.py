@@ -61,8 +61,9 @@ from nkat_search.search.heartbeat import AbortGuard, HeartbeatLost, TrialHeartbe
 from nkat_search.search.disk import check_room, free_bytes, human, trial_checkpoint_bytes
 from nkat_search.search.objective import (CHECKPOINT_NOT_WRITTEN, INTERRUPTED, OUT_OF_MEMORY,
                                           Objective, original_number, trial_dir)
+from nkat_search.search.report import describe_lost
 from nkat_search.search.storage import (WORKER_CONNECTIONS, RetryStaleTrial,
-                                        StorageUnavailable, StudyLock, backend, describe_lost,
+                                        StorageUnavailable, StudyLock, backend,
                                         fail_stale_trials, open_storage)
 from nkat_search.search.spec import StudySpec
 from nkat_search.search.trials import TrialRecord

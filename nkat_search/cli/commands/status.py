@@ -28,10 +28,9 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from nkat_search.cli.commands.storage_arg import resolve_storage
-    from nkat_search.search.report import (budget_text, format_table, open_study, study_report,
+    from nkat_search.search.report import (budget_text, describe_lost, format_table,
+                                           lost_configurations, open_study, study_report,
                                            summary_line, wrap)
-
-    from nkat_search.search.storage import describe_lost, lost_configurations
     from nkat_search.terminal import table_width
 
     study = open_study(resolve_storage(args.storage, args.study), args.study)

@@ -83,7 +83,7 @@ def _show(args: argparse.Namespace) -> int:
     print()
     print(f"budget: {budget_text(info)}, {info['retries']} retries")
     if info["lost"]:
-        from nkat_search.search.storage import describe_lost
+        from nkat_search.search.report import describe_lost
 
         print(describe_lost(info["lost"]))
     print("states: " + (", ".join(f"{k} {v}" for k, v in sorted(info["states"].items())) or "none"))

@@ -350,10 +350,8 @@ class Up:
 
     def _finish(self) -> int:
         from nkat_search.search.export import NothingToExport, export_best
-        from nkat_search.search.report import (format_table, open_study, study_report,
-                                               summary_line, wrap)
-
-        from nkat_search.search.storage import describe_lost, lost_configurations
+        from nkat_search.search.report import (describe_lost, format_table, lost_configurations,
+                                               open_study, study_report, summary_line, wrap)
 
         failed = [(label, p.returncode, log) for label, p, log in self.workers if p.returncode != 0]
         study = open_study(self.storage, self.study_name)
