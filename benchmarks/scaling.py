@@ -205,7 +205,8 @@ def run_one(args: argparse.Namespace, text: str, work: Path, workers: int, k: in
     from nkat_search.cli.commands.storage_arg import child_env
     from nkat_search.cli.launch import start, threads_per_process
     from nkat_search.search.coordinator import create_study
-    from nkat_search.search.storage import mask_url, open_storage
+    from nkat_search.search.storage import open_storage
+    from nkat_search.search.storage_url import mask_url
     from nkat_search.search.spec import parse_study_text
 
     run = f"w{workers}k{k}"

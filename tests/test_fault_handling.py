@@ -127,7 +127,8 @@ def stale(study, storage, trial) -> None:
 def spent_chain(tmp_path_factory) -> tuple[str, optuna.Study]:
     """A configuration stopped politely three times, then killed twice with max_retry 1."""
     from nkat_search.search.coordinator import create_study
-    from nkat_search.search.storage import fail_stale_trials, open_storage
+    from nkat_search.search.stale_trials import fail_stale_trials
+    from nkat_search.search.storage import open_storage
 
     url = f"sqlite:///{tmp_path_factory.mktemp('spent') / 's.db'}"
     hb = STUDY_TEXT["heartbeat"]
@@ -278,7 +279,7 @@ def test_errors_never_print_a_password(url, capsys):
 
 
 def test_mask_url_hides_the_whole_password():
-    from nkat_search.search.storage import mask_url, redact
+    from nkat_search.search.storage_url import mask_url, redact
 
     assert mask_url("postgresql://u:p@ss@h:5/db") == "postgresql://u:***@h:5/db"
     assert mask_url("postgresql://u:pa:ss@h/db") == "postgresql://u:***@h/db"

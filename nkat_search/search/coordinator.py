@@ -46,7 +46,7 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
     if len(spec.enqueue) > budget:
         raise UserError(f"{spec.file_name}: {len(spec.enqueue)} queued configs exceed the budget "
                         f"of {budget} trials")
-    from nkat_search.search.storage import StudyLock
+    from nkat_search.search.study_lock import StudyLock
 
     # Two coordinators at once (two `up` on one new study): the second waits until the first has
     # stored the study file, then resumes the study instead of finding it half made.

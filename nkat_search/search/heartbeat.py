@@ -24,7 +24,7 @@ import time
 
 import optuna
 
-from nkat_search.search.storage import is_transient, reason
+from nkat_search.search.resilient_storage import is_transient, reason
 
 # Raised in the main thread through this signal's Python handler (``_thread.interrupt_main`` runs
 # the handler as if the signal had arrived, without sending one to the process).

@@ -34,7 +34,7 @@ from nkat_search.config import CHECKPOINT_INTERVAL_S, RunConfig
 from nkat_search.search import trials
 from nkat_search.search.disk import is_host_fault
 from nkat_search.search.space import suggest_config
-from nkat_search.search.storage import retried_trial_number
+from nkat_search.search.stale_trials import retried_trial_number
 from nkat_search.search.spec import STAGE1_DATASET, StudySpec
 from nkat_search.search.trials import INTERRUPTED, DatasetScore
 from nkat_search.terminal import draws_bars
@@ -135,7 +135,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         from nkat_search.search.heartbeat import HeartbeatLost
-        from nkat_search.search.storage import StorageUnavailable
+        from nkat_search.search.resilient_storage import StorageUnavailable
         from nkat_search.train.loop import CheckpointUnreadable, Timings
 
         self.trial_number = trial.number

@@ -26,7 +26,7 @@ def open_study(storage_url: str, study_name: str):
     """Load ``study_name`` from the storage at ``storage_url``; an unknown name lists the others."""
     import optuna
 
-    from nkat_search.search.storage import mask_url
+    from nkat_search.search.storage_url import mask_url
 
     storage = open_storage_for_reading(storage_url)
     names = optuna.study.get_all_study_names(storage)
@@ -43,7 +43,8 @@ def open_storage_for_reading(storage_url: str, **kwargs):
     SQLAlchemy creates a missing SQLite file on connect, so a typo in the path would otherwise
     show an empty storage instead of saying what is wrong.
     """
-    from nkat_search.search.storage import SQLITE_SCHEME, open_storage, sqlite_path
+    from nkat_search.search.storage import open_storage
+    from nkat_search.search.storage_url import SQLITE_SCHEME, sqlite_path
 
     if storage_url.startswith(SQLITE_SCHEME + "://"):
         path = sqlite_path(storage_url)

@@ -3,7 +3,7 @@
 The budget (``n_trials`` of the study file) counts configurations, across every worker: each
 trial except retries (see ``coordinator.budget_state``). Optuna's ``MaxTrialsCallback`` checks the
 count only after a trial ends, so two workers finishing together would both start one more; here
-the check and ``study.ask`` happen under one study-wide lock (``storage.StudyLock``), so the count
+the check and ``study.ask`` happen under one study-wide lock (``study_lock.StudyLock``), so the count
 is exact. A trial's end (``tell``, and queueing its retry) happens under the same lock, so no
 worker ever sees a stopped trial without its retry and concludes the study is done.
 
@@ -62,9 +62,11 @@ from nkat_search.search.disk import check_room, free_bytes, human, trial_checkpo
 from nkat_search.search.objective import (CHECKPOINT_NOT_WRITTEN, INTERRUPTED, OUT_OF_MEMORY,
                                           Objective, original_number, trial_dir)
 from nkat_search.search.report import describe_lost
-from nkat_search.search.storage import (WORKER_CONNECTIONS, RetryStaleTrial,
-                                        StorageUnavailable, StudyLock, backend,
-                                        fail_stale_trials, open_storage)
+from nkat_search.search.resilient_storage import StorageUnavailable, backend
+from nkat_search.search.stale_trials import RetryStaleTrial, fail_stale_trials
+from nkat_search.search.storage import open_storage
+from nkat_search.search.storage_url import WORKER_CONNECTIONS
+from nkat_search.search.study_lock import StudyLock
 from nkat_search.search.spec import StudySpec
 from nkat_search.search.trials import TrialRecord
 

@@ -34,7 +34,7 @@ def check_port(port: int, low: int = 0) -> int:
 def run(args: argparse.Namespace) -> int:
     from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.search.report import open_storage_for_reading
-    from nkat_search.search.storage import mask_url
+    from nkat_search.search.storage_url import mask_url
     from nkat_search.search.trials import DashboardStorage
 
     check_port(args.port)

@@ -42,7 +42,8 @@ def _create(args: argparse.Namespace) -> int:
     from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.search.coordinator import budget_state, create_study
     from nkat_search.search.report import budget_text
-    from nkat_search.search.storage import mask_url, open_storage
+    from nkat_search.search.storage import open_storage
+    from nkat_search.search.storage_url import mask_url
     from nkat_search.search.spec import load_study_file
 
     from nkat_search.search.spec import check_study_name

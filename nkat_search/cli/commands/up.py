@@ -118,7 +118,7 @@ class Up:
     def run(self) -> int:
         import signal
 
-        from nkat_search.search.storage import mask_url
+        from nkat_search.search.storage_url import mask_url
 
         print(f"study {self.study_name}: storage {mask_url(self.storage)}", flush=True)
         create = ["study", "create", "--study", self.args.study]
@@ -315,7 +315,7 @@ class Up:
                 study = open_study(self.storage, self.study_name)
             return study, study_report(study)
         except Exception as err:  # noqa: BLE001 - a locked or restarting database must not
-            from nkat_search.search.storage import is_transient  # stop the watch
+            from nkat_search.search.resilient_storage import is_transient  # stop the watch
 
             if type(err).__name__ not in ("OperationalError", "DatabaseError") and \
                     not is_transient(err):
@@ -408,7 +408,7 @@ class Up:
         from pathlib import Path
 
         from nkat_search.cli.commands.storage_arg import STORAGE_ENV, UP_DEFAULT_OUT, as_url
-        from nkat_search.search.storage import SQLITE_SCHEME, mask_url, sqlite_path
+        from nkat_search.search.storage_url import SQLITE_SCHEME, mask_url, sqlite_path
 
         found_here = as_url(str(Path(UP_DEFAULT_OUT) / f"{self.study_name}.db"))
         if self.storage == found_here and not os.environ.get(STORAGE_ENV):
