@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.search.report import open_storage_for_reading
     from nkat_search.search.storage_url import mask_url
-    from nkat_search.search.trials import DashboardStorage
+    from nkat_search.search.dashboard_storage import DashboardStorage
 
     check_port(args.port)
     args.storage = resolve_storage(args.storage)
