@@ -111,7 +111,7 @@ from pathlib import Path
 from nkat_search.search.coordinator import load_study
 from nkat_search.search.heartbeat import TrialHeartbeat
 from nkat_search.search.space import suggest_config
-from nkat_search.search.resilient_storage import backend
+from nkat_search.search.optuna_private import backend
 from nkat_search.search.study_lock import StudyLock
 from nkat_search.search.worker import next_action, open_worker_storage
 

@@ -18,6 +18,7 @@ import numpy as np
 import optuna
 
 from nkat_search.errors import UserError
+from nkat_search.search import optuna_private
 from nkat_search.search import trials as trial_record
 from nkat_search.search.space import enqueue
 from nkat_search.search.spec import StudySpec, parse_study_text
@@ -236,7 +237,8 @@ def stored_budget(study: optuna.Study) -> int:
     """The study's budget as last set by ``study create`` / ``up`` (read on every call)."""
     budget = study.user_attrs.get(ATTR_BUDGET)
     if budget is None:  # a study made before the budget was its own attribute
-        budget = load_study_spec_from_storage(study._storage, study.study_name).n_trials
+        budget = load_study_spec_from_storage(optuna_private.study_storage(study),
+                                              study.study_name).n_trials
     return int(budget)
 
 

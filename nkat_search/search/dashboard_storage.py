@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from nkat_search.search import optuna_private
 from nkat_search.search.trials import (CONFIG_ATTR, TrialRecord, best_of, feasible, outcome,
                                        stop_reason)
 
@@ -49,7 +50,7 @@ class DashboardStorage(optuna.storages.RDBStorage):
         # The dashboard reads the notes from the studies it lists, not from the call below.
         studies = super().get_all_studies()
         for study in studies:
-            study.system_attrs = self.get_study_system_attrs(study._study_id)
+            study.system_attrs = self.get_study_system_attrs(optuna_private.study_id(study))
         return studies
 
     def get_study_system_attrs(self, study_id):
@@ -60,12 +61,13 @@ class DashboardStorage(optuna.storages.RDBStorage):
 
         attrs = dict(super().get_study_system_attrs(study_id))
         for trial in super().get_all_trials(study_id, deepcopy=False):
-            if note_ver_key(trial._trial_id) in attrs:
+            trial_id = optuna_private.trial_id(trial)
+            if note_ver_key(trial_id) in attrs:
                 continue  # a note somebody wrote in the dashboard wins
             body = trial_note(trial)
             if body:
-                attrs[note_ver_key(trial._trial_id)] = 1
-                attrs.update(split_body(body, trial._trial_id))
+                attrs[note_ver_key(trial_id)] = 1
+                attrs.update(split_body(body, trial_id))
         return attrs
 
 

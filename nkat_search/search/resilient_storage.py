@@ -15,9 +15,9 @@ import threading
 import time
 
 import optuna
-from optuna.trial import TrialState
 
 from nkat_search.config import STORAGE_WAIT_S
+from nkat_search.search import optuna_private
 from nkat_search.search.storage_url import StorageError, mask_url, redact
 
 RETRY_FIRST_S, RETRY_MAX_S = 0.25, 2.0
@@ -167,29 +167,16 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
         if self.interrupt_check is not None:
             self.interrupt_check()
 
-    def _beatless_stale_ids(self, study_id: int) -> list[int]:
+    def beatless_stale_ids(self, study_id: int) -> list[int]:
         """RUNNING trials that never recorded a heartbeat, seen so by this process for a grace.
 
         Optuna's stale check skips them, so a worker that died between ``ask`` and its first
         heartbeat would leave a RUNNING trial that no one ever fails. Judged by this process's
         own clock: ``datetime_start`` comes from the clock of whichever host asked.
         """
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-
-        def query() -> list[int]:
-            with _create_scoped_session(self.scoped_session) as session:
-                rows = (session.query(models.TrialModel.trial_id)
-                        .outerjoin(models.TrialHeartbeatModel,
-                                   models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
-                        .filter(models.TrialModel.study_id == study_id,
-                                models.TrialModel.state == TrialState.RUNNING,
-                                models.TrialHeartbeatModel.trial_id.is_(None))
-                        .all())
-            return [row[0] for row in rows]
-
         now, grace = time.monotonic(), self.grace_period or 2 * self.heartbeat_interval
-        ids = self.retry(query, "_beatless_stale_ids")
+        ids = self.retry(lambda: optuna_private.running_trial_ids_without_heartbeat(self, study_id),
+                         "beatless_stale_ids")
         self._beatless = {i: self._beatless.get(i, now) for i in ids}
         return [i for i, seen in self._beatless.items() if now - seen > grace]
 
@@ -218,17 +205,12 @@ _RETRIED = (
     "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
     "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
     "get_study_user_attrs", "get_study_system_attrs", "get_trial_user_attrs",
-    "get_trial_system_attrs", "get_all_studies", "create_new_trial", "_create_new_trial",
-    "set_trial_param", "_set_trial_param", "get_trial_param", "set_trial_state_values",
-    "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
-    "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "_get_trials",
-    "get_best_trial", "_get_best_trial_id", "get_n_trials", "record_heartbeat",
-    "_get_stale_trial_ids",
+    "get_trial_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
+    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
+    "get_trial", "get_all_trials", "get_best_trial", "get_n_trials", "record_heartbeat",
+    *optuna_private.CACHE_PRIVATE_CALLS,
 )
 for _name in _RETRIED:
     setattr(ResilientRDBStorage, _name, _retrying(_name))
 
-
-def backend(storage):
-    """The ``RDBStorage`` under Optuna's per-study cache (``study._storage``)."""
-    return getattr(storage, "_backend", storage)

@@ -14,19 +14,14 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
-from nkat_search.search.resilient_storage import ResilientRDBStorage, backend
+from nkat_search.search import optuna_private
+from nkat_search.search.resilient_storage import ResilientRDBStorage
 
 # System attr of a queued retry: the faults (not polite stops) in its chain so far.
 FAULTS_ATTR = "retry_faults"
 
 
-# Optuna 4.9 renamed RetryFailedTrialCallback to RetryHeartbeatStaleTrialCallback; the old name
-# still works but warns on every use.
-_RetryBase = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
-    optuna.storages.RetryFailedTrialCallback
-
-
-class RetryStaleTrial(_RetryBase):
+class RetryStaleTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
     """Optuna's retry callback, with ``max_retry`` counting faults instead of attempts.
 
     Optuna counts every attempt of a chain (``retry_history``) against ``max_retry``. Here a copy
@@ -42,14 +37,14 @@ class RetryStaleTrial(_RetryBase):
     """
 
     def __init__(self, max_retry: int | None = None, inherit_intermediate_values: bool = True):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings():  # Optuna calls the callback experimental, every time
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             super().__init__(max_retry=max_retry,
                              inherit_intermediate_values=inherit_intermediate_values)
-
-    @property
-    def max_retry(self) -> int | None:
-        return self._max_retry
+        # Kept here, not read back from the base class's private attributes: ``__call__`` below
+        # replaces the base's, so these two are all that is used of it.
+        self.max_retry = max_retry
+        self.inherit_intermediate_values = inherit_intermediate_values
 
     def __call__(self, study, trial) -> None:
         """The heartbeat's callback: a silent worker is a fault."""
@@ -62,7 +57,7 @@ class RetryStaleTrial(_RetryBase):
         return int(attrs.get(FAULTS_ATTR, len(attrs.get("retry_history", []))))
 
     def would_retry(self, trial, counted: bool = True) -> bool:
-        return not counted or self._max_retry is None or self.faults(trial) + 1 <= self._max_retry
+        return not counted or self.max_retry is None or self.faults(trial) + 1 <= self.max_retry
 
     def requeue(self, study, trial, counted: bool = True) -> int | None:
         """Queue a copy of the FAIL ``trial``; its number, or None when the retries are spent."""
@@ -75,11 +70,12 @@ class RetryStaleTrial(_RetryBase):
         template = optuna.create_trial(
             state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
             user_attrs={}, system_attrs=system_attrs,
-            intermediate_values=trial.intermediate_values if self._inherit_intermediate_values
+            intermediate_values=trial.intermediate_values if self.inherit_intermediate_values
             else None)
         # study.add_trial, minus its return value of None: the caller prints the copy's number.
-        trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
-        return study._storage.get_trial_number_from_id(trial_id)
+        storage = optuna_private.study_storage(study)
+        trial_id = storage.create_new_trial(optuna_private.study_id(study), template_trial=template)
+        return storage.get_trial_number_from_id(trial_id)
 
 
 def retried_trial_number(trial) -> int | None:
@@ -91,7 +87,7 @@ def retried_trial_number(trial) -> int | None:
     if isinstance(trial, optuna.trial.FrozenTrial):
         system_attrs = trial.system_attrs
     else:
-        system_attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+        system_attrs = trial.storage.get_trial_system_attrs(optuna_private.trial_id(trial))
     return system_attrs.get("failed_trial")
 
 
@@ -107,8 +103,8 @@ def fail_stale_trials(study) -> list[int]:
     """
     from nkat_search.search import trials as record
 
-    storage = study._storage
-    rdb = backend(storage)
+    storage = optuna_private.study_storage(study)
+    rdb = optuna_private.backend(storage)
     interval = rdb.get_heartbeat_interval()
     if interval is None:
         return []
@@ -116,9 +112,10 @@ def fail_stale_trials(study) -> list[int]:
     health = getattr(rdb, "health", None)
     if health is not None and health.up_for() < grace:
         return []
-    stale = list(rdb._get_stale_trial_ids(study._study_id))
+    study_id = optuna_private.study_id(study)
+    stale = list(optuna_private.stale_trial_ids(rdb, study_id))
     if isinstance(rdb, ResilientRDBStorage):
-        stale += [i for i in rdb._beatless_stale_ids(study._study_id) if i not in stale]
+        stale += [i for i in rdb.beatless_stale_ids(study_id) if i not in stale]
     callback = rdb.get_heartbeat_stale_trial_callback()
     failed = []
     for trial_id in stale:

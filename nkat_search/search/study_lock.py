@@ -22,7 +22,7 @@ class StudyLock:
 
     def __init__(self, storage, study_name: str):
         self._url = str(storage.url)
-        self._storage = storage
+        self._store = storage
         self._engine = storage.engine
         self._key = zlib.crc32(f"nkat-search:{study_name}".encode()) - 2**31
         self._conn = None
@@ -31,7 +31,7 @@ class StudyLock:
     def acquire(self) -> None:
         scheme = self._url.split("://", 1)[0]
         if scheme in POSTGRES_SCHEMES:
-            retry = getattr(self._storage, "retry", None)
+            retry = getattr(self._store, "retry", None)
             self._conn = retry(self._pg_lock, "lock") if retry else self._pg_lock()
             return
         path = sqlite_path(self._url) if scheme == SQLITE_SCHEME else None

@@ -26,6 +26,7 @@ from typing import Any, Iterable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from nkat_search.search import optuna_private
 from nkat_search.search.spec import STAGE1_DATASET
 
 # What a finished trial was. A gate failure and a pruned trial are both Optuna PRUNED; an
@@ -160,7 +161,7 @@ def write(trial, **values: Any) -> None:
     config = values.pop("config", None)
     if config is not None:
         # Trial.set_system_attr is deprecated; the storage call is what it did.
-        trial.storage.set_trial_system_attr(trial._trial_id, CONFIG_ATTR, config)
+        trial.storage.set_trial_system_attr(optuna_private.trial_id(trial), CONFIG_ATTR, config)
     for key, value in attrs_of(**values).items():
         trial.set_user_attr(key, value)
 

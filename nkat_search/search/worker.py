@@ -55,19 +55,20 @@ from optuna.trial import TrialState
 
 from nkat_search.config import STORAGE_WAIT_S
 from nkat_search.errors import UserError
+from nkat_search.search import optuna_private
 from nkat_search.search import trials as trial_record
 from nkat_search.search.coordinator import budget_state, load_study, load_study_spec_from_storage
-from nkat_search.search.heartbeat import AbortGuard, HeartbeatLost, TrialHeartbeat
 from nkat_search.search.disk import check_room, free_bytes, human, trial_checkpoint_bytes
+from nkat_search.search.heartbeat import AbortGuard, HeartbeatLost, TrialHeartbeat
 from nkat_search.search.objective import (CHECKPOINT_NOT_WRITTEN, INTERRUPTED, OUT_OF_MEMORY,
                                           Objective, original_number, trial_dir)
 from nkat_search.search.report import describe_lost
-from nkat_search.search.resilient_storage import StorageUnavailable, backend
+from nkat_search.search.resilient_storage import StorageUnavailable
+from nkat_search.search.spec import StudySpec
 from nkat_search.search.stale_trials import RetryStaleTrial, fail_stale_trials
 from nkat_search.search.storage import open_storage
 from nkat_search.search.storage_url import WORKER_CONNECTIONS
 from nkat_search.search.study_lock import StudyLock
-from nkat_search.search.spec import StudySpec
 from nkat_search.search.trials import TrialRecord
 
 # Exit codes beyond 0 (done), 2 (a user mistake, one line) and 128 + N (signal N).
@@ -281,8 +282,8 @@ class Worker:
         """
         hb = self.spec.heartbeat
         outcome, lost = None, None
-        beat = TrialHeartbeat(backend(self.study._storage), trial._trial_id, hb.interval,
-                              hb.grace)
+        beat = TrialHeartbeat(optuna_private.backend(optuna_private.study_storage(self.study)),
+                              optuna_private.trial_id(trial), hb.interval, hb.grace)
         try:
             with beat:
                 self.guard.arm(beat)
@@ -317,8 +318,8 @@ class Worker:
 
     def _end(self, trial, outcome, lost: str | None, beat: TrialHeartbeat):
         """Tell the trial's end and queue what must run again; under the study lock."""
-        storage = self.study._storage
-        frozen = storage.get_trial(trial._trial_id)
+        storage = optuna_private.study_storage(self.study)
+        frozen = storage.get_trial(optuna_private.trial_id(trial))
         if frozen.state != TrialState.RUNNING:
             print(f"worker {self.worker}: trial {trial.number} was declared dead by another "
                   "worker (its heartbeat was late); its retry carries on, this run's result is "
