@@ -15,6 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from nkat_search.search import optuna_private
+from nkat_search.search import trials as trial_record
 from nkat_search.search.resilient_storage import ResilientRDBStorage
 
 # System attr of a queued retry: the faults (not polite stops) in its chain so far.
@@ -101,8 +102,6 @@ def fail_stale_trials(study) -> list[int]:
     grace period: after an outage every heartbeat is old, and live workers need that long to beat
     again. Call it under the ``StudyLock`` so that two workers never fail the same trial.
     """
-    from nkat_search.search import trials as record
-
     storage = optuna_private.study_storage(study)
     rdb = optuna_private.backend(storage)
     interval = rdb.get_heartbeat_interval()
@@ -129,8 +128,7 @@ def fail_stale_trials(study) -> list[int]:
         error = (f"worker lost: no heartbeat from {who} for over {grace} s (killed, or cut off "
                  f"from the storage); {note}")
         try:
-            for key, value in record.attrs_of(outcome="failed", error=error).items():
-                storage.set_trial_user_attr(trial_id, key, value)
+            trial_record.write_by_id(storage, trial_id, outcome="failed", error=error)
             if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:

@@ -161,9 +161,18 @@ def write(trial, **values: Any) -> None:
     config = values.pop("config", None)
     if config is not None:
         # Trial.set_system_attr is deprecated; the storage call is what it did.
-        trial.storage.set_trial_system_attr(optuna_private.trial_id(trial), CONFIG_ATTR, config)
+        write_by_id(trial.storage, optuna_private.trial_id(trial), config=config)
     for key, value in attrs_of(**values).items():
-        trial.set_user_attr(key, value)
+        trial.set_user_attr(key, value)  # the live trial's own copy of its attributes too
+
+
+def write_by_id(storage, trial_id: int, **values: Any) -> None:
+    """``write`` for a trial known by its storage id (another worker's, found dead)."""
+    config = values.pop("config", None)
+    if config is not None:
+        storage.set_trial_system_attr(trial_id, CONFIG_ATTR, config)
+    for key, value in attrs_of(**values).items():
+        storage.set_trial_user_attr(trial_id, key, value)
 
 
 def outcome(trial: FrozenTrial) -> str:
