@@ -8,6 +8,7 @@ Optuna or SQLAlchemy: the CLI reads URLs before it opens anything.
 from __future__ import annotations
 
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 from nkat_search.errors import UserError
@@ -37,42 +38,59 @@ class StorageError(UserError):
     """The storage URL is wrong or the database cannot be reached; the message names the fix."""
 
 
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (safe to print and log).
+@dataclass(frozen=True)
+class Userinfo:
+    """A URL cut around its user and password: ``head`` + ``user:password@`` + ``rest``."""
 
-    The user part ends at the *last* ``@`` before the host, so a password with an unencoded ``@``
-    is masked whole (SQLAlchemy would cut it at the first one; ``check_url`` refuses such URLs).
+    head: str              # "scheme://"
+    user: str | None       # None: the URL has no "@" before its host
+    password: str | None   # None: no ":" after the user
+    rest: str              # host, port, database and query
+
+
+def split_userinfo(url: str) -> Userinfo | None:
+    """The user and password of ``url``; None when it has no ``scheme://``.
+
+    The user part ends at the *last* ``@`` before the first ``/``, so a password with an unencoded
+    ``@`` is seen whole (SQLAlchemy would cut it at the first one; ``check_url`` refuses such
+    URLs). The user ends at the first ``:``.
     """
-    scheme, sep, rest = url.partition("://")
+    scheme, sep, after = url.partition("://")
     if not sep:
-        return url
-    netloc, slash, tail = rest.partition("/")
+        return None
+    netloc, slash, tail = after.partition("/")
     userinfo, at, host = netloc.rpartition("@")
-    if not at or ":" not in userinfo:
+    if not at:
+        return Userinfo(scheme + sep, None, None, after)
+    user, colon, password = userinfo.partition(":")
+    return Userinfo(scheme + sep, user, password if colon else None, host + slash + tail)
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (safe to print and log)."""
+    parts = split_userinfo(url)
+    if parts is None or parts.password is None:
         return url
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}{slash}{tail}"
-
-
-def check_url(url: str) -> None:
-    """Refuse URLs that the driver would misread in a way that prints part of the password."""
-    _, sep, rest = url.partition("://")
-    netloc = rest.partition("/")[0] if sep else ""
-    if netloc.count("@") > 1:
-        raise StorageError(
-            f"storage URL {mask_url(url)}: the user or password contains '@'; write it as %40 "
-            "(postgresql+psycopg2://user:pass%40word@host:5432/db)")
+    return f"{parts.head}{parts.user}:***@{parts.rest}"
 
 
 def redact(text: str, url: str) -> str:
     """``text`` with the URL's password (as written and percent-decoded) replaced by ``***``."""
-    _, sep, rest = url.partition("://")
-    userinfo = rest.partition("/")[0].rpartition("@")[0] if sep else ""
-    password = userinfo.split(":", 1)[1] if ":" in userinfo else ""
+    parts = split_userinfo(url)
+    password = (parts.password if parts else None) or ""
     for secret in {password, urllib.parse.unquote(password)}:
         if secret:
             text = text.replace(secret, "***")
     return text
+
+
+def check_url(url: str) -> None:
+    """Refuse URLs that the driver would misread in a way that prints part of the password."""
+    parts = split_userinfo(url)
+    if parts is not None and "@" in (parts.user or "") + (parts.password or ""):
+        raise StorageError(
+            f"storage URL {mask_url(url)}: the user or password contains '@'; write it as %40 "
+            "(postgresql+psycopg2://user:pass%40word@host:5432/db)")
 
 
 def sqlite_path(url: str) -> Path | None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 from typing import NoReturn
+
+from nkat_search.search.storage_url import split_userinfo
 
 STORAGE_ENV = "NKAT_STORAGE"
 STORAGE_PASSWORD_FILE_ENV = "NKAT_STORAGE_PASSWORD_FILE"
@@ -86,11 +87,11 @@ def with_password_file(url: str) -> str:
     scheme = url.split("://", 1)[0]
     if not path or not scheme.startswith("postgresql"):
         return url
-    match = _USERINFO.match(url)
-    if match is None or not match.group("user"):
+    parts = split_userinfo(url)
+    if parts is None or not parts.user:
         _fail(f"{STORAGE_PASSWORD_FILE_ENV} is set but the storage URL names no user; write it "
               "as postgresql+psycopg2://USER@HOST:5432/DB")
-    if match.group("password") is not None:
+    if parts.password is not None:
         _fail(f"{STORAGE_PASSWORD_FILE_ENV} is set and the storage URL has a password too; drop "
               f"the password from the URL or unset {STORAGE_PASSWORD_FILE_ENV}")
     try:
@@ -100,8 +101,7 @@ def with_password_file(url: str) -> str:
               f"({getattr(err, 'strerror', None) or err}); mount the secret there or fix the path")
     if not password:
         _fail(f"{STORAGE_PASSWORD_FILE_ENV}={path}: the file is empty; write the password into it")
-    head, user, rest = match.group("head", "user", "rest")
-    return f"{head}{user}:{quote(password, safe='')}@{rest}"
+    return f"{parts.head}{parts.user}:{quote(password, safe='')}@{parts.rest}"
 
 
 def without_file_password(url: str) -> str:
@@ -110,16 +110,10 @@ def without_file_password(url: str) -> str:
     A child command inherits ``$NKAT_STORAGE_PASSWORD_FILE`` and puts the password back itself, so
     the password never appears on its command line.
     """
-    match = _USERINFO.match(url)
-    if not os.environ.get(STORAGE_PASSWORD_FILE_ENV) or match is None:
+    parts = split_userinfo(url)
+    if not os.environ.get(STORAGE_PASSWORD_FILE_ENV) or parts is None or parts.password is None:
         return url
-    if match.group("password") is None:
-        return url
-    return f"{match.group('head')}{match.group('user')}@{match.group('rest')}"
-
-
-_USERINFO = re.compile(r"(?P<head>[a-z0-9+]+://)(?:(?P<user>[^:/@]*)(?::(?P<password>[^@]*))?@)?"
-                       r"(?P<rest>.*)", re.S)
+    return f"{parts.head}{parts.user}@{parts.rest}"
 
 
 def _fail(message: str) -> NoReturn:
