@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nkat_search.errors import UserError
-from nkat_search.search import trials as record_of
+from nkat_search.search import trials as trial_record
 from nkat_search.search.trials import TrialRecord
 
 
@@ -47,9 +47,9 @@ class Exported:
         return text
 
 
-def best_trials(study, top: int) -> list[record_of.Best]:
+def best_trials(study, top: int) -> list[trial_record.Best]:
     """The ``top`` complete trials by ``trials.ranked`` (the study's best first)."""
-    return record_of.ranked(study)[:top]
+    return trial_record.ranked(study)[:top]
 
 
 def trial_document(study, trial, feasible: bool) -> dict[str, Any]:
@@ -65,7 +65,7 @@ def trial_document(study, trial, feasible: bool) -> dict[str, Any]:
     except ConfigError as err:
         raise UserError(f"trial {trial.number}: its stored config is not valid ({err})") from None
     metrics = {
-        "value": trial.value, "metric": record_of.METRIC_NAME, "feasible": feasible,
+        "value": trial.value, "metric": trial_record.METRIC_NAME, "feasible": feasible,
         "global_tpe": record.global_tpe, "consistency": record.consistency,
         "robustness": record.robustness, "local_tpe": record.local_tpe, "lambda": record.lam,
         "datasets": {name: score.to_dict() for name, score in record.datasets.items()},
@@ -110,7 +110,7 @@ def export_best(study, out_dir: str | Path, top: int) -> Exported:
         doc = trial_document(study, trial, found.feasible)
         verdict = "meets the constraints" if found.feasible else "MISSES the constraints"
         header = (f"# nkat-search export: study '{study.study_name}', trial {trial.number}, "
-                  f"rank {rank} of {len(ranked)}, {record_of.METRIC_NAME} {trial.value:.6g}, "
+                  f"rank {rank} of {len(ranked)}, {trial_record.METRIC_NAME} {trial.value:.6g}, "
                   f"{verdict}\n"
                   f"# re-run: nkat-search train --config FILE  (or stage2 --config FILE)\n")
         yaml_text = header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)

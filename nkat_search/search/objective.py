@@ -31,7 +31,7 @@ from typing import Callable
 import optuna
 
 from nkat_search.config import CHECKPOINT_INTERVAL_S, RunConfig
-from nkat_search.search import trials
+from nkat_search.search import trials as trial_record
 from nkat_search.search.disk import is_host_fault
 from nkat_search.search.space import suggest_config
 from nkat_search.search.stale_trials import retried_trial_number
@@ -196,8 +196,8 @@ class Objective:
         cfg = RunConfig.from_dict({"dataset": STAGE1_DATASET}, base=suggest_config(trial, spec))
         if self.on_start is not None:
             self.on_start()
-        trials.write(trial, config=cfg.to_dict(), retry_of=retried_trial_number(trial), stage=1,
-                     dataset=STAGE1_DATASET, epoch=0)
+        trial_record.write(trial, config=cfg.to_dict(), retry_of=retried_trial_number(trial),
+                           stage=1, dataset=STAGE1_DATASET, epoch=0)
         folder = trial_dir(self.checkpoint_root, spec.name, trial)
         self._restore_checkpoints(trial)
         where = {"stage": 1, "dataset": STAGE1_DATASET, "epoch": 0}
@@ -207,7 +207,7 @@ class Objective:
             the epoch's checkpoint, if it wrote one, goes to the checkpoint store."""
             self._store_checkpoints(trial, [report.dataset])
             now = {"dataset": report.dataset, "epoch": report.epoch}
-            trials.write(trial, **{k: v for k, v in now.items() if where.get(k) != v})
+            trial_record.write(trial, **{k: v for k, v in now.items() if where.get(k) != v})
             where.update(now)
 
         def report_and_maybe_prune(report) -> None:
@@ -217,10 +217,11 @@ class Objective:
             self.unsent_report = None
             # After the last epoch the gate decides; pruning there would only hide its verdict.
             if report.epoch < report.epochs and trial.should_prune():
-                trials.write(trial, outcome="pruned", feasible=False, local_tpe=report.tpe,
-                             datasets={STAGE1_DATASET: _score(report)},
-                             reason=f"pruned at epoch {report.epoch} of {report.epochs} by the "
-                                    f"{_pruner_name(trial, spec)} (Local TPE {report.tpe:.4f})")
+                trial_record.write(
+                    trial, outcome="pruned", feasible=False, local_tpe=report.tpe,
+                    datasets={STAGE1_DATASET: _score(report)},
+                    reason=f"pruned at epoch {report.epoch} of {report.epochs} by the "
+                           f"{_pruner_name(trial, spec)} (Local TPE {report.tpe:.4f})")
                 self._unmeasured(trial, report.tpe)
                 raise optuna.TrialPruned(f"Local TPE {report.tpe:.4f} at epoch {report.epoch}")
 
@@ -229,11 +230,12 @@ class Objective:
                        out_dir=folder / STAGE1_DATASET, on_epoch=report_and_maybe_prune,
                        stop_requested=self.stop_requested, progress=self.progress,
                        options=options)
-        trials.write(trial, local_tpe=stage1.tpe, datasets={STAGE1_DATASET: _score(stage1)},
-                     resumed_from_epoch=stage1.resumed_from_epoch)
+        trial_record.write(trial, local_tpe=stage1.tpe,
+                           datasets={STAGE1_DATASET: _score(stage1)},
+                           resumed_from_epoch=stage1.resumed_from_epoch)
         if stage1.tpe < spec.gate:
-            trials.write(trial, outcome="gate_failed", feasible=False,
-                         reason=f"gate: Local TPE {stage1.tpe:.4f} < {spec.gate:g}")
+            trial_record.write(trial, outcome="gate_failed", feasible=False,
+                               reason=f"gate: Local TPE {stage1.tpe:.4f} < {spec.gate:g}")
             self._unmeasured(trial, stage1.tpe)
             raise optuna.TrialPruned(f"gate: Local TPE@CIFAR10 {stage1.tpe:.4f} < {spec.gate}")
         if self.stop_requested():
@@ -242,7 +244,7 @@ class Objective:
         datasets = [*spec.stage2_datasets, STAGE1_DATASET]
         if spec.stage2_datasets:
             first = {"stage": 2, "dataset": spec.stage2_datasets[0], "epoch": 0}
-            trials.write(trial, **first)
+            trial_record.write(trial, **first)
             where.update(first)
         report = run_stage2(cfg, datasets, data_dir=self.data_dir, device=self.device,
                             out_dir=folder, results={STAGE1_DATASET: stage1},
@@ -254,20 +256,21 @@ class Objective:
         resumed = {name: result["resumed_from_epoch"] for name, result in report.results.items()
                    if name != STAGE1_DATASET and result["resumed_from_epoch"]}
         if resumed:
-            trials.write(trial, resumed=resumed)
+            trial_record.write(trial, resumed=resumed)
         table = report.table
-        trials.write(trial,
-                     datasets={row.dataset: DatasetScore(row.accuracy, row.lam, row.tpe)
-                               for row in table.rows},
-                     global_tpe=table.global_tpe, consistency=table.consistency,
-                     robustness=table.robustness, missing_datasets=sorted(report.missing))
+        trial_record.write(trial,
+                           datasets={row.dataset: DatasetScore(row.accuracy, row.lam, row.tpe)
+                                     for row in table.rows},
+                           global_tpe=table.global_tpe, consistency=table.consistency,
+                           robustness=table.robustness, missing_datasets=sorted(report.missing))
         # Feasible iff every value <= 0 (Optuna's convention); TPE models the good region from
         # feasible trials first, then from the least violating ones.
         measured = {"consistency": table.consistency, "robustness": table.robustness}
         violations = {key: target - measured[key] for key, target in spec.constraints.items()}
         for key, value in violations.items():
             trial.set_constraint(key, value)
-        trials.write(trial, feasible=all(v <= 0 for v in violations.values()), outcome="complete")
+        trial_record.write(trial, feasible=all(v <= 0 for v in violations.values()),
+                           outcome="complete")
         return table.global_tpe
 
     def resend_report(self, trial: optuna.Trial) -> None:
@@ -365,7 +368,7 @@ def _is_out_of_memory(err: Exception) -> bool:
 def _record_timings(trial: optuna.Trial, timings, trial_seconds: float) -> None:
     """Where the trial's time went, as flat attributes (readable in the dashboard and ``status``)."""
     try:
-        trials.write(trial, timings={**timings.as_attrs(), "time_trial_s": trial_seconds})
+        trial_record.write(trial, timings={**timings.as_attrs(), "time_trial_s": trial_seconds})
     except Exception:  # storage trouble must not mask the trial's own outcome
         pass
 
@@ -374,6 +377,6 @@ def _fail(trial: optuna.Trial, error: str) -> None:
     """Record a failure before Optuna marks the trial FAIL; storage trouble must not mask it."""
     try:
         outcome = "interrupted" if error.startswith(INTERRUPTED) else "failed"
-        trials.write(trial, outcome=outcome, error=" ".join(error.split())[:1000])
+        trial_record.write(trial, outcome=outcome, error=" ".join(error.split())[:1000])
     except Exception:
         pass

@@ -13,7 +13,7 @@ from typing import Any
 from optuna.trial import TrialState
 
 from nkat_search.errors import UserError
-from nkat_search.search import trials as record_of
+from nkat_search.search import trials as trial_record
 from nkat_search.search.trials import LIVE, OUTCOMES, TrialRecord
 
 # Counted in this order in the summary line and in ``status --json``.
@@ -60,11 +60,11 @@ def trial_rows(trials, now: dt.datetime | None = None) -> list[dict[str, Any]]:
     """One plain dict per trial (JSON-ready), in trial-number order."""
     now = now or dt.datetime.now()
     trials = sorted(trials, key=lambda t: t.number)
-    retried_by = record_of.retries(trials)
+    retried_by = trial_record.retries(trials)
     rows = []
     for t in trials:
         record = TrialRecord.of(t)
-        kind = record_of.outcome(t)
+        kind = trial_record.outcome(t)
         local_tpe = record.local_tpe
         if local_tpe is None and t.intermediate_values:
             # A running trial has no final Local TPE yet: show the last one reported to the pruner.
@@ -83,8 +83,8 @@ def trial_rows(trials, now: dt.datetime | None = None) -> list[dict[str, Any]]:
             "lambda": record.lam,
             "consistency": record.consistency,
             "robustness": record.robustness,
-            "feasible": record_of.feasible(t),
-            "reason": record_of.stop_reason(t, retried_by.get(t.number)),
+            "feasible": trial_record.feasible(t),
+            "reason": trial_record.stop_reason(t, retried_by.get(t.number)),
             "datasets": {name: score.to_dict() for name, score in record.datasets.items()},
             "missing_datasets": record.missing_datasets,
             "epochs": len(t.intermediate_values),
@@ -158,11 +158,12 @@ def summary_line(summary: dict[str, Any]) -> str:
 def best_text(summary: dict[str, Any], short: bool = False) -> str:
     """``best Global TPE 0.7123 (trial 4)``; ``short``: ``best 0.7123 (#4)`` for a progress bar."""
     if summary["best_value"] is None:
-        return "best -" if short else f"best {record_of.METRIC_NAME} -"
+        return "best -" if short else f"best {trial_record.METRIC_NAME} -"
     if short:
         flag = ", infeasible" if not summary["best_feasible"] else ""
         return f"best {summary['best_value']:.4f} (#{summary['best_trial']}{flag})"
-    text = f"best {record_of.METRIC_NAME} {summary['best_value']:.4f} (trial {summary['best_trial']}"
+    text = (f"best {trial_record.METRIC_NAME} {summary['best_value']:.4f} "
+            f"(trial {summary['best_trial']}")
     if not summary["best_feasible"]:
         text += ", infeasible: no complete trial meets the constraints yet"
     return text + ")"
@@ -186,7 +187,7 @@ def format_table(rows: list[dict[str, Any]], width: int | None = None) -> str:
     wraps a row onto two lines. ``width=None`` (a pipe, a file, ``--wide``) shows everything.
     """
     datasets = sorted({name for r in rows for name in r["datasets"]},
-                      key=lambda n: (n != record_of.STAGE1_DATASET, n))
+                      key=lambda n: (n != trial_record.STAGE1_DATASET, n))
     columns = [("trial", ">", lambda r: str(r["number"])),
                ("outcome", "<", lambda r: r["outcome"]),
                ("lambda", ">", lambda r: _num(r["lambda"]))]
@@ -317,13 +318,13 @@ def study_report(study) -> dict[str, Any]:
         budget = None
     return {
         "study": study.study_name,
-        "direction": "maximize" if record_of.maximizes(study) else "minimize",
-        "metric": record_of.METRIC_NAME,
+        "direction": "maximize" if trial_record.maximizes(study) else "minimize",
+        "metric": trial_record.METRIC_NAME,
         "study_file_name": attrs.get("study_file_name"),
         "study_file_hash": attrs.get("study_file_hash"),
         "search_hash": attrs.get("search_hash"),
         "budget": budget,
-        "summary": summarize(rows, record_of.best(study)),
+        "summary": summarize(rows, trial_record.best(study)),
         "trials": rows,
     }
 

@@ -112,10 +112,10 @@ def csv_rows(trials) -> list[dict]:
     """
     from optuna.trial import TrialState
 
-    from nkat_search.search import trials as record_of
+    from nkat_search.search import trials as trial_record
     from nkat_search.search.trials import TrialRecord
 
-    retried_by = record_of.retries(trials)
+    retried_by = trial_record.retries(trials)
     rows = []
     for t in sorted(trials, key=lambda t: t.number):
         record = TrialRecord.of(t)
@@ -123,14 +123,14 @@ def csv_rows(trials) -> list[dict]:
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else None
         row = {
-            "number": t.number, "state": t.state.name, "outcome": record_of.outcome(t),
-            "feasible": record_of.feasible(t),
+            "number": t.number, "state": t.state.name, "outcome": trial_record.outcome(t),
+            "feasible": trial_record.feasible(t),
             "global_tpe": t.value if t.state == TrialState.COMPLETE else None,
             "local_tpe": t.intermediate_values[last] if last is not None else record.local_tpe,
             "local_tpe_epoch": last,
             "consistency": record.consistency, "robustness": record.robustness,
             **{f"constraint_{name}": value for name, value in t.constraints.items()},
-            "reason": record_of.stop_reason(t, retried_by.get(t.number)) or None,
+            "reason": trial_record.stop_reason(t, retried_by.get(t.number)) or None,
         }
         for name, score in record.datasets.items():
             row.update({f"accuracy_{name}": score.accuracy, f"tpe_{name}": score.tpe,
@@ -233,7 +233,7 @@ def learning_curves(study):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from nkat_search.search import trials as record_of
+    from nkat_search.search import trials as trial_record
 
     figure, ax = plt.subplots(figsize=(9, 5.5))
     ax.set_facecolor("white")
@@ -241,8 +241,8 @@ def learning_curves(study):
     for t in study.get_trials(deepcopy=False):
         if not t.intermediate_values:
             continue
-        kind = record_of.outcome(t)
-        if kind == "complete" and not record_of.feasible(t):
+        kind = trial_record.outcome(t)
+        if kind == "complete" and not trial_record.feasible(t):
             kind = "infeasible"
         colour, width, order = OUTCOME_STYLE.get(kind, OUTCOME_STYLE["failed"])
         steps = sorted(t.intermediate_values)
@@ -257,7 +257,7 @@ def learning_curves(study):
                    label=f"gate {gate:g}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel(record_of.INTERMEDIATE_NAME)
+    ax.set_ylabel(trial_record.INTERMEDIATE_NAME)
     ax.set_title(f"Learning curves of study {study.study_name}, by outcome")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", frameon=False)

@@ -3,8 +3,8 @@
 The budget (``n_trials`` of the study file) counts configurations, across every worker: each
 trial except retries (see ``coordinator.budget_state``). Optuna's ``MaxTrialsCallback`` checks the
 count only after a trial ends, so two workers finishing together would both start one more; here
-the check and ``study.ask`` happen under one study-wide lock (``study_lock.StudyLock``), so the count
-is exact. A trial's end (``tell``, and queueing its retry) happens under the same lock, so no
+the check and ``study.ask`` happen under one study-wide lock (``study_lock.StudyLock``), so the
+count is exact. A trial's end (``tell``, and queueing its retry) happens under the same lock, so no
 worker ever sees a stopped trial without its retry and concludes the study is done.
 
 The trial loop is ask / objective / tell written out rather than ``study.optimize``: Optuna's loop
