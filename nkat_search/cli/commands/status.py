@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
-from nkat_search.cli.commands.storage_arg import add_storage_argument
+from nkat_search.cli.commands.storage_arg import add_storage_argument, resolve_storage
+from nkat_search.terminal import table_width
 
 HELP = ("Print the study's trials: outcome, lambda, accuracy per dataset, Local TPE, Global TPE, "
         "whether the trial meets the constraints and why it stopped (or what it is doing), then "
@@ -24,14 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import sys
-
-    from nkat_search.cli.commands.storage_arg import resolve_storage
+    # Optuna loads here, not when the module does: `status --help` stays fast.
     from nkat_search.search.report import (budget_text, describe_lost, format_table,
                                            lost_configurations, open_study, study_report,
                                            summary_line, wrap)
-    from nkat_search.terminal import table_width
 
     study = open_study(resolve_storage(args.storage, args.study), args.study)
     report = study_report(study)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 
-from nkat_search.cli.commands.storage_arg import add_storage_argument
+from nkat_search.cli.commands.storage_arg import add_storage_argument, resolve_storage
+from nkat_search.search.spec import check_study_name, load_study_file
+from nkat_search.search.storage_url import mask_url
 
 HELP = ("Create a study from a study file (or resume it: same name and same file), storing the "
         "file in the study so workers rebuild the same sampler and pruner; or show a study's "
@@ -32,21 +35,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import optuna
+    import optuna  # here, not at the top: `study --help` stays fast
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return _create(args) if args.action == "create" else _show(args)
 
 
 def _create(args: argparse.Namespace) -> int:
-    from nkat_search.cli.commands.storage_arg import resolve_storage
+    # Optuna loads with these: not at the top, so `study --help` stays fast.
     from nkat_search.search.coordinator import budget_state, create_study
     from nkat_search.search.report import budget_text
     from nkat_search.search.storage import open_storage
-    from nkat_search.search.storage_url import mask_url
-    from nkat_search.search.spec import load_study_file
-
-    from nkat_search.search.spec import check_study_name
 
     spec = load_study_file(args.study)
     if args.name is not None:
@@ -65,11 +64,9 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    import json
-
-    from nkat_search.cli.commands.storage_arg import resolve_storage
+    # Optuna loads with these: not at the top, so `study --help` stays fast.
     from nkat_search.search.coordinator import load_study, load_study_spec_from_storage, summary
-    from nkat_search.search.report import budget_text, open_storage_for_reading
+    from nkat_search.search.report import budget_text, describe_lost, open_storage_for_reading
 
     storage = open_storage_for_reading(resolve_storage(args.storage, args.study))
     spec = load_study_spec_from_storage(storage, args.study)
@@ -84,8 +81,6 @@ def _show(args: argparse.Namespace) -> int:
     print()
     print(f"budget: {budget_text(info)}, {info['retries']} retries")
     if info["lost"]:
-        from nkat_search.search.report import describe_lost
-
         print(describe_lost(info["lost"]))
     print("states: " + (", ".join(f"{k} {v}" for k, v in sorted(info["states"].items())) or "none"))
     print("outcomes: " + (", ".join(f"{k} {v}" for k, v in sorted(info["outcomes"].items()))

@@ -9,10 +9,29 @@ forwards exactly one SIGINT to each worker and waits for them to checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
-from nkat_search.cli.commands.storage_arg import child_env
-
+from nkat_search.cli.checks import check_seconds
+from nkat_search.cli.commands.dashboard import check_port, find_free_port, url
 from nkat_search.cli.commands.export import DEFAULT_TOP
+from nkat_search.cli.commands.storage_arg import (STORAGE_ENV, UP_DEFAULT_OUT, as_url, child_env,
+                                                  with_password_file)
+from nkat_search.cli.commands.train import add_data_arguments
+from nkat_search.cli.commands.worker import default_trials_per_device
+from nkat_search.cli.launch import nkat_command, start, threads_per_process, with_threads
+from nkat_search.cli.mps import start_or_join
+from nkat_search.errors import UserError
+from nkat_search.search.spec import STAGE1_DATASET, load_study_file
+from nkat_search.search.storage_url import SQLITE_SCHEME, mask_url, sqlite_path
+from nkat_search.search.study_files import write_study_files
+from nkat_search.terminal import draws_bars, table_width
 
 HELP = ("Run a whole search on this machine: create the study from --study FILE (the coordinator), "
         "start one worker per visible GPU (CPU only: one worker on cpu unless --workers says more), "
@@ -37,8 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "GPU and 1 on the CPU)")
     parser.add_argument("--storage", metavar="URL",
                         help="storage URL (default: sqlite:///OUT/STUDY.db, embedded SQLite)")
-    from nkat_search.cli.commands.train import add_data_arguments
-
     add_data_arguments(parser)
     parser.add_argument("--out", default="runs", metavar="DIR",
                         help="output root: OUT/STUDY.db, OUT/STUDY/{logs,export}, OUT/checkpoints")
@@ -69,14 +86,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from nkat_search.cli.checks import check_seconds
-    from nkat_search.cli.commands.dashboard import check_port
-    from nkat_search.cli.commands.storage_arg import as_url, with_password_file
-    from nkat_search.errors import UserError
-    from nkat_search.search.spec import load_study_file
-
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     check_seconds("--checkpoint-interval", args.checkpoint_interval, zero_ok=True)
@@ -88,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     spec = load_study_file(args.study)
     # Stage 1's data is checked before the study is created: a wrong --data-dir is one line,
     # not a study, a table and then the workers' refusal.
-    from nkat_search.search.spec import STAGE1_DATASET
+    # torch loads with this: not at the top, so `up --help` stays fast.
     from nkat_search.train.sources import check_present, data_location
 
     check_present(STAGE1_DATASET, data_location(args.data_dir, args.download),
@@ -116,10 +125,6 @@ class Up:
         self.mps = None
 
     def run(self) -> int:
-        import signal
-
-        from nkat_search.search.storage_url import mask_url
-
         print(f"study {self.study_name}: storage {mask_url(self.storage)}", flush=True)
         create = ["study", "create", "--study", self.args.study]
         if self.args.n_trials is not None:
@@ -145,21 +150,16 @@ class Up:
     # -- children ---------------------------------------------------------------------------
 
     def _child(self, argv: list[str]) -> int:
-        import subprocess
-
-        from nkat_search.cli.launch import nkat_command
-
         return subprocess.run(nkat_command(argv), env=child_env(self.storage)).returncode
 
     def _spawn(self, argv: list[str], log_path, env: dict | None = None):
-        from nkat_search.cli.launch import start
-
         # The storage URL travels in NKAT_STORAGE: a command line is readable by every user of
         # the host, and the URL may carry a password. A session of its own: the terminal's
         # Ctrl-C reaches only us, and we decide what the children get.
         return start(argv, env=child_env(self.storage, env), log=log_path)
 
     def _devices(self) -> list[str]:
+        # torch loads with this: not at the top, so `up --help` stays fast.
         from nkat_search.train.device import gpu_names
 
         gpus = gpu_names() or ["cpu"]
@@ -167,22 +167,14 @@ class Up:
         return [gpus[i % len(gpus)] for i in range(count)]
 
     def _start_workers(self) -> None:
-        import os
-
-        from nkat_search.cli.mps import start_or_join
-
         # The worker adds <study>/trial-<n>/ below this.
         checkpoints = self.run_dir.parent / "checkpoints"
         devices = self._devices()
-        from nkat_search.cli.commands.worker import default_trials_per_device
-
         per_device = self.args.trials_per_gpu or default_trials_per_device(devices[0])
         gpus = len({d for d in devices if d.startswith("cuda")})
         if per_device > 1 or self.args.mps == "on":
             self.mps, line = start_or_join(self.args.mps, self.run_dir, gpus)
             print(line, flush=True)
-        from nkat_search.cli.launch import threads_per_process, with_threads
-
         # The cores are split over every trial process of this machine, not per worker.
         env = with_threads(threads_per_process(len(devices) * per_device))
         if self.mps is not None:
@@ -209,10 +201,6 @@ class Up:
             print(f"worker {i} on {device}: log {log}", flush=True)
 
     def _start_dashboard(self) -> None:
-        import os
-
-        from nkat_search.cli.commands.dashboard import find_free_port, url
-
         host = "127.0.0.1"
         port = find_free_port(host, self.args.port)
         if port != self.args.port:
@@ -229,8 +217,6 @@ class Up:
 
     def _on_signal(self, signum, frame) -> None:
         # Only signals here; the watch loop prints (printing inside a handler can re-enter stdout).
-        import signal
-
         self.interrupts += 1
         sig = {1: signal.SIGINT, 2: signal.SIGTERM}.get(self.interrupts, signal.SIGKILL)
         for _, process, _ in self.workers:
@@ -255,11 +241,8 @@ class Up:
         Budget done, the running trials' stage, dataset, epoch and Local TPE, the best so far
         and the time left at the rate trials finished since ``up`` started.
         """
-        import sys
-        import time
-
+        # Optuna loads with this: not at the top, so `up --help` stays fast.
         from nkat_search.search.report import LiveBar, finished_count, live_line
-        from nkat_search.terminal import draws_bars
 
         bar = None
         last, last_printed = None, 0.0
@@ -306,17 +289,16 @@ class Up:
 
     def _report(self, study):
         """(study, ``study_report``); the report is None when the storage is busy this time."""
-        from nkat_search.search.report import study_report
+        # Optuna loads with these: not at the top, so `up --help` stays fast.
+        from nkat_search.search.report import open_study, study_report
+        from nkat_search.search.resilient_storage import is_transient
 
         try:
             if study is None:
-                from nkat_search.search.report import open_study
-
                 study = open_study(self.storage, self.study_name)
             return study, study_report(study)
         except Exception as err:  # noqa: BLE001 - a locked or restarting database must not
-            from nkat_search.search.resilient_storage import is_transient  # stop the watch
-
+            # stop the watch
             if type(err).__name__ not in ("OperationalError", "DatabaseError") and \
                     not is_transient(err):
                 raise
@@ -324,9 +306,6 @@ class Up:
 
     def _stop_all(self) -> None:
         """Reap every child still alive (only on an error or a Ctrl-C path), dashboard last."""
-        import signal
-        import subprocess
-
         for _, process, _ in self.workers:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -349,6 +328,7 @@ class Up:
     # -- the end ----------------------------------------------------------------------------
 
     def _finish(self) -> int:
+        # Optuna loads with these: not at the top, so `up --help` stays fast.
         from nkat_search.search.export import NothingToExport, export_best
         from nkat_search.search.report import (describe_lost, format_table, lost_configurations,
                                                open_study, study_report, summary_line, wrap)
@@ -356,10 +336,6 @@ class Up:
         failed = [(label, p.returncode, log) for label, p, log in self.workers if p.returncode != 0]
         study = open_study(self.storage, self.study_name)
         report = study_report(study)
-        import sys
-
-        from nkat_search.terminal import table_width
-
         width = table_width(sys.stdout)
         print(format_table(report["trials"], width))
         print(wrap(summary_line(report["summary"]), width))
@@ -384,8 +360,6 @@ class Up:
             print(f"nkat-search up: no trial completed ({counts or 'no trial ran'}): nothing to "
                   "export; the table above says why each trial stopped", flush=True)
             code = 1
-        from nkat_search.search.study_files import write_study_files
-
         files = write_study_files(study, export_dir)
         if files.written:
             print(f"wrote {', '.join(p.name for p in files.written)} to {export_dir}")
@@ -404,12 +378,6 @@ class Up:
 
     def _how_to_reach(self) -> str:
         """``--study NAME [--storage ...]``: what status / export need to find this study."""
-        import os
-        from pathlib import Path
-
-        from nkat_search.cli.commands.storage_arg import STORAGE_ENV, UP_DEFAULT_OUT, as_url
-        from nkat_search.search.storage_url import SQLITE_SCHEME, mask_url, sqlite_path
-
         found_here = as_url(str(Path(UP_DEFAULT_OUT) / f"{self.study_name}.db"))
         if self.storage == found_here and not os.environ.get(STORAGE_ENV):
             return f"--study {self.study_name}"
@@ -427,10 +395,6 @@ class Up:
 
 def wait_for_http(address: str, process, timeout: float) -> bool:
     """Poll ``address`` until it answers; False if ``process`` exits or time runs out first."""
-    import time
-    import urllib.error
-    import urllib.request
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -449,8 +413,6 @@ def serving(process, settle_s: float = 1.0) -> bool:
     Another process may hold the port (a second up picked the same free port an instant after
     the first): the address answers, but ours exits on "address already in use".
     """
-    import time
-
     deadline = time.monotonic() + settle_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
