@@ -20,8 +20,10 @@ import optuna
 from nkat_search.errors import UserError
 from nkat_search.search import optuna_private
 from nkat_search.search import trials as trial_record
+from nkat_search.search.gate_pruner import GatePruner
 from nkat_search.search.space import enqueue
-from nkat_search.search.spec import StudySpec, parse_study_text
+from nkat_search.search.spec import StudySpec, check_study_name, parse_study_text
+from nkat_search.search.study_lock import StudyLock
 
 # Study attributes (docs/CONTRACTS.md). ATTR_FILE is a system attribute, the rest user attributes.
 ATTR_FILE, ATTR_HASH, ATTR_FILE_NAME = "study_file", "study_file_hash", "study_file_name"
@@ -38,8 +40,6 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
     model. A changed budget (in the file or ``n_trials``) is not another search: it is stored,
     and the workers, which read it before every trial, extend or end the study by it.
     """
-    from nkat_search.search.spec import check_study_name
-
     name = spec.name if name is None else check_study_name(name, "--name")
     budget = spec.n_trials if n_trials is None else n_trials
     if budget < 1:
@@ -47,8 +47,6 @@ def create_study(spec: StudySpec, storage, name: str | None = None,
     if len(spec.enqueue) > budget:
         raise UserError(f"{spec.file_name}: {len(spec.enqueue)} queued configs exceed the budget "
                         f"of {budget} trials")
-    from nkat_search.search.study_lock import StudyLock
-
     # Two coordinators at once (two `up` on one new study): the second waits until the first has
     # stored the study file, then resumes the study instead of finding it half made.
     with StudyLock(storage, name):
@@ -189,8 +187,6 @@ def _pruner(options: dict, spec: StudySpec) -> optuna.pruners.BasePruner:
     kind = options.get("type", "none")
     epochs = spec.base_config().train.epochs
     if kind == "gate":
-        from nkat_search.search.gate_pruner import GatePruner
-
         rank = _pruner(options["rank"], spec) if "rank" in options else None
         return GatePruner(spec.gate, epochs, rank=rank, **kwargs)
     if kind == "median":
@@ -218,6 +214,7 @@ def budget_state(study: optuna.Study, budget: int | None = None) -> dict:
     to ``used``, never "1 used" before anything ran. ``lost`` lists the configurations whose every attempt failed
     with no retry left (``report.lost_configurations``).
     """
+    # report.py imports this module (budget_state): imported at call time, not at load.
     from nkat_search.search.report import lost_configurations
 
     if budget is None:

@@ -12,6 +12,9 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+# The dashboard's own note layout (a version and the text in chunks, keyed by trial id), so it
+# reads the notes made here as it reads the notes it wrote.
+from optuna_dashboard._note import note_ver_key, split_body
 
 from nkat_search.search import optuna_private
 from nkat_search.search.trials import (CONFIG_ATTR, TrialRecord, best_of, feasible, outcome,
@@ -55,10 +58,6 @@ class DashboardStorage(optuna.storages.RDBStorage):
 
     def get_study_system_attrs(self, study_id):
         """The study's system attributes, with a note for each trial that has none of its own."""
-        # The dashboard's own note layout (optuna_dashboard._note: a version and the text in
-        # chunks, keyed by trial id), so it reads these as it reads the notes it wrote.
-        from optuna_dashboard._note import note_ver_key, split_body
-
         attrs = dict(super().get_study_system_attrs(study_id))
         for trial in super().get_all_trials(study_id, deepcopy=False):
             trial_id = optuna_private.trial_id(trial)

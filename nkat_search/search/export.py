@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from nkat_search.atomic import write_text_atomic
+from nkat_search.config import ConfigError, RunConfig
 from nkat_search.errors import UserError
 from nkat_search.search import trials as trial_record
 from nkat_search.search.trials import TrialRecord
@@ -54,8 +58,6 @@ def best_trials(study, top: int) -> list[trial_record.Best]:
 
 def trial_document(study, trial, feasible: bool) -> dict[str, Any]:
     """The exported mapping for one trial; its config is validated the way ``train`` will read it."""
-    from nkat_search.config import ConfigError, RunConfig
-
     record = TrialRecord.of(trial)
     if not isinstance(record.config, dict):
         raise UserError(f"trial {trial.number} of study '{study.study_name}' has no 'config' "
@@ -92,10 +94,6 @@ def export_best(study, out_dir: str | Path, top: int) -> Exported:
 
     Raises ``NothingToExport`` when no trial has completed.
     """
-    import yaml
-
-    from nkat_search.atomic import write_text_atomic
-
     if top < 1:
         raise UserError(f"--top must be at least 1, got {top}")
     ranked = best_trials(study, top)

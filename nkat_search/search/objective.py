@@ -33,11 +33,14 @@ import optuna
 from nkat_search.config import CHECKPOINT_INTERVAL_S, RunConfig
 from nkat_search.search import trials as trial_record
 from nkat_search.search.disk import is_host_fault
+from nkat_search.search.heartbeat import HeartbeatLost
+from nkat_search.search.resilient_storage import StorageUnavailable
 from nkat_search.search.space import suggest_config
-from nkat_search.search.stale_trials import retried_trial_number
 from nkat_search.search.spec import STAGE1_DATASET, StudySpec
+from nkat_search.search.stale_trials import retried_trial_number
 from nkat_search.search.trials import INTERRUPTED, DatasetScore
 from nkat_search.terminal import draws_bars
+from nkat_search.train.errors import DeviceError
 # A trial that ran out of GPU memory is retried (up to heartbeat.max_retry): with several trials
 # per GPU the memory may have been a neighbour's, which is no fault of the configuration.
 OUT_OF_MEMORY = "out of GPU memory"
@@ -98,6 +101,7 @@ class Objective:
 
     def _options(self, timings):
         """The trial's TrainOptions: this worker's session, the trial's timings accumulator."""
+        # torch: loaded at call time, not with this module
         from nkat_search.train.loop import TrainOptions
         from nkat_search.train.session import TrainingSession
 
@@ -116,10 +120,10 @@ class Objective:
         study's budget. Stage 1's dataset is loaded into the worker's session, where the first
         trial finds it; Stage 2 datasets may be missing (they are reported per trial).
         """
+        # torch: loaded at call time, not with this module
         import torch
 
         from nkat_search.train.device import torch_device
-        from nkat_search.train.errors import DeviceError
 
         device = torch_device(self.device)  # DeviceError for a bad name or an absent GPU
         try:
@@ -134,8 +138,7 @@ class Objective:
         return str(device)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from nkat_search.search.heartbeat import HeartbeatLost
-        from nkat_search.search.resilient_storage import StorageUnavailable
+        # torch: loaded at call time, not with this module
         from nkat_search.train.loop import CheckpointUnreadable, Timings
 
         self.trial_number = trial.number
@@ -163,6 +166,7 @@ class Objective:
             _fail(trial, f"{INTERRUPTED}: forced stop (second signal)")
             raise
         except Exception as err:
+            # torch: loaded at call time, not with this module
             from nkat_search.train.loop import TrainingInterrupted
 
             if isinstance(err, TrainingInterrupted):
@@ -188,8 +192,9 @@ class Objective:
                 self._session.release_model()
 
     def _run(self, trial: optuna.Trial, timings) -> float:
-        from nkat_search.train.stage2 import run_stage2, write_report
+        # torch: loaded at call time, not with this module
         from nkat_search.train.loop import TrainingInterrupted, train_model
+        from nkat_search.train.stage2 import run_stage2, write_report
 
         train = self.train_fn or train_model
         spec = self.spec
@@ -290,6 +295,7 @@ class Objective:
         store = self.checkpoint_store
         if store is None:
             return
+        # torch: loaded at call time, not with this module
         from nkat_search.train.loop import CHECKPOINT_NAME, previous_checkpoint
 
         folder = trial_dir(self.checkpoint_root, self.spec.name, trial)
@@ -306,6 +312,7 @@ class Objective:
         store = self.checkpoint_store
         if store is None:
             return
+        # torch: loaded at call time, not with this module
         from nkat_search.train.loop import CHECKPOINT_NAME, CheckpointNotWritten
 
         folder = trial_dir(self.checkpoint_root, self.spec.name, trial)
@@ -360,7 +367,7 @@ def _score(result) -> DatasetScore:
 
 
 def _is_out_of_memory(err: Exception) -> bool:
-    import torch
+    import torch  # loaded at call time, not with this module
 
     return isinstance(err, torch.cuda.OutOfMemoryError)
 

@@ -8,12 +8,19 @@ about what "gate-failed" means or which trial is best.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import textwrap
 from typing import Any
 
+import optuna
 from optuna.trial import TrialState
+from tqdm import tqdm
 
 from nkat_search.errors import UserError
 from nkat_search.search import trials as trial_record
+from nkat_search.search.coordinator import budget_state
+from nkat_search.search.storage import open_storage
+from nkat_search.search.storage_url import SQLITE_SCHEME, mask_url, sqlite_path
 from nkat_search.search.trials import LIVE, OUTCOMES, TrialRecord
 
 # Counted in this order in the summary line and in ``status --json``.
@@ -24,10 +31,6 @@ ALWAYS_SHOWN = ("complete", "pruned", "gate_failed", "failed")
 
 def open_study(storage_url: str, study_name: str):
     """Load ``study_name`` from the storage at ``storage_url``; an unknown name lists the others."""
-    import optuna
-
-    from nkat_search.search.storage_url import mask_url
-
     storage = open_storage_for_reading(storage_url)
     names = optuna.study.get_all_study_names(storage)
     if study_name not in names:
@@ -43,9 +46,6 @@ def open_storage_for_reading(storage_url: str, **kwargs):
     SQLAlchemy creates a missing SQLite file on connect, so a typo in the path would otherwise
     show an empty storage instead of saying what is wrong.
     """
-    from nkat_search.search.storage import open_storage
-    from nkat_search.search.storage_url import SQLITE_SCHEME, sqlite_path
-
     if storage_url.startswith(SQLITE_SCHEME + "://"):
         path = sqlite_path(storage_url)
         if path is not None and path.is_dir():
@@ -254,8 +254,6 @@ def _widths(columns, rows) -> list[int]:
 
 def wrap(text: str, width: int | None) -> str:
     """A line of prose wrapped at word boundaries to ``width`` (as is for ``None``)."""
-    import textwrap
-
     if width is None or len(text) <= width:
         return text
     return textwrap.fill(text, width, break_on_hyphens=False, subsequent_indent="  ")
@@ -308,8 +306,6 @@ def _grid(columns, rows, width: int | None = None) -> list[str]:
 
 def study_report(study) -> dict[str, Any]:
     """Everything ``status --json`` prints: the study's identity, budget, summary and rows."""
-    from nkat_search.search.coordinator import budget_state
-
     rows = trial_rows(study.get_trials(deepcopy=False))
     attrs = study.user_attrs
     try:
@@ -425,8 +421,6 @@ class LiveBar:
         self.bar = None
 
     def columns(self) -> int:
-        import os
-
         try:
             return os.get_terminal_size(self.stream.fileno()).columns
         except (OSError, ValueError):
@@ -434,8 +428,6 @@ class LiveBar:
 
     def update(self, report: dict[str, Any], done: int, budget: int) -> None:
         if self.bar is None:
-            from tqdm import tqdm
-
             # smoothing=0: the time left at the average rate since up started.
             self.bar = tqdm(total=budget, initial=done, unit="trial", dynamic_ncols=True,
                             smoothing=0, desc=self.name, file=self.stream,

@@ -15,6 +15,7 @@ import threading
 import time
 
 import optuna
+import sqlalchemy.exc as sa
 
 from nkat_search.config import STORAGE_WAIT_S
 from nkat_search.search import optuna_private
@@ -34,8 +35,6 @@ def is_transient(err: BaseException | None) -> bool:
     whole chain is searched. Operational errors are the driver's "the server is not there /
     went away / is starting up" family; SQLite's include a lock held past its timeout.
     """
-    import sqlalchemy.exc as sa
-
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))

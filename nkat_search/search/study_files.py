@@ -11,11 +11,12 @@ failed export, and every file is written to a temporary name and renamed.
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from nkat_search.atomic import atomic_path
 
 TRIALS_CSV = "trials.csv"
 # (file stem, optuna.visualization.matplotlib function, needs complete trials)
@@ -53,7 +54,7 @@ def write_study_files(study, out_dir: str | Path) -> StudyFiles:
     Needs at least one trial; with no complete trial, only the plots that need none are drawn
     (intermediate values, which pruned and gate-failed trials have, and the timeline).
     """
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState  # Optuna: not at load, so `up --help` stays fast
 
     out_dir = Path(out_dir)
     result = StudyFiles()
@@ -110,6 +111,7 @@ def csv_rows(trials) -> list[dict]:
     ``constraint_<name>`` Optuna's constraint value (met when <= 0) beside the measured
     ``consistency`` and ``robustness``. The config is in the exported files, not here.
     """
+    # Optuna loads with these: not at load, so `up --help` stays fast.
     from optuna.trial import TrialState
 
     from nkat_search.search import trials as trial_record
@@ -147,9 +149,7 @@ def csv_rows(trials) -> list[dict]:
 
 
 def _write_csv(study, path: Path) -> Path:
-    import pandas as pd
-
-    from nkat_search.atomic import atomic_path
+    import pandas as pd  # at call time: a missing pandas is this file's warning, not an error
 
     frame = pd.DataFrame(csv_rows(study.get_trials(deepcopy=False)))
     # Whole epochs and trial numbers stay integers where a column has gaps.
@@ -167,6 +167,7 @@ def important_params(study, top: int = PARALLEL_PARAMS) -> list[str]:
     Optuna's importance (fANOVA) over the complete trials; a parameter with one value in every
     trial is left out (its axis says nothing, and Optuna drew it as a range around the value).
     """
+    # Optuna loads with these: not at load, so `up --help` stays fast.
     import optuna
     from optuna.trial import TrialState
 
@@ -192,6 +193,7 @@ def readable_parallel_coordinate(study, params, target_name=None):
     viridis (low values dark, the high ones green), a white background, the title above, and each axis labelled
     below the plot.
     """
+    # At call time: a missing matplotlib is a warning, not an error (and `up --help` stays fast).
     import numpy as np
     import optuna.visualization.matplotlib as vis
     from matplotlib import colormaps
@@ -230,6 +232,7 @@ def learning_curves(study):
     the colour is the outcome (a complete trial that misses the constraints has its own), the
     epochs are whole, and the gate is a dashed line.
     """
+    # At call time: a missing matplotlib is a warning, not an error (and `up --help` stays fast).
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
@@ -266,6 +269,7 @@ def learning_curves(study):
 
 def _plotting():
     """(Optuna's matplotlib visualisation module, pyplot), headless unless a backend was chosen."""
+    # At call time: a missing matplotlib is a warning, not an error (and `up --help` stays fast).
     import matplotlib
 
     if "matplotlib.pyplot" not in sys.modules:
@@ -280,9 +284,7 @@ def _plotting():
 
 def _save_plot(plot, pyplot, study, path: Path, notes: list[str], **kwargs) -> Path:
     """Draw ``plot(study)`` into the PNG ``path``; Optuna's notes on the data go to ``notes``."""
-    import numpy as np
-
-    from nkat_search.atomic import atomic_path
+    import numpy as np  # not at load, so `up --help` stays fast
 
     with warnings.catch_warnings(record=True) as caught:
         # Everything is recorded, so neither the matplotlib backend's ExperimentalWarning nor

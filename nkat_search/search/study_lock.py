@@ -7,6 +7,8 @@ import fcntl
 import os
 import zlib
 
+import sqlalchemy
+
 from nkat_search.search.storage_url import POSTGRES_SCHEMES, SQLITE_SCHEME, sqlite_path
 
 
@@ -41,8 +43,6 @@ class StudyLock:
             self._fd = fd
 
     def _pg_lock(self):
-        import sqlalchemy
-
         conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         try:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
@@ -53,8 +53,6 @@ class StudyLock:
 
     def release(self) -> None:
         if self._conn is not None:
-            import sqlalchemy
-
             conn, self._conn = self._conn, None
             try:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})

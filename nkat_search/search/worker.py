@@ -57,6 +57,7 @@ from nkat_search.config import STORAGE_WAIT_S
 from nkat_search.errors import UserError
 from nkat_search.search import optuna_private
 from nkat_search.search import trials as trial_record
+from nkat_search.search.checkpoint_store import CheckpointStore
 from nkat_search.search.coordinator import budget_state, load_study, load_study_spec_from_storage
 from nkat_search.search.disk import check_room, free_bytes, human, trial_checkpoint_bytes
 from nkat_search.search.heartbeat import AbortGuard, HeartbeatLost, TrialHeartbeat
@@ -135,18 +136,17 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
     """
     stop = stop or StopFlag()
     spec, storage = open_worker_storage(options.storage, options.study, options.storage_wait_s)
-    if options.cpu_threads:
-        import torch
+    # torch loads only now: a wrong storage URL is one line without waiting for it.
+    import torch
 
-        torch.set_num_threads(options.cpu_threads)
     from nkat_search.train.device import device_name
     from nkat_search.train.sources import data_location
 
+    if options.cpu_threads:
+        torch.set_num_threads(options.cpu_threads)
     lock = StudyLock(storage, options.study)
     store = None
     if options.checkpoint_store:
-        from nkat_search.search.checkpoint_store import CheckpointStore
-
         store = CheckpointStore(options.checkpoint_store)
         store.check()
     objective = Objective(spec, checkpoint_root=options.checkpoint_dir,
@@ -531,7 +531,7 @@ def _sleep(seconds: float, stop: StopFlag) -> None:
 
 def _release_gpu_memory() -> None:
     """Hand the caching allocator's free blocks back (the trial's objects are collected)."""
-    import torch
+    import torch  # loaded at call time, not with this module
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
