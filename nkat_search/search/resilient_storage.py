@@ -1,4 +1,5 @@
-"""A storage that rides out database outages: ``ResilientRDBStorage`` and what it reads.
+"""A storage that rides out database outages (``ResilientRDBStorage``), how it tells an outage
+from an error (``is_transient``) and how it says so (``StorageHealth``).
 
 A wrong URL is a mistake (``storage_url.StorageError`` at start-up); once a worker is running, a
 lost connection is an outage, not a mistake. Workers open a ``ResilientRDBStorage``, whose calls
