@@ -2,8 +2,10 @@
 
 Coordinator, one worker per GPU, the dashboard, a live summary line, then the final table and the
 export. Every child is ``sys.executable -m nkat_search ...`` (the exact interpreter and package of
-this process) in its own session, so a Ctrl-C in the terminal reaches only this process, which
-forwards exactly one SIGINT to each worker and waits for them to checkpoint.
+this process), started by ``cli/launch.py``. The coordinator (``study create``) runs in the
+foreground; the workers and the dashboard run in sessions of their own, so a Ctrl-C in the
+terminal reaches only this process, which forwards exactly one SIGINT to each worker and waits for
+them to checkpoint.
 """
 
 from __future__ import annotations
@@ -145,11 +147,9 @@ class Up:
     # -- children ---------------------------------------------------------------------------
 
     def _child(self, argv: list[str]) -> int:
-        import subprocess
+        from nkat_search.cli import launch
 
-        from nkat_search.cli.launch import nkat_command
-
-        return subprocess.run(nkat_command(argv), env=child_env(self.storage)).returncode
+        return launch.run(argv, env=child_env(self.storage))
 
     def _spawn(self, argv: list[str], log_path, env: dict | None = None):
         from nkat_search.cli.launch import start
@@ -174,7 +174,7 @@ class Up:
         # The worker adds <study>/trial-<n>/ below this.
         checkpoints = self.run_dir.parent / "checkpoints"
         devices = self._devices()
-        from nkat_search.cli.commands.worker import default_trials_per_device
+        from nkat_search.cli.commands.worker import default_trials_per_device, worker_argv
 
         per_device = self.args.trials_per_gpu or default_trials_per_device(devices[0])
         gpus = len({d for d in devices if d.startswith("cuda")})
@@ -186,23 +186,16 @@ class Up:
         # The cores are split over every trial process of this machine, not per worker.
         env = with_threads(threads_per_process(len(devices) * per_device))
         if self.mps is not None:
-            # The workers' CUDA runtime finds the daemon through these; --mps off below only
-            # tells them not to start one of their own.
+            # The workers' CUDA runtime finds the daemon through these (worker_argv's --mps off
+            # only tells them not to start one of their own).
             env = dict(env or os.environ, **self.mps.env())
         for i, device in enumerate(devices):
-            argv = ["worker", "--study", self.study_name,
-                    "--device", device, "--checkpoint-dir", str(checkpoints), "--quiet",
-                    "--mps", "off"]
-            if self.args.trials_per_gpu is not None:
-                argv += ["--trials-per-gpu", str(self.args.trials_per_gpu)]
-            if self.args.checkpoint_interval is not None:
-                argv += ["--checkpoint-interval", str(self.args.checkpoint_interval)]
-            if self.args.timeout is not None:
-                argv += ["--timeout", str(self.args.timeout)]
-            if self.args.data_dir:
-                argv += ["--data-dir", self.args.data_dir]
-            if self.args.download:
-                argv.append("--download")
+            # Unset flags are left to the worker's defaults.
+            argv = worker_argv(self.study_name, device, checkpoints, quiet=True,
+                               trials_per_gpu=self.args.trials_per_gpu,
+                               checkpoint_interval=self.args.checkpoint_interval,
+                               timeout=self.args.timeout, data_dir=self.args.data_dir,
+                               download=self.args.download)
             # This up's own logs: a second up on the same study must not write into them.
             log = self.run_dir / "logs" / f"worker-{i}.up-{os.getpid()}.log"
             self.workers.append((f"worker {i} ({device})", self._spawn(argv, log, env), log))

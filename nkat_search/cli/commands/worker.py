@@ -187,23 +187,36 @@ def _devices(device: str) -> list[str]:
     return gpu_names()
 
 
+def worker_argv(study: str, device: str, checkpoint_dir, *, trials_per_gpu: int | None = None,
+                n_trials: int | None = None, checkpoint_interval: float | None = None,
+                storage_wait: float | None = None, timeout: float | None = None,
+                data_dir: str | None = None, download: bool = False,
+                checkpoint_store: str | None = None, keep_checkpoints: bool = False,
+                quiet: bool = False) -> list[str]:
+    """``worker ...``: the command line of a worker that ``up`` or a worker's siblings start.
+
+    None, '' and False leave a flag out, so the child takes the worker's default. ``--mps off``:
+    whoever starts the child started or joined the daemon, whose variables reach the child in its
+    environment; the flag only keeps it from starting one of its own. The storage is no flag: its
+    URL travels in ``NKAT_STORAGE`` (``storage_arg.child_env``), out of sight of ``ps``.
+    """
+    argv = ["worker", "--study", study, "--device", device,
+            "--checkpoint-dir", str(checkpoint_dir), "--mps", "off"]
+    values = {"--trials-per-gpu": trials_per_gpu, "--n-trials": n_trials,
+              "--checkpoint-interval": checkpoint_interval, "--storage-wait": storage_wait,
+              "--timeout": timeout, "--data-dir": data_dir, "--checkpoint-store": checkpoint_store}
+    for flag, value in values.items():
+        if value is not None and value != "":
+            argv += [flag, str(value)]
+    switches = {"--download": download, "--keep-checkpoints": keep_checkpoints, "--quiet": quiet}
+    return argv + [flag for flag, on in switches.items() if on]
+
+
 def _sibling_argv(args: argparse.Namespace, device: str, trials_per_gpu: int) -> list[str]:
-    argv = ["worker", "--study", args.study, "--device", device,
-            "--trials-per-gpu", str(trials_per_gpu), "--checkpoint-dir", args.checkpoint_dir,
-            "--checkpoint-interval", str(args.checkpoint_interval), "--mps", "off",
-            "--storage-wait", str(args.storage_wait)]
-    if args.n_trials is not None:
-        argv += ["--n-trials", str(args.n_trials)]
-    if args.data_dir:
-        argv += ["--data-dir", args.data_dir]
-    if args.download:
-        argv.append("--download")
-    if args.keep_checkpoints:
-        argv.append("--keep-checkpoints")
-    if args.checkpoint_store:
-        argv += ["--checkpoint-store", args.checkpoint_store]
-    if args.timeout is not None:
-        argv += ["--timeout", str(args.timeout)]
-    if args.quiet:
-        argv.append("--quiet")
-    return argv
+    """A sibling's command line: this worker's flags, on ``device`` with ``trials_per_gpu``."""
+    return worker_argv(args.study, device, args.checkpoint_dir, trials_per_gpu=trials_per_gpu,
+                       n_trials=args.n_trials, checkpoint_interval=args.checkpoint_interval,
+                       storage_wait=args.storage_wait, timeout=args.timeout,
+                       data_dir=args.data_dir, download=args.download,
+                       checkpoint_store=args.checkpoint_store,
+                       keep_checkpoints=args.keep_checkpoints, quiet=args.quiet)
