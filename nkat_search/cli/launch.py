@@ -9,6 +9,7 @@ imported: a benchmark measuring another checkout's code imports this one's.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -53,8 +54,6 @@ def die_with_parent(parent: int):
     """
     def arm() -> None:
         try:
-            import ctypes
-
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         except (OSError, AttributeError):

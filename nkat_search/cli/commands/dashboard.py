@@ -7,8 +7,13 @@ another machine through an SSH tunnel, or pass ``--host 0.0.0.0`` on a trusted n
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
+import sys
+from pathlib import Path
 
-from nkat_search.cli.commands.storage_arg import add_storage_argument
+from nkat_search.cli.commands.storage_arg import add_storage_argument, resolve_storage
+from nkat_search.errors import UserError
 
 HELP = ("Serve optuna-dashboard for every study in --storage and print its URL. Binds to "
         "127.0.0.1 by default (the dashboard has no login); use an SSH tunnel "
@@ -24,15 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_port(port: int, low: int = 0) -> int:
     """A TCP port is ``low``..65535 (0: any free one); anything else is one line, not a traceback."""
-    from nkat_search.errors import UserError
-
     if not low <= port <= 65535:
         raise UserError(f"--port: {port} is out of range; a TCP port is {low}..65535")
     return port
 
 
 def run(args: argparse.Namespace) -> int:
-    from nkat_search.cli.commands.storage_arg import resolve_storage
+    # optuna: imported when the command runs, not for --help.
     from nkat_search.search.report import open_storage_for_reading
     from nkat_search.search.storage import mask_url
     from nkat_search.search.trials import DashboardStorage
@@ -61,14 +64,12 @@ def make_server(storage, host: str, port: int):
     Threaded, because the dashboard's page polls several API routes at once and one slow
     PostgreSQL query should not stall the rest. Request logging is off: ``up`` shows its own line.
     """
-    import errno
+    # optuna_dashboard (optuna) and the WSGI server (40 ms, a quarter of `up --help`): when serving.
     import socketserver
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
     from wsgiref.simple_server import make_server as wsgi_make_server
 
     import optuna_dashboard
-
-    from nkat_search.errors import UserError
 
     class Server(socketserver.ThreadingMixIn, WSGIServer):
         daemon_threads = True
@@ -108,9 +109,7 @@ def patched_bundle() -> tuple[bytes | None, list[str]]:
 
     None when no patch applies (another dashboard version): its own bundle is then served.
     """
-    from pathlib import Path
-
-    import optuna_dashboard
+    import optuna_dashboard  # optuna, as in make_server
 
     from nkat_search.search.trials import INTERMEDIATE_NAME
 
@@ -127,8 +126,6 @@ def patched_bundle() -> tuple[bytes | None, list[str]]:
 
 def with_learning_curves(app):
     """The dashboard's WSGI ``app``, serving ``patched_bundle`` for its script."""
-    import sys
-
     bundle, missing = patched_bundle()
     if missing:
         print(f"nkat-search dashboard: {len(missing)} of {len(BUNDLE_PATCHES)} chart fixes do not "
@@ -150,10 +147,6 @@ def with_learning_curves(app):
 
 def find_free_port(host: str, start: int, tries: int = 50) -> int:
     """The first port from ``start`` on that ``host`` can bind now (same reuse rules as the server)."""
-    import socket
-
-    from nkat_search.errors import UserError
-
     for port in range(start, start + tries):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

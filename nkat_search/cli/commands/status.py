@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
-from nkat_search.cli.commands.storage_arg import add_storage_argument
+from nkat_search.cli.commands.storage_arg import add_storage_argument, resolve_storage
+from nkat_search.terminal import table_width
 
 HELP = ("Print the study's trials: outcome, lambda, accuracy per dataset, Local TPE, Global TPE, "
         "whether the trial meets the constraints and why it stopped (or what it is doing), then "
@@ -24,15 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import sys
-
-    from nkat_search.cli.commands.storage_arg import resolve_storage
+    # optuna: imported when the command runs, not for --help.
     from nkat_search.search.report import (budget_text, format_table, open_study, study_report,
                                            summary_line, wrap)
-
     from nkat_search.search.storage import describe_lost, lost_configurations
-    from nkat_search.terminal import table_width
 
     study = open_study(resolve_storage(args.storage, args.study), args.study)
     report = study_report(study)

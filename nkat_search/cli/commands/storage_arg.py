@@ -7,6 +7,9 @@ import os
 import re
 from pathlib import Path
 from typing import NoReturn
+from urllib.parse import quote
+
+from nkat_search.errors import UserError
 
 STORAGE_ENV = "NKAT_STORAGE"
 STORAGE_PASSWORD_FILE_ENV = "NKAT_STORAGE_PASSWORD_FILE"
@@ -34,8 +37,6 @@ def resolve_storage(given: str | None, study: str | None = None) -> str:
     ``up`` stores study S in ``runs/S.db`` under the folder it ran in; from that folder every
     command finds it by the study's name alone.
     """
-    from nkat_search.errors import UserError
-
     for value in (given, os.environ.get(STORAGE_ENV)):
         if value:
             return with_password_file(as_url(value))
@@ -80,8 +81,6 @@ def with_password_file(url: str) -> str:
     (as the postgres image's entrypoint does) and the rest is URL-quoted, so any character works.
     ``resolve_storage`` applies it to ``--storage`` and ``$NKAT_STORAGE`` alike.
     """
-    from urllib.parse import quote
-
     path = os.environ.get(STORAGE_PASSWORD_FILE_ENV)
     scheme = url.split("://", 1)[0]
     if not path or not scheme.startswith("postgresql"):
@@ -123,6 +122,4 @@ _USERINFO = re.compile(r"(?P<head>[a-z0-9+]+://)(?:(?P<user>[^:/@]*)(?::(?P<pass
 
 
 def _fail(message: str) -> NoReturn:
-    from nkat_search.errors import UserError
-
     raise UserError(message)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 
-from nkat_search.cli.commands.storage_arg import add_storage_argument
+from nkat_search.cli.commands.storage_arg import add_storage_argument, resolve_storage
+from nkat_search.search.spec import check_study_name, load_study_file
 
 HELP = ("Create a study from a study file (or resume it: same name and same file), storing the "
         "file in the study so workers rebuild the same sampler and pruner; or show a study's "
@@ -12,12 +14,12 @@ HELP = ("Create a study from a study file (or resume it: same name and same file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nkat_search.cli.main import HelpFormatter  # cli imports the commands: import at call time
-
+    # The actions' help reads as the command's (main.py's HelpFormatter).
+    formatter = parser.formatter_class
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
     create = sub.add_parser("create", help="create or resume a study from a study file",
-                            formatter_class=HelpFormatter)
+                            formatter_class=formatter)
     create.add_argument("--study", required=True, metavar="FILE", help="study file (YAML)")
     add_storage_argument(create)
     create.add_argument("--name", metavar="NAME", help="study name (default: the file's name)")
@@ -25,27 +27,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the study's budget (default: the file's n_trials); a resumed "
                         "study may be extended so, or by a changed n_trials in the file")
     show = sub.add_parser("show", help="print a study's stored file and its trial counts",
-                          formatter_class=HelpFormatter)
+                          formatter_class=formatter)
     show.add_argument("--study", required=True, metavar="NAME", help="study name")
     add_storage_argument(show)
     show.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def run(args: argparse.Namespace) -> int:
-    import optuna
+    import optuna  # here and below: optuna is imported when the command runs, not for --help
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return _create(args) if args.action == "create" else _show(args)
 
 
 def _create(args: argparse.Namespace) -> int:
-    from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.search.coordinator import budget_state, create_study
     from nkat_search.search.report import budget_text
     from nkat_search.search.storage import mask_url, open_storage
-    from nkat_search.search.spec import load_study_file
-
-    from nkat_search.search.spec import check_study_name
 
     spec = load_study_file(args.study)
     if args.name is not None:
@@ -64,11 +62,9 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    import json
-
-    from nkat_search.cli.commands.storage_arg import resolve_storage
     from nkat_search.search.coordinator import load_study, load_study_spec_from_storage, summary
     from nkat_search.search.report import budget_text, open_storage_for_reading
+    from nkat_search.search.storage import describe_lost
 
     storage = open_storage_for_reading(resolve_storage(args.storage, args.study))
     spec = load_study_spec_from_storage(storage, args.study)
@@ -83,8 +79,6 @@ def _show(args: argparse.Namespace) -> int:
     print()
     print(f"budget: {budget_text(info)}, {info['retries']} retries")
     if info["lost"]:
-        from nkat_search.search.storage import describe_lost
-
         print(describe_lost(info["lost"]))
     print("states: " + (", ".join(f"{k} {v}" for k, v in sorted(info["states"].items())) or "none"))
     print("outcomes: " + (", ".join(f"{k} {v}" for k, v in sorted(info["outcomes"].items()))
