@@ -29,8 +29,10 @@ from nkat_search.cli.commands.export import DEFAULT_TOP
 from nkat_search.cli.commands.storage_arg import (STORAGE_ENV, UP_DEFAULT_OUT, as_url, child_env,
                                                   with_password_file)
 from nkat_search.cli.commands.train import add_data_arguments
-from nkat_search.cli.commands.worker import default_trials_per_device, worker_argv
+from nkat_search.cli.commands.worker import (GPU_GIB_PER_TRIAL, GPU_TRIALS_PER_DEVICE,
+                                             default_trials_per_device, worker_argv)
 from nkat_search.cli.mps import start_or_join
+from nkat_search.config import CHECKPOINT_INTERVAL_S
 from nkat_search.errors import UserError
 from nkat_search.search.spec import STAGE1_DATASET, load_study_file
 from nkat_search.search.study_files import write_study_files
@@ -55,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="worker processes (default: one per visible GPU, else 1 on cpu); "
                         "with GPUs, worker i runs on cuda:(i mod GPUs)")
     parser.add_argument("--trials-per-gpu", type=int, metavar="K",
-                        help="concurrent trials per worker (default: the worker's own, 2 on a "
-                        "GPU and 1 on the CPU)")
+                        help="concurrent trials per worker (default: the worker's own: on a GPU "
+                        f"one per {GPU_GIB_PER_TRIAL} GiB of its memory, 1 to "
+                        f"{GPU_TRIALS_PER_DEVICE}; 1 on the CPU)")
     parser.add_argument("--storage", metavar="URL",
                         help="storage URL (default: sqlite:///OUT/STUDY.db, embedded SQLite)")
     add_data_arguments(parser)
@@ -64,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output root: OUT/STUDY.db, OUT/STUDY/{logs,export}, OUT/checkpoints")
     parser.add_argument("--checkpoint-interval", type=float, metavar="S",
                         help="passed to the workers: a trial's checkpoint at most every S seconds "
-                        "(default: the worker's, 60)")
+                        f"(default: the worker's, {CHECKPOINT_INTERVAL_S:g})")
     parser.add_argument("--n-trials", type=int, metavar="N",
                         help="the study's budget (default: the study file's n_trials); run up "
                         "again with a larger N to extend a finished study")
