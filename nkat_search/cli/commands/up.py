@@ -1,11 +1,11 @@
 """``nkat-search up``: the one-machine form of the compose file.
 
-Coordinator, one worker per GPU, the dashboard, a live summary line, then the final table and the
-export. Every child is ``sys.executable -m nkat_search ...`` (the exact interpreter and package of
-this process), started by ``cli/launch.py``. The coordinator (``study create``) runs in the
-foreground; the workers and the dashboard run in sessions of their own, so a Ctrl-C in the
-terminal reaches only this process, which forwards exactly one SIGINT to each worker and waits for
-them to checkpoint.
+Coordinator, one worker per GPU, the dashboard, a live summary line (``cli/live_view.py``), then
+the final table and the export. Every child is ``sys.executable -m nkat_search ...`` (the exact
+interpreter and package of this process), started by ``cli/launch.py``. The coordinator
+(``study create``) runs in the foreground; the workers and the dashboard run in sessions of their
+own, so a Ctrl-C in the terminal reaches only this process, which forwards exactly one SIGINT to
+each worker and waits for them to checkpoint.
 
 What imports optuna or torch (``search.report``, ``search.storage``, ``search.export``,
 ``train.device``, ``train.sources``) is imported inside the function that needs it, so that
@@ -31,12 +31,13 @@ from nkat_search.cli.commands.storage_arg import (STORAGE_ENV, UP_DEFAULT_OUT, a
 from nkat_search.cli.commands.train import add_data_arguments
 from nkat_search.cli.commands.worker import (GPU_GIB_PER_TRIAL, GPU_TRIALS_PER_DEVICE,
                                              default_trials_per_device, worker_argv)
+from nkat_search.cli.live_view import LiveView
 from nkat_search.cli.mps import start_or_join
 from nkat_search.config import CHECKPOINT_INTERVAL_S
 from nkat_search.errors import UserError
 from nkat_search.search.spec import STAGE1_DATASET, load_study_file
 from nkat_search.search.study_files import write_study_files
-from nkat_search.terminal import draws_bars, table_width
+from nkat_search.terminal import table_width
 
 HELP = ("Run a whole search on this machine: create the study from --study FILE (the coordinator), "
         "start one worker per visible GPU (CPU only: one worker on cpu unless --workers says more), "
@@ -379,54 +380,6 @@ class Up:
         return f"--study {self.study_name} --storage {mask_url(self.storage)}"
 
 
-class LiveView:
-    """``up``'s live view: a tqdm bar on a terminal, else a line per change.
-
-    Budget done, the running trials' stage, dataset, epoch and Local TPE, the best so far and the
-    time left at the rate trials finished since the view started.
-    """
-
-    def __init__(self, study_name: str):
-        self.study_name = study_name
-        self.use_bar = draws_bars(sys.stdout)  # decided once: a resize does not switch views
-        self.bar = None
-        self.started = time.monotonic()
-        self.done_before: int | None = None  # trials finished before the view started
-        self.last, self.last_printed = None, 0.0
-
-    def say(self, message: str) -> None:
-        # Through the bar on a terminal, so a message never lands on the bar's line.
-        if self.bar is not None:
-            self.bar.write(message)
-        else:
-            print(message, flush=True)
-
-    def show(self, report: dict) -> None:
-        """``report`` (``study_report``) on the bar, or as a line if it says something new."""
-        # optuna: not for --help.
-        from nkat_search.search.report import LiveBar, finished_count, live_line
-
-        done = finished_count(report["trials"])
-        if self.done_before is None:
-            self.done_before = done
-        elapsed = time.monotonic() - self.started
-        if self.use_bar:
-            if self.bar is None:
-                self.bar = LiveBar(self.study_name, sys.stdout)
-            self.bar.update(report, done, report["budget"]["budget"] if report["budget"] else done)
-            return
-        # A line when something but the time left changed, or once a minute.
-        line = live_line(report, self.done_before, elapsed)
-        news = line.rsplit(" | ", 1)[0]
-        if news != self.last or elapsed - self.last_printed >= 60:
-            print(f"[{format_elapsed(elapsed)}] {line}", flush=True)
-            self.last, self.last_printed = news, elapsed
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def wait_for_http(address: str, process, timeout: float) -> bool:
     """Poll ``address`` until it answers; False if ``process`` exits or time runs out first."""
     # The HTTP client (35 ms, a quarter of `up --help`): when the dashboard starts.
@@ -465,9 +418,3 @@ def tail(path, lines: int = 20) -> str:
     except OSError:
         return "  (no log)"
     return "\n".join("  " + line for line in text.splitlines()[-lines:])
-
-
-def format_elapsed(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
