@@ -35,7 +35,7 @@ def check_port(port: int, low: int = 0) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    # optuna: imported when the command runs, not for --help.
+    # optuna: not for --help.
     from nkat_search.search.report import open_storage_for_reading
     from nkat_search.search.storage import mask_url
     from nkat_search.search.trials import DashboardStorage
@@ -109,7 +109,7 @@ def patched_bundle() -> tuple[bytes | None, list[str]]:
 
     None when no patch applies (another dashboard version): its own bundle is then served.
     """
-    import optuna_dashboard  # optuna, as in make_server
+    import optuna_dashboard  # optuna: not for --help
 
     from nkat_search.search.trials import INTERMEDIATE_NAME
 

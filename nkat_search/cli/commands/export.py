@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # optuna: imported when the command runs, not for --help.
+    # optuna: not for --help.
     from nkat_search.search.export import NothingToExport, export_best
     from nkat_search.search.report import open_study
 

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # torch: imported when the command runs, not for --help.
+    # torch: not for --help.
     from nkat_search.train.session import TrainingSession
     from nkat_search.train.stage2 import run_stage2, write_report
 

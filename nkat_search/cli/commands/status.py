@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # optuna: imported when the command runs, not for --help.
+    # optuna: not for --help.
     from nkat_search.search.report import (budget_text, format_table, open_study, study_report,
                                            summary_line, wrap)
     from nkat_search.search.storage import describe_lost, lost_configurations

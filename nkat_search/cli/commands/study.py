@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import optuna  # here and below: optuna is imported when the command runs, not for --help
+    import optuna  # here and in _create, _show: not for --help
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return _create(args) if args.action == "create" else _show(args)

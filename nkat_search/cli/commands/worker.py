@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # search.worker imports optuna and torch: here, not at the top, so --help stays fast.
+    # search.worker imports optuna and torch: not for --help.
     from nkat_search.search.worker import StopFlag, run_worker, worst
 
     args.storage = resolve_storage(args.storage, args.study)
@@ -135,7 +135,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def _options(args: argparse.Namespace, device: str, cpu_threads: int | None):
     """The ``WorkerOptions`` of this process (its siblings get theirs from their flags)."""
-    from nkat_search.search.worker import WorkerOptions  # optuna, as in run
+    from nkat_search.search.worker import WorkerOptions  # optuna: not for --help
 
     return WorkerOptions(storage=args.storage, study=args.study, device=device,
                          n_trials=args.n_trials, data_dir=args.data_dir, download=args.download,
@@ -166,7 +166,7 @@ def _start_mps(args: argparse.Namespace, devices: list[str]):
 
 def default_trials_per_device(device: str) -> int:
     """Trials side by side on ``device``: 1 on the CPU; on a GPU one per 25 GiB, 1 to 4."""
-    # torch: imported when a worker or up starts, not for --help.
+    # torch: not for --help.
     import torch
 
     from nkat_search.train.device import device_name
