@@ -23,8 +23,11 @@ the study back from its SQLite file and reports:
     python benchmarks/study_wallclock.py --minutes 6 --trials-per-gpu 4 --mps on \
         --data-dir /root/nkat-data --label after --out results/study_wallclock.json
 
-Runs of different ``--label`` are kept side by side in one JSON file. Only the standard library
-is imported at the top; Optuna is imported to read the study back.
+Runs of different ``--label`` are kept side by side in one JSON file. ``up`` is started by this
+checkout's ``nkat_search/cli/launch.py`` (in a session of its own: the benchmark sends the
+Ctrl-Cs, and ``up`` gets one SIGTERM if the benchmark dies), with ``--code`` as its folder and
+first on its ``PYTHONPATH``. Only the standard library (and ``launch.py``, which imports nothing
+else) is imported at the top; Optuna is imported to read the study back.
 """
 
 from __future__ import annotations
@@ -44,9 +47,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_sampling import UtilisationSampler, gpu_names  # noqa: E402
+
+from nkat_search.cli.launch import nkat_command, start  # noqa: E402
 
 PHASES = ("data", "setup", "compile", "train", "eval", "checkpoint")
 
@@ -97,8 +103,7 @@ def study_name(path: Path) -> str:
 
 def run_up(args: argparse.Namespace, work: Path) -> dict:
     """Start up, wait out the window, stop it; returns the times (monotonic and wall clock)."""
-    argv = [sys.executable, "-m", "nkat_search", "up", "--study", str(args.study.resolve()),
-            "--out", str(work), "--no-dashboard"]
+    argv = ["up", "--study", str(args.study.resolve()), "--out", str(work), "--no-dashboard"]
     if args.trials_per_gpu is not None:
         argv += ["--trials-per-gpu", str(args.trials_per_gpu)]
     if args.mps is not None:
@@ -110,12 +115,12 @@ def run_up(args: argparse.Namespace, work: Path) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.code.resolve()),
                                                       env.get("PYTHONPATH")]))
     log = work / "up.log"
-    print(f"{args.label}: {shlex.join(argv)}  (code: {args.code})", flush=True)
+    log.unlink(missing_ok=True)  # this run's lines only (start appends)
+    print(f"{args.label}: {shlex.join(nkat_command(argv))}  (code: {args.code})", flush=True)
     window = args.minutes * 60
-    with open(log, "wb") as out, UtilisationSampler() as gpus:
+    with UtilisationSampler() as gpus:
         started, wall_start = time.monotonic(), dt.datetime.now()
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=env, cwd=args.code.resolve())
+        process = start(argv, env=env, log=log, cwd=args.code.resolve())
         while process.poll() is None and time.monotonic() - started < window:
             time.sleep(1)
         stopped, wall_stop = time.monotonic(), dt.datetime.now()

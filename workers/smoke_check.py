@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from nkat_search.cli.launch import start
+
 SMOKE_FLAGS = ["--device", "cuda", "--epochs", "1", "--compile"]
 
 
@@ -33,11 +35,11 @@ def main(argv: list[str]) -> int:
     (out / "smoke.json").unlink(missing_ok=True)
     daemon = _mps(os.environ.get("NKAT_MPS", "off"), out, gpus)
     env = dict(os.environ, **(daemon.env() if daemon else {}))
-    command = [sys.executable, "-m", "nkat_search", "smoke", *SMOKE_FLAGS, "--out", str(out),
-               "--no-resume", *argv]
+    command = ["smoke", *SMOKE_FLAGS, "--out", str(out), "--no-resume", *argv]
     servers: set[str] = set()
     try:
-        process = subprocess.Popen(command, env=env)
+        # On our terminal, as the image's check is watched; it ends with us.
+        process = start(command, env=env, own_session=False)
         while process.poll() is None:
             # Asked while the run is alive: an MPS server exists only while it has clients.
             servers |= _mps_servers(daemon, env)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
+from nkat_search.errors import UserError
+
 
 def check_seconds(flag: str, value: float | None, *, zero_ok: bool = False) -> None:
     """A duration flag must be a finite number of seconds, > 0 (or >= 0); None means unset."""
-    from nkat_search.errors import UserError
-
     if value is None:
         return
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):

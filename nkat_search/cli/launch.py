@@ -1,12 +1,15 @@
 """Starting nkat-search's own processes, in one place.
 
 ``up`` (coordinator, workers, dashboard), ``worker --trials-per-gpu K`` / ``--device all`` (its
-siblings) and ``benchmarks/scaling.py`` (workers) all start ``python -m nkat_search ...`` here, so
-the command, the CPU split and the process group are decided once.
+siblings), ``benchmarks/scaling.py`` (workers), ``benchmarks/study_wallclock.py`` (``up``) and
+``workers/smoke_check.py`` (``smoke``) all start ``python -m nkat_search ...`` here, so the
+command, the CPU split and the process group are decided once. Only the standard library is
+imported: a benchmark measuring another checkout's code imports this one's.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -51,8 +54,6 @@ def die_with_parent(parent: int):
     """
     def arm() -> None:
         try:
-            import ctypes
-
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         except (OSError, AttributeError):
@@ -64,21 +65,32 @@ def die_with_parent(parent: int):
 
 
 def start(argv: list[str], *, env: dict | None = None, log: Path | None = None,
-          own_session: bool = True) -> subprocess.Popen:
+          own_session: bool = True, cwd: Path | None = None) -> subprocess.Popen:
     """Start ``nkat-search ARGV``; with ``log``, its output is appended there and stdin closed.
 
     ``own_session``: the child does not get the terminal's Ctrl-C; the parent forwards what each
     child should get (one SIGINT, so a worker checkpoints after its current step). The child ends
-    with this process (``die_with_parent``).
+    with this process (``die_with_parent``). ``cwd``: the child's folder, which ``-m`` puts first
+    on its import path (a benchmark runs another checkout's package so).
     """
+    command = nkat_command(argv)
     arm = die_with_parent(os.getpid())
     if log is None:
-        return subprocess.Popen(nkat_command(argv), start_new_session=own_session, env=env,
+        return subprocess.Popen(command, start_new_session=own_session, env=env, cwd=cwd,
                                 preexec_fn=arm)
     with open(log, "ab") as out:
-        return subprocess.Popen(nkat_command(argv), stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=own_session, env=env,
-                                preexec_fn=arm)
+                                cwd=cwd, preexec_fn=arm)
+
+
+def run(argv: list[str], *, env: dict | None = None) -> int:
+    """Run ``nkat-search ARGV`` in the foreground and return its exit code.
+
+    In our session and on our terminal (``up``'s ``study create``): a Ctrl-C reaches it as it
+    reaches us.
+    """
+    return subprocess.run(nkat_command(argv), env=env).returncode
 
 
 def start_siblings(argv: list[str], count: int, stop, cpu_threads: int | None = None,

@@ -14,8 +14,10 @@ import argparse
 import importlib
 import os
 import sys
+from importlib import metadata
 
 from nkat_search.errors import UserError
+from nkat_search.train.errors import CheckpointMismatch, DeviceError
 
 # (subcommand, module under nkat_search.cli.commands, one-line summary)
 COMMANDS = [
@@ -49,8 +51,6 @@ class Parser(argparse.ArgumentParser):
 
 
 def version() -> str:
-    from importlib import metadata
-
     try:
         return metadata.version("nkat-search")
     except metadata.PackageNotFoundError:  # run from a checkout without `pip install -e .`
@@ -83,8 +83,6 @@ def build_parser(command_name: str | None = None) -> argparse.ArgumentParser:
 
 def _with_flag(err: UserError) -> str:
     """The trainer says what went wrong; the CLI names the flag that sets it."""
-    from nkat_search.train.errors import CheckpointMismatch, DeviceError
-
     if isinstance(err, DeviceError):
         return f"--device {err.device}: {err.reason}"
     if isinstance(err, CheckpointMismatch):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 import optuna
+import torch
 
 from nkat_search.config import CHECKPOINT_INTERVAL_S, RunConfig
 from nkat_search.search import trials as trial_record
@@ -40,7 +41,16 @@ from nkat_search.search.spec import STAGE1_DATASET, StudySpec
 from nkat_search.search.stale_trials import retried_trial_number
 from nkat_search.search.trials import INTERRUPTED, DatasetScore
 from nkat_search.terminal import draws_bars
+# loop.train_model is looked up when a trial starts, so a stand-in put there is the one trained.
+from nkat_search.train import loop
+from nkat_search.train.device import torch_device
 from nkat_search.train.errors import DeviceError
+from nkat_search.train.loop import (CHECKPOINT_NAME, CheckpointNotWritten, CheckpointUnreadable,
+                                    Timings, TrainingInterrupted, TrainOptions,
+                                    previous_checkpoint)
+from nkat_search.train.session import TrainingSession
+from nkat_search.train.stage2 import run_stage2, write_report
+
 # A trial that ran out of GPU memory is retried (up to heartbeat.max_retry): with several trials
 # per GPU the memory may have been a neighbour's, which is no fault of the configuration.
 OUT_OF_MEMORY = "out of GPU memory"
@@ -92,7 +102,8 @@ class Objective:
         self.checkpoint_store = checkpoint_store  # a CheckpointStore, or None: local folder only
         self._stored: dict[Path, tuple] = {}  # checkpoint file -> what was last copied to the store
         self.trial_number: int | None = None
-        self._session = None  # a TrainingSession, made at the first trial (it imports torch)
+        self._session = None  # a TrainingSession, made when first needed (the preflight)
+        self._where: dict = {}  # the running trial's stage, dataset and epoch, as last written
         self.host_fault: BaseException | None = None  # the last trial's disk error, if any
         # (epoch, Local TPE) of a report the storage did not take (an outage stopped the trial
         # there): the worker sends it once the storage is back, before it queues the retry,
@@ -101,10 +112,6 @@ class Objective:
 
     def _options(self, timings):
         """The trial's TrainOptions: this worker's session, the trial's timings accumulator."""
-        # torch: loaded at call time, not with this module
-        from nkat_search.train.loop import TrainOptions
-        from nkat_search.train.session import TrainingSession
-
         if self._session is None:
             self._session = TrainingSession()
         interval = (CHECKPOINT_INTERVAL_S if self.checkpoint_interval_s is None
@@ -120,11 +127,6 @@ class Objective:
         study's budget. Stage 1's dataset is loaded into the worker's session, where the first
         trial finds it; Stage 2 datasets may be missing (they are reported per trial).
         """
-        # torch: loaded at call time, not with this module
-        import torch
-
-        from nkat_search.train.device import torch_device
-
         device = torch_device(self.device)  # DeviceError for a bad name or an absent GPU
         try:
             (torch.ones(8, device=device) * 2).sum().item()
@@ -138,9 +140,6 @@ class Objective:
         return str(device)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        # torch: loaded at call time, not with this module
-        from nkat_search.train.loop import CheckpointUnreadable, Timings
-
         self.trial_number = trial.number
         self.host_fault = None
         self.unsent_report = None
@@ -166,9 +165,6 @@ class Objective:
             _fail(trial, f"{INTERRUPTED}: forced stop (second signal)")
             raise
         except Exception as err:
-            # torch: loaded at call time, not with this module
-            from nkat_search.train.loop import TrainingInterrupted
-
             if isinstance(err, TrainingInterrupted):
                 try:
                     self._store_checkpoints(trial)
@@ -192,71 +188,79 @@ class Objective:
                 self._session.release_model()
 
     def _run(self, trial: optuna.Trial, timings) -> float:
-        # torch: loaded at call time, not with this module
-        from nkat_search.train.loop import TrainingInterrupted, train_model
-        from nkat_search.train.stage2 import run_stage2, write_report
-
-        train = self.train_fn or train_model
+        train = self.train_fn or loop.train_model
         spec = self.spec
         cfg = RunConfig.from_dict({"dataset": STAGE1_DATASET}, base=suggest_config(trial, spec))
         if self.on_start is not None:
             self.on_start()
+        self._where = {"stage": 1, "dataset": STAGE1_DATASET, "epoch": 0}
         trial_record.write(trial, config=cfg.to_dict(), retry_of=retried_trial_number(trial),
-                           stage=1, dataset=STAGE1_DATASET, epoch=0)
+                     **self._where)
         folder = trial_dir(self.checkpoint_root, spec.name, trial)
         self._restore_checkpoints(trial)
-        where = {"stage": 1, "dataset": STAGE1_DATASET, "epoch": 0}
-
-        def track(report) -> None:
-            """Where the trial is, for ``up``'s live line: only what changed, once per epoch;
-            the epoch's checkpoint, if it wrote one, goes to the checkpoint store."""
-            self._store_checkpoints(trial, [report.dataset])
-            now = {"dataset": report.dataset, "epoch": report.epoch}
-            trial_record.write(trial, **{k: v for k, v in now.items() if where.get(k) != v})
-            where.update(now)
-
-        def report_and_maybe_prune(report) -> None:
-            self.unsent_report = (report.epoch, report.tpe)
-            track(report)
-            trial.report(report.tpe, report.epoch)
-            self.unsent_report = None
-            # After the last epoch the gate decides; pruning there would only hide its verdict.
-            if report.epoch < report.epochs and trial.should_prune():
-                trial_record.write(
-                    trial, outcome="pruned", feasible=False, local_tpe=report.tpe,
-                    datasets={STAGE1_DATASET: _score(report)},
-                    reason=f"pruned at epoch {report.epoch} of {report.epochs} by the "
-                           f"{_pruner_name(trial, spec)} (Local TPE {report.tpe:.4f})")
-                self._unmeasured(trial, report.tpe)
-                raise optuna.TrialPruned(f"Local TPE {report.tpe:.4f} at epoch {report.epoch}")
-
         options = self._options(timings)
         stage1 = train(cfg, data_dir=self.data_dir, device=self.device,
-                       out_dir=folder / STAGE1_DATASET, on_epoch=report_and_maybe_prune,
+                       out_dir=folder / STAGE1_DATASET,
+                       on_epoch=lambda report: self._stage1_epoch(trial, report),
                        stop_requested=self.stop_requested, progress=self.progress,
                        options=options)
-        trial_record.write(trial, local_tpe=stage1.tpe,
-                           datasets={STAGE1_DATASET: _score(stage1)},
-                           resumed_from_epoch=stage1.resumed_from_epoch)
-        if stage1.tpe < spec.gate:
+        self._gate(trial, stage1)
+        report = run_stage2(cfg, self._start_stage2(trial), data_dir=self.data_dir,
+                            device=self.device, out_dir=folder, results={STAGE1_DATASET: stage1},
+                            progress=self.progress, train_fn=train,
+                            train_kwargs={"stop_requested": self.stop_requested,
+                                          "options": options,
+                                          "on_epoch": lambda r: self._track(trial, r)})
+        write_report(report, folder)
+        return self._complete(trial, report)
+
+    def _track(self, trial: optuna.Trial, report) -> None:
+        """Where the trial is, for ``up``'s live line: only what changed, once per epoch; the
+        epoch's checkpoint, if it wrote one, goes to the checkpoint store."""
+        self._store_checkpoints(trial, [report.dataset])
+        now = {"dataset": report.dataset, "epoch": report.epoch}
+        trial_record.write(trial, **{k: v for k, v in now.items() if self._where.get(k) != v})
+        self._where.update(now)
+
+    def _stage1_epoch(self, trial: optuna.Trial, report) -> None:
+        """A CIFAR-10 epoch: its Local TPE goes to the pruner, which may stop the trial here."""
+        self.unsent_report = (report.epoch, report.tpe)
+        self._track(trial, report)
+        trial.report(report.tpe, report.epoch)
+        self.unsent_report = None
+        # After the last epoch the gate decides; pruning there would only hide its verdict.
+        if report.epoch < report.epochs and trial.should_prune():
+            trial_record.write(trial, outcome="pruned", feasible=False, local_tpe=report.tpe,
+                         datasets={STAGE1_DATASET: _score(report)},
+                         reason=f"pruned at epoch {report.epoch} of {report.epochs} by the "
+                                f"{_pruner_name(trial, self.spec)} (Local TPE {report.tpe:.4f})")
+            self._unmeasured(trial, report.tpe)
+            raise optuna.TrialPruned(f"Local TPE {report.tpe:.4f} at epoch {report.epoch}")
+
+    def _gate(self, trial: optuna.Trial, stage1) -> None:
+        """Record Stage 1; below the gate the trial ends PRUNED (``gate_failed``), and a stop
+        asked for in its last step ends it before Stage 2."""
+        trial_record.write(trial, local_tpe=stage1.tpe, datasets={STAGE1_DATASET: _score(stage1)},
+                     resumed_from_epoch=stage1.resumed_from_epoch)
+        gate = self.spec.gate
+        if stage1.tpe < gate:
             trial_record.write(trial, outcome="gate_failed", feasible=False,
-                               reason=f"gate: Local TPE {stage1.tpe:.4f} < {spec.gate:g}")
+                         reason=f"gate: Local TPE {stage1.tpe:.4f} < {gate:g}")
             self._unmeasured(trial, stage1.tpe)
-            raise optuna.TrialPruned(f"gate: Local TPE@CIFAR10 {stage1.tpe:.4f} < {spec.gate}")
+            raise optuna.TrialPruned(f"gate: Local TPE@CIFAR10 {stage1.tpe:.4f} < {gate}")
         if self.stop_requested():
             raise TrainingInterrupted(stage1.epochs_run)
 
-        datasets = [*spec.stage2_datasets, STAGE1_DATASET]
-        if spec.stage2_datasets:
-            first = {"stage": 2, "dataset": spec.stage2_datasets[0], "epoch": 0}
+    def _start_stage2(self, trial: optuna.Trial) -> list[str]:
+        """Stage 2's datasets (CIFAR-10's run is Stage 1's); the trial says it is there now."""
+        if self.spec.stage2_datasets:
+            first = {"stage": 2, "dataset": self.spec.stage2_datasets[0], "epoch": 0}
             trial_record.write(trial, **first)
-            where.update(first)
-        report = run_stage2(cfg, datasets, data_dir=self.data_dir, device=self.device,
-                            out_dir=folder, results={STAGE1_DATASET: stage1},
-                            progress=self.progress, train_fn=train,
-                            train_kwargs={"stop_requested": self.stop_requested,
-                                          "options": options, "on_epoch": track})
-        write_report(report, folder)
+            self._where.update(first)
+        return [*self.spec.stage2_datasets, STAGE1_DATASET]
+
+    def _complete(self, trial: optuna.Trial, report) -> float:
+        """Record the Stage 2 table and the constraints; returns the trial's value, Global TPE."""
         # A retry resumes inside Stage 2 too (CIFAR-10's resume is resumed_from_epoch).
         resumed = {name: result["resumed_from_epoch"] for name, result in report.results.items()
                    if name != STAGE1_DATASET and result["resumed_from_epoch"]}
@@ -271,7 +275,7 @@ class Objective:
         # Feasible iff every value <= 0 (Optuna's convention); TPE models the good region from
         # feasible trials first, then from the least violating ones.
         measured = {"consistency": table.consistency, "robustness": table.robustness}
-        violations = {key: target - measured[key] for key, target in spec.constraints.items()}
+        violations = {key: target - measured[key] for key, target in self.spec.constraints.items()}
         for key, value in violations.items():
             trial.set_constraint(key, value)
         trial_record.write(trial, feasible=all(v <= 0 for v in violations.values()),
@@ -295,9 +299,6 @@ class Objective:
         store = self.checkpoint_store
         if store is None:
             return
-        # torch: loaded at call time, not with this module
-        from nkat_search.train.loop import CHECKPOINT_NAME, previous_checkpoint
-
         folder = trial_dir(self.checkpoint_root, self.spec.name, trial)
         number = original_number(trial)
         for dataset in self.datasets():
@@ -312,9 +313,6 @@ class Objective:
         store = self.checkpoint_store
         if store is None:
             return
-        # torch: loaded at call time, not with this module
-        from nkat_search.train.loop import CHECKPOINT_NAME, CheckpointNotWritten
-
         folder = trial_dir(self.checkpoint_root, self.spec.name, trial)
         number = original_number(trial)
         for dataset in datasets or self.datasets():
@@ -367,8 +365,6 @@ def _score(result) -> DatasetScore:
 
 
 def _is_out_of_memory(err: Exception) -> bool:
-    import torch  # loaded at call time, not with this module
-
     return isinstance(err, torch.cuda.OutOfMemoryError)
 
 

@@ -30,10 +30,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from nkat_search.atomic import atomic_path
 from nkat_search.config import CHECKPOINT_INTERVAL_S, RunConfig
 from nkat_search.errors import UserError
+from nkat_search.terminal import draws_bars
 from nkat_search.train import metrics
 from nkat_search.train.augment import GpuAugment
 from nkat_search.train.data import load_dataset
@@ -642,10 +644,6 @@ def _close(bar, report: EpochReport | None = None) -> None:
 
 def _progress_bar(enabled: bool, total: int, description: str):
     # A bar redraws its line with carriage returns: in a log file that is noise, not progress.
-    from nkat_search.terminal import draws_bars
-
     if not enabled or not draws_bars(sys.stderr):
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=description, unit="step", leave=False, dynamic_ncols=True)

@@ -26,6 +26,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from nkat_search.train.data import load_dataset
+from nkat_search.train.sources import DataError, resolve_data_dir
+
 
 @dataclass
 class CompiledModel:
@@ -49,9 +52,6 @@ class TrainingSession:
         A ``DataError`` is remembered and raised again, so a dataset missing on this host costs
         one look, not one per trial.
         """
-        from nkat_search.train.data import load_dataset
-        from nkat_search.train.sources import DataError, resolve_data_dir
-
         key = (name, str(resolve_data_dir(data_dir)), str(device), *sorted(shape.items()))
         if key not in self._datasets:
             try:

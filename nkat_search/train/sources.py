@@ -184,6 +184,7 @@ def _download_root(root: Path) -> Path:
 
 def _fetch(info: DatasetFacts, where: DataDir, emnist_split: str) -> None:
     """Download a dataset with torchvision, with a socket timeout; a failure is one DataError."""
+    # torchvision costs 1.3 s on top of torch: imported only to download or read pickles.
     from torchvision import datasets
     from torchvision.datasets import utils
 
@@ -305,7 +306,7 @@ def _decode_cifar(info: DatasetFacts, files: tuple[str, ...],
 
 
 def _load_cifar10_pickle(root: Path, split: str) -> tuple[Tensor, Tensor]:
-    from torchvision import datasets
+    from torchvision import datasets  # 1.3 s: only for this layout (see _fetch)
 
     try:
         ds = datasets.CIFAR10(str(root), train=split == "train", download=False)

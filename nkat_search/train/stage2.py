@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from nkat_search.train import metrics
 from nkat_search.atomic import write_text_atomic
 from nkat_search.config import RunConfig
+# loop.train_model is looked up at each call, so a stand-in put there is the one trained.
+from nkat_search.train import loop, metrics
+from nkat_search.train.sources import DataError
 
 
 @dataclass
@@ -56,10 +58,7 @@ def run_stage2(
     table names it; the aggregates cover the datasets that ran. ``train_fn`` replaces
     ``loop.train_model`` (the search's tests pass a stand-in trainer).
     """
-    from nkat_search.train.loop import train_model
-    from nkat_search.train.sources import DataError
-
-    train_fn = train_fn or train_model
+    train_fn = train_fn or loop.train_model
 
     done = dict(results or {})
     missing: dict[str, str] = {}

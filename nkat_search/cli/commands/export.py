@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from nkat_search.cli.commands.storage_arg import add_storage_argument
+from nkat_search.cli.commands.storage_arg import add_storage_argument, resolve_storage
+from nkat_search.errors import UserError
+from nkat_search.search.study_files import write_study_files
 
 # `export --top` and `up --top` alike.
 DEFAULT_TOP = 3
@@ -32,15 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-    from pathlib import Path
-
-    from nkat_search.cli.commands.storage_arg import resolve_storage
+    # optuna: not for --help.
     from nkat_search.search.export import NothingToExport, export_best
     from nkat_search.search.report import open_study
-    from nkat_search.search.study_files import write_study_files
-
-    from nkat_search.errors import UserError
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out}: is a file, not a folder; name a folder to export into")

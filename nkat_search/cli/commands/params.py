@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from nkat_search.cli.config_args import add_config_arguments, config_from_args
+from nkat_search.config import DATASET_NAMES
+from nkat_search.train import metrics
+from nkat_search.train.datasets import dataset_info
 
 HELP = ("Print lambda (trainable parameters / 1e6) of a config on every dataset, and the accuracy "
         "it needs to reach the 0.60 Local TPE gate and the dataset's own TPE target. No data or "
@@ -18,12 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from nkat_search.train import metrics
-    from nkat_search.config import DATASET_NAMES
-    from nkat_search.train.datasets import dataset_info
-    from nkat_search.train.model import build_model, count_parameters
+    from nkat_search.train.model import build_model, count_parameters  # torch: not for --help
 
     cfg = config_from_args(args)
     rows = []

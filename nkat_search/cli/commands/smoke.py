@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+from pathlib import Path
 
+from nkat_search.atomic import write_text_atomic
+from nkat_search.cli.commands.train import add_run_arguments, data_dir_of, print_epoch, run_options
 from nkat_search.cli.config_args import add_config_arguments, config_from_args
 
 HELP = ("The user's smoke test: the ConvStem-tiny + patch-2 baseline trained 10 epochs on "
@@ -15,20 +20,12 @@ SMOKE_DEFAULTS = {"epochs": 10, "warmup": 1}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nkat_search.cli.commands.train import add_run_arguments
-
     add_run_arguments(parser, "runs/smoke")
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-    from pathlib import Path
-
-    from nkat_search.atomic import write_text_atomic
-    from nkat_search.cli.commands.train import data_dir_of, print_epoch, run_options
-    from nkat_search.train.loop import train_model
+    from nkat_search.train.loop import train_model  # torch: not for --help
 
     for key, value in SMOKE_DEFAULTS.items():
         if not hasattr(args, key):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from nkat_search.cli.commands.train import add_run_arguments, data_dir_of, print_epoch, run_options
 from nkat_search.cli.config_args import add_config_arguments, config_from_args
+from nkat_search.config import DATASET_NAMES
 
 HELP = ("Train one config on MNIST, Fashion-MNIST, EMNIST and CIFAR-10 (or --datasets) and print "
         "the Stage 2 table: per-dataset accuracy, lambda and TPE, then Global TPE, Consistency "
@@ -13,9 +15,6 @@ HELP = ("Train one config on MNIST, Fashion-MNIST, EMNIST and CIFAR-10 (or --dat
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nkat_search.cli.commands.train import add_run_arguments
-    from nkat_search.config import DATASET_NAMES
-
     add_run_arguments(parser, "runs/stage2")
     parser.add_argument("--datasets", nargs="+", choices=DATASET_NAMES, default=list(DATASET_NAMES),
                         metavar="NAME", help=f"datasets to run, from {', '.join(DATASET_NAMES)}")
@@ -23,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nkat_search.cli.commands.train import data_dir_of, print_epoch, run_options
+    # torch: not for --help.
     from nkat_search.train.session import TrainingSession
     from nkat_search.train.stage2 import run_stage2, write_report
 

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Optuna loads here, not when the module does: `status --help` stays fast.
+    # optuna: not for --help.
     from nkat_search.search.report import (budget_text, describe_lost, format_table,
                                            lost_configurations, open_study, study_report,
                                            summary_line, wrap)

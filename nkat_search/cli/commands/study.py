@@ -15,12 +15,12 @@ HELP = ("Create a study from a study file (or resume it: same name and same file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nkat_search.cli.main import HelpFormatter  # cli imports the commands: import at call time
-
+    # The actions' help reads as the command's (main.py's HelpFormatter).
+    formatter = parser.formatter_class
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
     create = sub.add_parser("create", help="create or resume a study from a study file",
-                            formatter_class=HelpFormatter)
+                            formatter_class=formatter)
     create.add_argument("--study", required=True, metavar="FILE", help="study file (YAML)")
     add_storage_argument(create)
     create.add_argument("--name", metavar="NAME", help="study name (default: the file's name)")
@@ -28,21 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the study's budget (default: the file's n_trials); a resumed "
                         "study may be extended so, or by a changed n_trials in the file")
     show = sub.add_parser("show", help="print a study's stored file and its trial counts",
-                          formatter_class=HelpFormatter)
+                          formatter_class=formatter)
     show.add_argument("--study", required=True, metavar="NAME", help="study name")
     add_storage_argument(show)
     show.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def run(args: argparse.Namespace) -> int:
-    import optuna  # here, not at the top: `study --help` stays fast
+    import optuna  # here and in _create, _show: not for --help
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return _create(args) if args.action == "create" else _show(args)
 
 
 def _create(args: argparse.Namespace) -> int:
-    # Optuna loads with these: not at the top, so `study --help` stays fast.
     from nkat_search.search.coordinator import budget_state, create_study
     from nkat_search.search.report import budget_text
     from nkat_search.search.storage import open_storage
@@ -64,7 +63,6 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    # Optuna loads with these: not at the top, so `study --help` stays fast.
     from nkat_search.search.coordinator import load_study, load_study_spec_from_storage, summary
     from nkat_search.search.report import budget_text, describe_lost, open_storage_for_reading
 

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+from pathlib import Path
 
+from nkat_search.atomic import write_text_atomic
+from nkat_search.cli.checks import check_seconds
 from nkat_search.cli.config_args import add_config_arguments, config_from_args
+from nkat_search.config import CHECKPOINT_INTERVAL_S
 
 HELP = ("Train one NKAT config on one dataset. Accepts the user's baseline flags verbatim "
         "(e.g. --conv_stem tiny --patch_size 2 --randaugment 2 9 --ema 0.9995). Writes "
@@ -33,14 +39,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def data_dir_of(args: argparse.Namespace):
     """The ``sources.DataDir`` the flags name (whether missing datasets may be downloaded)."""
-    from nkat_search.train.sources import data_location
+    from nkat_search.train.sources import data_location  # torch: not for --help
 
     return data_location(args.data_dir, args.download)
 
 
 def add_checkpoint_interval_argument(parser: argparse.ArgumentParser) -> None:
-    from nkat_search.config import CHECKPOINT_INTERVAL_S
-
     parser.add_argument("--checkpoint-interval", type=float, default=CHECKPOINT_INTERVAL_S, metavar="S",
                         help="write the checkpoint at most every S seconds (0: after every epoch); "
                         "always after the last epoch and on SIGTERM / Ctrl-C")
@@ -48,8 +52,7 @@ def add_checkpoint_interval_argument(parser: argparse.ArgumentParser) -> None:
 
 def run_options(args: argparse.Namespace):
     """TrainOptions from the shared flags; a negative or NaN interval is one clear line."""
-    from nkat_search.cli.checks import check_seconds
-    from nkat_search.train.loop import TrainOptions
+    from nkat_search.train.loop import TrainOptions  # torch: not for --help
 
     check_seconds("--checkpoint-interval", args.checkpoint_interval, zero_ok=True)
     return TrainOptions(checkpoint_interval_s=args.checkpoint_interval)
@@ -61,12 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-    from pathlib import Path
-
-    from nkat_search.atomic import write_text_atomic
-    from nkat_search.train.loop import train_model
+    from nkat_search.train.loop import train_model  # torch: not for --help
 
     cfg = config_from_args(args)
     out = Path(args.out)

@@ -1,9 +1,15 @@
 """``nkat-search up``: the one-machine form of the compose file.
 
-Coordinator, one worker per GPU, the dashboard, a live summary line, then the final table and the
-export. Every child is ``sys.executable -m nkat_search ...`` (the exact interpreter and package of
-this process) in its own session, so a Ctrl-C in the terminal reaches only this process, which
-forwards exactly one SIGINT to each worker and waits for them to checkpoint.
+Coordinator, one worker per GPU, the dashboard, a live summary line (``cli/live_view.py``), then
+the final table and the export. Every child is ``sys.executable -m nkat_search ...`` (the exact
+interpreter and package of this process), started by ``cli/launch.py``. The coordinator
+(``study create``) runs in the foreground; the workers and the dashboard run in sessions of their
+own, so a Ctrl-C in the terminal reaches only this process, which forwards exactly one SIGINT to
+each worker and waits for them to checkpoint.
+
+What imports optuna or torch (``search.report``, ``search.resilient_storage``, ``search.export``,
+``train.device``, ``train.sources``) is imported inside the function that needs it, so that
+``nkat-search up --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -14,24 +20,25 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from nkat_search.cli import launch
 from nkat_search.cli.checks import check_seconds
 from nkat_search.cli.commands.dashboard import check_port, find_free_port, url
 from nkat_search.cli.commands.export import DEFAULT_TOP
 from nkat_search.cli.commands.storage_arg import (STORAGE_ENV, UP_DEFAULT_OUT, as_url, child_env,
                                                   with_password_file)
 from nkat_search.cli.commands.train import add_data_arguments
-from nkat_search.cli.commands.worker import default_trials_per_device
-from nkat_search.cli.launch import nkat_command, start, threads_per_process, with_threads
+from nkat_search.cli.commands.worker import (GPU_GIB_PER_TRIAL, GPU_TRIALS_PER_DEVICE,
+                                             default_trials_per_device, worker_argv)
+from nkat_search.cli.live_view import LiveView
 from nkat_search.cli.mps import start_or_join
+from nkat_search.config import CHECKPOINT_INTERVAL_S
 from nkat_search.errors import UserError
 from nkat_search.search.spec import STAGE1_DATASET, load_study_file
 from nkat_search.search.storage_url import SQLITE_SCHEME, mask_url, sqlite_path
 from nkat_search.search.study_files import write_study_files
-from nkat_search.terminal import draws_bars, table_width
+from nkat_search.terminal import table_width
 
 HELP = ("Run a whole search on this machine: create the study from --study FILE (the coordinator), "
         "start one worker per visible GPU (CPU only: one worker on cpu unless --workers says more), "
@@ -52,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="worker processes (default: one per visible GPU, else 1 on cpu); "
                         "with GPUs, worker i runs on cuda:(i mod GPUs)")
     parser.add_argument("--trials-per-gpu", type=int, metavar="K",
-                        help="concurrent trials per worker (default: the worker's own, 2 on a "
-                        "GPU and 1 on the CPU)")
+                        help="concurrent trials per worker (default: the worker's own: on a GPU "
+                        f"one per {GPU_GIB_PER_TRIAL} GiB of its memory, 1 to "
+                        f"{GPU_TRIALS_PER_DEVICE}; 1 on the CPU)")
     parser.add_argument("--storage", metavar="URL",
                         help="storage URL (default: sqlite:///OUT/STUDY.db, embedded SQLite)")
     add_data_arguments(parser)
@@ -61,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output root: OUT/STUDY.db, OUT/STUDY/{logs,export}, OUT/checkpoints")
     parser.add_argument("--checkpoint-interval", type=float, metavar="S",
                         help="passed to the workers: a trial's checkpoint at most every S seconds "
-                        "(default: the worker's, 60)")
+                        f"(default: the worker's, {CHECKPOINT_INTERVAL_S:g})")
     parser.add_argument("--n-trials", type=int, metavar="N",
                         help="the study's budget (default: the study file's n_trials); run up "
                         "again with a larger N to extend a finished study")
@@ -86,19 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
-    check_seconds("--checkpoint-interval", args.checkpoint_interval, zero_ok=True)
-    check_seconds("--timeout", args.timeout)
-    check_port(args.port, low=1)  # up prints the dashboard's address, so it must know the port
-    check_seconds("--refresh", args.refresh)
-    if args.top < 1:
-        raise UserError(f"--top must be at least 1, got {args.top}")
+    _check(args)
     spec = load_study_file(args.study)
     # Stage 1's data is checked before the study is created: a wrong --data-dir is one line,
     # not a study, a table and then the workers' refusal.
-    # torch loads with this: not at the top, so `up --help` stays fast.
-    from nkat_search.train.sources import check_present, data_location
+    from nkat_search.train.sources import check_present, data_location  # torch: not for --help
 
     check_present(STAGE1_DATASET, data_location(args.data_dir, args.download),
                   spec.base_config().train.emnist_split)
@@ -109,6 +109,18 @@ def run(args: argparse.Namespace) -> int:
     storage = (with_password_file(as_url(args.storage)) if args.storage
                else f"sqlite:///{out / (spec.name + '.db')}")
     return Up(args, spec.name, storage, run_dir).run()
+
+
+def _check(args: argparse.Namespace) -> None:
+    """The numbers argparse cannot check: one line naming the flag."""
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    check_seconds("--checkpoint-interval", args.checkpoint_interval, zero_ok=True)
+    check_seconds("--timeout", args.timeout)
+    check_port(args.port, low=1)  # up prints the dashboard's address, so it must know the port
+    check_seconds("--refresh", args.refresh)
+    if args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
 
 
 class Up:
@@ -150,17 +162,16 @@ class Up:
     # -- children ---------------------------------------------------------------------------
 
     def _child(self, argv: list[str]) -> int:
-        return subprocess.run(nkat_command(argv), env=child_env(self.storage)).returncode
+        return launch.run(argv, env=child_env(self.storage))
 
     def _spawn(self, argv: list[str], log_path, env: dict | None = None):
         # The storage URL travels in NKAT_STORAGE: a command line is readable by every user of
         # the host, and the URL may carry a password. A session of its own: the terminal's
         # Ctrl-C reaches only us, and we decide what the children get.
-        return start(argv, env=child_env(self.storage, env), log=log_path)
+        return launch.start(argv, env=child_env(self.storage, env), log=log_path)
 
     def _devices(self) -> list[str]:
-        # torch loads with this: not at the top, so `up --help` stays fast.
-        from nkat_search.train.device import gpu_names
+        from nkat_search.train.device import gpu_names  # torch: not for --help
 
         gpus = gpu_names() or ["cpu"]
         count = self.args.workers or len(gpus)
@@ -171,34 +182,32 @@ class Up:
         checkpoints = self.run_dir.parent / "checkpoints"
         devices = self._devices()
         per_device = self.args.trials_per_gpu or default_trials_per_device(devices[0])
-        gpus = len({d for d in devices if d.startswith("cuda")})
         if per_device > 1 or self.args.mps == "on":
+            gpus = len({d for d in devices if d.startswith("cuda")})
             self.mps, line = start_or_join(self.args.mps, self.run_dir, gpus)
             print(line, flush=True)
-        # The cores are split over every trial process of this machine, not per worker.
-        env = with_threads(threads_per_process(len(devices) * per_device))
-        if self.mps is not None:
-            # The workers' CUDA runtime finds the daemon through these; --mps off below only
-            # tells them not to start one of their own.
-            env = dict(env or os.environ, **self.mps.env())
+        env = self._worker_env(len(devices) * per_device)
         for i, device in enumerate(devices):
-            argv = ["worker", "--study", self.study_name,
-                    "--device", device, "--checkpoint-dir", str(checkpoints), "--quiet",
-                    "--mps", "off"]
-            if self.args.trials_per_gpu is not None:
-                argv += ["--trials-per-gpu", str(self.args.trials_per_gpu)]
-            if self.args.checkpoint_interval is not None:
-                argv += ["--checkpoint-interval", str(self.args.checkpoint_interval)]
-            if self.args.timeout is not None:
-                argv += ["--timeout", str(self.args.timeout)]
-            if self.args.data_dir:
-                argv += ["--data-dir", self.args.data_dir]
-            if self.args.download:
-                argv.append("--download")
+            # Unset flags are left to the worker's defaults.
+            argv = worker_argv(self.study_name, device, checkpoints, quiet=True,
+                               trials_per_gpu=self.args.trials_per_gpu,
+                               checkpoint_interval=self.args.checkpoint_interval,
+                               timeout=self.args.timeout, data_dir=self.args.data_dir,
+                               download=self.args.download)
             # This up's own logs: a second up on the same study must not write into them.
             log = self.run_dir / "logs" / f"worker-{i}.up-{os.getpid()}.log"
             self.workers.append((f"worker {i} ({device})", self._spawn(argv, log, env), log))
             print(f"worker {i} on {device}: log {log}", flush=True)
+
+    def _worker_env(self, processes: int) -> dict | None:
+        """The workers' environment (None: ours as it is)."""
+        # The cores are split over every trial process of this machine, not per worker.
+        env = launch.with_threads(launch.threads_per_process(processes))
+        if self.mps is not None:
+            # The workers' CUDA runtime finds the daemon through these (worker_argv's --mps off
+            # only tells them not to start one of their own).
+            env = dict(env or os.environ, **self.mps.env())
+        return env
 
     def _start_dashboard(self) -> None:
         host = "127.0.0.1"
@@ -213,7 +222,7 @@ class Up:
             print(f"dashboard did not start (exit {self.dashboard.poll()}); see {log}", flush=True)
             print(tail(log), flush=True)
 
-    # -- the live line and signals ----------------------------------------------------------
+    # -- the live view and signals ----------------------------------------------------------
 
     def _on_signal(self, signum, frame) -> None:
         # Only signals here; the watch loop prints (printing inside a handler can re-enter stdout).
@@ -235,61 +244,29 @@ class Up:
             say(messages[count])
         return max(announced, min(self.interrupts, 3))
 
+    def _workers_running(self) -> bool:
+        return any(p.poll() is None for _, p, _ in self.workers)
+
     def _watch(self) -> None:
-        """The live view until the workers exit: a tqdm bar on a terminal, else a line per change.
-
-        Budget done, the running trials' stage, dataset, epoch and Local TPE, the best so far
-        and the time left at the rate trials finished since ``up`` started.
-        """
-        # Optuna loads with this: not at the top, so `up --help` stays fast.
-        from nkat_search.search.report import LiveBar, finished_count, live_line
-
-        bar = None
-        last, last_printed = None, 0.0
-        study = None
-        announced = 0
-        done_before = None
-        start = time.monotonic()
-        use_bar = draws_bars(sys.stdout)  # decided once: a resize does not switch views
-
-        def say(message: str) -> None:
-            # Through the bar on a terminal, so a message never lands on the bar's line.
-            if bar is not None:
-                bar.write(message)
-            else:
-                print(message, flush=True)
-
-        while any(p.poll() is None for _, p, _ in self.workers):
-            announced = self._announce_interrupts(announced, say)
+        """The live view (``LiveView``) until the workers exit, and what the signals did."""
+        view = LiveView(self.study_name)
+        study, announced = None, 0
+        while self._workers_running():
+            announced = self._announce_interrupts(announced, view.say)
             study, report = self._report(study)
             if report is not None:
-                done = finished_count(report["trials"])
-                if done_before is None:
-                    done_before = done
-                elapsed = time.monotonic() - start
-                budget = report["budget"]["budget"] if report["budget"] else done
-                if use_bar:
-                    if bar is None:
-                        bar = LiveBar(self.study_name, sys.stdout)
-                    bar.update(report, done, budget)
-                else:
-                    # A line when something but the time left changed, or once a minute.
-                    line = live_line(report, done_before, elapsed)
-                    news = line.rsplit(" | ", 1)[0]
-                    if news != last or elapsed - last_printed >= 60:
-                        print(f"[{format_elapsed(elapsed)}] {line}", flush=True)
-                        last, last_printed = news, elapsed
+                view.show(report)
+            # The next refresh, unless a signal came or the workers are done before it.
             deadline = time.monotonic() + self.args.refresh
             while (time.monotonic() < deadline and min(self.interrupts, 3) == announced
-                   and any(p.poll() is None for _, p, _ in self.workers)):
+                   and self._workers_running()):
                 time.sleep(0.2)
-        self._announce_interrupts(announced, say)
-        if bar is not None:
-            bar.close()
+        self._announce_interrupts(announced, view.say)
+        view.close()
 
     def _report(self, study):
         """(study, ``study_report``); the report is None when the storage is busy this time."""
-        # Optuna loads with these: not at the top, so `up --help` stays fast.
+        # optuna: not for --help.
         from nkat_search.search.report import open_study, study_report
         from nkat_search.search.resilient_storage import is_transient
 
@@ -298,9 +275,8 @@ class Up:
                 study = open_study(self.storage, self.study_name)
             return study, study_report(study)
         except Exception as err:  # noqa: BLE001 - a locked or restarting database must not
-            # stop the watch
             if type(err).__name__ not in ("OperationalError", "DatabaseError") and \
-                    not is_transient(err):
+                    not is_transient(err):  # stop the watch
                 raise
             return study, None
 
@@ -328,8 +304,8 @@ class Up:
     # -- the end ----------------------------------------------------------------------------
 
     def _finish(self) -> int:
-        # Optuna loads with these: not at the top, so `up --help` stays fast.
-        from nkat_search.search.export import NothingToExport, export_best
+        """The table, the export and what to do next; the exit code of ``up``."""
+        # optuna: not for --help.
         from nkat_search.search.report import (describe_lost, format_table, lost_configurations,
                                                open_study, study_report, summary_line, wrap)
 
@@ -342,29 +318,13 @@ class Up:
         lost = lost_configurations(study.get_trials(deepcopy=False))
         if lost:
             print(describe_lost(lost))
-        export_dir = self.run_dir / "export"
         reach = self._how_to_reach()
         if self.interrupts:
             print(f"interrupted: run the same `nkat-search up` again to resume (interrupted trials "
                   f"continue from their checkpoints); see the study with: nkat-search status "
                   f"{reach}")
             return 130
-        code = 1 if failed else 0
-        try:
-            exported = export_best(study, export_dir, top=self.args.top)
-            print(exported.describe(export_dir))
-        except NothingToExport:
-            counts = ", ".join(f"{report['summary'][k]} {k.replace('_', '-')}"
-                               for k in ("pruned", "gate_failed", "failed", "interrupted")
-                               if report["summary"][k])
-            print(f"nkat-search up: no trial completed ({counts or 'no trial ran'}): nothing to "
-                  "export; the table above says why each trial stopped", flush=True)
-            code = 1
-        files = write_study_files(study, export_dir)
-        if files.written:
-            print(f"wrote {', '.join(p.name for p in files.written)} to {export_dir}")
-        for warning in files.warnings:
-            print(f"study files: {warning}")
+        exported = self._export(study, report["summary"])
         print(f"this study later: nkat-search status {reach}  (or export, study show)")
         state = report["budget"]  # budget_state(study), read once above
         if (self.args.timeout is not None and state
@@ -374,7 +334,29 @@ class Up:
         for label, exit_code, log in failed:
             print(f"{label} exited with {exit_code}; last lines of {log}:")
             print(tail(log))
-        return code
+        return 1 if failed or not exported else 0
+
+    def _export(self, study, summary: dict) -> bool:
+        """The best trials and the study files into ``RUN/export``; False when none completed."""
+        from nkat_search.search.export import NothingToExport, export_best  # optuna: not for --help
+
+        export_dir = self.run_dir / "export"
+        try:
+            exported = export_best(study, export_dir, top=self.args.top)
+            print(exported.describe(export_dir))
+        except NothingToExport:
+            counts = ", ".join(f"{summary[k]} {k.replace('_', '-')}"
+                               for k in ("pruned", "gate_failed", "failed", "interrupted")
+                               if summary[k])
+            print(f"nkat-search up: no trial completed ({counts or 'no trial ran'}): nothing to "
+                  "export; the table above says why each trial stopped", flush=True)
+            exported = None
+        files = write_study_files(study, export_dir)
+        if files.written:
+            print(f"wrote {', '.join(p.name for p in files.written)} to {export_dir}")
+        for warning in files.warnings:
+            print(f"study files: {warning}")
+        return exported is not None
 
     def _how_to_reach(self) -> str:
         """``--study NAME [--storage ...]``: what status / export need to find this study."""
@@ -395,6 +377,10 @@ class Up:
 
 def wait_for_http(address: str, process, timeout: float) -> bool:
     """Poll ``address`` until it answers; False if ``process`` exits or time runs out first."""
+    # The HTTP client (35 ms, a quarter of `up --help`): when the dashboard starts.
+    import urllib.error
+    import urllib.request
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -427,9 +413,3 @@ def tail(path, lines: int = 20) -> str:
     except OSError:
         return "  (no log)"
     return "\n".join("  " + line for line in text.splitlines()[-lines:])
-
-
-def format_elapsed(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
-from nkat_search.cli.commands.storage_arg import add_storage_argument, child_env
+from nkat_search.cli import launch
+from nkat_search.cli.checks import check_seconds
+from nkat_search.cli.commands.storage_arg import add_storage_argument, child_env, resolve_storage
 from nkat_search.cli.commands.train import add_data_arguments
+from nkat_search.cli.mps import start_or_join
+from nkat_search.config import CHECKPOINT_INTERVAL_S, STORAGE_WAIT_S
+from nkat_search.errors import UserError
 
 # Compiled trials of Round 2's mix side by side on one H200 (benchmarks/packing.py, results/gpu/
 # session4/packing.json), as trials' worth of training at once against one at a time: K = 2 gave
@@ -43,8 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     parser.add_argument("--checkpoint-dir", default="runs/checkpoints", metavar="DIR",
                         help="checkpoints go to DIR/<study>/trial-<n>/<dataset>/ (shared by retries)")
-    from nkat_search.config import CHECKPOINT_INTERVAL_S, STORAGE_WAIT_S
-
     parser.add_argument("--checkpoint-store", default=os.environ.get("NKAT_CHECKPOINT_STORE"),
                         metavar="URL",
                         help="also keep every checkpoint in this Optuna artifact store, a folder "
@@ -78,34 +82,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nkat_search.cli import launch
-    from nkat_search.cli.checks import check_seconds
-    from nkat_search.cli.commands.storage_arg import resolve_storage
-    from nkat_search.errors import UserError
-    from nkat_search.search.worker import StopFlag, WorkerOptions, run_worker, worst
+    # search.worker imports optuna and torch: not for --help.
+    from nkat_search.search.worker import StopFlag, run_worker, worst
 
     args.storage = resolve_storage(args.storage, args.study)
     devices = _devices(args.device)
     if args.trials_per_gpu is None:
         args.trials_per_gpu = default_trials_per_device(devices[0])
-    if args.trials_per_gpu < 1:
-        raise UserError(f"--trials-per-gpu: must be >= 1, got {args.trials_per_gpu}")
-    if args.n_trials is not None and args.n_trials < 1:
-        raise UserError(f"--n-trials: must be >= 1, got {args.n_trials}")
-    check_seconds("--checkpoint-interval", args.checkpoint_interval, zero_ok=True)
-    check_seconds("--timeout", args.timeout)
-    check_seconds("--storage-wait", args.storage_wait)
+    _check(args)
     # The cores are split over this worker's processes unless OMP_NUM_THREADS says otherwise.
     threads = launch.threads_per_process(args.trials_per_gpu * len(devices))
-    options = WorkerOptions(storage=args.storage, study=args.study, device=devices[0],
-                            n_trials=args.n_trials, data_dir=args.data_dir,
-                            download=args.download,
-                            checkpoint_dir=args.checkpoint_dir,
-                            checkpoint_interval_s=args.checkpoint_interval,
-                            keep_checkpoints=args.keep_checkpoints,
-                            checkpoint_store=args.checkpoint_store or None,
-                            progress=False if args.quiet else None, cpu_threads=threads,
-                            storage_wait_s=args.storage_wait, timeout_s=args.timeout)
+    options = _options(args, devices[0], threads)
     mps = _start_mps(args, devices)
     stop = StopFlag()
     stop.install()
@@ -135,21 +122,41 @@ def run(args: argparse.Namespace) -> int:
     return worst([code, *codes])
 
 
+def _check(args: argparse.Namespace) -> None:
+    """The numbers argparse cannot check: one line naming the flag."""
+    if args.trials_per_gpu < 1:
+        raise UserError(f"--trials-per-gpu: must be >= 1, got {args.trials_per_gpu}")
+    if args.n_trials is not None and args.n_trials < 1:
+        raise UserError(f"--n-trials: must be >= 1, got {args.n_trials}")
+    check_seconds("--checkpoint-interval", args.checkpoint_interval, zero_ok=True)
+    check_seconds("--timeout", args.timeout)
+    check_seconds("--storage-wait", args.storage_wait)
+
+
+def _options(args: argparse.Namespace, device: str, cpu_threads: int | None):
+    """The ``WorkerOptions`` of this process (its siblings get theirs from their flags)."""
+    from nkat_search.search.worker import WorkerOptions  # optuna: not for --help
+
+    return WorkerOptions(storage=args.storage, study=args.study, device=device,
+                         n_trials=args.n_trials, data_dir=args.data_dir, download=args.download,
+                         checkpoint_dir=args.checkpoint_dir,
+                         checkpoint_interval_s=args.checkpoint_interval,
+                         keep_checkpoints=args.keep_checkpoints,
+                         checkpoint_store=args.checkpoint_store or None,
+                         progress=False if args.quiet else None, cpu_threads=cpu_threads,
+                         storage_wait_s=args.storage_wait, timeout_s=args.timeout)
+
+
 def _start_mps(args: argparse.Namespace, devices: list[str]):
     """Start or join a CUDA MPS daemon before this process touches CUDA; its env reaches siblings."""
-    import os
-    from pathlib import Path
-
-    from nkat_search.cli.mps import start_or_join
-
     gpus = sum(1 for d in devices if d.startswith("cuda") or d == "auto")
     if args.mps == "off" or (args.mps == "auto" and args.trials_per_gpu < 2
                              and not os.environ.get("CUDA_MPS_PIPE_DIRECTORY")):
         return None
     if gpus and devices == ["auto"]:
-        import torch
+        from nkat_search.train.device import gpu_names  # torch: not for --help
 
-        gpus = torch.cuda.device_count()
+        gpus = len(gpu_names())
     daemon, line = start_or_join(args.mps, Path(args.checkpoint_dir), gpus)
     print(f"worker: {line}", flush=True)
     if daemon is not None:
@@ -159,9 +166,9 @@ def _start_mps(args: argparse.Namespace, devices: list[str]):
 
 def default_trials_per_device(device: str) -> int:
     """Trials side by side on ``device``: 1 on the CPU; on a GPU one per 25 GiB, 1 to 4."""
+    # torch: not for --help.
     import torch
 
-    from nkat_search.errors import UserError
     from nkat_search.train.device import device_name
 
     try:
@@ -179,31 +186,43 @@ def _devices(device: str) -> list[str]:
     """``all`` becomes every visible GPU; any other value is one device."""
     if device != "all":
         return [device]
-    from nkat_search.errors import UserError
-    from nkat_search.train.device import gpu_names
+    from nkat_search.train.device import gpu_names  # torch: not for --help
 
     if not gpu_names():
         raise UserError("--device all: no CUDA GPU is visible; use --device cpu")
     return gpu_names()
 
 
+def worker_argv(study: str, device: str, checkpoint_dir, *, trials_per_gpu: int | None = None,
+                n_trials: int | None = None, checkpoint_interval: float | None = None,
+                storage_wait: float | None = None, timeout: float | None = None,
+                data_dir: str | None = None, download: bool = False,
+                checkpoint_store: str | None = None, keep_checkpoints: bool = False,
+                quiet: bool = False) -> list[str]:
+    """``worker ...``: the command line of a worker that ``up`` or a worker's siblings start.
+
+    None, '' and False leave a flag out, so the child takes the worker's default. ``--mps off``:
+    whoever starts the child started or joined the daemon, whose variables reach the child in its
+    environment; the flag only keeps it from starting one of its own. The storage is no flag: its
+    URL travels in ``NKAT_STORAGE`` (``storage_arg.child_env``), out of sight of ``ps``.
+    """
+    argv = ["worker", "--study", study, "--device", device,
+            "--checkpoint-dir", str(checkpoint_dir), "--mps", "off"]
+    values = {"--trials-per-gpu": trials_per_gpu, "--n-trials": n_trials,
+              "--checkpoint-interval": checkpoint_interval, "--storage-wait": storage_wait,
+              "--timeout": timeout, "--data-dir": data_dir, "--checkpoint-store": checkpoint_store}
+    for flag, value in values.items():
+        if value is not None and value != "":
+            argv += [flag, str(value)]
+    switches = {"--download": download, "--keep-checkpoints": keep_checkpoints, "--quiet": quiet}
+    return argv + [flag for flag, on in switches.items() if on]
+
+
 def _sibling_argv(args: argparse.Namespace, device: str, trials_per_gpu: int) -> list[str]:
-    argv = ["worker", "--study", args.study, "--device", device,
-            "--trials-per-gpu", str(trials_per_gpu), "--checkpoint-dir", args.checkpoint_dir,
-            "--checkpoint-interval", str(args.checkpoint_interval), "--mps", "off",
-            "--storage-wait", str(args.storage_wait)]
-    if args.n_trials is not None:
-        argv += ["--n-trials", str(args.n_trials)]
-    if args.data_dir:
-        argv += ["--data-dir", args.data_dir]
-    if args.download:
-        argv.append("--download")
-    if args.keep_checkpoints:
-        argv.append("--keep-checkpoints")
-    if args.checkpoint_store:
-        argv += ["--checkpoint-store", args.checkpoint_store]
-    if args.timeout is not None:
-        argv += ["--timeout", str(args.timeout)]
-    if args.quiet:
-        argv.append("--quiet")
-    return argv
+    """A sibling's command line: this worker's flags, on ``device`` with ``trials_per_gpu``."""
+    return worker_argv(args.study, device, args.checkpoint_dir, trials_per_gpu=trials_per_gpu,
+                       n_trials=args.n_trials, checkpoint_interval=args.checkpoint_interval,
+                       storage_wait=args.storage_wait, timeout=args.timeout,
+                       data_dir=args.data_dir, download=args.download,
+                       checkpoint_store=args.checkpoint_store,
+                       keep_checkpoints=args.keep_checkpoints, quiet=args.quiet)
