@@ -211,12 +211,9 @@ def budget_state(study: optuna.Study, budget: int | None = None) -> dict:
     use budget; the original stays FAIL and the copy carries the result. Enqueued trials count
     from the moment they are queued (the workers must not propose more than the budget), so what
     a person reads is ``started`` (left the queue) and ``queued`` (enqueued, not yet taken) next
-    to ``used``, never "1 used" before anything ran. ``lost`` lists the configurations whose every attempt failed
-    with no retry left (``report.lost_configurations``).
+    to ``used``, never "1 used" before anything ran. ``lost`` lists the configurations whose every
+    attempt failed with no retry left (``trials.lost_configurations``).
     """
-    # report.py imports this module (budget_state): imported at call time, not at load.
-    from nkat_search.search.report import lost_configurations
-
     if budget is None:
         budget = stored_budget(study)
     trials = study.get_trials(deepcopy=False)
@@ -227,7 +224,7 @@ def budget_state(study: optuna.Study, budget: int | None = None) -> dict:
     return {"budget": budget, "used": used, "started": used - queued, "queued": queued,
             "left": max(0, budget - used),
             "retries": len(trials) - used, "states": dict(states),
-            "lost": lost_configurations(trials)}
+            "lost": trial_record.lost_configurations(trials)}
 
 
 def stored_budget(study: optuna.Study) -> int:

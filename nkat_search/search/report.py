@@ -13,7 +13,6 @@ import textwrap
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 from tqdm import tqdm
 
 from nkat_search.errors import UserError
@@ -106,24 +105,6 @@ def budget_text(budget: dict[str, Any]) -> str:
     """``3 of 10 trials started, 1 queued``: the budget as trials that ran, not as queue entries."""
     text = f"{budget['started']} of {budget['budget']} trials started"
     return text + (f", {budget['queued']} queued" if budget.get("queued") else "")
-
-
-def lost_configurations(trials) -> list[dict]:
-    """Configurations with no result: every attempt ended FAIL and none is queued or running.
-
-    One entry per original trial: ``{"trial", "attempts", "last_trial", "error"}``. These are
-    what a study lost: a configuration that kept crashing, or whose retries were spent.
-    """
-    chains: dict[int, list] = {}
-    for trial in trials:
-        chains.setdefault(trial.system_attrs.get("failed_trial", trial.number), []).append(trial)
-    lost = []
-    for original, attempts in sorted(chains.items()):
-        if all(t.state == TrialState.FAIL for t in attempts):
-            last = max(attempts, key=lambda t: t.number)
-            lost.append({"trial": original, "attempts": len(attempts), "last_trial": last.number,
-                         "error": last.user_attrs.get("error") or "no error recorded"})
-    return lost
 
 
 def describe_lost(lost: list[dict]) -> str:

@@ -270,6 +270,24 @@ def retries(trials: Iterable[FrozenTrial]) -> dict[int, int]:
     return found
 
 
+def lost_configurations(trials: Iterable[FrozenTrial]) -> list[dict]:
+    """Configurations with no result: every attempt ended FAIL and none is queued or running.
+
+    One entry per original trial: ``{"trial", "attempts", "last_trial", "error"}``. These are
+    what a study lost: a configuration that kept crashing, or whose retries were spent.
+    """
+    chains: dict[int, list] = {}
+    for trial in trials:
+        chains.setdefault(trial.system_attrs.get("failed_trial", trial.number), []).append(trial)
+    lost = []
+    for original, attempts in sorted(chains.items()):
+        if all(t.state == TrialState.FAIL for t in attempts):
+            last = max(attempts, key=lambda t: t.number)
+            lost.append({"trial": original, "attempts": len(attempts), "last_trial": last.number,
+                         "error": last.user_attrs.get("error") or "no error recorded"})
+    return lost
+
+
 def stop_reason(trial: FrozenTrial, retried_by: int | None = None) -> str:
     """Why a trial ended where it did, in words; '' for a feasible complete or a live trial."""
     record = TrialRecord.of(trial)

@@ -28,9 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # optuna: not for --help.
-    from nkat_search.search.report import (budget_text, describe_lost, format_table,
-                                           lost_configurations, open_study, study_report,
-                                           summary_line, wrap)
+    from nkat_search.search.report import (budget_text, describe_lost, format_table, open_study,
+                                           study_report, summary_line, wrap)
+    from nkat_search.search.trials import lost_configurations
 
     study = open_study(resolve_storage(args.storage, args.study), args.study)
     report = study_report(study)

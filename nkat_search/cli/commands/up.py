@@ -306,8 +306,9 @@ class Up:
     def _finish(self) -> int:
         """The table, the export and what to do next; the exit code of ``up``."""
         # optuna: not for --help.
-        from nkat_search.search.report import (describe_lost, format_table, lost_configurations,
-                                               open_study, study_report, summary_line, wrap)
+        from nkat_search.search.report import (describe_lost, format_table, open_study,
+                                               study_report, summary_line, wrap)
+        from nkat_search.search.trials import lost_configurations
 
         failed = [(label, p.returncode, log) for label, p, log in self.workers if p.returncode != 0]
         study = open_study(self.storage, self.study_name)
