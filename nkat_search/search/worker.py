@@ -65,7 +65,7 @@ from nkat_search.search.objective import (CHECKPOINT_NOT_WRITTEN, INTERRUPTED, O
                                           Objective, original_number, trial_dir)
 from nkat_search.search.report import describe_lost
 from nkat_search.search.resilient_storage import StorageUnavailable
-from nkat_search.search.spec import StudySpec
+from nkat_search.search.spec import STAGE1_DATASET, StudySpec
 from nkat_search.search.stale_trials import RetryStaleTrial, fail_stale_trials
 from nkat_search.search.storage import open_storage
 from nkat_search.search.storage_url import WORKER_CONNECTIONS
@@ -87,7 +87,7 @@ class WorkerOptions:
     data_dir: str | None = None
     download: bool = False  # may fetch missing datasets into a named data_dir
     checkpoint_dir: str = "runs/checkpoints"
-    checkpoint_interval_s: float | None = None  # None: the trainer's default (60 s)
+    checkpoint_interval_s: float | None = None  # None: config.CHECKPOINT_INTERVAL_S
     keep_checkpoints: bool = False
     # Optuna artifact store (a folder or s3://) that every host reaches (checkpoint_store.py)
     checkpoint_store: str | None = None
@@ -496,7 +496,7 @@ def trial_line(trial: optuna.trial.FrozenTrial, seconds: float) -> str:
     if record.missing_datasets:
         parts.append(f"missing {','.join(record.missing_datasets)}")
     if record.resumed_from_epoch or record.resumed:
-        epochs = {"cifar10": record.resumed_from_epoch, **record.resumed}
+        epochs = {STAGE1_DATASET: record.resumed_from_epoch, **record.resumed}
         parts.append("resumed from epoch " + ", ".join(f"{epoch} ({name})" for name, epoch
                                                        in epochs.items() if epoch))
     if kind == "interrupted":
