@@ -289,6 +289,20 @@ def test_mask_url_hides_the_whole_password():
         "failed for *** and ***"
 
 
+def test_a_slash_in_the_password_is_masked_and_refused(capsys):
+    from nkat_search.search.storage_url import mask_url, redact
+
+    # SQLAlchemy reads the password up to the '@', across the '/': pa/ss.
+    url = "postgresql://nkat:pa/ss@127.0.0.1:1/db"
+    assert mask_url(url) == "postgresql://nkat:***@127.0.0.1:1/db"
+    assert redact("failed for pa/ss", url) == "failed for ***"
+    code = main(["status", "--study", "s", "--storage", url])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "pa/ss" not in err and "nkat:***@127.0.0.1" in err, err
+    assert "%2F" in err and "NKAT_STORAGE_PASSWORD_FILE" in err, err
+
+
 # -- bad input: one line, exit 2 -------------------------------------------------------------
 
 def one_line_exit_2(capsys, *argv) -> str:

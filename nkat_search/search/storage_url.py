@@ -52,13 +52,20 @@ def split_userinfo(url: str) -> Userinfo | None:
     """The user and password of ``url``; None when it has no ``scheme://``.
 
     The user part ends at the *last* ``@`` before the first ``/``, so a password with an unencoded
-    ``@`` is seen whole (SQLAlchemy would cut it at the first one; ``check_url`` refuses such
-    URLs). The user ends at the first ``:``.
+    ``@`` is seen whole (SQLAlchemy would cut it at the first one). A password with an unencoded
+    ``/`` is seen whole too: when no ``@`` comes before the first ``/`` but a ``:`` does, the
+    password runs on to the next ``@``, as SQLAlchemy reads it (``postgresql://u:pa/ss@h/db`` is
+    user ``u``, password ``pa/ss``). ``check_url`` refuses both kinds of URL. The user ends at
+    the first ``:``.
     """
     scheme, sep, after = url.partition("://")
     if not sep:
         return None
     netloc, slash, tail = after.partition("/")
+    if "@" not in netloc and ":" in netloc and "@" in tail:
+        password_tail, _, after_at = tail.partition("@")
+        host, slash, tail = after_at.partition("/")
+        netloc = f"{netloc}/{password_tail}@{host}"
     userinfo, at, host = netloc.rpartition("@")
     if not at:
         return Userinfo(scheme + sep, None, None, after)
@@ -91,6 +98,11 @@ def check_url(url: str) -> None:
         raise StorageError(
             f"storage URL {mask_url(url)}: the user or password contains '@'; write it as %40 "
             "(postgresql+psycopg2://user:pass%40word@host:5432/db)")
+    if parts is not None and "/" in (parts.password or ""):
+        raise StorageError(
+            f"storage URL {mask_url(url)}: the password contains '/'; write it as %2F "
+            "(postgresql+psycopg2://user:pass%2Fword@host:5432/db) or give the password in a file "
+            "($NKAT_STORAGE_PASSWORD_FILE)")
 
 
 def sqlite_path(url: str) -> Path | None:
