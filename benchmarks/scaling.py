@@ -203,6 +203,7 @@ def worker_devices(device: str, workers: int) -> list[str]:
 
 def run_one(args: argparse.Namespace, text: str, work: Path, workers: int, k: int) -> dict:
     from nkat_search.cli.commands.storage_arg import child_env
+    from nkat_search.cli.commands.worker import worker_argv
     from nkat_search.cli.launch import start, threads_per_process
     from nkat_search.search.coordinator import create_study
     from nkat_search.search.storage import open_storage
@@ -237,11 +238,8 @@ def run_one(args: argparse.Namespace, text: str, work: Path, workers: int, k: in
     with UtilisationSampler() as gpus:
         started = time.monotonic()
         for i, device in enumerate(devices):
-            argv = ["worker", "--study", spec.name, "--device", device,
-                    "--trials-per-gpu", str(k), "--checkpoint-dir", str(folder / "checkpoints"),
-                    "--quiet"]
-            if args.data_dir:
-                argv += ["--data-dir", args.data_dir]
+            argv = worker_argv(spec.name, device, folder / "checkpoints", trials_per_gpu=k,
+                               data_dir=args.data_dir, quiet=True)
             log = folder / f"worker-{i}.log"
             # In our process group: a Ctrl-C on the benchmark stops its workers too.
             processes.append(start(argv, env=env, log=log, own_session=False))
