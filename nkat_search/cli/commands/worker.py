@@ -28,7 +28,8 @@ HELP = ("Pull trials from a study and train them on one device until the study's
         "gate and Stage 2 datasets come from the study file stored in the study. The worker "
         "first checks the device, CIFAR-10 and the checkpoint folder (exit 2 with one line if it "
         "cannot run a trial), and stops (exit 4) when its trials fail the same way 3 times in a "
-        "row, queueing them for the other workers. SIGTERM/SIGINT checkpoint the trial after its "
+        "row or a checkpoint cannot be written (a full disk), queueing them for the other "
+        "workers. SIGTERM/SIGINT checkpoint the trial after its "
         "current step and queue it to resume (a stop uses none of the study's retries); a second "
         "signal stops at once. Prints one line per finished trial. Exit 3: the study has "
         "configurations without a result (every attempt failed, no retry left).")
