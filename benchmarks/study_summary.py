@@ -8,7 +8,9 @@
 are split by the rule that stopped them (from the reason the objective recorded). Epochs count
 every CIFAR-10 epoch of every attempt, plus the Stage 2 epochs of complete trials (``epochs_trained``); the CIFAR-10
 ones are also given alone (``cifar10_epochs_trained``), beside what the unpruned study would have
-trained (``cifar10_epochs_unpruned`` = configurations x epochs).
+trained (``cifar10_epochs_unpruned`` = configurations x epochs). The complete trials' wall time
+is split at the gate (``survivors_stage1_s``, ``survivors_stage2_s`` and their ratio): what Stage 2
+costs a survivor.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def summary(study: optuna.Study, epochs: int) -> dict:
             epochs_all += sum(epochs - resumed.get(name, 0) for name in record.datasets
                               if name != "cifar10")
     configurations = len(trials) - len(retries(trials))
+    # What a survivor's Stage 2 costs beside its Stage 1 (issue 21, item 4): wall seconds of the
+    # complete trials, split at the gate (time_stage1_s; studies before it have no split).
+    split = [(t.user_attrs["time_stage1_s"], t.user_attrs["time_trial_s"]) for t in trials
+             if t.state == TrialState.COMPLETE and "time_stage1_s" in t.user_attrs
+             and "time_trial_s" in t.user_attrs]
+    stage1_s = sum(s1 for s1, _ in split)
+    stage2_s = sum(total - s1 for s1, total in split)
     top = best(study)
     return {
         "study": study.study_name,
@@ -70,6 +79,10 @@ def summary(study: optuna.Study, epochs: int) -> dict:
         "best_global_tpe": None if top is None else top.trial.value,
         "best_params": None if top is None else top.trial.params,
         "complete_trials": sum(t.state == TrialState.COMPLETE for t in trials),
+        "survivors_timed": len(split),
+        "survivors_stage1_s": round(stage1_s, 1),
+        "survivors_stage2_s": round(stage2_s, 1),
+        "stage2_over_stage1": round(stage2_s / stage1_s, 2) if stage1_s else None,
     }
 
 

@@ -9,6 +9,7 @@ trial record are the real ones.
 from __future__ import annotations
 
 import math
+import time
 
 import optuna
 import pytest
@@ -186,3 +187,35 @@ def test_after_the_last_epoch_the_gate_decides_not_the_pruner(tmp_path):
     _, trial = run_one(tmp_path, trainer, epochs=1,
                        pruner={"type": "threshold", "lower": 0.7, "n_warmup_steps": 0})
     assert trial.state == TrialState.COMPLETE
+
+
+class SlowStandInTrainer(StandInTrainer):
+    """A stand-in that takes a set wall time per dataset (CIFAR-10 and each Stage 2 dataset)."""
+
+    def __init__(self, accuracy: dict[str, float], seconds: dict[str, float]):
+        super().__init__(accuracy)
+        self.seconds = seconds
+
+    def __call__(self, cfg, **kwargs) -> TrainResult:
+        time.sleep(self.seconds.get(cfg.train.dataset, 0.0))
+        return super().__call__(cfg, **kwargs)
+
+
+def test_a_trial_records_its_wall_time_up_to_the_gate_apart_from_stage_2(tmp_path):
+    accuracy = {"cifar10": 0.70, "mnist": 0.80, "fashion_mnist": 0.75}
+    trainer = SlowStandInTrainer(accuracy, {"cifar10": 0.3, "mnist": 0.5, "fashion_mnist": 0.5})
+    _, trial = run_one(tmp_path, trainer, gate=0.60)
+    timings = TrialRecord.of(trial).timings
+    assert trial.state == TrialState.COMPLETE
+    assert 0.3 <= timings["time_stage1_s"] < 0.3 + 1.0
+    assert timings["time_trial_s"] - timings["time_stage1_s"] >= 1.0  # Stage 2's two datasets
+
+
+def test_a_pruned_trial_has_no_stage_1_time_and_a_gate_failed_one_has(tmp_path):
+    (tmp_path / "pruned").mkdir()
+    (tmp_path / "failed").mkdir()
+    _, pruned = run_one(tmp_path / "pruned", StandInTrainer({"cifar10": 0.65}), epochs=3,
+                        pruner={"type": "threshold", "lower": 0.7, "n_warmup_steps": 0})
+    _, failed = run_one(tmp_path / "failed", StandInTrainer({"cifar10": 0.5999}), gate=0.60)
+    assert outcome(pruned) == "pruned" and "time_stage1_s" not in TrialRecord.of(pruned).timings
+    assert outcome(failed) == "gate_failed" and "time_stage1_s" in TrialRecord.of(failed).timings

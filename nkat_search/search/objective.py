@@ -144,7 +144,8 @@ class Objective:
         self.host_fault = None
         self.unsent_report = None
         timings = Timings()
-        started = time.perf_counter()
+        started = self._started = time.perf_counter()
+        self._stage1_s = None
         lost = False
         try:
             trial.set_user_attr("worker", self.worker)
@@ -181,7 +182,7 @@ class Objective:
             raise
         finally:
             if not lost:
-                _record_timings(trial, timings, time.perf_counter() - started)
+                _record_timings(trial, timings, time.perf_counter() - started, self._stage1_s)
             if self._session is not None:
                 # The next trial is almost always another architecture; its CUDA graphs and
                 # memory pool must not wait for it (an out-of-memory neighbour may need them).
@@ -195,7 +196,7 @@ class Objective:
             self.on_start()
         self._where = {"stage": 1, "dataset": STAGE1_DATASET, "epoch": 0}
         trial_record.write(trial, config=cfg.to_dict(), retry_of=retried_trial_number(trial),
-                     **self._where)
+                           **self._where)
         folder = trial_dir(self.checkpoint_root, spec.name, trial)
         self._restore_checkpoints(trial)
         options = self._options(timings)
@@ -204,6 +205,8 @@ class Objective:
                        on_epoch=lambda report: self._stage1_epoch(trial, report),
                        stop_requested=self.stop_requested, progress=self.progress,
                        options=options)
+        # Stage 1's share of the trial's wall time: what a survivor's Stage 2 costs beside it.
+        self._stage1_s = time.perf_counter() - self._started
         self._gate(trial, stage1)
         report = run_stage2(cfg, self._start_stage2(trial), data_dir=self.data_dir,
                             device=self.device, out_dir=folder, results={STAGE1_DATASET: stage1},
@@ -368,10 +371,14 @@ def _is_out_of_memory(err: Exception) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError)
 
 
-def _record_timings(trial: optuna.Trial, timings, trial_seconds: float) -> None:
-    """Where the trial's time went, as flat attributes (readable in the dashboard and ``status``)."""
+def _record_timings(trial: optuna.Trial, timings, trial_seconds: float,
+                    stage1_seconds: float | None) -> None:
+    """Where the trial's time went, as flat attributes (readable in the dashboard and ``status``);
+    ``time_stage1_s`` is the wall time up to the gate, for trials that got there."""
+    stage1 = {} if stage1_seconds is None else {"time_stage1_s": stage1_seconds}
     try:
-        trial_record.write(trial, timings={**timings.as_attrs(), "time_trial_s": trial_seconds})
+        trial_record.write(trial, timings={**timings.as_attrs(), "time_trial_s": trial_seconds,
+                                           **stage1})
     except Exception:  # storage trouble must not mask the trial's own outcome
         pass
 

@@ -38,9 +38,11 @@ LIVE = ("running", "waiting")
 METRIC_NAME = "Global TPE"
 # Prefix of the ``error`` of an interrupted trial (objective.py writes it, worker.py requeues).
 INTERRUPTED = "interrupted"
-# Timing attributes (``train.loop.Timings.as_attrs`` plus the whole objective's wall time).
+# Timing attributes (``train.loop.Timings.as_attrs``, the whole objective's wall time and its
+# part up to the gate).
 TIMING_KEYS = ("time_data_s", "time_setup_s", "time_compile_s", "time_train_s", "time_eval_s",
-               "time_checkpoint_s", "time_trial_s", "checkpoints", "train_images")
+               "time_checkpoint_s", "time_trial_s", "time_stage1_s", "checkpoints",
+               "train_images")
 _DATASET_FIELDS = (("accuracy", "accuracy"), ("lam", "lambda"), ("tpe", "tpe"))
 RESUMED_PREFIX = "resumed_from_epoch_"
 # The trial's whole config, a system attribute (see the module docstring).
