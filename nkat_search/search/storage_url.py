@@ -15,6 +15,8 @@ from nkat_search.errors import UserError
 
 POSTGRES_SCHEMES = ("postgresql", "postgresql+psycopg2")
 SQLITE_SCHEME = "sqlite"
+# The file a password can come from instead of the URL (cli/commands/storage_arg.py reads it).
+STORAGE_PASSWORD_FILE_ENV = "NKAT_STORAGE_PASSWORD_FILE"
 # A worker blocked on another's write must wait, not fail: trials write rarely but the heartbeat
 # thread and several workers share one SQLite file.
 SQLITE_TIMEOUT_S = 60
@@ -102,7 +104,7 @@ def check_url(url: str) -> None:
         raise StorageError(
             f"storage URL {mask_url(url)}: the password contains '/'; write it as %2F "
             "(postgresql+psycopg2://user:pass%2Fword@host:5432/db) or give the password in a file "
-            "($NKAT_STORAGE_PASSWORD_FILE)")
+            f"(${STORAGE_PASSWORD_FILE_ENV})")
 
 
 def sqlite_path(url: str) -> Path | None:

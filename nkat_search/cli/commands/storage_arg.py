@@ -9,10 +9,9 @@ from typing import NoReturn
 from urllib.parse import quote
 
 from nkat_search.errors import UserError
-from nkat_search.search.storage_url import split_userinfo
+from nkat_search.search.storage_url import STORAGE_PASSWORD_FILE_ENV, split_userinfo
 
 STORAGE_ENV = "NKAT_STORAGE"
-STORAGE_PASSWORD_FILE_ENV = "NKAT_STORAGE_PASSWORD_FILE"
 # Where `nkat-search up` keeps its embedded SQLite file by default: <out>/<study>.db, out = runs.
 UP_DEFAULT_OUT = "runs"
 
