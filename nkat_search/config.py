@@ -236,7 +236,7 @@ def field_type(name: str) -> Any:
 
 def load_config_file(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     """Read a YAML or JSON config file (flat mapping, or an export with a ``config`` section)."""
-    import yaml
+    import yaml  # PyYAML: only when a file is read, not for every command's --help
 
     path = Path(path)
     try:
@@ -261,7 +261,7 @@ def load_yaml(text: str) -> Any:
     PyYAML keeps the last of duplicate keys without a word, so ``n_trials: 8`` followed later by
     ``n_trials: 500`` would silently make a 500-trial study.
     """
-    import yaml
+    import yaml  # as in load_config_file
 
     class UniqueKeyLoader(yaml.SafeLoader):
         pass

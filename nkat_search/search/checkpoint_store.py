@@ -26,6 +26,10 @@ import io
 import os
 from pathlib import Path
 
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.artifacts.exceptions import ArtifactNotFound
+
+from nkat_search.atomic import atomic_path
 from nkat_search.errors import UserError
 
 SLOTS = ("a", "b")
@@ -38,8 +42,6 @@ class CheckpointStore:
     ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` for MinIO and other S3-compatible stores)."""
 
     def __init__(self, url: str):
-        from optuna.artifacts import FileSystemArtifactStore
-
         self.url = url
         self.prefix = ""
         self._folder: Path | None = None
@@ -47,7 +49,7 @@ class CheckpointStore:
             bucket, _, prefix = url[len("s3://"):].partition("/")
             if not bucket:
                 raise UserError(f"--checkpoint-store {url}: no bucket named (s3://BUCKET/PREFIX)")
-            try:
+            try:  # boto3 is optional: only an S3 store needs it
                 from optuna.artifacts import Boto3ArtifactStore
 
                 self.store = Boto3ArtifactStore(bucket)
@@ -85,8 +87,6 @@ class CheckpointStore:
         self.store.write(artifact_id, body)
 
     def _read(self, artifact_id: str) -> bytes | None:
-        from optuna.artifacts.exceptions import ArtifactNotFound
-
         try:
             with self.store.open_reader(artifact_id) as reader:
                 return reader.read()
@@ -109,8 +109,6 @@ class CheckpointStore:
                 previous: str) -> bool:
         """The store's checkpoints of a dataset into ``folder`` (``name``, and ``previous`` for
         the other slot); False when the store has none (the local files are left alone)."""
-        from nkat_search.atomic import atomic_path
-
         latest = self._latest(study, n, dataset)
         order = [latest, *[s for s in SLOTS if s != latest]] if latest else list(SLOTS)
         found = [(slot, self._read(self._id(study, n, dataset, slot))) for slot in order]
@@ -127,8 +125,6 @@ class CheckpointStore:
 
     def remove(self, study: str, n: int, datasets) -> None:
         """Forget a finished trial's checkpoints."""
-        from optuna.artifacts.exceptions import ArtifactNotFound
-
         for dataset in datasets:
             for name in (*SLOTS, LATEST):
                 try:

@@ -56,6 +56,8 @@ def largest_parameters(spec) -> int:
     low and high) that makes the model largest; 10 classes and 3 channels, the most of any
     dataset bar EMNIST's 26 letters, whose head adds a few thousand parameters more.
     """
+    # torch and train/ load with the first trial, not when the worker starts: a bad URL or
+    # study name is reported before paying for them (here and in is_host_fault).
     import torch
 
     from nkat_search.config import RunConfig

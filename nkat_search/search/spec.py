@@ -168,7 +168,7 @@ def load_study_file(path: str | Path) -> StudySpec:
 
 def parse_study_text(text: str, file_name: str = "<study file>") -> StudySpec:
     """Parse study-file text (from disk, or as stored in a study) into a checked ``StudySpec``."""
-    import yaml
+    import yaml  # PyYAML: only when a study file is read, not for every command's --help
 
     try:
         data = load_yaml(text)  # a key given twice is an error, not "the last one wins"
