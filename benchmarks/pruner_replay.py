@@ -85,7 +85,8 @@ def pruner_factory(options: dict, epochs: int, priors):
     spec = parse_study_text(yaml.safe_dump({
         "name": "replay", "n_trials": 1, "gate": {"local_tpe": GATE}, "pruner": options,
         "search": {"temperature": {"type": "float", "low": 0.6, "high": 1.0}},
-        "fixed": {"epochs": epochs}}), file_name="replay.yaml")
+        # The warm-up only has to fit the epochs (the recipe's 5 would not fit short curves).
+        "fixed": {"epochs": epochs, "warmup": min(5, epochs)}}), file_name="replay.yaml")
 
     def make():
         pruner = build_pruner(spec)
