@@ -8,12 +8,21 @@
 # call then waits up to WAIT_S seconds for it, prints the log's tail, and copies a consistent
 # snapshot of the study's SQLite file, up's log and nvidia-smi samples to $OUT. Make the next call
 # within 30 s (the machine keeps files and processes only while warm) until it says "up ended".
-# The study resumes from its SQLite file on a fresh machine: carry it in and pass --storage.
+# The study resumes from its SQLite file on a fresh machine: carry in the file an earlier window
+# copied out and name it in RESUME_DB (RESUME_DB=results/round2/NAME/NAME.db bash ...); the first
+# call copies it (and the NAME_windows.txt beside it) to where up keeps the study.
 set -uo pipefail
 study_file=$1 wait_s=$2; shift 2
 source "$(dirname "$0")/gpu_env.sh"
 name=$(python3 -c 'import sys,yaml; print(yaml.safe_load(open(sys.argv[1]))["name"])' "$study_file")
 runs=$RUNS/$name; mkdir -p "$runs"
+if [ -n "${RESUME_DB:-}" ] && [ ! -f "$runs/$name.db" ]; then
+  [ -f "$RESUME_DB" ] || { echo "RESUME_DB=$RESUME_DB: no such file" >&2; exit 2; }
+  cp "$RESUME_DB" "$runs/$name.db"
+  windows=$(dirname "$RESUME_DB")/${name}_windows.txt
+  [ -f "$windows" ] && cp "$windows" "$runs/windows.txt"
+  echo "resuming $name from $RESUME_DB"
+fi
 log=$runs/up.log pidfile=$runs/up.pid
 if ! { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }; then
   echo "starting up for $name at $(date -u +%T)" | tee -a "$runs/windows.txt"
