@@ -38,8 +38,9 @@ from nkat_search.search.heartbeat import HeartbeatLost
 from nkat_search.search.resilient_storage import StorageUnavailable
 from nkat_search.search.space import suggest_config
 from nkat_search.search.spec import STAGE1_DATASET, StudySpec
-from nkat_search.search.stale_trials import retried_trial_number
-from nkat_search.search.trials import INTERRUPTED, DatasetScore
+from nkat_search.search.stale_trials import original_number, retried_trial_number, trial_dir
+from nkat_search.search.trials import (CHECKPOINT_NOT_WRITTEN, INTERRUPTED, OUT_OF_MEMORY,
+                                       DatasetScore)
 from nkat_search.terminal import draws_bars
 # loop.train_model is looked up when a trial starts, so a stand-in put there is the one trained.
 from nkat_search.train import loop
@@ -51,26 +52,9 @@ from nkat_search.train.loop import (CHECKPOINT_NAME, CheckpointNotWritten, Check
 from nkat_search.train.session import TrainingSession
 from nkat_search.train.stage2 import run_stage2, write_report
 
-# A trial that ran out of GPU memory is retried (up to heartbeat.max_retry): with several trials
-# per GPU the memory may have been a neighbour's, which is no fault of the configuration.
-OUT_OF_MEMORY = "out of GPU memory"
-# A checkpoint the host could not write (a full disk): queued again at no retry cost, and the
-# worker stops (worker.py), since every trial it takes would meet the same disk.
-CHECKPOINT_NOT_WRITTEN = "checkpoint not written"
 # Constraint value of a trial that never reached Stage 2. Measured violations stay below it
 # (consistency >= 1 - sqrt(3) over 4 datasets, robustness >= 0, so at most ~1.53 and 0.75).
 UNMEASURED_VIOLATION = 2.0
-
-
-def original_number(trial) -> int:
-    """The number of the first trial of ``trial``'s retry chain (its own if it is no retry)."""
-    original = retried_trial_number(trial)
-    return trial.number if original is None else original
-
-
-def trial_dir(checkpoint_root: str | Path, study_name: str, trial) -> Path:
-    """The trial's checkpoint folder, shared by every retry of the same original trial."""
-    return Path(checkpoint_root) / study_name / f"trial-{original_number(trial)}"
 
 
 class Objective:

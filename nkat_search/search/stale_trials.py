@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
@@ -90,6 +91,17 @@ def retried_trial_number(trial) -> int | None:
     else:
         system_attrs = trial.storage.get_trial_system_attrs(optuna_private.trial_id(trial))
     return system_attrs.get("failed_trial")
+
+
+def original_number(trial) -> int:
+    """The number of the first trial of ``trial``'s retry chain (its own if it is no retry)."""
+    original = retried_trial_number(trial)
+    return trial.number if original is None else original
+
+
+def trial_dir(checkpoint_root: str | Path, study_name: str, trial) -> Path:
+    """The trial's checkpoint folder, shared by every retry of the same original trial."""
+    return Path(checkpoint_root) / study_name / f"trial-{original_number(trial)}"
 
 
 def fail_stale_trials(study) -> list[int]:

@@ -38,6 +38,12 @@ LIVE = ("running", "waiting")
 METRIC_NAME = "Global TPE"
 # Prefix of the ``error`` of an interrupted trial (objective.py writes it, worker.py requeues).
 INTERRUPTED = "interrupted"
+# A trial that ran out of GPU memory is retried (up to heartbeat.max_retry): with several trials
+# per GPU the memory may have been a neighbour's, which is no fault of the configuration.
+OUT_OF_MEMORY = "out of GPU memory"
+# A checkpoint the host could not write (a full disk): queued again at no retry cost, and the
+# worker stops (worker.py), since every trial it takes would meet the same disk.
+CHECKPOINT_NOT_WRITTEN = "checkpoint not written"
 # Timing attributes (``train.loop.Timings.as_attrs``, the whole objective's wall time and its
 # part up to the gate).
 TIMING_KEYS = ("time_data_s", "time_setup_s", "time_compile_s", "time_train_s", "time_eval_s",

@@ -49,6 +49,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import TrialState
@@ -61,16 +62,19 @@ from nkat_search.search.checkpoint_store import CheckpointStore
 from nkat_search.search.coordinator import budget_state, load_study, load_study_spec_from_storage
 from nkat_search.search.disk import check_room, free_bytes, human, trial_checkpoint_bytes
 from nkat_search.search.heartbeat import AbortGuard, HeartbeatLost, TrialHeartbeat
-from nkat_search.search.objective import (CHECKPOINT_NOT_WRITTEN, INTERRUPTED, OUT_OF_MEMORY,
-                                          Objective, original_number, trial_dir)
 from nkat_search.search.report import describe_lost
 from nkat_search.search.resilient_storage import StorageUnavailable
 from nkat_search.search.spec import STAGE1_DATASET, StudySpec
-from nkat_search.search.stale_trials import RetryStaleTrial, fail_stale_trials
+from nkat_search.search.stale_trials import (RetryStaleTrial, fail_stale_trials, original_number,
+                                             trial_dir)
 from nkat_search.search.storage import open_storage
 from nkat_search.search.storage_url import WORKER_CONNECTIONS
 from nkat_search.search.study_lock import StudyLock
-from nkat_search.search.trials import TrialRecord
+from nkat_search.search.trials import (CHECKPOINT_NOT_WRITTEN, INTERRUPTED, OUT_OF_MEMORY,
+                                       TrialRecord)
+
+if TYPE_CHECKING:
+    from nkat_search.search.objective import Objective
 
 # Exit codes beyond 0 (done), 2 (a user mistake, one line) and 128 + N (signal N).
 EXIT_LOST = 3    # the study has configurations without a result (every attempt failed)
@@ -136,8 +140,11 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
     """
     stop = stop or StopFlag()
     spec, storage = open_worker_storage(options.storage, options.study, options.storage_wait_s)
-    # torch loads only now: a wrong storage URL is one line without waiting for it.
+    # torch, the objective and train/ load when a worker runs, not with this module (status,
+    # study show and the tests import it without training anything).
     import torch
+
+    from nkat_search.search.objective import Objective
 
     from nkat_search.train.device import device_name
     from nkat_search.train.sources import data_location
