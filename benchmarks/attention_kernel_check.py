@@ -215,6 +215,11 @@ def time_layers(device, batch: int, steps: int) -> None:
         inp = x.clone().requires_grad_()
 
         def step():
+            # Gradients start from None each step, as the training step's zero_grad leaves them:
+            # accumulating into the last replay's .grad reads a CUDA graph output the next
+            # replay overwrote (session 7's H100 run failed every compiled row that way).
+            attn.zero_grad(set_to_none=True)
+            inp.grad = None
             if compiled:
                 torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast("cuda", dtype=torch.bfloat16):
