@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -144,3 +145,50 @@ def test_resume_with_the_same_file_enqueues_nothing(fresh_postgres_url, tmp_path
     assert system_attrs["study_file"] == path.read_text()
     assert "study_file" not in study.user_attrs  # `optuna studies` stays one line per study
     assert study.metric_names == ["Global TPE"]
+
+
+# Each child loads everything before the barrier, so the six reach the empty database together
+# (importing on 2 shared cores alone spreads their starts over seconds).
+_COORDINATOR_AT_BARRIER = """
+import sys, time
+from pathlib import Path
+from nkat_search.cli.main import main
+import nkat_search.search.coordinator, nkat_search.search.storage, optuna, psycopg2
+ready, go, argv = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+ready.touch()
+while not go.exists():
+    time.sleep(0.001)
+sys.exit(main(argv))
+"""
+
+
+def test_coordinators_on_one_new_database_at_once(fresh_postgres_url, tmp_path):
+    """Six `study create` of six different studies on one new empty database at the same moment
+    (six hosts' `up` on a fresh service): all succeed and the database holds all six. (On main
+    Optuna's schema creation ran in each at once: duplicate pg_type keys, tables that already
+    existed, two version rows.)"""
+    names = [f"first{i}" for i in range(6)]
+    go, ready = tmp_path / "go", [tmp_path / f"ready-{n}" for n in names]
+    children = []
+    for name, flag in zip(names, ready):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"name: {name}\nn_trials: 1\nseed: 1\n"
+                        "search: {temperature: {type: float, low: 0.6, high: 1.0}}\n")
+        children.append(subprocess.Popen(
+            [sys.executable, "-c", _COORDINATOR_AT_BARRIER, str(flag), str(go),
+             "study", "create", "--study", str(path), "--storage", fresh_postgres_url],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        deadline = time.monotonic() + 120
+        while not all(f.exists() for f in ready) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()
+        outputs = [c.communicate(timeout=120)[0] for c in children]
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+                c.wait()
+    assert [c.returncode for c in children] == [0] * 6, "\n".join(outputs)
+    stored = optuna.storages.RDBStorage(fresh_postgres_url).get_all_studies()
+    assert sorted(s.study_name for s in stored) == names
