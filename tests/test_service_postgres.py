@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 import yaml
 
+from nkat_search.search.storage import SCHEMA_LOCK_KEYS, open_storage
 from nkat_search.search.trials import TrialRecord
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
@@ -192,3 +195,39 @@ def test_coordinators_on_one_new_database_at_once(fresh_postgres_url, tmp_path):
     assert [c.returncode for c in children] == [0] * 6, "\n".join(outputs)
     stored = optuna.storages.RDBStorage(fresh_postgres_url).get_all_studies()
     assert sorted(s.study_name for s in stored) == names
+
+
+def test_schema_lock_of_a_killed_holder_is_dropped_and_never_held_after_open(fresh_postgres_url):
+    """A process killed while it holds the schema lock blocks an open only until the server sees
+    it gone; an open storage no longer holds the lock (another session takes it at once)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time, sqlalchemy\n"
+         "from nkat_search.search.storage import SCHEMA_LOCK_KEYS\n"
+         "conn = sqlalchemy.create_engine(sys.argv[1]).connect()\n"
+         "conn.execute(sqlalchemy.text('SELECT pg_advisory_lock(:a, :b)'),"
+         " dict(zip('ab', SCHEMA_LOCK_KEYS)))\n"
+         "print('held', flush=True)\n"
+         "time.sleep(600)\n", fresh_postgres_url],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        opened = []
+        opener = threading.Thread(target=lambda: opened.append(open_storage(fresh_postgres_url)))
+        opener.start()
+        opener.join(timeout=2)
+        assert opener.is_alive() and not opened  # waits for the holder
+        holder.kill()
+        opener.join(timeout=30)
+        assert opened, "open_storage still blocked after its holder was killed"
+    finally:
+        holder.kill()
+        holder.wait()
+    storage = opened[0]
+    storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], "after")
+    engine = sqlalchemy.create_engine(fresh_postgres_url, poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as conn:
+        keys = dict(zip("ab", SCHEMA_LOCK_KEYS))
+        assert conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:a, :b)"), keys).scalar()
+    engine.dispose()
+    storage.engine.dispose()
