@@ -21,6 +21,7 @@ import zlib
 import optuna
 import sqlalchemy
 
+from nkat_search.search import optuna_private
 from nkat_search.search.resilient_storage import ResilientRDBStorage
 from nkat_search.search.stale_trials import RetryStaleTrial
 from nkat_search.search.storage_url import (POSTGRES_SCHEMES, SQLITE_SCHEME, SQLITE_TIMEOUT_S,
@@ -101,8 +102,9 @@ def _pg_schema_lock(url: str, engine_kwargs: dict):
 
     A session-level advisory lock on a connection of its own, closed as soon as the storage is
     open, so it is never held while the storage is used; the server drops it with the connection
-    of a holder that was killed. Each open holds it for tens of milliseconds (Optuna's checks of
-    an existing schema). While it waits, a process holds this one connection and no other.
+    of a holder that was killed. A database whose schema is complete is opened without it: a
+    worker then holds no connection beyond its pool's ``WORKER_CONNECTIONS`` (Optuna's checks
+    hold two at once), and workers starting together do not wait on each other.
     """
     if url.split("://", 1)[0] not in POSTGRES_SCHEMES:
         yield
@@ -112,8 +114,12 @@ def _pg_schema_lock(url: str, engine_kwargs: dict):
                                       connect_args=engine_kwargs.get("connect_args", {}))
     try:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:a, :b)"),
-                         dict(zip("ab", SCHEMA_LOCK_KEYS)))
+            created = optuna_private.schema_created(conn)
+            if not created:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:a, :b)"),
+                             dict(zip("ab", SCHEMA_LOCK_KEYS)))
+                yield
+        if created:
             yield
     finally:
         engine.dispose()
