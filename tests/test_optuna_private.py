@@ -113,3 +113,16 @@ def test_the_private_methods_the_cache_calls_are_the_listed_ones():
     assert called == set(optuna_private.CACHE_PRIVATE_CALLS)
     for name in optuna_private.CACHE_PRIVATE_CALLS:
         assert callable(getattr(optuna.storages.RDBStorage, name)), name
+
+
+def test_schema_created_after_an_rdb_storage_opened_the_database(tmp_path):
+    import sqlalchemy
+
+    url = f"sqlite:///{tmp_path / 'schema.db'}"
+    engine = sqlalchemy.create_engine(url)
+    with engine.connect() as conn:
+        assert not optuna_private.schema_created(conn)
+    optuna.storages.RDBStorage(url).engine.dispose()
+    with engine.connect() as conn:
+        assert optuna_private.schema_created(conn)
+    engine.dispose()

@@ -10,11 +10,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 import yaml
 
+from nkat_search.search.storage import SCHEMA_LOCK_KEYS, open_storage
 from nkat_search.search.trials import TrialRecord
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
@@ -144,3 +148,86 @@ def test_resume_with_the_same_file_enqueues_nothing(fresh_postgres_url, tmp_path
     assert system_attrs["study_file"] == path.read_text()
     assert "study_file" not in study.user_attrs  # `optuna studies` stays one line per study
     assert study.metric_names == ["Global TPE"]
+
+
+# Each child loads everything before the barrier, so the six reach the empty database together
+# (importing on 2 shared cores alone spreads their starts over seconds).
+_COORDINATOR_AT_BARRIER = """
+import sys, time
+from pathlib import Path
+from nkat_search.cli.main import main
+import nkat_search.search.coordinator, nkat_search.search.storage, optuna, psycopg2
+ready, go, argv = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+ready.touch()
+while not go.exists():
+    time.sleep(0.001)
+sys.exit(main(argv))
+"""
+
+
+def test_coordinators_on_one_new_database_at_once(fresh_postgres_url, tmp_path):
+    """Six `study create` of six different studies on one new empty database at the same moment
+    (six hosts' `up` on a fresh service): all succeed and the database holds all six. (On main
+    Optuna's schema creation ran in each at once: duplicate pg_type keys, tables that already
+    existed, two version rows.)"""
+    names = [f"first{i}" for i in range(6)]
+    go, ready = tmp_path / "go", [tmp_path / f"ready-{n}" for n in names]
+    children = []
+    for name, flag in zip(names, ready):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"name: {name}\nn_trials: 1\nseed: 1\n"
+                        "search: {temperature: {type: float, low: 0.6, high: 1.0}}\n")
+        children.append(subprocess.Popen(
+            [sys.executable, "-c", _COORDINATOR_AT_BARRIER, str(flag), str(go),
+             "study", "create", "--study", str(path), "--storage", fresh_postgres_url],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        deadline = time.monotonic() + 120
+        while not all(f.exists() for f in ready) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()
+        outputs = [c.communicate(timeout=120)[0] for c in children]
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+                c.wait()
+    assert [c.returncode for c in children] == [0] * 6, "\n".join(outputs)
+    stored = optuna.storages.RDBStorage(fresh_postgres_url).get_all_studies()
+    assert sorted(s.study_name for s in stored) == names
+
+
+def test_schema_lock_of_a_killed_holder_is_dropped_and_never_held_after_open(fresh_postgres_url):
+    """A process killed while it holds the schema lock blocks an open only until the server sees
+    it gone; an open storage no longer holds the lock (another session takes it at once)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time, sqlalchemy\n"
+         "from nkat_search.search.storage import SCHEMA_LOCK_KEYS\n"
+         "conn = sqlalchemy.create_engine(sys.argv[1]).connect()\n"
+         "conn.execute(sqlalchemy.text('SELECT pg_advisory_lock(:a, :b)'),"
+         " dict(zip('ab', SCHEMA_LOCK_KEYS)))\n"
+         "print('held', flush=True)\n"
+         "time.sleep(600)\n", fresh_postgres_url],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        opened = []
+        opener = threading.Thread(target=lambda: opened.append(open_storage(fresh_postgres_url)))
+        opener.start()
+        opener.join(timeout=2)
+        assert opener.is_alive() and not opened  # waits for the holder
+        holder.kill()
+        opener.join(timeout=30)
+        assert opened, "open_storage still blocked after its holder was killed"
+    finally:
+        holder.kill()
+        holder.wait()
+    storage = opened[0]
+    storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], "after")
+    engine = sqlalchemy.create_engine(fresh_postgres_url, poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as conn:
+        keys = dict(zip("ab", SCHEMA_LOCK_KEYS))
+        assert conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:a, :b)"), keys).scalar()
+    engine.dispose()
+    storage.engine.dispose()

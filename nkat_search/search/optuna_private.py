@@ -2,7 +2,8 @@
 
 nkat-search needs a few things Optuna does not publish: the storage and the id behind a study, a
 trial's id, the ``RDBStorage`` under Optuna's per-study cache, the heartbeat's stale-trial query,
-a query for RUNNING trials that never beat, and which private storage methods the cache calls.
+a query for RUNNING trials that never beat, which private storage methods the cache calls, and
+whether a database holds Optuna's whole schema.
 Each function names the Optuna version it was read from and what it relies on;
 ``tests/test_optuna_private.py`` fails when an Optuna upgrade changes any of it.
 """
@@ -83,3 +84,16 @@ def running_trial_ids_without_heartbeat(storage, study_id: int) -> list[int]:
                         models.TrialHeartbeatModel.trial_id.is_(None))
                 .all())
     return [row[0] for row in rows]
+
+
+def schema_created(connection) -> bool:
+    """True when an ``RDBStorage`` has finished creating Optuna's schema in this database.
+
+    Optuna 5.1.0, optuna/storages/_rdb/storage.py: ``RDBStorage.__init__`` creates the tables,
+    then ``_VersionManager`` adds the version row and, last, stamps alembic's revision; its
+    ``_init_alembic`` takes a stamped revision to mean the storage is set up.
+    """
+    # Here, not at the top: alembic is needed only when a storage is opened.
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(connection).get_current_revision() is not None
