@@ -128,8 +128,8 @@ class Objective:
         self.host_fault = None
         self.unsent_report = None
         timings = Timings()
-        started = self._started = time.perf_counter()
-        self._stage1_s = None
+        started = time.perf_counter()
+        self._gate_reached_at = None  # perf_counter() when Stage 1 ended, if it did
         lost = False
         try:
             trial.set_user_attr("worker", self.worker)
@@ -166,7 +166,9 @@ class Objective:
             raise
         finally:
             if not lost:
-                _record_timings(trial, timings, time.perf_counter() - started, self._stage1_s)
+                stage1_s = (None if self._gate_reached_at is None
+                            else self._gate_reached_at - started)
+                _record_timings(trial, timings, time.perf_counter() - started, stage1_s)
             if self._session is not None:
                 # The next trial is almost always another architecture; its CUDA graphs and
                 # memory pool must not wait for it (an out-of-memory neighbour may need them).
@@ -190,7 +192,7 @@ class Objective:
                        stop_requested=self.stop_requested, progress=self.progress,
                        options=options)
         # Stage 1's share of the trial's wall time: what a survivor's Stage 2 costs beside it.
-        self._stage1_s = time.perf_counter() - self._started
+        self._gate_reached_at = time.perf_counter()
         self._gate(trial, stage1)
         report = run_stage2(cfg, self._start_stage2(trial), data_dir=self.data_dir,
                             device=self.device, out_dir=folder, results={STAGE1_DATASET: stage1},
