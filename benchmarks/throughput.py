@@ -31,7 +31,7 @@ from nkat_search.config import RunConfig  # noqa: E402
 from nkat_search.train.data import load_dataset, load_split  # noqa: E402
 from nkat_search.train.model import build_model, count_parameters  # noqa: E402
 from nkat_search.train.loop import (  # noqa: E402
-    TrainOptions, soft_cross_entropy, train_model)
+    TrainOptions, train_model)
 from nkat_search.train.device import torch_device  # noqa: E402
 
 # Dense bf16 peak used for MFU; the H100 SXM datasheet figure without sparsity.
