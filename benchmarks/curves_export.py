@@ -50,8 +50,8 @@ def curves_of(study: optuna.Study, epochs: int) -> list[dict]:
             "local_tpe": curve,
             "accuracy": [v * math.log10(1 + lam) for v in curve],
             # Stage 1's wall time: the whole trial's where it had no Stage 2 to split off.
-            "time_trial_s": trial.user_attrs.get("time_stage1_s",
-                                                 trial.user_attrs.get("time_trial_s")),
+            "time_trial_s": record.timings.get("time_stage1_s",
+                                               record.timings.get("time_trial_s")),
         })
     return rows
 
