@@ -42,6 +42,9 @@ def summary(study: optuna.Study, epochs: int) -> dict:
     trials = study.get_trials(deepcopy=False)
     kinds = Counter()
     epochs_all = cifar_epochs = 0
+    # What a survivor's Stage 2 costs beside its Stage 1 (issue 21, item 4): wall seconds of the
+    # complete trials, split at the gate (time_stage1_s; studies before it have no split).
+    survivors_timed, stage1_s, stage2_s = 0, 0.0, 0.0
     for trial in trials:
         record = TrialRecord.of(trial)
         kind = outcome(trial)
@@ -57,14 +60,12 @@ def summary(study: optuna.Study, epochs: int) -> dict:
             resumed = record.resumed
             epochs_all += sum(epochs - resumed.get(name, 0) for name in record.datasets
                               if name != "cifar10")
+            timed = record.timings
+            if "time_stage1_s" in timed and "time_trial_s" in timed:
+                survivors_timed += 1
+                stage1_s += timed["time_stage1_s"]
+                stage2_s += timed["time_trial_s"] - timed["time_stage1_s"]
     configurations = len(trials) - len(retries(trials))
-    # What a survivor's Stage 2 costs beside its Stage 1 (issue 21, item 4): wall seconds of the
-    # complete trials, split at the gate (time_stage1_s; studies before it have no split).
-    split = [(t.user_attrs["time_stage1_s"], t.user_attrs["time_trial_s"]) for t in trials
-             if t.state == TrialState.COMPLETE and "time_stage1_s" in t.user_attrs
-             and "time_trial_s" in t.user_attrs]
-    stage1_s = sum(s1 for s1, _ in split)
-    stage2_s = sum(total - s1 for s1, total in split)
     top = best(study)
     return {
         "study": study.study_name,
@@ -79,7 +80,7 @@ def summary(study: optuna.Study, epochs: int) -> dict:
         "best_global_tpe": None if top is None else top.trial.value,
         "best_params": None if top is None else top.trial.params,
         "complete_trials": sum(t.state == TrialState.COMPLETE for t in trials),
-        "survivors_timed": len(split),
+        "survivors_timed": survivors_timed,
         "survivors_stage1_s": round(stage1_s, 1),
         "survivors_stage2_s": round(stage2_s, 1),
         "stage2_over_stage1": round(stage2_s / stage1_s, 2) if stage1_s else None,
