@@ -230,6 +230,38 @@ def _dropout_gradient_case() -> dict:
     return result
 
 
+def _dropout_tiles_case() -> dict:
+    """The mask is a function of (seed, head, row, column) alone: the same from forwards on other
+    tiles (40 keys: partial tiles), each of a Philox call's 4 outputs unbiased (its column
+    residue's kept share), and backward on other tiles than the forward the mask came from."""
+    from nkat_search.train.attention_kernel import DROPOUT_COLUMNS_PER_PHILOX, _attention_fwd
+
+    p = 0.17
+    gen = torch.Generator().manual_seed(16)
+    n = 40
+    q, k = torch.randn(2, 2, 2, n, 64, generator=gen).unbind(0)
+    eye = torch.eye(n, 64).expand(2, 2, n, 64).contiguous()
+    seed = torch.tensor([77], dtype=torch.int64)
+    tiles = ((16, 16), (32, 16), (16, 32), (64, 64))
+    masks = [_attention_fwd(q, k, eye, seed, 1.0, 0, 1.0, p, bm, bn, 4, False)[0][..., :n] > 0
+             for bm, bn in tiles]
+    group = DROPOUT_COLUMNS_PER_PHILOX
+    shares = [masks[0][..., r::group].float().mean().item() for r in range(group)]
+    # Gradients on (32, 16) and (16, 32) tiles against the explicit core with the tile-16 mask.
+    x, w, grad = (t * 2 for t in torch.randn(3, 2, 2, n, 48, generator=gen).unbind(0))
+    ref_leaves = [t.clone().requires_grad_() for t in (q[..., :48], k[..., :48], w)]
+    ref = _explicit_core(*ref_leaves, 0.5, 6, 0.8, keep=masks[0], dropout_p=p)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad)
+    result = {"same_mask": [bool(torch.equal(m, masks[0])) for m in masks[1:]],
+              "entries_per_residue": masks[0][..., ::group].numel(), "shares": shares}
+    for bm, bn in tiles[1:3]:
+        leaves = [t.clone().requires_grad_() for t in (q[..., :48], k[..., :48], w)]
+        out = _attention_fwd(*leaves, seed, 0.5, 6, 0.8, p, bm, bn, 4, False)[0]
+        grads = torch.autograd.grad(out, leaves, grad)
+        result[f"{bm}x{bn}"] = max(_rel(a, b) for a, b in zip((out, *grads), (ref, *ref_grads)))
+    return result
+
+
 def _seed_case() -> dict:
     """The public function draws its seed from torch's generator: reproducible under
     ``torch.manual_seed``, different on the next call."""
@@ -270,6 +302,7 @@ def run_cases() -> dict:
         "integer_ties_bf16": lambda: _integer_ties_case(torch.bfloat16),
         "dropout": _dropout_case,
         "dropout_gradient": _dropout_gradient_case,
+        "dropout_tiles": _dropout_tiles_case,
         "skip_empty": _skip_empty_case,
         "seed": _seed_case,
         "opcheck": _opcheck_case,
@@ -336,6 +369,14 @@ def test_kernel_dropout_backward_uses_the_forward_mask(interpreted):
     for name in ("out", "grad_q", "grad_k", "grad_v"):
         assert result[name] < FLOAT32_TOL, result
     assert result["wrong_seed_grad_q"] > 1e-2, result  # the comparison can tell masks apart
+
+
+def test_kernel_dropout_mask_does_not_depend_on_tiles(interpreted):
+    result = _case(interpreted, "dropout_tiles")
+    assert result["same_mask"] == [True] * 3, result
+    sigma = math.sqrt(0.17 * 0.83 / result["entries_per_residue"])
+    assert all(abs(share - 0.83) < 5 * sigma for share in result["shares"]), result
+    assert max(result["32x16"], result["16x32"]) < FLOAT32_TOL, result
 
 
 def test_kernel_skipping_empty_tiles_changes_nothing(interpreted):
