@@ -53,7 +53,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _layer_case(tokens: int, head_dim: int, top_k: int, top_p: float, ties: bool,
-                split_heads: bool) -> dict:
+                split_heads: bool, bwd_mode: str = "split") -> dict:
     """The NKATAttention layer (modulation on) on the kernel and the explicit path: relative
     errors of the output and of every gradient."""
     from nkat_search.config import ModelConfig
@@ -82,7 +82,8 @@ def _layer_case(tokens: int, head_dim: int, top_k: int, top_p: float, ties: bool
         if path == "kernel":
             import nkat_search.train.model as model_module
             real = model_module.kernel_attention
-            model_module.kernel_attention = lambda *a: real(*a, block_m=TILE, block_n=TILE)
+            model_module.kernel_attention = lambda *a: real(*a, block_m=TILE, block_n=TILE,
+                                                            bwd_mode=bwd_mode)
             try:
                 out = layer(inp)
             finally:
@@ -122,7 +123,7 @@ class _FixedDropout(torch.nn.Module):
         return weights * self.keep / (1.0 - self.p)
 
 
-def _integer_ties_case(dtype: torch.dtype) -> dict:
+def _integer_ties_case(dtype: torch.dtype, bwd_mode: str = "split") -> dict:
     """q, k with small integer entries: every product is exact, so ties are exact in any summation
     order; forward and gradients against the explicit core in float32 from the same values."""
     from nkat_search.train.attention_kernel import kernel_attention
@@ -136,7 +137,8 @@ def _integer_ties_case(dtype: torch.dtype) -> dict:
     ref = _explicit_core(*leaves, 0.25, 6, 0.8)
     ref_grads = torch.autograd.grad(ref, leaves, grad)
     leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-    out = kernel_attention(*leaves, 0.25, 6, 0.8, 0.0, block_m=TILE, block_n=TILE)
+    out = kernel_attention(*leaves, 0.25, 6, 0.8, 0.0, block_m=TILE, block_n=TILE,
+                           bwd_mode=bwd_mode)
     grads = torch.autograd.grad(out, leaves, grad.to(dtype))
     result = {"out": _rel(out, ref), "dtype": str(out.dtype)}
     for name, a, b in zip(("grad_q", "grad_k", "grad_v"), grads, ref_grads):
@@ -148,17 +150,18 @@ def _integer_ties_case(dtype: torch.dtype) -> dict:
     return result
 
 
-def _raw_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, skip_empty=False):
+def _raw_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, skip_empty=False, bwd_mode="split"):
     """The forward op with a given seed tensor, on the test tiles: (output, threshold, lse)."""
     from nkat_search.train.attention_kernel import _attention_fwd
 
     return _attention_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, TILE, TILE, 4,
-                          skip_empty)
+                          skip_empty, bwd_mode)
 
 
-def _skip_empty_case() -> dict:
+def _skip_empty_case(bwd_mode: str = "split") -> dict:
     """Tiles whose probabilities are all 0 skipped: the same output and gradients, bit for bit,
-    on rows that all keep only keys 0..3 (an attention sink), so most key tiles are empty."""
+    on rows that all keep only keys 0..3 (an attention sink), so most key tiles are empty. (The
+    atomic backward's dQ is a sum in no fixed order: its largest difference is reported too.)"""
     gen = torch.Generator().manual_seed(15)
     n = 64
     q = torch.randn(1, 2, n, 48, generator=gen) * 0.1 + 1.0
@@ -169,12 +172,13 @@ def _skip_empty_case() -> dict:
     results = []
     for skip in (False, True):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = _raw_fwd(*leaves, seed, 0.5, 2, 0.9, 0.2, skip_empty=skip)[0]
+        out = _raw_fwd(*leaves, seed, 0.5, 2, 0.9, 0.2, skip_empty=skip, bwd_mode=bwd_mode)[0]
         results.append([out, *torch.autograd.grad(out, leaves, grad)])
     eye = torch.eye(n).expand(1, 2, n, n).contiguous()
     weights = _raw_fwd(q, k, eye, seed, 0.5, 2, 0.9, 0.0)[0]
     return {"kept_keys_beyond_4": int((weights[..., 4:] > 0).sum()),
-            "identical": [bool(torch.equal(a, b)) for a, b in zip(*results)]}
+            "identical": [bool(torch.equal(a, b)) for a, b in zip(*results)],
+            "max_difference": max(_rel(a, b) for a, b in zip(*results))}
 
 
 def _dropout_case() -> dict:
@@ -200,7 +204,7 @@ def _dropout_case() -> dict:
     }
 
 
-def _dropout_gradient_case() -> dict:
+def _dropout_gradient_case(bwd_mode: str = "split") -> dict:
     """Forward and backward use the same mask: the kernel's gradients on a fixed seed against the
     explicit core with the mask read back from the kernel's own forward (v = identity)."""
     p = 0.3
@@ -212,7 +216,7 @@ def _dropout_gradient_case() -> dict:
     eye = torch.eye(n, 48).expand(2, 2, n, 48).contiguous()  # 33 keys fit in 48 columns
     keep = _raw_fwd(q, k, eye, seed, 0.5, 6, 0.8, p)[0][..., :n] > 0
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = _raw_fwd(*leaves, seed, 0.5, 6, 0.8, p)[0]
+    out = _raw_fwd(*leaves, seed, 0.5, 6, 0.8, p, bwd_mode=bwd_mode)[0]
     grads = torch.autograd.grad(out, leaves, grad)
     # Keep at filtered entries does not matter (their probability is 0); give them the mask too.
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -297,6 +301,8 @@ def _opcheck_case() -> dict:
 def run_cases() -> dict:
     cases = {f"layer_{name}": (lambda c=case: _layer_case(*c))
              for name, case in LAYER_CASES.items()}
+    cases.update({f"layer_atomic_{name}": (lambda c=case: _layer_case(*c, bwd_mode="atomic"))
+                  for name, case in LAYER_CASES.items()})
     cases.update({
         "integer_ties_float32": lambda: _integer_ties_case(torch.float32),
         "integer_ties_bf16": lambda: _integer_ties_case(torch.bfloat16),
@@ -304,6 +310,10 @@ def run_cases() -> dict:
         "dropout_gradient": _dropout_gradient_case,
         "dropout_tiles": _dropout_tiles_case,
         "skip_empty": _skip_empty_case,
+        "integer_ties_atomic_float32": lambda: _integer_ties_case(torch.float32, "atomic"),
+        "integer_ties_atomic_bf16": lambda: _integer_ties_case(torch.bfloat16, "atomic"),
+        "dropout_gradient_atomic": lambda: _dropout_gradient_case("atomic"),
+        "skip_empty_atomic": lambda: _skip_empty_case("atomic"),
         "seed": _seed_case,
         "opcheck": _opcheck_case,
     })
@@ -385,6 +395,38 @@ def test_kernel_skipping_empty_tiles_changes_nothing(interpreted):
     assert result["identical"] == [True] * 4, result
 
 
+# bwd_mode "atomic": dQ summed with atomics in the dK / dV kernel; the same checks as "split".
+
+@pytest.mark.parametrize("name", list(LAYER_CASES))
+def test_kernel_atomic_backward_layer_matches_explicit(interpreted, name):
+    errors = _case(interpreted, f"layer_atomic_{name}")
+    errors.pop("seconds")
+    scalars = {name: errors.pop(name) for name in ("alpha", "beta")}
+    assert max(errors.values()) < FLOAT32_TOL, errors
+    assert max(scalars.values()) < SCALAR_SUM_TOL, scalars
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bf16"])
+def test_kernel_atomic_backward_exact_ties(interpreted, dtype):
+    result = _case(interpreted, f"integer_ties_atomic_{dtype}")
+    tol = FLOAT32_TOL if dtype == "float32" else BF16_TOL
+    errors = {k: v for k, v in result.items() if k.startswith(("out", "grad_"))}
+    assert max(errors.values()) < tol, result
+
+
+def test_kernel_atomic_backward_uses_the_forward_mask(interpreted):
+    result = _case(interpreted, "dropout_gradient_atomic")
+    for name in ("out", "grad_q", "grad_k", "grad_v"):
+        assert result[name] < FLOAT32_TOL, result
+    assert result["wrong_seed_grad_q"] > 1e-2, result
+
+
+def test_kernel_atomic_backward_skipping_empty_tiles(interpreted):
+    result = _case(interpreted, "skip_empty_atomic")
+    assert result["kept_keys_beyond_4"] == 0, result
+    assert result["max_difference"] < FLOAT32_TOL, result
+
+
 def test_kernel_dropout_seed_follows_torch_generator(interpreted):
     result = _case(interpreted, "seed")
     assert result["replay_equal"] and not result["next_call_equal"], result
@@ -412,7 +454,7 @@ def _compile_for_hopper(fn, dtype: str, constexprs: dict, num_warps: int):
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = f"*{dtype}"
-        elif name in ("THR", "LSE", "DELTA"):
+        elif name in ("THR", "LSE", "DELTA", "DQ_ACC"):
             signature[name] = "*fp32"
         elif name == "SEED":
             signature[name] = "*i64"
@@ -441,6 +483,21 @@ def test_kernels_compile_for_hopper_in_bf16():
         # Hopper's warpgroup MMA in every kernel: the score tiles must come out of the same
         # instruction in forward and backward (see _score_tile).
         assert "wgmma" in compiled.asm["ptx"], fn.__name__
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="kernels are interpreted functions in this process")
+def test_atomic_backward_kernel_compiles_for_hopper_in_bf16():
+    pytest.importorskip("triton")
+    from nkat_search.train import attention_kernel as ak
+
+    tiles = dict(BLOCK_M=ak.BLOCK_M, BLOCK_N=ak.BLOCK_N, BLOCK_D=64, PRECISION="tf32",
+                 SKIP_EMPTY=ak.SKIP_EMPTY_TILES)
+    compiled = _compile_for_hopper(ak._bwd_atomic_kernel, "bf16", dict(DROPOUT=True, **tiles),
+                                   ak.NUM_WARPS)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma" in ptx
+    assert "red.global" in ptx or "atom.global" in ptx  # dQ summed in global memory
 
 
 def test_kernel_supports_and_cpu_auto_path(monkeypatch):

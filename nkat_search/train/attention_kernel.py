@@ -75,6 +75,14 @@ SKIP_EMPTY_TILES = False
 # one register-to-MMA layout conversion of the boolean tile (the four outputs are interleaved
 # into columns). Fixed here, not an argument: ``_dropout_keep`` hard-wires the interleave.
 DROPOUT_COLUMNS_PER_PHILOX = 4
+# Backward: "split" runs one kernel per key block (dK, dV) and one per query block (dQ), each
+# recomputing the scores, probabilities, dO V^T and dropout mask of every tile; "atomic" runs the
+# first only and adds each tile's dS K into a float32 dQ with atomics (FlashAttention-2's way):
+# half the recomputation, for atomic traffic, a (B, H, N, head_dim) float32 buffer and a float32
+# sum order that varies from run to run. "split" until a GPU has timed both
+# (``benchmarks/attention_kernel_check.py``).
+BWD_MODE = "split"
+BWD_MODES = ("split", "atomic")
 
 
 def kernel_available() -> bool:
@@ -261,15 +269,17 @@ if triton is not None:
         tl.store(LSE + bh * N + rows, lse, mask=row_ok)
 
     @triton.jit
-    def _bwd_kv_kernel(
-        Q, K, V, DO, THR, LSE, DELTA, DK, DV, SEED,
+    def _bwd_key_block(
+        Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
         sgb, sgh, sgn, sgd,
         H, N, D, scale, dropout_p, inv_keep,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr,
     ):
         # dK and dV of one key block, over every query block. DK and DV share the strides sg*.
+        # With ATOMIC_DQ the block's share of dQ, dS K, is added into DQ_ACC too.
         pid_n = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2)
@@ -313,10 +323,49 @@ if triton is not None:
                 dv += _dot(tl.trans(w.to(do.dtype)), do, PRECISION)
                 ds = p * (dp - delta[:, None])
                 dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
+                if ATOMIC_DQ:
+                    # Relaxed: only the sum matters, no other memory is ordered by it.
+                    dq = _dot(ds.to(k.dtype), k, PRECISION) * scale
+                    tl.atomic_add(DQ_ACC + (bh * N + rows[:, None]) * D + dims[None, :], dq,
+                                  mask=qo_mask, sem="relaxed")
         dk = dk * scale
         g = b * sgb + h * sgh + cols[:, None] * sgn + dims[None, :] * sgd
         tl.store(DK + g, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + g, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _bwd_kv_kernel(
+        Q, K, V, DO, THR, LSE, DELTA, DK, DV, SEED,
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+        sgb, sgh, sgn, sgd,
+        H, N, D, scale, dropout_p, inv_keep,
+        DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    ):
+        # bwd_mode "split": dK and dV here, dQ in _bwd_q_kernel (DK stands in for the unused
+        # DQ_ACC).
+        _bwd_key_block(Q, K, V, DO, THR, LSE, DELTA, DK, DV, DK, SEED,
+                       sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                       sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
+                       H, N, D, scale, dropout_p, inv_keep,
+                       DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, SKIP_EMPTY, False)
+
+    @triton.jit
+    def _bwd_atomic_kernel(
+        Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED,
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+        sgb, sgh, sgn, sgd,
+        H, N, D, scale, dropout_p, inv_keep,
+        DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    ):
+        # bwd_mode "atomic": dK, dV and dQ in one pass; DQ_ACC is float32, contiguous
+        # (B, H, N, D) and zeroed.
+        _bwd_key_block(Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED,
+                       sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                       sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
+                       H, N, D, scale, dropout_p, inv_keep,
+                       DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, SKIP_EMPTY, True)
 
     @triton.jit
     def _bwd_q_kernel(
@@ -397,7 +446,8 @@ def _precision(dtype: torch.dtype) -> str:
 @torch.library.custom_op("nkat::attention_kernel_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float, top_k: int,
                    top_p: float, dropout_p: float, block_m: int, block_n: int, num_warps: int,
-                   skip_empty: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   skip_empty: bool, bwd_mode: str = BWD_MODE) -> tuple[Tensor, Tensor, Tensor]:
+    # bwd_mode is backward's (see _setup_context); it is an input here so autograd carries it.
     B, H, N, D = q.shape
     o = _like_qkv_layout(q)
     threshold = q.new_empty((B, H, N), dtype=torch.float32)
@@ -417,7 +467,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float, 
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n, num_warps, skip_empty):
+def _(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n, num_warps, skip_empty,
+      bwd_mode=BWD_MODE):
     B, H, N, D = q.shape
     return (_like_qkv_layout(q), q.new_empty((B, H, N), dtype=torch.float32),
             q.new_empty((B, H, N), dtype=torch.float32))
@@ -426,12 +477,11 @@ def _(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n, num_warps
 @torch.library.custom_op("nkat::attention_kernel_bwd", mutates_args=())
 def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                    threshold: Tensor, lse: Tensor, seed: Tensor, scale: float, dropout_p: float,
-                   block_m: int, block_n: int, num_warps: int, skip_empty: bool
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   block_m: int, block_n: int, num_warps: int, skip_empty: bool,
+                   bwd_mode: str = BWD_MODE) -> tuple[Tensor, Tensor, Tensor]:
     B, H, N, D = q.shape
     grad_out = grad_out.to(q.dtype)
     delta = (grad_out.float() * out.float()).sum(dim=-1).contiguous()
-    dq = _like_qkv_layout(q)
     dk = _like_qkv_layout(q)
     dv = _like_qkv_layout(q)
     bm, bn, bd = _blocks(N, D, block_m, block_n)
@@ -439,18 +489,26 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                   PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, num_warps=num_warps)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     scalars = (H, N, D, scale, dropout_p, 1.0 / (1.0 - dropout_p))
-    _bwd_kv_kernel[(triton.cdiv(N, bn), H, B)](
-        q, k, v, grad_out, threshold, lse, delta, dk, dv, seed, *strides, *dk.stride(),
-        *scalars, **common)
-    _bwd_q_kernel[(triton.cdiv(N, bm), H, B)](
-        q, k, v, grad_out, threshold, lse, delta, dq, seed, *strides, *dq.stride(),
-        *scalars, **common)
+    if bwd_mode == "atomic":
+        dq_sum = torch.zeros((B, H, N, D), device=q.device, dtype=torch.float32)
+        _bwd_atomic_kernel[(triton.cdiv(N, bn), H, B)](
+            q, k, v, grad_out, threshold, lse, delta, dk, dv, dq_sum, seed, *strides,
+            *dk.stride(), *scalars, **common)
+        dq = _like_qkv_layout(q).copy_(dq_sum)
+    else:
+        dq = _like_qkv_layout(q)
+        _bwd_kv_kernel[(triton.cdiv(N, bn), H, B)](
+            q, k, v, grad_out, threshold, lse, delta, dk, dv, seed, *strides, *dk.stride(),
+            *scalars, **common)
+        _bwd_q_kernel[(triton.cdiv(N, bm), H, B)](
+            q, k, v, grad_out, threshold, lse, delta, dq, seed, *strides, *dq.stride(),
+            *scalars, **common)
     return dq, dk, dv
 
 
 @_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, threshold, lse, seed, scale, dropout_p, block_m, block_n,
-      num_warps, skip_empty):
+      num_warps, skip_empty, bwd_mode=BWD_MODE):
     return _like_qkv_layout(q), _like_qkv_layout(q), _like_qkv_layout(q)
 
 
@@ -464,7 +522,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_threshold, _grad_lse):
     q, k, v, out, threshold, lse, seed = ctx.saved_tensors
     dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, threshold, lse, seed, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    # No gradient for seed, top_k, top_p and the arguments kept in ctx.args.
+    return dq, dk, dv, *[None] * (3 + len(ctx.args))
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -472,7 +531,8 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, top_p: float,
                      dropout_p: float = 0.0, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
-                     num_warps: int = NUM_WARPS, skip_empty: bool = SKIP_EMPTY_TILES) -> Tensor:
+                     num_warps: int = NUM_WARPS, skip_empty: bool = SKIP_EMPTY_TILES,
+                     bwd_mode: str = BWD_MODE) -> Tensor:
     """The NKAT attention core from q, k, v (B, heads, N, head_dim), unmodulated: (B, heads, N, hd).
 
     Same contract as ``fused_attention``: ``dropout_p`` applied as given (pass 0 in eval mode);
@@ -481,15 +541,20 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, 
     those of exactly equal products, e.g. identical tokens). The output is laid out (B, N, heads,
     hd) in memory. ``block_m`` / ``block_n`` are the query and key tile sizes (tests shrink them to
     cross tile borders on small rows), ``num_warps`` the warps per program; ``skip_empty`` skips
-    the products of tiles whose probabilities are all 0 (the same result, bit for bit).
+    the products of tiles whose probabilities are all 0 (the same result, bit for bit, but for
+    the atomic backward's dQ: see below); ``bwd_mode`` is one of ``BWD_MODES``: "split" or
+    "atomic" (see ``BWD_MODE``; atomic sums dQ in float32 in no fixed order, so its dQ may differ
+    from run to run in the last bits).
     """
     if not kernel_supports(q.shape[-1], top_k, top_p, q.shape[-2]):
         raise ValueError(f"kernel_attention: head dim {q.shape[-1]} with top_k {top_k}, top_p "
                          f"{top_p} over {q.shape[-2]} keys is not supported; use the explicit path")
+    if bwd_mode not in BWD_MODES:
+        raise ValueError(f"kernel_attention: bwd_mode {bwd_mode!r} is not one of {BWD_MODES}")
     k, v = k.to(q.dtype), v.to(q.dtype)
     if dropout_p > 0:
         seed = torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
     else:
         seed = torch.zeros(1, device=q.device, dtype=torch.int64)
     return _attention_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n,
-                          num_warps, skip_empty)[0]
+                          num_warps, skip_empty, bwd_mode)[0]
