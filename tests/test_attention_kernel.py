@@ -44,6 +44,7 @@ LAYER_CASES = {
     "n12_d48_topk_ge_n": (12, 48, 20, 0.8, False, False),  # top_k >= N: nucleus only, 12 levels
     "n17_d64_topk_only": (17, 64, 6, 1.0, True, False),  # top_p >= 1
     "n17_d48_no_filter": (17, 48, 0, 1.0, False, False),  # both off: the plain softmax pass
+    "n40_d64_no_filter_ties": (40, 64, 0, 1.0, True, False),  # online softmax over 3 tiles
     "n17_d48_split_heads": (17, 48, 6, 0.8, True, True),  # 8 heads, q, k, v from a concatenation
 }
 
@@ -487,7 +488,8 @@ def test_kernels_compile_for_hopper_in_bf16():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                     reason="kernels are interpreted functions in this process")
-def test_atomic_backward_kernel_compiles_for_hopper_in_bf16():
+def test_kernel_variants_compile_for_hopper_in_bf16():
+    """The atomic backward and the one-pass forward without a filter."""
     pytest.importorskip("triton")
     from nkat_search.train import attention_kernel as ak
 
@@ -498,6 +500,10 @@ def test_atomic_backward_kernel_compiles_for_hopper_in_bf16():
     ptx = compiled.asm["ptx"]
     assert "wgmma" in ptx
     assert "red.global" in ptx or "atom.global" in ptx  # dQ summed in global memory
+    no_filter = dict(TOP_K=0, TOPK_ON=False, NUCLEUS_ON=False, LEVELS=0, LEVELS_PAD=2,
+                     DROPOUT=True, **tiles)
+    compiled = _compile_for_hopper(ak._fwd_kernel, "bf16", no_filter, ak.NUM_WARPS)
+    assert "wgmma" in compiled.asm["ptx"]
 
 
 def test_kernel_supports_and_cpu_auto_path(monkeypatch):

@@ -144,6 +144,83 @@ if triton is not None:
         return tl.reshape(keep, [BLOCK_M, BLOCK_N])
 
     @triton.jit
+    def _filter_threshold(
+        q, k_base, skn, skd, dims, dim_ok, N, scale, top_p,
+        TOP_K: tl.constexpr, TOPK_ON: tl.constexpr, NUCLEUS_ON: tl.constexpr,
+        LEVELS: tl.constexpr, LEVELS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # The forward's first pass over the keys, when a filter is on: each row's threshold and
+        # the log-sum-exp of its kept scores, from the LEVELS largest distinct scores of the row
+        # with their counts.
+        slots = tl.arange(0, LEVELS_PAD)
+        values = tl.full([BLOCK_M, LEVELS_PAD], float("-inf"), tl.float32)
+        counts = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd,
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            s = _score_tile(q, k, col_ok, scale, PRECISION)
+            # Merge the tile into the list: the union's levels from the top, each the largest
+            # value below the previous one, its count summed over tile and list.
+            new_values = tl.full([BLOCK_M, LEVELS_PAD], float("-inf"), tl.float32)
+            new_counts = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
+            prev = tl.full([BLOCK_M], float("inf"), tl.float32)
+            for i in tl.static_range(LEVELS):
+                level = tl.maximum(
+                    tl.max(tl.where(s < prev[:, None], s, float("-inf")), 1),
+                    tl.max(tl.where(values < prev[:, None], values, float("-inf")), 1))
+                count = (tl.sum((s == level[:, None]).to(tl.int32), 1)
+                         + tl.sum(tl.where(values == level[:, None], counts, 0), 1))
+                # -inf is padding (columns past N, empty slots), never a score.
+                count = tl.where(level == float("-inf"), 0, count)
+                new_values = tl.where(slots[None, :] == i, level[:, None], new_values)
+                new_counts = tl.where(slots[None, :] == i, count[:, None], new_counts)
+                prev = level
+            values = new_values
+            counts = new_counts
+
+        # The threshold and kept mass from the levels, in row_filter's order of operations.
+        row_max = tl.max(values, 1)
+        above = tl.zeros([BLOCK_M], tl.int32)
+        topk_mass = tl.zeros([BLOCK_M], tl.float32)
+        level_masses = tl.zeros([BLOCK_M, LEVELS_PAD], tl.float32)
+        level_kept = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
+        threshold = row_max
+        for i in tl.static_range(LEVELS):
+            value = tl.sum(tl.where(slots[None, :] == i, values, 0.0), 1)
+            count = tl.sum(tl.where(slots[None, :] == i, counts, 0), 1)
+            if TOPK_ON:
+                kept = (count > 0) & (above < TOP_K)
+            else:
+                kept = count > 0
+            level_mass = tl.where(kept, count.to(tl.float32) * tl.exp(value - row_max), 0.0)
+            if i == 0:
+                topk_mass = level_mass
+            else:
+                topk_mass = topk_mass + level_mass
+                if not NUCLEUS_ON:
+                    threshold = tl.where(kept, value, threshold)
+            level_masses = tl.where(slots[None, :] == i, level_mass[:, None], level_masses)
+            level_kept = tl.where(slots[None, :] == i, kept.to(tl.int32)[:, None], level_kept)
+            above = above + count
+        mass = topk_mass
+        if NUCLEUS_ON:
+            mass = tl.sum(tl.where(slots[None, :] == 0, level_masses, 0.0), 1)
+            above_mass = mass
+            for i in tl.static_range(1, LEVELS):
+                value = tl.sum(tl.where(slots[None, :] == i, values, 0.0), 1)
+                level_mass = tl.sum(tl.where(slots[None, :] == i, level_masses, 0.0), 1)
+                kept = tl.sum(tl.where(slots[None, :] == i, level_kept, 0), 1) > 0
+                keep = kept & (above_mass / topk_mass < top_p)
+                threshold = tl.where(keep, value, threshold)
+                mass = mass + tl.where(keep, level_mass, 0.0)
+                above_mass = above_mass + level_mass
+        lse = row_max + tl.log(mass)
+        return threshold, lse
+
+    @triton.jit
     def _fwd_kernel(
         Q, K, V, O, THR, LSE, SEED,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
@@ -166,86 +243,18 @@ if triton is not None:
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
 
-        # Pass 1: the row max and either the plain softmax sum (no filter) or the LEVELS largest
-        # distinct scores of the row with their counts.
-        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_M], tl.float32)
-        slots = tl.arange(0, LEVELS_PAD)
-        values = tl.full([BLOCK_M, LEVELS_PAD], float("-inf"), tl.float32)
-        counts = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd,
-                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            s = _score_tile(q, k, col_ok, scale, PRECISION)
-            if LEVELS == 0:
-                new_max = tl.maximum(row_max, tl.max(s, 1))
-                total = total * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
-                row_max = new_max
-            else:
-                # Merge the tile into the list: the union's levels from the top, each the largest
-                # value below the previous one, its count summed over tile and list.
-                new_values = tl.full([BLOCK_M, LEVELS_PAD], float("-inf"), tl.float32)
-                new_counts = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
-                prev = tl.full([BLOCK_M], float("inf"), tl.float32)
-                for i in tl.static_range(LEVELS):
-                    level = tl.maximum(
-                        tl.max(tl.where(s < prev[:, None], s, float("-inf")), 1),
-                        tl.max(tl.where(values < prev[:, None], values, float("-inf")), 1))
-                    count = (tl.sum((s == level[:, None]).to(tl.int32), 1)
-                             + tl.sum(tl.where(values == level[:, None], counts, 0), 1))
-                    # -inf is padding (columns past N, empty slots), never a score.
-                    count = tl.where(level == float("-inf"), 0, count)
-                    new_values = tl.where(slots[None, :] == i, level[:, None], new_values)
-                    new_counts = tl.where(slots[None, :] == i, count[:, None], new_counts)
-                    prev = level
-                values = new_values
-                counts = new_counts
-
-        # The threshold and kept mass from the levels, in row_filter's order of operations.
         if LEVELS == 0:
+            row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            total = tl.zeros([BLOCK_M], tl.float32)
             threshold = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            mass = total
         else:
-            row_max = tl.max(values, 1)
-            above = tl.zeros([BLOCK_M], tl.int32)
-            topk_mass = tl.zeros([BLOCK_M], tl.float32)
-            level_masses = tl.zeros([BLOCK_M, LEVELS_PAD], tl.float32)
-            level_kept = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
-            threshold = row_max
-            for i in tl.static_range(LEVELS):
-                value = tl.sum(tl.where(slots[None, :] == i, values, 0.0), 1)
-                count = tl.sum(tl.where(slots[None, :] == i, counts, 0), 1)
-                if TOPK_ON:
-                    kept = (count > 0) & (above < TOP_K)
-                else:
-                    kept = count > 0
-                level_mass = tl.where(kept, count.to(tl.float32) * tl.exp(value - row_max), 0.0)
-                if i == 0:
-                    topk_mass = level_mass
-                else:
-                    topk_mass = topk_mass + level_mass
-                    if not NUCLEUS_ON:
-                        threshold = tl.where(kept, value, threshold)
-                level_masses = tl.where(slots[None, :] == i, level_mass[:, None], level_masses)
-                level_kept = tl.where(slots[None, :] == i, kept.to(tl.int32)[:, None], level_kept)
-                above = above + count
-            mass = topk_mass
-            if NUCLEUS_ON:
-                mass = tl.sum(tl.where(slots[None, :] == 0, level_masses, 0.0), 1)
-                above_mass = mass
-                for i in tl.static_range(1, LEVELS):
-                    value = tl.sum(tl.where(slots[None, :] == i, values, 0.0), 1)
-                    level_mass = tl.sum(tl.where(slots[None, :] == i, level_masses, 0.0), 1)
-                    kept = tl.sum(tl.where(slots[None, :] == i, level_kept, 0), 1) > 0
-                    keep = kept & (above_mass / topk_mass < top_p)
-                    threshold = tl.where(keep, value, threshold)
-                    mass = mass + tl.where(keep, level_mass, 0.0)
-                    above_mass = above_mass + level_mass
-        lse = row_max + tl.log(mass)
+            threshold, lse = _filter_threshold(
+                q, k_base, skn, skd, dims, dim_ok, N, scale, top_p, TOP_K, TOPK_ON, NUCLEUS_ON,
+                LEVELS, LEVELS_PAD, BLOCK_M, BLOCK_N, PRECISION)
 
-        # Pass 2: weights (filter, softmax, dropout) @ v.
+        # Weights (filter, softmax, dropout) @ v: the second pass with a filter, the only one
+        # without (the online softmax: the row max so far, the sum and the accumulator rescaled
+        # whenever it grows, as in FlashAttention).
         seed = tl.load(SEED)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start in range(0, N, BLOCK_N):
@@ -254,7 +263,15 @@ if triton is not None:
             kv_mask = col_ok[:, None] & dim_ok[None, :]
             k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=kv_mask, other=0.0)
             s = _score_tile(q, k, col_ok, scale, PRECISION)
-            p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
+            if LEVELS == 0:
+                new_max = tl.maximum(row_max, tl.max(s, 1))
+                rescale = tl.exp(row_max - new_max)
+                p = tl.exp(s - new_max[:, None])
+                total = total * rescale + tl.sum(p, 1)
+                acc = acc * rescale[:, None]
+                row_max = new_max
+            else:
+                p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
             if _any_kept(p, SKIP_EMPTY):
                 if DROPOUT:
                     survives = _dropout_keep(seed, bh, rows, start, N, dropout_p, BLOCK_M,
@@ -263,6 +280,9 @@ if triton is not None:
                 v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask,
                             other=0.0)
                 acc += _dot(p.to(v.dtype), v, PRECISION)
+        if LEVELS == 0:
+            acc = acc / total[:, None]
+            lse = row_max + tl.log(total)
         tl.store(O + b * sob + h * soh + rows[:, None] * son + dims[None, :] * sod,
                  acc.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
         tl.store(THR + bh * N + rows, threshold, mask=row_ok)
