@@ -286,15 +286,16 @@ def _seed_case() -> dict:
             "next_call_equal": bool(torch.equal(first, second))}
 
 
-def _opcheck_case() -> dict:
+def _opcheck_case(variant: tuple = ()) -> dict:
     """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT
-    dispatch of the forward op, i.e. what torch.compile relies on."""
+    dispatch of the forward op, i.e. what torch.compile relies on. ``variant``: the trailing
+    arguments (bwd_mode, num_stages), defaults if empty."""
     from nkat_search.train.attention_kernel import _attention_fwd
 
     gen = torch.Generator().manual_seed(14)
     q, k, v = (t.requires_grad_() for t in torch.randn(3, 1, 2, 17, 48, generator=gen).unbind(0))
     seed = torch.tensor([7], dtype=torch.int64)
-    args = (q, k, v, seed, 0.5, 6, 0.8, 0.1, TILE, TILE, 4, False)
+    args = (q, k, v, seed, 0.5, 6, 0.8, 0.1, TILE, TILE, 4, False, *variant)
     report = torch.library.opcheck(_attention_fwd, args)
     return {name: str(value) for name, value in report.items()}
 
@@ -317,6 +318,7 @@ def run_cases() -> dict:
         "skip_empty_atomic": lambda: _skip_empty_case("atomic"),
         "seed": _seed_case,
         "opcheck": _opcheck_case,
+        "opcheck_atomic_stages": lambda: _opcheck_case(("atomic", 2)),
     })
     results = {}
     for name, case in cases.items():
@@ -435,6 +437,12 @@ def test_kernel_dropout_seed_follows_torch_generator(interpreted):
 
 def test_kernel_op_registration_passes_opcheck(interpreted):
     report = _case(interpreted, "opcheck")
+    report.pop("seconds")
+    assert report and all(value == "SUCCESS" for value in report.values()), report
+
+
+def test_kernel_op_registration_with_backward_mode_and_stages(interpreted):
+    report = _case(interpreted, "opcheck_atomic_stages")
     report.pop("seconds")
     assert report and all(value == "SUCCESS" for value in report.values()), report
 

@@ -62,6 +62,9 @@ KERNEL_MAX_HEAD_DIM = 64
 BLOCK_M = 64
 BLOCK_N = 64
 NUM_WARPS = 4
+# Software pipelining depth of the key loops (Triton's num_stages); None is Triton's default (3 on
+# sm_90). Not tuned yet: the check script times 1, 2 and 3.
+NUM_STAGES = None
 # The issue's sparsity idea at tile granularity: a (query block, key block) tile whose
 # probabilities are all 0 skips its P V (forward), dO V^T, dV and dK (backward) and dQ products.
 # With top_k of 257 keys a row keeps a few keys, but 64 rows rarely miss a whole 64-key tile on
@@ -456,6 +459,14 @@ def _like_qkv_layout(q: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return q.new_empty((B, N, H, D), dtype=dtype).transpose(1, 2)
 
 
+def _launch(num_warps: int, num_stages: int | None) -> dict:
+    # Triton's launch options; num_stages left out (Triton's default) when None.
+    options = dict(num_warps=num_warps)
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    return options
+
+
 def _precision(dtype: torch.dtype) -> str:
     # float32 inputs are the reference checks: full float32 products, no TF32.
     if dtype == torch.float32:
@@ -466,7 +477,8 @@ def _precision(dtype: torch.dtype) -> str:
 @torch.library.custom_op("nkat::attention_kernel_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float, top_k: int,
                    top_p: float, dropout_p: float, block_m: int, block_n: int, num_warps: int,
-                   skip_empty: bool, bwd_mode: str = BWD_MODE) -> tuple[Tensor, Tensor, Tensor]:
+                   skip_empty: bool, bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     # bwd_mode is backward's (see _setup_context); it is an input here so autograd carries it.
     B, H, N, D = q.shape
     o = _like_qkv_layout(q)
@@ -481,14 +493,14 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float, 
         TOP_K=top_k, TOPK_ON=0 < top_k < N, NUCLEUS_ON=top_p < 1.0,
         LEVELS=levels, LEVELS_PAD=max(2, triton.next_power_of_2(max(levels, 1))),
         DROPOUT=dropout_p > 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, num_warps=num_warps,
+        PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, **_launch(num_warps, num_stages),
     )
     return o, threshold, lse
 
 
 @_attention_fwd.register_fake
 def _(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n, num_warps, skip_empty,
-      bwd_mode=BWD_MODE):
+      bwd_mode=BWD_MODE, num_stages=NUM_STAGES):
     B, H, N, D = q.shape
     return (_like_qkv_layout(q), q.new_empty((B, H, N), dtype=torch.float32),
             q.new_empty((B, H, N), dtype=torch.float32))
@@ -498,7 +510,8 @@ def _(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n, num_warps
 def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                    threshold: Tensor, lse: Tensor, seed: Tensor, scale: float, dropout_p: float,
                    block_m: int, block_n: int, num_warps: int, skip_empty: bool,
-                   bwd_mode: str = BWD_MODE) -> tuple[Tensor, Tensor, Tensor]:
+                   bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     B, H, N, D = q.shape
     grad_out = grad_out.to(q.dtype)
     delta = (grad_out.float() * out.float()).sum(dim=-1).contiguous()
@@ -506,7 +519,8 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     dv = _like_qkv_layout(q)
     bm, bn, bd = _blocks(N, D, block_m, block_n)
     common = dict(DROPOUT=dropout_p > 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-                  PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, num_warps=num_warps)
+                  PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty,
+                  **_launch(num_warps, num_stages))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     scalars = (H, N, D, scale, dropout_p, 1.0 / (1.0 - dropout_p))
     if bwd_mode == "atomic":
@@ -528,7 +542,7 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 
 @_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, threshold, lse, seed, scale, dropout_p, block_m, block_n,
-      num_warps, skip_empty, bwd_mode=BWD_MODE):
+      num_warps, skip_empty, bwd_mode=BWD_MODE, num_stages=NUM_STAGES):
     return _like_qkv_layout(q), _like_qkv_layout(q), _like_qkv_layout(q)
 
 
@@ -552,7 +566,7 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, top_p: float,
                      dropout_p: float = 0.0, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
                      num_warps: int = NUM_WARPS, skip_empty: bool = SKIP_EMPTY_TILES,
-                     bwd_mode: str = BWD_MODE) -> Tensor:
+                     bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES) -> Tensor:
     """The NKAT attention core from q, k, v (B, heads, N, head_dim), unmodulated: (B, heads, N, hd).
 
     Same contract as ``fused_attention``: ``dropout_p`` applied as given (pass 0 in eval mode);
@@ -560,7 +574,8 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, 
     are float32 (the bf16 products summed in float32, not rounded to bf16 in between: ties are
     those of exactly equal products, e.g. identical tokens). The output is laid out (B, N, heads,
     hd) in memory. ``block_m`` / ``block_n`` are the query and key tile sizes (tests shrink them to
-    cross tile borders on small rows), ``num_warps`` the warps per program; ``skip_empty`` skips
+    cross tile borders on small rows), ``num_warps`` the warps per program, ``num_stages`` the
+    software pipelining depth of the key loops (None: Triton's default); ``skip_empty`` skips
     the products of tiles whose probabilities are all 0 (the same result, bit for bit, but for
     the atomic backward's dQ: see below); ``bwd_mode`` is one of ``BWD_MODES``: "split" or
     "atomic" (see ``BWD_MODE``; atomic sums dQ in float32 in no fixed order, so its dQ may differ
@@ -577,4 +592,4 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, 
     else:
         seed = torch.zeros(1, device=q.device, dtype=torch.int64)
     return _attention_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n,
-                          num_warps, skip_empty, bwd_mode)[0]
+                          num_warps, skip_empty, bwd_mode, num_stages)[0]
