@@ -10,16 +10,24 @@ number of rows whose output is off by more than the tolerance (a row whose filte
 Float32 runs without TF32 on both sides. bf16 feeds both sides the same bf16 values; the explicit
 side computes in float32 from them. Then dropout: the kept share against its binomial bounds, and
 the gradients on a fixed seed against the explicit core given the mask the kernel's forward used.
-Part 2 times forward + backward of one attention layer (batch 512, 257 tokens, embed 384, bf16
-autocast) on the kernel (eager and compiled), the fused path (compiled) and SDPA with the filters
-off, and the core alone (q, k, v to output) on SDPA and on the kernel with a few tile choices
-(query block, key block, warps): the default is ``BLOCK_M``, ``BLOCK_N``, ``NUM_WARPS`` in
-``train/attention_kernel.py``, the place to change it.
+Both checks run once per backward mode (``BWD_MODES``: split, atomic).
+Part 2 times the attention core alone (q, k, v to output; batch 512, 8 heads of 48, 257 tokens,
+bf16, forward + backward unless marked): SDPA; the kernel (top_k 6, top_p 0.8, dropout 0.17) at
+each tile choice (query block, key block, warps) and backward mode; then, at the fastest of those
+pairs, num_stages 1, 2 and 3, dropout 0 (the mask's cost), the filter off, forward only (also
+SDPA's) and skipping empty tiles on an attention sink. Then one attention layer (embed 384, bf16
+autocast) on the kernel with its defaults (eager and compiled), the fused path (compiled) and
+SDPA with the filters off. The defaults are ``BLOCK_M``, ``BLOCK_N``, ``NUM_WARPS``, ``BWD_MODE``
+and ``NUM_STAGES`` in ``train/attention_kernel.py``, the place to change them.
 
 Prints one line per check, ``PASS`` or ``FAIL`` at the end of part 1 (exit 1 on FAIL; decided by
-the default tiles, the other tile choices are reported beside), then the timing table. Nothing is
-written.
+the default tiles and backward mode, the other choices are reported beside), then the timing
+table; ``--out FILE`` also writes the timing rows as JSON (a list of ``name``, ``ms``,
+``peak_gib``, ``warm_s``, ``device``, and ``error`` where a variant failed; rewritten after each
+row, so a run cut short keeps what it timed).
 
+    python benchmarks/attention_kernel_check.py [--no-timing | --no-check] [--batch 512]
+        [--out FILE]
     python benchmarks/attention_kernel_check.py [--no-timing | --no-check] [--batch 512]
     TRITON_INTERPRET=1 python benchmarks/attention_kernel_check.py --device cpu   # smoke run
 """
@@ -27,6 +35,7 @@ written.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -40,6 +49,8 @@ from nkat_search.config import ModelConfig  # noqa: E402
 from nkat_search.train.attention_kernel import (  # noqa: E402
     BLOCK_M,
     BLOCK_N,
+    BWD_MODE,
+    BWD_MODES,
     NUM_WARPS,
     _attention_fwd,
     kernel_attention,
@@ -48,9 +59,13 @@ from nkat_search.train.model import NKATAttention  # noqa: E402
 
 TOP_K, TOP_P, TEMPERATURE = 6, 0.8, 0.65
 TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
-# (query block, key block, warps) for the core timing; the first is the default.
-TILE_CHOICES = ((BLOCK_M, BLOCK_N, NUM_WARPS), (64, 64, 8), (32, 64, 4), (128, 64, 8),
-                (64, 32, 4), (128, 32, 8))
+# (query block, key block, warps) for the core timing; the first is the default. Session 7's H100
+# (before the rand4x mask) ranked them 64x32 w4 8.61 ms, 64x64 w4 9.71, 32x64 w4 10.25, 128x32 w8
+# 10.91, 128x64 w8 12.19, 64x64 w8 16.63: the last four are no longer timed.
+TILE_CHOICES = ((BLOCK_M, BLOCK_N, NUM_WARPS), (64, 32, 4))
+# Software pipelining depths timed at the best (tiles, bwd_mode) pair; 3 is Triton's default on
+# sm_90, so that row repeats the best one.
+NUM_STAGES_CHOICES = (1, 2, 3)
 
 
 def explicit_core(q, k, v, scale, keep=None, dropout_p=0.0):
@@ -95,15 +110,18 @@ def check_agreement(device, small: bool) -> bool:
     ok = True
     batch = 2 if small else 8
     token_counts = (17, 33) if small else (17, 65, 257)
-    cases = [(n, d, dtype, ties, TILE_CHOICES[0]) for n in token_counts for d in (48, 56, 64)
+    default = (TILE_CHOICES[0], BWD_MODE)
+    modes = sorted(BWD_MODES, key=lambda mode: mode != BWD_MODE)  # the default first
+    cases = [(n, d, dtype, ties, TILE_CHOICES[0], mode) for mode in modes
+             for n in token_counts for d in (48, 56, 64)
              for dtype in (torch.float32, torch.bfloat16) for ties in (False, True)]
     # The other tile choices of the timing, at the longest rows in bf16: a choice whose kernels
     # form the scores with different MMA instructions (e.g. a 32-row query block: mma.sync in
-    # the forward, wgmma in the dK / dV kernel) would show here as rows off. They do not decide
-    # PASS; a BAD one must not become the default.
-    cases += [(token_counts[-1], 48, torch.bfloat16, ties, tiles) for tiles in TILE_CHOICES[1:]
-              for ties in (False, True)]
-    for n, d, dtype, ties, tiles in cases:
+    # the forward, wgmma in the dK / dV kernel) would show here as rows off. They and the other
+    # backward mode do not decide PASS; a BAD one must not become the default.
+    cases += [(token_counts[-1], 48, torch.bfloat16, ties, tiles, mode)
+              for tiles in TILE_CHOICES[1:] for mode in BWD_MODES for ties in (False, True)]
+    for n, d, dtype, ties, tiles, mode in cases:
         block_m, block_n, warps = tiles
         scale = d ** -0.5 / TEMPERATURE
         q, k, v, grad = inputs(batch, n, d, ties, device, seed=n * 100 + d)
@@ -114,7 +132,7 @@ def check_agreement(device, small: bool) -> bool:
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         started = time.perf_counter()
         out = kernel_attention(*leaves, scale, TOP_K, TOP_P, 0.0, block_m=block_m,
-                               block_n=block_n, num_warps=warps)
+                               block_n=block_n, num_warps=warps, bwd_mode=mode)
         grads = torch.autograd.grad(out, leaves, grad.to(dtype))
         seconds = time.perf_counter() - started
         errors = {"out": rel(out, ref)}
@@ -125,11 +143,11 @@ def check_agreement(device, small: bool) -> bool:
         bad_rows = int((row_err > TOL[dtype]).sum())
         worst = max(errors.values())
         passed = worst < TOL[dtype]
-        if tiles == TILE_CHOICES[0]:  # the others are candidates: a BAD one is not to be used
+        if (tiles, mode) == default:  # the others are candidates: a BAD one is not to be used
             ok &= passed
         print(f"{'ok  ' if passed else 'BAD '} n={n:<3} d={d} "
               f"{str(dtype).removeprefix('torch.'):<8} {'ties  ' if ties else 'random'}"
-              f" tiles {block_m}x{block_n} w{warps}"
+              f" tiles {block_m}x{block_n} w{warps} bwd {mode}"
               f" max rel err " + " ".join(f"{k} {v:.1e}" for k, v in errors.items())
               + f"; rows off {bad_rows}/{out.shape[0] * 8 * n}"
               + f" (tol {TOL[dtype]:.0e}, {seconds:.1f} s)", flush=True)
@@ -161,50 +179,127 @@ def check_dropout(device, small: bool) -> bool:
     q, k, v, grad = inputs(batch, n, d, False, device, seed=5)
     scale = d ** -0.5 / TEMPERATURE
     keep = _attention_fwd(q, k, eye, seed, scale, TOP_K, TOP_P, p, 64, 64, 4, False)[0] > 0
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = _attention_fwd(*leaves, seed, scale, TOP_K, TOP_P, p, 64, 64, 4, False)[0]
-    grads = torch.autograd.grad(out, leaves, grad)
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = explicit_core(*ref_leaves, scale, keep=keep, dropout_p=p)
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad)
-    errors = {"out": rel(out, ref)}
-    errors.update({name: rel(g, r) for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
-    grad_ok = max(errors.values()) < 1e-4
-    print(f"{'ok  ' if grad_ok else 'BAD '} dropout {p}, fixed seed: forward and backward on one "
-          f"mask, max rel err " + " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    for mode in BWD_MODES:  # the default decides; the other is a candidate
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = _attention_fwd(*leaves, seed, scale, TOP_K, TOP_P, p, 64, 64, 4, False, mode)[0]
+        grads = torch.autograd.grad(out, leaves, grad)
+        errors = {"out": rel(out, ref)}
+        errors.update({name: rel(g, r) for name, g, r in
+                       zip(("dq", "dk", "dv"), grads, ref_grads)})
+        passed = max(errors.values()) < 1e-4
+        if mode == BWD_MODE:
+            grad_ok = passed
+        print(f"{'ok  ' if passed else 'BAD '} dropout {p}, fixed seed, bwd {mode}: forward and "
+              f"backward on one mask, max rel err "
+              + " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     return share_ok and grad_ok
 
 
-def time_layers(device, batch: int, steps: int) -> None:
+def time_layers(device, batch: int, steps: int, out_path: Path | None) -> None:
+    """Times the core variants first (they decide the kernel's defaults), then whole layers.
+    The variants that depend on the best (tiles, bwd_mode) pair take it from the rows before."""
     from nkat_search.train.loop import CUDA_COMPILE_MODE
 
     n, dim = 257, 384
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, n, dim, device=device, generator=gen)
     rows = []
+    title = (f"batch {batch}, {n} tokens, embed {dim}, bf16, {steps} steps "
+             f"({torch.cuda.get_device_name(device)}, torch {torch.__version__})")
 
     def timed(name, fn):
+        """Milliseconds per call of ``fn`` (None if it failed); the row goes to the table and,
+        rewritten after every row so that a cut-off run keeps what it timed, to ``out_path``."""
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         started = time.perf_counter()
+        row = {"name": name, "device": torch.cuda.get_device_name(device)}
         try:
             for _ in range(3):
                 fn()
             torch.cuda.synchronize(device)
-            warm = time.perf_counter() - started
+            row["warm_s"] = round(time.perf_counter() - started, 1)
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
             for _ in range(steps):
                 fn()
             end.record()
             torch.cuda.synchronize(device)
-            ms = begin.elapsed_time(end) / steps
-            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
-            rows.append((name, f"{ms:8.2f}", f"{peak:8.2f}", f"{warm:6.1f}"))
+            row["ms"] = round(begin.elapsed_time(end) / steps, 3)
+            row["peak_gib"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**30, 3)
         except Exception as err:  # noqa: BLE001 - one failed variant must not hide the others
-            rows.append((name, "failed", f"{type(err).__name__}: {str(err)[:150]}", ""))
+            row.update(ms=None, peak_gib=None, error=f"{type(err).__name__}: {str(err)[:300]}")
+        rows.append(row)
         print(f"timed {name}", flush=True)
+        if out_path is not None:
+            out_path.write_text(json.dumps(rows, indent=1) + "\n")
         torch._dynamo.reset()
+        return row["ms"]
+
+    q, k, v = (t.requires_grad_() for t in torch.randn(
+        3, batch, 8, n, dim // 8, device=device, dtype=torch.bfloat16, generator=gen).unbind(0))
+    scale = (dim // 8) ** -0.5 / TEMPERATURE
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def core(fn):
+        def step():
+            fn().float().sum().backward()
+        return step
+
+    def forward_only(fn):
+        def step():
+            with torch.no_grad():
+                fn()
+        return step
+
+    def kernel(top_k=TOP_K, top_p=TOP_P, dropout=0.17, tiles=TILE_CHOICES[0], qq=q, kk=k,
+               **options):
+        block_m, block_n, warps = tiles
+        return lambda: kernel_attention(qq, kk, v, scale, top_k, top_p, dropout, block_m=block_m,
+                                        block_n=block_n, num_warps=warps, **options)
+
+    def tile_name(tiles):
+        return f"{tiles[0]}x{tiles[1]} w{tiles[2]}"
+
+    filt = f"top_k {TOP_K} top_p {TOP_P}"
+    # Tiles x backward mode, filter on, dropout 0.17: the best pair is the base of what follows.
+    timed("core sdpa (no filter), dropout 0.17",
+          core(lambda: sdpa(q, k, v, dropout_p=0.17, scale=scale)))
+    best, best_ms = (TILE_CHOICES[0], BWD_MODE), float("inf")
+    for tiles in TILE_CHOICES:
+        for mode in BWD_MODES:
+            ms = timed(f"core kernel {filt}, dropout 0.17, {tile_name(tiles)}, bwd {mode}",
+                       core(kernel(tiles=tiles, bwd_mode=mode)))
+            if ms is not None and ms < best_ms:
+                best, best_ms = (tiles, mode), ms
+    tiles, mode = best
+    at = f"{tile_name(tiles)}, bwd {mode}"
+    for stages in NUM_STAGES_CHOICES:
+        timed(f"core kernel {filt}, dropout 0.17, {at}, num_stages {stages}",
+              core(kernel(tiles=tiles, bwd_mode=mode, num_stages=stages)))
+    # Where the time goes: the dropout mask, the filter, the backward.
+    timed(f"core kernel {filt}, dropout 0, {at}",
+          core(kernel(dropout=0.0, tiles=tiles, bwd_mode=mode)))
+    timed(f"core kernel no filter, dropout 0.17, {at}",
+          core(kernel(top_k=0, top_p=1.0, tiles=tiles, bwd_mode=mode)))
+    timed("forward only: core sdpa (no filter), dropout 0.17",
+          forward_only(lambda: sdpa(q, k, v, dropout_p=0.17, scale=scale)))
+    timed(f"forward only: core kernel {filt}, dropout 0.17, {tile_name(tiles)}",
+          forward_only(kernel(tiles=tiles)))
+    timed(f"forward only: core kernel no filter, dropout 0.17, {tile_name(tiles)}",
+          forward_only(kernel(top_k=0, top_p=1.0, tiles=tiles)))
+    # Skipping tiles whose probabilities are all 0 pays where attention concentrates: an
+    # attention sink (every row keeps keys among the first 4; the other tiles are all empty).
+    # On random q, k it cost 1.2 ms (session 7), so that pair is not timed again.
+    sink_q = (q.detach() * 0.1 + 1.0).requires_grad_()
+    sink_k = (k.detach() * 0.1).index_add(2, torch.arange(4, device=device), torch.full(
+        (batch, 8, 4, dim // 8), 3.0, device=device, dtype=k.dtype)).requires_grad_()
+    for skip in (False, True):
+        timed(f"core kernel {filt}, dropout 0.17, {at}, sink, skip_empty {skip}",
+              core(kernel(tiles=tiles, qq=sink_q, kk=sink_k, bwd_mode=mode, skip_empty=skip)))
 
     def layer_step(path, filters_off=False, compiled=False):
         values = dict(top_k=0, top_p=1.0, nkat_strength=0.0) if filters_off else {}
@@ -227,46 +322,24 @@ def time_layers(device, batch: int, steps: int) -> None:
             out.float().sum().backward()
         return step
 
+    # Whole layers (the kernel with its module defaults), last: compiling them takes the longest.
     timed("layer sdpa_filters_off, compiled", layer_step("auto", filters_off=True, compiled=True))
     timed("layer fused, compiled", layer_step("fused", compiled=True))
     timed("layer kernel, compiled", layer_step("kernel", compiled=True))
     timed("layer kernel, eager", layer_step("kernel"))
 
-    q, k, v = (t.requires_grad_() for t in torch.randn(
-        3, batch, 8, n, dim // 8, device=device, dtype=torch.bfloat16, generator=gen).unbind(0))
-    scale = (dim // 8) ** -0.5 / TEMPERATURE
-
-    def core(fn):
-        def step():
-            fn().float().sum().backward()
-        return step
-
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    timed("core sdpa (no filter), dropout 0.17",
-          core(lambda: sdpa(q, k, v, dropout_p=0.17, scale=scale)))
-    timed("core kernel no filter, dropout 0.17",
-          core(lambda: kernel_attention(q, k, v, scale, 0, 1.0, 0.17)))
-    for block_m, block_n, warps in TILE_CHOICES:
-        timed(f"core kernel top_k 6 top_p 0.8, dropout 0.17, tiles {block_m}x{block_n} w{warps}",
-              core(lambda: kernel_attention(q, k, v, scale, TOP_K, TOP_P, 0.17, block_m=block_m,
-                                            block_n=block_n, num_warps=warps)))
-    # Skipping tiles whose probabilities are all 0: on random q, k (few such tiles) and on an
-    # attention sink (every row keeps keys among the first 4: the other tiles are all empty),
-    # the two ends of what trained attention may look like.
-    sink_q = (q.detach() * 0.1 + 1.0).requires_grad_()
-    sink_k = (k.detach() * 0.1).index_add(2, torch.arange(4, device=device), torch.full(
-        (batch, 8, 4, dim // 8), 3.0, device=device, dtype=k.dtype)).requires_grad_()
-    for name, (qq, kk) in (("random", (q, k)), ("sink", (sink_q, sink_k))):
-        for skip in (False, True):
-            timed(f"core kernel top_k 6 top_p 0.8, dropout 0.17, {name}, skip_empty {skip}",
-                  core(lambda: kernel_attention(qq, kk, v, scale, TOP_K, TOP_P, 0.17,
-                                                skip_empty=skip)))
-
-    print(f"\nforward + backward, batch {batch}, {n} tokens, embed {dim}, bf16, {steps} steps "
-          f"({torch.cuda.get_device_name(device)}, torch {torch.__version__})")
-    print(f"{'variant':<62} {'ms':>8} {'peak GiB':>8} {'warm s':>6}")
+    print(f"\nforward + backward unless marked, {title}")
+    print(f"best core kernel (tiles, bwd_mode): {at}, {best_ms:.2f} ms")
+    width = max(len(row["name"]) for row in rows)
+    print(f"{'variant':<{width}} {'ms':>8} {'peak GiB':>8} {'warm s':>6}")
     for row in rows:
-        print(f"{row[0]:<62} " + " ".join(f"{c:>8}" for c in row[1:]))
+        if row["ms"] is None:
+            print(f"{row['name']:<{width}}   failed {row['error'][:150]}")
+        else:
+            print(f"{row['name']:<{width}} {row['ms']:8.2f} {row['peak_gib']:8.2f} "
+                  f"{row['warm_s']:6.1f}")
+    if out_path is not None:
+        print(f"wrote {out_path}")
 
 
 def main() -> int:
@@ -276,6 +349,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-timing", action="store_true", help="part 1 only")
     parser.add_argument("--no-check", action="store_true", help="part 2 only")
+    parser.add_argument("--out", type=Path, help="also write the timing rows here as JSON")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -294,7 +368,7 @@ def main() -> int:
         print("PASS" if passed else "FAIL", flush=True)
     if not args.no_timing and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-        time_layers(device, args.batch, args.steps)
+        time_layers(device, args.batch, args.steps, args.out)
     return 0 if passed else 1
 
 
