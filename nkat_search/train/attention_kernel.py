@@ -10,23 +10,39 @@ Why a kernel. The fused core writes and re-reads the N x N logits, weights, drop
 gradients (about 24 bytes per logit per layer, ``benchmarks/attention_notes.md``). Here nothing
 N x N reaches memory:
 
-- forward, one program per (batch x head, block of query rows), loops over key tiles twice. The
-  first pass keeps, per row, the ``LEVELS`` largest distinct scores with their counts (each tile's
-  scores are merged into that short list by the same level walk as ``row_filter``: one max and one
-  count per level), which gives the threshold, the row max and the kept softmax mass exactly as
-  ``row_filter`` computes them. The second pass forms the weights (filter, softmax, dropout) and
-  accumulates ``weights @ v``. Only two float32 scalars per row are saved: threshold and
-  log-sum-exp.
+- forward, one program per (batch x head, block of query rows). With a filter it loops over the
+  key tiles twice. The first pass keeps, per row, the ``LEVELS`` largest distinct scores with
+  their counts (each tile's scores are merged into that short list by the same level walk as
+  ``row_filter``: one max and one count per level), which gives the threshold, the row max and
+  the kept softmax mass exactly as ``row_filter`` computes them. The second pass forms the
+  weights (filter, softmax, dropout) and accumulates ``weights @ v``. Without a filter (top_k and
+  top_p off) there is nothing to find first, so one pass does it all with the online softmax
+  (FlashAttention's running max, with the sum and accumulator rescaled as it grows). Only two
+  float32 scalars per row are saved: threshold and log-sum-exp.
 - backward recomputes the scores and probabilities from q, k and those scalars (as
   FlashAttention-2 does) and regenerates the dropout mask from the seed and each entry's (row,
-  column): one kernel per key block accumulates dK and dV over the query blocks, one per query
-  block accumulates dQ, so no atomics and the result is deterministic. ``delta = rowsum(dO * O)``
-  equals ``rowsum(P * dP)`` of the softmax backward even with dropout (the mask and 1 / (1 - p)
-  are in both O and dP).
+  column). ``bwd_mode`` picks how dQ is formed. "split" (the default, ``BWD_MODE``): one kernel
+  per key block accumulates dK and dV over the query blocks, one per query block accumulates dQ
+  over the key blocks; no atomics, and the result is deterministic, but every tile's scores,
+  probabilities, dO V^T and mask are computed twice. "atomic": the key-block kernel also adds
+  each tile's dS K into a zeroed float32 dQ with atomics, FlashAttention-2's way, then one copy
+  converts it to the output's dtype and layout; half the recomputation, for atomic traffic and
+  a float32 sum order that changes from run to run (dQ may differ in its last bits between
+  identical calls). ``delta = rowsum(dO * O)`` equals ``rowsum(P * dP)`` of the softmax backward
+  even with dropout (the mask and 1 / (1 - p) are in both O and dP).
+- dropout: one Philox call (``tl.rand4x``) serves 4 consecutive columns of a row
+  (``DROPOUT_COLUMNS_PER_PHILOX``), a quarter of the random-number work of one call per entry,
+  which matters because every kernel regenerates the mask. Each entry's keep bit stays a
+  function of (seed, batch x head, row, column) alone, so all kernels agree on it whatever
+  their tiles.
+- launch options, all arguments of ``kernel_attention`` with module defaults: tile sizes
+  (``BLOCK_M``, ``BLOCK_N``), warps (``NUM_WARPS``), software pipelining depth (``NUM_STAGES``),
+  skipping all-zero tiles (``SKIP_EMPTY_TILES``) and ``BWD_MODE``;
+  ``benchmarks/attention_kernel_check.py`` times the choices.
 
 The filter keeps ``scores >= threshold`` and the threshold is itself one of the row's scores, so
-forward and backward must compute every score bit for bit the same: all three kernels form them
-with the same ``_score_tile`` on tiles of the same shape.
+forward and backward must compute every score bit for bit the same: every kernel forms them with
+the same ``_score_tile`` on tiles of the same shape.
 
 Registered as ``torch.library.custom_op`` (``nkat::attention_kernel_fwd`` / ``_bwd``) with a fake
 implementation and an autograd formula, so ``torch.compile`` treats the pair as one opaque op and
@@ -57,8 +73,9 @@ KERNEL_MAX_LEVELS = 16
 # need more registers than the tiles below leave, and none of the searched configs has them.
 KERNEL_MAX_HEAD_DIM = 64
 # Tiles of 64 keys cover a 257-token row in 5 tiles (320 columns) instead of one power-of-two
-# tile of 512. Not tuned on a GPU yet: ``benchmarks/attention_kernel_check.py`` times a few
-# choices. All three kernels use the same tiles (see ``_score_tile``).
+# tile of 512. Session 7's H100 (before the options below) timed 64 x 32 tiles at 8.61 ms and
+# these at 9.71; ``benchmarks/attention_kernel_check.py`` times both again with the options. All
+# kernels use the same tiles (see ``_score_tile``).
 BLOCK_M = 64
 BLOCK_N = 64
 NUM_WARPS = 4
@@ -73,10 +90,10 @@ NUM_STAGES = None
 SKIP_EMPTY_TILES = False
 # The dropout mask costs one Philox call (10 rounds of 32-bit multiplies) per 4 entries instead
 # of per entry: a call yields 4 numbers, used by 4 consecutive columns of one row. Each kernel
-# regenerates the mask (forward, and each backward tile), so this cuts the Philox multiplies per
-# tile about 3.5-fold (sm_90 code of a 64 x 64 tile, per thread: 146 mul.hi instead of 514) for
-# one register-to-MMA layout conversion of the boolean tile (the four outputs are interleaved
-# into columns). Fixed here, not an argument: ``_dropout_keep`` hard-wires the interleave.
+# regenerates the mask (forward, and each backward tile), so this cuts the Philox multiplies
+# about 3.5-fold (each kernel's sm_90 code at 64 x 64 tiles: 146 mul.hi instructions instead of
+# 514) for one layout conversion of the boolean tile into the MMA layout (the four outputs are
+# interleaved into columns). Fixed, not an argument: ``_dropout_keep`` hard-wires the interleave.
 DROPOUT_COLUMNS_PER_PHILOX = 4
 # Backward: "split" runs one kernel per key block (dK, dV) and one per query block (dQ), each
 # recomputing the scores, probabilities, dO V^T and dropout mask of every tile; "atomic" runs the
@@ -137,7 +154,7 @@ if triton is not None:
         # One Philox call yields 4 numbers, so one call serves 4 consecutive columns
         # (DROPOUT_COLUMNS_PER_PHILOX): entry (r, c) takes output c % 4 of the call at offset
         # r * N + c - c % 4. The mask stays a function of (seed, batch x head, row, column)
-        # alone, the same in all three kernels for any tiles of a multiple of 4 columns.
+        # alone, the same in every kernel for any tiles of a multiple of 4 columns.
         key = seed + bh.to(tl.int64) * 4294967296
         quads = col0 + 4 * tl.arange(0, BLOCK_N // 4)
         u0, u1, u2, u3 = tl.rand4x(key, rows[:, None] * N + quads[None, :])
