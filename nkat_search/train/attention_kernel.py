@@ -21,15 +21,16 @@ N x N reaches memory:
   float32 scalars per row are saved: threshold and log-sum-exp.
 - backward recomputes the scores and probabilities from q, k and those scalars (as
   FlashAttention-2 does) and regenerates the dropout mask from the seed and each entry's (row,
-  column). ``bwd_mode`` picks how dQ is formed. "split" (the default, ``BWD_MODE``): one kernel
-  per key block accumulates dK and dV over the query blocks, one per query block accumulates dQ
-  over the key blocks; no atomics, and the result is deterministic, but every tile's scores,
-  probabilities, dO V^T and mask are computed twice. "atomic": the key-block kernel also adds
-  each tile's dS K into a zeroed float32 dQ with atomics, FlashAttention-2's way, then one copy
-  converts it to the output's dtype and layout; half the recomputation, for atomic traffic and
-  a float32 sum order that changes from run to run (dQ may differ in its last bits between
-  identical calls). ``delta = rowsum(dO * O)`` equals ``rowsum(P * dP)`` of the softmax backward
-  even with dropout (the mask and 1 / (1 - p) are in both O and dP).
+  column). ``bwd_mode`` picks how dQ is formed. "split": one kernel per key block accumulates dK
+  and dV over the query blocks, one per query block accumulates dQ over the key blocks; no
+  atomics, and the result is deterministic, but every tile's scores, probabilities, dO V^T and
+  mask are computed twice. "atomic" (the default, ``BWD_MODE``: 12 % faster on an H100): the
+  key-block kernel also adds each tile's dS K into a zeroed float32 dQ with atomics,
+  FlashAttention-2's way, then one copy converts it to the output's dtype and layout; half the
+  recomputation, for atomic traffic and a float32 sum order that changes from run to run (dQ may
+  differ in its last bits between identical calls). ``delta = rowsum(dO * O)`` equals
+  ``rowsum(P * dP)`` of the softmax backward even with dropout (the mask and 1 / (1 - p) are in
+  both O and dP).
 - dropout: one Philox call (``tl.rand4x``) serves 4 consecutive columns of a row
   (``DROPOUT_COLUMNS_PER_PHILOX``), a quarter of the random-number work of one call per entry,
   which matters because every kernel regenerates the mask. Each entry's keep bit stays a
@@ -73,14 +74,16 @@ KERNEL_MAX_LEVELS = 16
 # need more registers than the tiles below leave, and none of the searched configs has them.
 KERNEL_MAX_HEAD_DIM = 64
 # Tiles of 64 keys cover a 257-token row in 5 tiles (320 columns) instead of one power-of-two
-# tile of 512. Session 7's H100 (before the options below) timed 64 x 32 tiles at 8.61 ms and
-# these at 9.71; ``benchmarks/attention_kernel_check.py`` times both again with the options. All
+# tile of 512. Session 8's H100 (batch 512, 257 tokens, bf16, dropout 0.17, forward + backward,
+# results/gpu/session8/kernel_timing.json): 64 x 64 with 4 warps 6.46 ms, 64 x 32 6.58 ms (atomic
+# backward); session 7 had dropped 64 x 64 w8, 32 x 64, 128 x 64 and 128 x 32 (all slower). All
 # kernels use the same tiles (see ``_score_tile``).
 BLOCK_M = 64
 BLOCK_N = 64
 NUM_WARPS = 4
 # Software pipelining depth of the key loops (Triton's num_stages); None is Triton's default (3 on
-# sm_90). Not tuned yet: the check script times 1, 2 and 3.
+# sm_90). Session 8's H100: 1 stage 7.05 ms, 2 stages 6.61, 3 stages 6.34, the default 6.46 (the
+# same launch as 3: about 2 % is run-to-run noise), so the default stays.
 NUM_STAGES = None
 # The issue's sparsity idea at tile granularity: a (query block, key block) tile whose
 # probabilities are all 0 skips its P V (forward), dO V^T, dV and dK (backward) and dQ products.
@@ -99,9 +102,10 @@ DROPOUT_COLUMNS_PER_PHILOX = 4
 # recomputing the scores, probabilities, dO V^T and dropout mask of every tile; "atomic" runs the
 # first only and adds each tile's dS K into a float32 dQ with atomics (FlashAttention-2's way):
 # half the recomputation, for atomic traffic, a (B, H, N, head_dim) float32 buffer and a float32
-# sum order that varies from run to run. "split" until a GPU has timed both
-# (``benchmarks/attention_kernel_check.py``).
-BWD_MODE = "split"
+# sum order that varies from run to run. Session 8's H100 (forward + backward as above): atomic
+# 6.46 ms against split 7.34 at 64 x 64 tiles, 6.58 against 7.13 at 64 x 32; both passed the
+# agreement check there (results/gpu/session8/kernel_check_log.txt).
+BWD_MODE = "atomic"
 BWD_MODES = ("split", "atomic")
 
 

@@ -45,14 +45,18 @@ PAIRWISE_MAX_TOKENS = 32
 FUSED_MIN_TOKENS = PAIRWISE_MAX_TOKENS + 1
 
 # Rows at least this long take the Triton kernel (``train/attention_kernel.py``) on a GPU, eager or
-# compiled. Set equal to the fused core's limit before any GPU timing; ``attention_speed.py`` times
-# the kernel beside the other paths at 17, 65 and 257 tokens, so this is where to change it.
-KERNEL_MIN_TOKENS = FUSED_MIN_TOKENS
-# Whether ``auto`` takes the kernel at all. Off until the kernel has passed its agreement check
-# on a GPU (``benchmarks/attention_kernel_check.py``; its CPU tests run Triton's interpreter and
-# its sm_90 compile, but no GPU could be had in session 6): until then training keeps the
-# measured fused core, and the kernel is taken only when asked for (``path="kernel"``).
-KERNEL_BY_DEFAULT = False
+# compiled. Measured at 257 tokens only (session 8, one H100, one NKATAttention layer compiled,
+# forward + backward, batch 512, bf16: kernel 8.91 ms and 1.55 GiB, fused core 12.64 ms and 2.81
+# GiB, SDPA with the filters off 4.78 ms; results/gpu/session8/kernel_timing.json): rows of 65
+# keep the fused core until ``attention_speed.py`` has timed the kernel there. 129 splits the
+# space's token counts (5, 17, 65, 257) between the two.
+KERNEL_MIN_TOKENS = 129
+# Whether ``auto`` takes the kernel at all. On since session 8: the kernel passed its agreement
+# check on an H100 (``benchmarks/attention_kernel_check.py``: 17, 65 and 257 tokens, float32 and
+# bf16, ties, dropout, both backward modes) and the layer above is 1.42x faster than the fused
+# core. Its 40-epoch accuracy beside the explicit path (``benchmarks/attention_accuracy.py``) is
+# still to be measured.
+KERNEL_BY_DEFAULT = True
 
 # What ``NKATAttention(path=...)`` takes: "auto" (the rule in ``NKATAttention.settle``), or one
 # forced (tests and benchmarks): "sdpa" (every filter off only), "explicit", "fused", "kernel".
