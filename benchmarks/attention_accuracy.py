@@ -1,11 +1,11 @@
 """``nkat-search train`` with the NKAT attention path chosen: the accuracy check of the fast paths.
 
 ``auto`` is what training does (``model.KERNEL_BY_DEFAULT`` says whether that is the Triton
-kernel for rows of 33+ tokens on a GPU, or the fused core); ``kernel`` turns the kernel on for
-those rows; ``fused`` keeps them on the fused core (under ``--compile``), the path before the
-kernel; ``explicit`` keeps every layer on ``NKATAttention.attend``, the path before both. Everything after ``--`` goes
-to ``nkat-search train`` unchanged. For the issue's comparison, one 257-token configuration, 40
-epochs, the same seed, each run on the GPU alone:
+kernel for rows of ``KERNEL_MIN_TOKENS`` or more on a GPU, or the fused core); ``kernel`` turns
+the kernel on for those rows; ``fused`` keeps them on the fused core (under ``--compile``), the
+path before the kernel; ``explicit`` keeps every layer on ``NKATAttention.attend``, the path
+before both. Everything after ``--`` goes to ``nkat-search train`` unchanged. For the issue's
+comparison, one 257-token configuration, 40 epochs, the same seed, each run on the GPU alone:
 
     python benchmarks/attention_accuracy.py kernel -- --conv_stem off --patch_size 2 --compile \\
         --quiet --out runs/attn_kernel
