@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -55,7 +56,11 @@ def test_round2_is_the_users_plan():
     assert base.train.epochs == 40 and base.train.val_fraction == 0.1
     assert spec.sampler == {"type": "tpe", "n_startup_trials": 10, "multivariate": True}
     assert spec.constraints == {"consistency": 0.80, "robustness": 0.75}
-    assert spec.pruner["type"] == "median" and spec.pruner["n_warmup_steps"] > 0
+    # The pruner is the one the replay of the recorded curves chose (results/pruner_replay.json).
+    replay = json.loads((STUDIES.parent / "results" / "pruner_replay.json").read_text())
+    chosen = [row for row in replay["rows"] if row.get("chosen")]
+    assert len(chosen) == 1 and spec.pruner == chosen[0]["study_file_pruner"]
+    assert spec.pruner["type"] == "gate"
     assert len(spec.file_hash) == 64
 
     # The enqueued first trial is the user's baseline command line, field for field.
@@ -71,6 +76,7 @@ def test_round2_aug_is_round2_plus_the_augmentation():
     aug = load_study_file(STUDIES / "round2_aug.yaml")
     assert aug.name == "nkat-round2-aug" and aug.gate == full.gate == 0.60
     assert aug.n_trials == full.n_trials and aug.stage2_datasets == full.stage2_datasets
+    assert aug.pruner == full.pruner
     assert aug.base_config().to_dict() == full.base_config().to_dict()
     added = {"randaugment", "cutout"}
     assert set(aug.search) == set(full.search) | added
