@@ -5,7 +5,8 @@
 
 Reads every trial of the (one) study in the SQLite file that reported all its epochs, and writes
 one row per trial: its parameters, lambda, tokens per image, outcome, the Local TPE@CIFAR10 of
-every epoch (validation slice) and the same as accuracy. ``--prior`` also writes the largest rise
+every epoch (validation slice) and the same as accuracy, Stage 1's wall time and the part of it
+paid before the first epoch (compile, set-up, data). ``--prior`` also writes the largest rise
 factor per epoch over these curves (``search/gate_pruner.py`` says what it is) as the module the
 pruner ships with.
 """
@@ -52,6 +53,10 @@ def curves_of(study: optuna.Study, epochs: int) -> list[dict]:
             # Stage 1's wall time: the whole trial's where it had no Stage 2 to split off.
             "time_trial_s": record.timings.get("time_stage1_s",
                                                record.timings.get("time_trial_s")),
+            # What the trial pays before its first epoch however early it is pruned: compiling
+            # (its first steps beyond steady ones), building the model, loading data.
+            "time_start_s": sum(record.timings.get(f"time_{part}_s", 0.0)
+                                for part in ("compile", "setup", "data")),
         })
     return rows
 

@@ -4,14 +4,16 @@
         [--orders 200] [--parallel 4] [--out results/pruner_replay.json]
 
 Each order is a real Optuna study (in memory) with the candidate pruner. The curves' trials run
-``--parallel`` at a time, as a worker with that many trials per GPU would: each epoch takes its
-trial's recorded wall time / epochs, and a trial reports its Local TPE after every epoch and asks
+``--parallel`` at a time, as a worker with that many trials per GPU would: a trial first pays its
+recorded start-up (compile, set-up, data: ``time_start_s``), then each epoch takes the rest of its
+recorded wall time / epochs, and a trial reports its Local TPE after every epoch and asks
 ``should_prune`` before its last one (as ``search/objective.py`` does). A trial that finishes below
 the gate ends PRUNED, one above it COMPLETE with its final Local TPE as the value (the curves have
 no Stage 2). Per pruner the JSON says:
 
 - ``epochs_share``: CIFAR-10 epochs trained / epochs of the unpruned study;
-- ``seconds_share``: the same weighted by each trial's epoch time (a 257-token epoch costs ~8x);
+- ``seconds_share``: GPU seconds as a share of the unpruned study's: each trial's start-up (paid
+  however early it is pruned) plus its epochs at its epoch time (a 257-token epoch costs ~8x);
 - ``best_kept_share``: the share of orders in which the configuration with the best final
   Local TPE among those passing the gate trained to its end;
 - ``passers_kept_share``: the share of gate-passing trials (over all orders) not pruned.
@@ -114,7 +116,8 @@ def replay(make_pruner, curves: list[dict], order: list[int], epochs: int,
         trial.set_user_attr("curve", index)
         running[index] = trial
         tick += 1
-        heapq.heappush(events, (now + curves[index]["epoch_s"], tick, index))
+        heapq.heappush(events, (now + curves[index]["start_s"] + curves[index]["epoch_s"], tick,
+                                index))
 
     for _ in range(parallel):
         start(clock)
@@ -155,14 +158,17 @@ def main() -> int:
     data = json.loads(Path(args.curves).read_text())
     epochs, curves = data["epochs"], data["curves"]
     for curve in curves:
-        curve["epoch_s"] = (curve.get("time_trial_s") or epochs) / epochs
+        # Curves exported before time_start_s was recorded count no start-up.
+        curve["start_s"] = curve.get("time_start_s", 0.0)
+        curve["epoch_s"] = ((curve.get("time_trial_s") or epochs) - curve["start_s"]) / epochs
     full = [dict(enumerate(c["local_tpe"], start=1)) for c in curves]
     priors = [largest_rises(full[:i] + full[i + 1:], epochs) for i in range(len(curves))]
     passers = [i for i, c in enumerate(curves) if c["local_tpe"][-1] >= GATE]
     best = max(passers, key=lambda i: curves[i]["local_tpe"][-1]) if passers else None
     cost = [c["epoch_s"] for c in curves]
+    start_cost = [c["start_s"] for c in curves]
     total_epochs = epochs * len(curves)
-    total_seconds = epochs * sum(cost)
+    total_seconds = sum(start_cost) + epochs * sum(cost)
 
     rng = random.Random(args.seed)
     orders = [rng.sample(range(len(curves)), len(curves)) for _ in range(args.orders)]
@@ -174,7 +180,7 @@ def main() -> int:
         for order in orders:
             trained = replay(make, curves, order, epochs, args.parallel)
             epochs_sum += sum(trained)
-            seconds_sum += sum(t * c for t, c in zip(trained, cost))
+            seconds_sum += sum(s + t * c for t, c, s in zip(trained, cost, start_cost))
             best_kept += best is not None and trained[best] == epochs
             passers_kept += sum(trained[i] == epochs for i in passers)
         row = {
