@@ -110,6 +110,32 @@ def test_a_rank_pruner_behind_the_gate_stops_what_it_ranks_low():
     assert study.pruner.stopped_by == "rank"
 
 
+def test_the_rank_pruner_never_stops_a_queued_trial_but_the_gate_does():
+    rank = optuna.pruners.ThresholdPruner(lower=0.5, n_warmup_steps=0)
+    study = gate_study(rank=rank)
+    # Queued (the study file's enqueue): the threshold ranks it low, it trains on and passes.
+    study.enqueue_trial({})
+    assert run_curve(study, [0.45, 0.60, 0.62, 0.65]) == EPOCHS
+    assert study.trials[-1].state == TrialState.COMPLETE
+    # The same curve not queued is stopped by the rank pruner, as above.
+    assert run_curve(study, [0.45, 0.60, 0.62, 0.65]) == 1
+    # Queued but hopeless: the gate stops it (0.25 * 2.0 = 0.50 < 0.60).
+    study.enqueue_trial({})
+    assert run_curve(study, [0.25, 0.30, 0.35, 0.40]) == 1
+    assert study.pruner.stopped_by == "gate"
+
+
+def test_successive_halving_still_ranks_others_against_a_queued_trial():
+    rank = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    study = gate_study(rank=rank)
+    study.enqueue_trial({})
+    assert run_curve(study, [0.55, 0.60, 0.62, 0.65]) == EPOCHS  # the queued reference
+    # Below the reference at the first rung: successive halving stops it, so the reference's
+    # rung value was recorded although its own verdict was ignored.
+    assert run_curve(study, [0.40, 0.55, 0.60, 0.62]) == 1
+    assert study.pruner.stopped_by == "rank"
+
+
 def test_rise_factors_and_the_prior_at_another_length():
     assert rise_factors({1: 0.2, 2: 0.5, 3: 0.4, 4: 0.6}, 4) == pytest.approx(
         {1: 3.0, 2: 1.2, 3: 1.2})

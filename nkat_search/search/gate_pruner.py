@@ -25,7 +25,11 @@ full curves of its own. The trial is stopped at epoch ``e < E`` iff
 those behind ``R`` is stopped if it would have passed (its own rise is at most ``R(e)``);
 ``benchmarks/pruner_replay.py`` measures how that carries over to curves left out.
 
-A ranking pruner can be put behind it (``rank``): a trial is stopped when either says so.
+A ranking pruner can be put behind it (``rank``): a trial is stopped when either says so, except
+that the rank pruner never stops a trial the study file queued (``enqueue``: the user's baseline,
+reference configurations). Those are the references the user asked to see trained in full, and a
+ranking pruner would often stop them early for being slower than their peers at a rung (the
+baseline's curve ranks in the middle of Round 2's); the gate still applies to them.
 """
 
 from __future__ import annotations
@@ -142,6 +146,10 @@ class GatePruner(optuna.pruners.BasePruner):
         self.stopped_by = None
         if self.cannot_pass(study, trial):
             self.stopped_by = "gate"
-        elif self.rank is not None and self.rank.prune(study, trial):
-            self.stopped_by = "rank"
+        elif self.rank is not None:
+            # Asked even for a queued trial: successive halving records its rung values then,
+            # so the other trials are still ranked against the references.
+            ranked_low = self.rank.prune(study, trial)
+            if ranked_low and "fixed_params" not in trial.system_attrs:
+                self.stopped_by = "rank"
         return self.stopped_by is not None
