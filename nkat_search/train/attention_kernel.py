@@ -26,8 +26,8 @@ N x N reaches memory:
   (``DROPOUT_MASK``). ``bwd_mode`` picks how dQ is formed. "split": one kernel per key block
   accumulates dK and dV over the query blocks, one per query block accumulates dQ over the key
   blocks; no atomics, and the result is deterministic, but every tile's scores, probabilities,
-  dO V^T and mask are computed twice. "atomic" (the default, ``BWD_MODE``: 12 % faster on an H100): the
-  key-block kernel also adds each tile's dS K into a zeroed float32 dQ with atomics,
+  dO V^T and mask are computed twice. "atomic" (the default, ``BWD_MODE``: 12 % faster on an
+  H100): the key-block kernel also adds each tile's dS K into a zeroed float32 dQ with atomics,
   FlashAttention-2's way, then one copy converts it to the output's dtype and layout; half the
   recomputation, for atomic traffic and a float32 sum order that changes from run to run (dQ may
   differ in its last bits between identical calls). ``delta = rowsum(dO * O)`` equals
@@ -35,9 +35,9 @@ N x N reaches memory:
   both O and dP).
 - dropout: one Philox call (``tl.rand4x``) serves 4 consecutive columns of a row
   (``DROPOUT_COLUMNS_PER_PHILOX``), a quarter of the random-number work of one call per entry,
-  which matters because every kernel regenerates the mask. Each entry's keep bit stays a
-  function of (seed, batch x head, row, column) alone, so all kernels agree on it whatever
-  their tiles.
+  which matters because every kernel regenerates the mask (with "philox"). Each entry's keep
+  bit stays a function of (seed, batch x head, row, column) alone, so all kernels agree on it
+  whatever their tiles.
 - launch options, all arguments of ``kernel_attention`` with module defaults: tile sizes
   (``BLOCK_M``, ``BLOCK_N``), warps (``NUM_WARPS``), software pipelining depth (``NUM_STAGES``),
   skipping all-zero tiles (``SKIP_EMPTY_TILES``), ``BWD_MODE``, ``DROPOUT_MASK`` and
