@@ -10,15 +10,20 @@ number of rows whose output is off by more than the tolerance (a row whose filte
 Float32 runs without TF32 on both sides. bf16 feeds both sides the same bf16 values; the explicit
 side computes in float32 from them. Then dropout: the kept share against its binomial bounds, and
 the gradients on a fixed seed against the explicit core given the mask the kernel's forward used.
-Both checks run once per backward mode (``BWD_MODES``: split, atomic).
+Both checks run once per backward mode (``BWD_MODES``: split, atomic); a few cases also run
+``skip_merge`` (agreement, longest rows) and ``dropout_mask`` "bits" (dropout gradients): each
+against the same reference, candidates that do not decide PASS.
 Part 2 times the attention core alone (q, k, v to output; batch 512, 8 heads of 48, 257 tokens,
 bf16, forward + backward unless marked): SDPA; the kernel (top_k 6, top_p 0.8, dropout 0.17) at
 each tile choice (query block, key block, warps) and backward mode; then, at the fastest of those
 pairs, num_stages 1, 2 and 3, dropout 0 (the mask's cost), the filter off, forward only (also
-SDPA's) and skipping empty tiles on an attention sink. Then one attention layer (embed 384, bf16
+SDPA's) and skipping empty tiles on an attention sink; then the new options at that pair, each
+with and without backward: ``dropout_mask`` "bits" (the forward saves the mask), ``skip_merge``
+on random data and on the sink, and both together. Then one attention layer (embed 384, bf16
 autocast) on the kernel with its defaults (eager and compiled), the fused path (compiled) and
-SDPA with the filters off. The defaults are ``BLOCK_M``, ``BLOCK_N``, ``NUM_WARPS``, ``BWD_MODE``
-and ``NUM_STAGES`` in ``train/attention_kernel.py``, the place to change them.
+SDPA with the filters off. The defaults are ``BLOCK_M``, ``BLOCK_N``, ``NUM_WARPS``, ``BWD_MODE``,
+``NUM_STAGES``, ``DROPOUT_MASK`` and ``SKIP_MERGE`` in ``train/attention_kernel.py``, the place
+to change them.
 
 Prints one line per check, ``PASS`` or ``FAIL`` at the end of part 1 (exit 1 on FAIL; decided by
 the default tiles and backward mode, the other choices are reported beside), then the timing
@@ -51,7 +56,9 @@ from nkat_search.train.attention_kernel import (  # noqa: E402
     BLOCK_N,
     BWD_MODE,
     BWD_MODES,
+    DROPOUT_MASK,
     NUM_WARPS,
+    SKIP_MERGE,
     _attention_fwd,
     kernel_attention,
 )
@@ -112,16 +119,21 @@ def check_agreement(device, small: bool) -> bool:
     token_counts = (17, 33) if small else (17, 65, 257)
     default = (TILE_CHOICES[0], BWD_MODE)
     modes = sorted(BWD_MODES, key=lambda mode: mode != BWD_MODE)  # the default first
-    cases = [(n, d, dtype, ties, TILE_CHOICES[0], mode) for mode in modes
+    cases = [(n, d, dtype, ties, TILE_CHOICES[0], mode, {}) for mode in modes
              for n in token_counts for d in (48, 56, 64)
              for dtype in (torch.float32, torch.bfloat16) for ties in (False, True)]
     # The other tile choices of the timing, at the longest rows in bf16: a choice whose kernels
     # form the scores with different MMA instructions (e.g. a 32-row query block: mma.sync in
     # the forward, wgmma in the dK / dV kernel) would show here as rows off. They and the other
     # backward mode do not decide PASS; a BAD one must not become the default.
-    cases += [(token_counts[-1], 48, torch.bfloat16, ties, tiles, mode)
+    cases += [(token_counts[-1], 48, torch.bfloat16, ties, tiles, mode, {})
               for tiles in TILE_CHOICES[1:] for mode in BWD_MODES for ties in (False, True)]
-    for n, d, dtype, ties, tiles, mode in cases:
+    # skip_merge the other way than the default (exact: the same lists, so the same errors), at
+    # the longest rows, default tiles and backward mode; also a candidate.
+    cases += [(token_counts[-1], 48, dtype, ties, TILE_CHOICES[0], BWD_MODE,
+               dict(skip_merge=not SKIP_MERGE))
+              for dtype in (torch.float32, torch.bfloat16) for ties in (False, True)]
+    for n, d, dtype, ties, tiles, mode, options in cases:
         block_m, block_n, warps = tiles
         scale = d ** -0.5 / TEMPERATURE
         q, k, v, grad = inputs(batch, n, d, ties, device, seed=n * 100 + d)
@@ -132,7 +144,7 @@ def check_agreement(device, small: bool) -> bool:
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         started = time.perf_counter()
         out = kernel_attention(*leaves, scale, TOP_K, TOP_P, 0.0, block_m=block_m,
-                               block_n=block_n, num_warps=warps, bwd_mode=mode)
+                               block_n=block_n, num_warps=warps, bwd_mode=mode, **options)
         grads = torch.autograd.grad(out, leaves, grad.to(dtype))
         seconds = time.perf_counter() - started
         errors = {"out": rel(out, ref)}
@@ -143,12 +155,13 @@ def check_agreement(device, small: bool) -> bool:
         bad_rows = int((row_err > TOL[dtype]).sum())
         worst = max(errors.values())
         passed = worst < TOL[dtype]
-        if (tiles, mode) == default:  # the others are candidates: a BAD one is not to be used
-            ok &= passed
+        if (tiles, mode) == default and not options:
+            ok &= passed  # the others are candidates: a BAD one is not to be used
         print(f"{'ok  ' if passed else 'BAD '} n={n:<3} d={d} "
               f"{str(dtype).removeprefix('torch.'):<8} {'ties  ' if ties else 'random'}"
               f" tiles {block_m}x{block_n} w{warps} bwd {mode}"
-              f" max rel err " + " ".join(f"{k} {v:.1e}" for k, v in errors.items())
+              + "".join(f" {key} {value}" for key, value in options.items())
+              + " max rel err " + " ".join(f"{k} {v:.1e}" for k, v in errors.items())
               + f"; rows off {bad_rows}/{out.shape[0] * 8 * n}"
               + f" (tol {TOL[dtype]:.0e}, {seconds:.1f} s)", flush=True)
     ok &= check_dropout(device, small)
@@ -182,17 +195,23 @@ def check_dropout(device, small: bool) -> bool:
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = explicit_core(*ref_leaves, scale, keep=keep, dropout_p=p)
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad)
-    for mode in BWD_MODES:  # the default decides; the other is a candidate
+    # The default (bwd_mode, dropout_mask) decides; the others are candidates.
+    other_mask = "bits" if DROPOUT_MASK == "philox" else "philox"
+    variants = [(mode, DROPOUT_MASK) for mode in BWD_MODES]
+    variants += [(mode, other_mask) for mode in BWD_MODES]
+    for mode, mask in variants:
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = _attention_fwd(*leaves, seed, scale, TOP_K, TOP_P, p, 64, 64, 4, False, mode)[0]
+        out = _attention_fwd(*leaves, seed, scale, TOP_K, TOP_P, p, 64, 64, 4, False, mode, None,
+                             mask)[0]
         grads = torch.autograd.grad(out, leaves, grad)
         errors = {"out": rel(out, ref)}
         errors.update({name: rel(g, r) for name, g, r in
                        zip(("dq", "dk", "dv"), grads, ref_grads)})
         passed = max(errors.values()) < 1e-4
-        if mode == BWD_MODE:
+        if (mode, mask) == (BWD_MODE, DROPOUT_MASK):
             grad_ok = passed
-        print(f"{'ok  ' if passed else 'BAD '} dropout {p}, fixed seed, bwd {mode}: forward and "
+        print(f"{'ok  ' if passed else 'BAD '} dropout {p}, fixed seed, bwd {mode}, mask {mask}: "
+              f"forward and "
               f"backward on one mask, max rel err "
               + " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     return share_ok and grad_ok
@@ -300,6 +319,28 @@ def time_layers(device, batch: int, steps: int, out_path: Path | None) -> None:
     for skip in (False, True):
         timed(f"core kernel {filt}, dropout 0.17, {at}, sink, skip_empty {skip}",
               core(kernel(tiles=tiles, qq=sink_q, kk=sink_k, bwd_mode=mode, skip_empty=skip)))
+    # The new options against the rows above at the same pair (which ran the module's
+    # DROPOUT_MASK and SKIP_MERGE): each the other way, forward + backward and forward only.
+    mask = "bits" if DROPOUT_MASK == "philox" else "philox"
+    merge = not SKIP_MERGE
+    timed(f"core kernel {filt}, dropout 0.17, {at}, dropout_mask {mask}",
+          core(kernel(tiles=tiles, bwd_mode=mode, dropout_mask=mask)))
+    timed(f"forward only: core kernel {filt}, dropout 0.17, {tile_name(tiles)}, "
+          f"dropout_mask {mask}", forward_only(kernel(tiles=tiles, dropout_mask=mask)))
+    timed(f"core kernel {filt}, dropout 0.17, {at}, skip_merge {merge}",
+          core(kernel(tiles=tiles, bwd_mode=mode, skip_merge=merge)))
+    timed(f"forward only: core kernel {filt}, dropout 0.17, {tile_name(tiles)}, "
+          f"skip_merge {merge}", forward_only(kernel(tiles=tiles, skip_merge=merge)))
+    # On the sink every key tile past the first leaves the lists as they are: the most a merge
+    # skip can save. Its forward + backward with the default is the skip_empty False row above.
+    timed(f"core kernel {filt}, dropout 0.17, {at}, sink, skip_merge {merge}",
+          core(kernel(tiles=tiles, qq=sink_q, kk=sink_k, bwd_mode=mode, skip_merge=merge)))
+    for skip in (SKIP_MERGE, merge):
+        timed(f"forward only: core kernel {filt}, dropout 0.17, {tile_name(tiles)}, sink, "
+              f"skip_merge {skip}",
+              forward_only(kernel(tiles=tiles, qq=sink_q, kk=sink_k, skip_merge=skip)))
+    timed(f"core kernel {filt}, dropout 0.17, {at}, dropout_mask {mask}, skip_merge {merge}",
+          core(kernel(tiles=tiles, bwd_mode=mode, dropout_mask=mask, skip_merge=merge)))
 
     def layer_step(path, filters_off=False, compiled=False):
         values = dict(top_k=0, top_p=1.0, nkat_strength=0.0) if filters_off else {}

@@ -151,12 +151,14 @@ def _integer_ties_case(dtype: torch.dtype, bwd_mode: str = "split") -> dict:
     return result
 
 
-def _raw_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, skip_empty=False, bwd_mode="split"):
-    """The forward op with a given seed tensor, on the test tiles: (output, threshold, lse)."""
+def _raw_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, skip_empty=False, bwd_mode="split",
+             skip_merge=False):
+    """The forward op with a given seed tensor, on the test tiles: (output, threshold, lse,
+    packed dropout mask)."""
     from nkat_search.train.attention_kernel import _attention_fwd
 
     return _attention_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, TILE, TILE, 4,
-                          skip_empty, bwd_mode)
+                          skip_empty, bwd_mode, None, "philox", skip_merge)
 
 
 def _skip_empty_case(bwd_mode: str = "split") -> dict:
@@ -286,10 +288,104 @@ def _seed_case() -> dict:
             "next_call_equal": bool(torch.equal(first, second))}
 
 
+def _dropout_bits_case() -> dict:
+    """dropout_mask "bits": the forward's packed words are the Philox mask (read back through
+    v = identity) and backward from them gives the same output and gradients, bit for bit, as
+    regenerating it, for both backward modes, on 37 keys: a partial tile, and on key tiles of 32
+    a partial 32-bit word (and bit 31, the int32 sign)."""
+    from nkat_search.train.attention_kernel import _attention_fwd
+
+    p = 0.3
+    gen = torch.Generator().manual_seed(17)
+    n = 37
+    q, k, v, grad = (t * 2 for t in torch.randn(4, 2, 2, n, 48, generator=gen).unbind(0))
+    seed = torch.tensor([21], dtype=torch.int64)
+    eye = torch.eye(n, 48).expand(2, 2, n, 48).contiguous()
+    result = {}
+    for bm, bn in ((TILE, TILE), (TILE, 32)):
+        # No filter, so every kept entry of the mask shows as a weight > 0.
+        philox = _attention_fwd(q, k, eye, seed, 0.5, 0, 1.0, p, bm, bn, 4, False)[0][..., :n] > 0
+        words = _attention_fwd(q, k, eye, seed, 0.5, 0, 1.0, p, bm, bn, 4, False, "split", None,
+                               "bits")[3]
+        group = min(32, bn)
+        cols = torch.arange(n)
+        unpacked = (words[..., cols // group] >> (cols % group)) & 1
+        result[f"{bm}x{bn}_words"] = list(words.shape)
+        result[f"{bm}x{bn}_unpacked_equal"] = bool(torch.equal(unpacked.bool(), philox))
+        result[f"{bm}x{bn}_sign_bit_words"] = int((words < 0).sum())
+        for bwd_mode in ("split", "atomic"):
+            runs = []
+            for mask in ("philox", "bits"):
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                out = _attention_fwd(*leaves, seed, 0.5, 6, 0.8, p, bm, bn, 4, False, bwd_mode,
+                                     None, mask)[0]
+                runs.append([out, *torch.autograd.grad(out, leaves, grad)])
+            result[f"{bm}x{bn}_{bwd_mode}_identical"] = [bool(torch.equal(a, b))
+                                                         for a, b in zip(*runs)]
+    return result
+
+
+def _skippable_tiles(q, k, scale, levels) -> float:
+    """Share of (query block, key tile) pairs after the first whose rows all score below their
+    list's smallest level so far: the tiles skip_merge skips (float32 scores as torch forms
+    them, which may differ from the kernel's in the last bit; a description of the data)."""
+    s = (q @ k.transpose(-2, -1)).float() * scale
+    n = s.shape[-1]
+    skippable = total = 0
+    for head in s.reshape(-1, n, n):
+        for r0 in range(0, n, TILE):
+            block = head[r0:r0 + TILE]
+            for c0 in range(TILE, n, TILE):
+                floors = []
+                for row in block[:, :c0]:
+                    distinct = row.unique(sorted=True).flip(0)
+                    floors.append(distinct[levels - 1] if len(distinct) >= levels
+                                  else torch.tensor(float("-inf")))
+                tile_max = block[:, c0:c0 + TILE].amax(-1)
+                skippable += bool((tile_max < torch.stack(floors)).all())
+                total += 1
+    return skippable / total
+
+
+def _skip_merge_case() -> dict:
+    """skip_merge: the same output and gradients, bit for bit, on an attention sink (most tiles
+    skipped), on random rows and on integer scores with ties at the list's smallest level (a
+    later tile whose max equals it must still merge: its count grows)."""
+    gen = torch.Generator().manual_seed(18)
+    n = 64
+    sink_q = torch.randn(1, 2, n, 48, generator=gen) * 0.1 + 1.0
+    sink_k = torch.randn(1, 2, n, 48, generator=gen) * 0.1
+    sink_k[:, :, :4] += 3.0
+    rand_q, rand_k = torch.randn(2, 1, 2, 40, 48, generator=gen).unbind(0)
+    # Scores q . k = k[..., 0]: integers 0..2, many ties. The first tile holds a sink of 9 (key
+    # 0) and a 3, the list's smallest level with top_k 2 (kept: its count sets the mass); keys 20
+    # and 21 tie it in the second tile, which must merge (the count grows); the third tile's max
+    # is 2 (skipped).
+    tie_q = torch.zeros(1, 2, 40, 16)
+    tie_q[..., 0] = 1.0
+    tie_k = torch.randint(0, 3, (1, 2, 40, 16), generator=gen).float()
+    tie_k[:, :, 0, 0] = 9.0
+    tie_k[:, :, [5, 20, 21], 0] = 3.0
+    cases = {"sink": (sink_q, sink_k, 0.5, 2, 0.9), "random": (rand_q, rand_k, 0.5, 6, 0.8),
+             "ties": (tie_q, tie_k, 1.0, 2, 1.0)}
+    result = {}
+    for name, (q, k, scale, top_k, top_p) in cases.items():
+        v, grad = torch.randn(2, *q.shape, generator=gen).unbind(0)
+        runs = []
+        for skip in (False, True):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = _raw_fwd(*leaves, torch.tensor([5]), scale, top_k, top_p, 0.2,
+                           skip_merge=skip)[0]
+            runs.append([out, *torch.autograd.grad(out, leaves, grad)])
+        result[f"{name}_identical"] = [bool(torch.equal(a, b)) for a, b in zip(*runs)]
+        result[f"{name}_skippable"] = _skippable_tiles(q, k, scale, top_k)
+    return result
+
+
 def _opcheck_case(variant: tuple = ()) -> dict:
     """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT
     dispatch of the forward op, i.e. what torch.compile relies on. ``variant``: the trailing
-    arguments (bwd_mode, num_stages), defaults if empty."""
+    arguments (bwd_mode, num_stages, dropout_mask, skip_merge), defaults if empty."""
     from nkat_search.train.attention_kernel import _attention_fwd
 
     gen = torch.Generator().manual_seed(14)
@@ -319,6 +415,9 @@ def run_cases() -> dict:
         "seed": _seed_case,
         "opcheck": _opcheck_case,
         "opcheck_atomic_stages": lambda: _opcheck_case(("atomic", 2)),
+        "dropout_bits": _dropout_bits_case,
+        "skip_merge": _skip_merge_case,
+        "opcheck_bits_skip_merge": lambda: _opcheck_case(("atomic", None, "bits", True)),
     })
     results = {}
     for name, case in cases.items():
@@ -447,6 +546,30 @@ def test_kernel_op_registration_with_backward_mode_and_stages(interpreted):
     assert report and all(value == "SUCCESS" for value in report.values()), report
 
 
+def test_kernel_dropout_bits_are_the_philox_mask(interpreted):
+    result = _case(interpreted, "dropout_bits")
+    assert result["16x16_words"] == [2, 2, 37, 3] and result["16x32_words"] == [2, 2, 37, 2]
+    for tiles in ("16x16", "16x32"):
+        assert result[f"{tiles}_unpacked_equal"], result
+        for bwd_mode in ("split", "atomic"):
+            assert result[f"{tiles}_{bwd_mode}_identical"] == [True] * 4, result
+    assert result["16x32_sign_bit_words"] > 0, result  # bit 31 is exercised
+
+
+def test_kernel_skip_merge_changes_nothing(interpreted):
+    result = _case(interpreted, "skip_merge")
+    for name in ("sink", "random", "ties"):
+        assert result[f"{name}_identical"] == [True] * 4, result
+    # The cases exercise skipping: every tile after the first on the sink, the third on ties.
+    assert result["sink_skippable"] == 1.0 and result["ties_skippable"] == 0.5, result
+
+
+def test_kernel_op_registration_with_bits_and_skip_merge(interpreted):
+    report = _case(interpreted, "opcheck_bits_skip_merge")
+    report.pop("seconds")
+    assert report and all(value == "SUCCESS" for value in report.values()), report
+
+
 # --- in process: no kernel launches, so no interpreter needed ------------------------------------
 
 def _compile_for_hopper(fn, dtype: str, constexprs: dict, num_warps: int):
@@ -467,6 +590,8 @@ def _compile_for_hopper(fn, dtype: str, constexprs: dict, num_warps: int):
             signature[name] = "*fp32"
         elif name == "SEED":
             signature[name] = "*i64"
+        elif name == "BITS":
+            signature[name] = "*i32"
         elif name in ("scale", "top_p", "dropout_p", "inv_keep"):
             signature[name] = "fp32"
         else:
@@ -483,8 +608,10 @@ def test_kernels_compile_for_hopper_in_bf16():
     from nkat_search.train import attention_kernel as ak
 
     tiles = dict(BLOCK_M=ak.BLOCK_M, BLOCK_N=ak.BLOCK_N, BLOCK_D=64, PRECISION="tf32",
-                 SKIP_EMPTY=ak.SKIP_EMPTY_TILES)
-    forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8, **tiles)
+                 SKIP_EMPTY=ak.SKIP_EMPTY_TILES, MASK_BITS=ak.DROPOUT_MASK == "bits",
+                 GROUP=min(ak.DROPOUT_BITS_PER_WORD, ak.BLOCK_N))
+    forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8,
+                   SKIP_MERGE=ak.SKIP_MERGE, **tiles)
     for fn, constexprs in ((ak._fwd_kernel, dict(DROPOUT=True, **forward)),
                            (ak._bwd_kv_kernel, dict(DROPOUT=True, **tiles)),
                            (ak._bwd_q_kernel, dict(DROPOUT=True, **tiles))):
@@ -502,16 +629,27 @@ def test_kernel_variants_compile_for_hopper_in_bf16():
     from nkat_search.train import attention_kernel as ak
 
     tiles = dict(BLOCK_M=ak.BLOCK_M, BLOCK_N=ak.BLOCK_N, BLOCK_D=64, PRECISION="tf32",
-                 SKIP_EMPTY=ak.SKIP_EMPTY_TILES)
+                 SKIP_EMPTY=ak.SKIP_EMPTY_TILES, MASK_BITS=ak.DROPOUT_MASK == "bits",
+                 GROUP=min(ak.DROPOUT_BITS_PER_WORD, ak.BLOCK_N))
     compiled = _compile_for_hopper(ak._bwd_atomic_kernel, "bf16", dict(DROPOUT=True, **tiles),
                                    ak.NUM_WARPS)
     ptx = compiled.asm["ptx"]
     assert "wgmma" in ptx
     assert "red.global" in ptx or "atom.global" in ptx  # dQ summed in global memory
     no_filter = dict(TOP_K=0, TOPK_ON=False, NUCLEUS_ON=False, LEVELS=0, LEVELS_PAD=2,
-                     DROPOUT=True, **tiles)
+                     DROPOUT=True, SKIP_MERGE=False, **tiles)
     compiled = _compile_for_hopper(ak._fwd_kernel, "bf16", no_filter, ak.NUM_WARPS)
     assert "wgmma" in compiled.asm["ptx"]
+    # The options: forward writing the packed mask and skipping merges, backward reading it,
+    # on key tiles of 64 (2 words) and 32 (1 word).
+    for block_n in (64, 32):
+        options = dict(tiles, BLOCK_N=block_n, MASK_BITS=True, GROUP=32)
+        forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8,
+                       DROPOUT=True, SKIP_MERGE=True, **options)
+        for fn, constexprs in ((ak._fwd_kernel, forward),
+                               (ak._bwd_atomic_kernel, dict(DROPOUT=True, **options))):
+            compiled = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
+            assert "wgmma" in compiled.asm["ptx"], (fn.__name__, block_n)
 
 
 def test_kernel_supports_and_cpu_auto_path(monkeypatch):

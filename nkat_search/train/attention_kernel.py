@@ -14,18 +14,20 @@ N x N reaches memory:
   key tiles twice. The first pass keeps, per row, the ``LEVELS`` largest distinct scores with
   their counts (each tile's scores are merged into that short list by the same level walk as
   ``row_filter``: one max and one count per level), which gives the threshold, the row max and
-  the kept softmax mass exactly as ``row_filter`` computes them. The second pass forms the
+  the kept softmax mass exactly as ``row_filter`` computes them; ``skip_merge`` skips the merge
+  of a tile that cannot change any row's list (``SKIP_MERGE``). The second pass forms the
   weights (filter, softmax, dropout) and accumulates ``weights @ v``. Without a filter (top_k and
   top_p off) there is nothing to find first, so one pass does it all with the online softmax
   (FlashAttention's running max, with the sum and accumulator rescaled as it grows). Only two
   float32 scalars per row are saved: threshold and log-sum-exp.
 - backward recomputes the scores and probabilities from q, k and those scalars (as
   FlashAttention-2 does) and regenerates the dropout mask from the seed and each entry's (row,
-  column). ``bwd_mode`` picks how dQ is formed. "split": one kernel per key block accumulates dK
-  and dV over the query blocks, one per query block accumulates dQ over the key blocks; no
-  atomics, and the result is deterministic, but every tile's scores, probabilities, dO V^T and
-  mask are computed twice. "atomic" (the default, ``BWD_MODE``: 12 % faster on an H100): the
-  key-block kernel also adds each tile's dS K into a zeroed float32 dQ with atomics,
+  column), or with ``dropout_mask`` "bits" unpacks it from the 1 bit per entry the forward saved
+  (``DROPOUT_MASK``). ``bwd_mode`` picks how dQ is formed. "split": one kernel per key block
+  accumulates dK and dV over the query blocks, one per query block accumulates dQ over the key
+  blocks; no atomics, and the result is deterministic, but every tile's scores, probabilities,
+  dO V^T and mask are computed twice. "atomic" (the default, ``BWD_MODE``: 12 % faster on an
+  H100): the key-block kernel also adds each tile's dS K into a zeroed float32 dQ with atomics,
   FlashAttention-2's way, then one copy converts it to the output's dtype and layout; half the
   recomputation, for atomic traffic and a float32 sum order that changes from run to run (dQ may
   differ in its last bits between identical calls). ``delta = rowsum(dO * O)`` equals
@@ -33,12 +35,13 @@ N x N reaches memory:
   both O and dP).
 - dropout: one Philox call (``tl.rand4x``) serves 4 consecutive columns of a row
   (``DROPOUT_COLUMNS_PER_PHILOX``), a quarter of the random-number work of one call per entry,
-  which matters because every kernel regenerates the mask. Each entry's keep bit stays a
-  function of (seed, batch x head, row, column) alone, so all kernels agree on it whatever
-  their tiles.
+  which matters because every kernel regenerates the mask (with "philox"). Each entry's keep
+  bit stays a function of (seed, batch x head, row, column) alone, so all kernels agree on it
+  whatever their tiles.
 - launch options, all arguments of ``kernel_attention`` with module defaults: tile sizes
   (``BLOCK_M``, ``BLOCK_N``), warps (``NUM_WARPS``), software pipelining depth (``NUM_STAGES``),
-  skipping all-zero tiles (``SKIP_EMPTY_TILES``) and ``BWD_MODE``;
+  skipping all-zero tiles (``SKIP_EMPTY_TILES``), ``BWD_MODE``, ``DROPOUT_MASK`` and
+  ``SKIP_MERGE``;
   ``benchmarks/attention_kernel_check.py`` times the choices.
 
 The filter keeps ``scores >= threshold`` and the threshold is itself one of the row's scores, so
@@ -107,6 +110,25 @@ DROPOUT_COLUMNS_PER_PHILOX = 4
 # agreement check there (results/gpu/session8/kernel_check_log.txt).
 BWD_MODE = "atomic"
 BWD_MODES = ("split", "atomic")
+# Dropout mask in backward: "philox" regenerates it in every backward tile from the seed (nothing
+# saved); "bits" has the forward write each entry's keep bit, packed DROPOUT_BITS_PER_WORD columns
+# to an int32 word, into a (B, H, N, words) tensor saved for backward, which unpacks it instead of
+# running Philox: the mask cost 1.38 ms of the 6.46 (session 8's H100, the rows above), for
+# about N * N / 8 bytes per head (rows padded to whole words: 9 words for 257 keys, 38 MB per
+# layer at batch 512 and 8 heads). The same bits as "philox" (the forward draws them the same
+# way), so the same gradients.
+DROPOUT_MASK = "philox"
+DROPOUT_MASKS = ("philox", "bits")
+# Columns per packed word; tiles narrower than 32 keys (the tests' 16) pack BLOCK_N per word, so
+# a tile always owns whole words and no two programs write one word.
+DROPOUT_BITS_PER_WORD = 32
+# The forward's first pass merges every key tile into each row's list of LEVELS largest scores
+# (two row reductions per level). Once a row's list is full, a tile whose largest score in that
+# row is below the list's smallest level leaves the list as it is; with skip_merge a tile that
+# leaves every row's list as it is skips its merge (one row max per tile instead). Exact: the same
+# lists, bit for bit. The gain depends on the data (most tiles skip once attention concentrates,
+# e.g. on a sink); off until timed (``benchmarks/attention_kernel_check.py``).
+SKIP_MERGE = False
 
 
 def kernel_available() -> bool:
@@ -168,11 +190,47 @@ if triton is not None:
         return tl.reshape(keep, [BLOCK_M, BLOCK_N])
 
     @triton.jit
+    def _bit_or(a, b):
+        return a | b
+
+    @triton.jit
+    def _mask_words(BITS, bh, rows, col0, N, W, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+        # Offsets and mask of a tile's packed words in the contiguous (B, H, N, W) bits tensor.
+        words = col0 // GROUP + tl.arange(0, BLOCK_N // GROUP)
+        ptrs = BITS + (bh * N + rows)[:, None] * W + words[None, :]
+        return ptrs, (rows < N)[:, None] & (words < W)[None, :]
+
+    @triton.jit
+    def _store_keep(BITS, keep, bh, rows, col0, N, W, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+        # Column col0 + GROUP * w + j of the tile is bit j of word w (bit 31 is the int32 sign,
+        # hence an or, not a sum).
+        shifts = tl.arange(0, GROUP)
+        bits = tl.reshape(keep.to(tl.int32), [BLOCK_M, BLOCK_N // GROUP, GROUP])
+        words = tl.reduce(bits << shifts[None, None, :], 2, _bit_or)
+        ptrs, ok = _mask_words(BITS, bh, rows, col0, N, W, BLOCK_N, GROUP)
+        tl.store(ptrs, words, mask=ok)
+
+    @triton.jit
+    def _keep_tile(seed, BITS, bh, rows, col0, N, W, dropout_p, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, GROUP: tl.constexpr, MASK_BITS: tl.constexpr):
+        # The backward's dropout mask of a tile: unpacked from the forward's bits, or Philox again.
+        if MASK_BITS:
+            ptrs, ok = _mask_words(BITS, bh, rows, col0, N, W, BLOCK_N, GROUP)
+            words = tl.load(ptrs, mask=ok, other=0)
+            shifts = tl.arange(0, GROUP)
+            bits = (words[:, :, None] >> shifts[None, None, :]) & 1
+            keep = tl.reshape(bits, [BLOCK_M, BLOCK_N]) != 0
+        else:
+            keep = _dropout_keep(seed, bh, rows, col0, N, dropout_p, BLOCK_M, BLOCK_N)
+        return keep
+
+    @triton.jit
     def _filter_threshold(
-        q, k_base, skn, skd, dims, dim_ok, N, scale, top_p,
+        q, k_base, skn, skd, dims, dim_ok, row_ok, N, scale, top_p,
         TOP_K: tl.constexpr, TOPK_ON: tl.constexpr, NUCLEUS_ON: tl.constexpr,
         LEVELS: tl.constexpr, LEVELS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SKIP_MERGE: tl.constexpr,
     ):
         # The forward's first pass over the keys, when a filter is on: each row's threshold and
         # the log-sum-exp of its kept scores, from the LEVELS largest distinct scores of the row
@@ -186,24 +244,34 @@ if triton is not None:
             k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd,
                         mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
             s = _score_tile(q, k, col_ok, scale, PRECISION)
-            # Merge the tile into the list: the union's levels from the top, each the largest
-            # value below the previous one, its count summed over tile and list.
-            new_values = tl.full([BLOCK_M, LEVELS_PAD], float("-inf"), tl.float32)
-            new_counts = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
-            prev = tl.full([BLOCK_M], float("inf"), tl.float32)
-            for i in tl.static_range(LEVELS):
-                level = tl.maximum(
-                    tl.max(tl.where(s < prev[:, None], s, float("-inf")), 1),
-                    tl.max(tl.where(values < prev[:, None], values, float("-inf")), 1))
-                count = (tl.sum((s == level[:, None]).to(tl.int32), 1)
-                         + tl.sum(tl.where(values == level[:, None], counts, 0), 1))
-                # -inf is padding (columns past N, empty slots), never a score.
-                count = tl.where(level == float("-inf"), 0, count)
-                new_values = tl.where(slots[None, :] == i, level[:, None], new_values)
-                new_counts = tl.where(slots[None, :] == i, count[:, None], new_counts)
-                prev = level
-            values = new_values
-            counts = new_counts
+            if SKIP_MERGE:
+                # A row's list changes only if the tile has a score >= its smallest level (-inf
+                # while the list is not full: any score then; equal: a count grows). Rows past
+                # N are discarded, so they never force a merge.
+                floor = tl.min(tl.where(slots[None, :] < LEVELS, values, float("inf")), 1)
+                changes = row_ok & (tl.max(s, 1) >= floor)
+                merge = tl.max(changes.to(tl.int32), 0) > 0
+            else:
+                merge = True
+            if merge:
+                # Merge the tile into the list: the union's levels from the top, each the
+                # largest value below the previous one, its count summed over tile and list.
+                new_values = tl.full([BLOCK_M, LEVELS_PAD], float("-inf"), tl.float32)
+                new_counts = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
+                prev = tl.full([BLOCK_M], float("inf"), tl.float32)
+                for i in tl.static_range(LEVELS):
+                    level = tl.maximum(
+                        tl.max(tl.where(s < prev[:, None], s, float("-inf")), 1),
+                        tl.max(tl.where(values < prev[:, None], values, float("-inf")), 1))
+                    count = (tl.sum((s == level[:, None]).to(tl.int32), 1)
+                             + tl.sum(tl.where(values == level[:, None], counts, 0), 1))
+                    # -inf is padding (columns past N, empty slots), never a score.
+                    count = tl.where(level == float("-inf"), 0, count)
+                    new_values = tl.where(slots[None, :] == i, level[:, None], new_values)
+                    new_counts = tl.where(slots[None, :] == i, count[:, None], new_counts)
+                    prev = level
+                values = new_values
+                counts = new_counts
 
         # The threshold and kept mass from the levels, in row_filter's order of operations.
         row_max = tl.max(values, 1)
@@ -246,14 +314,17 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(
-        Q, K, V, O, THR, LSE, SEED,
+        Q, K, V, O, THR, LSE, SEED, BITS,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-        H, N, D, scale, top_p, dropout_p, inv_keep,
+        H, N, D, W, scale, top_p, dropout_p, inv_keep,
         TOP_K: tl.constexpr, TOPK_ON: tl.constexpr, NUCLEUS_ON: tl.constexpr,
         LEVELS: tl.constexpr, LEVELS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+        PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, SKIP_MERGE: tl.constexpr,
+        MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
     ):
+        # With MASK_BITS (and DROPOUT) the keep bits go to BITS, W words per row (see
+        # _store_keep); tiles skipped as empty write none, and backward skips the same tiles.
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2)
@@ -273,8 +344,8 @@ if triton is not None:
             threshold = tl.full([BLOCK_M], float("-inf"), tl.float32)
         else:
             threshold, lse = _filter_threshold(
-                q, k_base, skn, skd, dims, dim_ok, N, scale, top_p, TOP_K, TOPK_ON, NUCLEUS_ON,
-                LEVELS, LEVELS_PAD, BLOCK_M, BLOCK_N, PRECISION)
+                q, k_base, skn, skd, dims, dim_ok, row_ok, N, scale, top_p, TOP_K, TOPK_ON,
+                NUCLEUS_ON, LEVELS, LEVELS_PAD, BLOCK_M, BLOCK_N, PRECISION, SKIP_MERGE)
 
         # Weights (filter, softmax, dropout) @ v: the second pass with a filter, the only one
         # without (the online softmax: the row max so far, the sum and the accumulator rescaled
@@ -300,6 +371,9 @@ if triton is not None:
                 if DROPOUT:
                     survives = _dropout_keep(seed, bh, rows, start, N, dropout_p, BLOCK_M,
                                              BLOCK_N)
+                    if MASK_BITS:
+                        _store_keep(BITS, survives, bh, rows, start, N, W, BLOCK_M, BLOCK_N,
+                                    GROUP)
                     p = tl.where(survives, p * inv_keep, 0.0)
                 v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask,
                             other=0.0)
@@ -314,13 +388,13 @@ if triton is not None:
 
     @triton.jit
     def _bwd_key_block(
-        Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED,
+        Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED, BITS,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
         sgb, sgh, sgn, sgd,
-        H, N, D, scale, dropout_p, inv_keep,
+        H, N, D, W, scale, dropout_p, inv_keep,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-        ATOMIC_DQ: tl.constexpr,
+        MASK_BITS: tl.constexpr, GROUP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     ):
         # dK and dV of one key block, over every query block. DK and DV share the strides sg*.
         # With ATOMIC_DQ the block's share of dQ, dS K, is added into DQ_ACC too.
@@ -357,8 +431,8 @@ if triton is not None:
                 delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
                 dw = _dot(do, tl.trans(v), PRECISION)
                 if DROPOUT:
-                    keep = _dropout_keep(seed, bh, rows, pid_n * BLOCK_N, N, dropout_p, BLOCK_M,
-                                         BLOCK_N)
+                    keep = _keep_tile(seed, BITS, bh, rows, pid_n * BLOCK_N, N, W, dropout_p,
+                                      BLOCK_M, BLOCK_N, GROUP, MASK_BITS)
                     w = tl.where(keep, p * inv_keep, 0.0)
                     dp = tl.where(keep, dw * inv_keep, 0.0)
                 else:
@@ -379,46 +453,49 @@ if triton is not None:
 
     @triton.jit
     def _bwd_kv_kernel(
-        Q, K, V, DO, THR, LSE, DELTA, DK, DV, SEED,
+        Q, K, V, DO, THR, LSE, DELTA, DK, DV, SEED, BITS,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
         sgb, sgh, sgn, sgd,
-        H, N, D, scale, dropout_p, inv_keep,
+        H, N, D, W, scale, dropout_p, inv_keep,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+        MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
     ):
         # bwd_mode "split": dK and dV here, dQ in _bwd_q_kernel (DK stands in for the unused
         # DQ_ACC).
-        _bwd_key_block(Q, K, V, DO, THR, LSE, DELTA, DK, DV, DK, SEED,
+        _bwd_key_block(Q, K, V, DO, THR, LSE, DELTA, DK, DV, DK, SEED, BITS,
                        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                        sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
-                       H, N, D, scale, dropout_p, inv_keep,
-                       DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, SKIP_EMPTY, False)
+                       H, N, D, W, scale, dropout_p, inv_keep, DROPOUT, BLOCK_M, BLOCK_N,
+                       BLOCK_D, PRECISION, SKIP_EMPTY, MASK_BITS, GROUP, False)
 
     @triton.jit
     def _bwd_atomic_kernel(
-        Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED,
+        Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED, BITS,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
         sgb, sgh, sgn, sgd,
-        H, N, D, scale, dropout_p, inv_keep,
+        H, N, D, W, scale, dropout_p, inv_keep,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+        MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
     ):
         # bwd_mode "atomic": dK, dV and dQ in one pass; DQ_ACC is float32, contiguous
         # (B, H, N, D) and zeroed.
-        _bwd_key_block(Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED,
+        _bwd_key_block(Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED, BITS,
                        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                        sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
-                       H, N, D, scale, dropout_p, inv_keep,
-                       DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, SKIP_EMPTY, True)
+                       H, N, D, W, scale, dropout_p, inv_keep, DROPOUT, BLOCK_M, BLOCK_N,
+                       BLOCK_D, PRECISION, SKIP_EMPTY, MASK_BITS, GROUP, True)
 
     @triton.jit
     def _bwd_q_kernel(
-        Q, K, V, DO, THR, LSE, DELTA, DQ, SEED,
+        Q, K, V, DO, THR, LSE, DELTA, DQ, SEED, BITS,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
         sgb, sgh, sgn, sgd,
-        H, N, D, scale, dropout_p, inv_keep,
+        H, N, D, W, scale, dropout_p, inv_keep,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+        MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
     ):
         # dQ of one query block, over every key block.
         pid_m = tl.program_id(0)
@@ -453,7 +530,8 @@ if triton is not None:
                             other=0.0)
                 dw = _dot(do, tl.trans(v), PRECISION)
                 if DROPOUT:
-                    keep = _dropout_keep(seed, bh, rows, start, N, dropout_p, BLOCK_M, BLOCK_N)
+                    keep = _keep_tile(seed, BITS, bh, rows, start, N, W, dropout_p, BLOCK_M,
+                                      BLOCK_N, GROUP, MASK_BITS)
                     dw = tl.where(keep, dw * inv_keep, 0.0)
                 ds = p * (dw - delta[:, None])
                 dq += _dot(ds.to(k.dtype), k, PRECISION)
@@ -495,44 +573,66 @@ def _precision(dtype: torch.dtype) -> str:
     return "upcast" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32"
 
 
+def _mask_bits(q: Tensor, dropout_p: float, block_n: int, dropout_mask: str) -> Tensor:
+    # The forward's packed keep bits (see DROPOUT_MASK); empty when backward regenerates them.
+    B, H, N, D = q.shape
+    if dropout_mask != "bits" or dropout_p <= 0:
+        return q.new_empty((0,), dtype=torch.int32)
+    group = _bits_per_word(N, D, block_n)
+    return q.new_empty((B, H, N, triton.cdiv(N, group)), dtype=torch.int32)
+
+
+def _bits_per_word(n: int, d: int, block_n: int) -> int:
+    return min(DROPOUT_BITS_PER_WORD, _blocks(n, d, block_n, block_n)[1])
+
+
 @torch.library.custom_op("nkat::attention_kernel_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float, top_k: int,
                    top_p: float, dropout_p: float, block_m: int, block_n: int, num_warps: int,
-                   skip_empty: bool, bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   skip_empty: bool, bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
+                   dropout_mask: str = DROPOUT_MASK, skip_merge: bool = SKIP_MERGE
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # bwd_mode is backward's (see _setup_context); it is an input here so autograd carries it.
+    # The fourth output is the packed dropout mask for backward (empty unless "bits").
     B, H, N, D = q.shape
     o = _like_qkv_layout(q)
     threshold = q.new_empty((B, H, N), dtype=torch.float32)
     lse = q.new_empty((B, H, N), dtype=torch.float32)
+    bits = _mask_bits(q, dropout_p, block_n, dropout_mask)
     bm, bn, bd = _blocks(N, D, block_m, block_n)
     levels = filter_levels(top_k, top_p, N)
+    words = bits.shape[-1] if bits.numel() else 1
     _fwd_kernel[(triton.cdiv(N, bm), H, B)](
-        q, k, v, o, threshold, lse, seed,
+        # seed stands in for an unused bits pointer.
+        q, k, v, o, threshold, lse, seed, bits if bits.numel() else seed,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, N, D, scale, top_p, dropout_p, 1.0 / (1.0 - dropout_p),
+        H, N, D, words, scale, top_p, dropout_p, 1.0 / (1.0 - dropout_p),
         TOP_K=top_k, TOPK_ON=0 < top_k < N, NUCLEUS_ON=top_p < 1.0,
         LEVELS=levels, LEVELS_PAD=max(2, triton.next_power_of_2(max(levels, 1))),
         DROPOUT=dropout_p > 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, **_launch(num_warps, num_stages),
+        PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, SKIP_MERGE=skip_merge,
+        MASK_BITS=bits.numel() > 0, GROUP=_bits_per_word(N, D, block_n),
+        **_launch(num_warps, num_stages),
     )
-    return o, threshold, lse
+    return o, threshold, lse, bits
 
 
 @_attention_fwd.register_fake
 def _(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n, num_warps, skip_empty,
-      bwd_mode=BWD_MODE, num_stages=NUM_STAGES):
+      bwd_mode=BWD_MODE, num_stages=NUM_STAGES, dropout_mask=DROPOUT_MASK, skip_merge=SKIP_MERGE):
     B, H, N, D = q.shape
     return (_like_qkv_layout(q), q.new_empty((B, H, N), dtype=torch.float32),
-            q.new_empty((B, H, N), dtype=torch.float32))
+            q.new_empty((B, H, N), dtype=torch.float32),
+            _mask_bits(q, dropout_p, block_n, dropout_mask))
 
 
 @torch.library.custom_op("nkat::attention_kernel_bwd", mutates_args=())
 def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                   threshold: Tensor, lse: Tensor, seed: Tensor, scale: float, dropout_p: float,
-                   block_m: int, block_n: int, num_warps: int, skip_empty: bool,
+                   threshold: Tensor, lse: Tensor, seed: Tensor, bits: Tensor, scale: float,
+                   dropout_p: float, block_m: int, block_n: int, num_warps: int, skip_empty: bool,
                    bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES
                    ) -> tuple[Tensor, Tensor, Tensor]:
+    # bits: the forward's packed dropout mask, or empty (regenerate it with Philox).
     B, H, N, D = q.shape
     grad_out = grad_out.to(q.dtype)
     delta = (grad_out.float() * out.float()).sum(dim=-1).contiguous()
@@ -541,44 +641,49 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     bm, bn, bd = _blocks(N, D, block_m, block_n)
     common = dict(DROPOUT=dropout_p > 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
                   PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty,
+                  MASK_BITS=bits.numel() > 0, GROUP=_bits_per_word(N, D, block_n),
                   **_launch(num_warps, num_stages))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    scalars = (H, N, D, scale, dropout_p, 1.0 / (1.0 - dropout_p))
+    scalars = (H, N, D, bits.shape[-1] if bits.numel() else 1, scale, dropout_p,
+               1.0 / (1.0 - dropout_p))
+    mask = (seed, bits if bits.numel() else seed)
     if bwd_mode == "atomic":
         dq_sum = torch.zeros((B, H, N, D), device=q.device, dtype=torch.float32)
         _bwd_atomic_kernel[(triton.cdiv(N, bn), H, B)](
-            q, k, v, grad_out, threshold, lse, delta, dk, dv, dq_sum, seed, *strides,
+            q, k, v, grad_out, threshold, lse, delta, dk, dv, dq_sum, *mask, *strides,
             *dk.stride(), *scalars, **common)
         dq = _like_qkv_layout(q).copy_(dq_sum)
     else:
         dq = _like_qkv_layout(q)
         _bwd_kv_kernel[(triton.cdiv(N, bn), H, B)](
-            q, k, v, grad_out, threshold, lse, delta, dk, dv, seed, *strides, *dk.stride(),
+            q, k, v, grad_out, threshold, lse, delta, dk, dv, *mask, *strides, *dk.stride(),
             *scalars, **common)
         _bwd_q_kernel[(triton.cdiv(N, bm), H, B)](
-            q, k, v, grad_out, threshold, lse, delta, dq, seed, *strides, *dq.stride(),
+            q, k, v, grad_out, threshold, lse, delta, dq, *mask, *strides, *dq.stride(),
             *scalars, **common)
     return dq, dk, dv
 
 
 @_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, threshold, lse, seed, scale, dropout_p, block_m, block_n,
+def _(grad_out, q, k, v, out, threshold, lse, seed, bits, scale, dropout_p, block_m, block_n,
       num_warps, skip_empty, bwd_mode=BWD_MODE, num_stages=NUM_STAGES):
     return _like_qkv_layout(q), _like_qkv_layout(q), _like_qkv_layout(q)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seed, scale, _top_k, _top_p, dropout_p, *launch = inputs
-    out, threshold, lse = output
-    ctx.save_for_backward(q, k, v, out, threshold, lse, seed)
-    ctx.args = (scale, dropout_p, *launch)
+    (q, k, v, seed, scale, _top_k, _top_p, dropout_p, block_m, block_n, num_warps, skip_empty,
+     bwd_mode, num_stages, _dropout_mask, _skip_merge) = inputs
+    out, threshold, lse, bits = output
+    ctx.save_for_backward(q, k, v, out, threshold, lse, seed, bits)
+    ctx.args = (scale, dropout_p, block_m, block_n, num_warps, skip_empty, bwd_mode, num_stages)
+    ctx.num_inputs = len(inputs)
 
 
-def _backward(ctx, grad_out, _grad_threshold, _grad_lse):
-    q, k, v, out, threshold, lse, seed = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, threshold, lse, seed, *ctx.args)
-    # No gradient for seed, top_k, top_p and the arguments kept in ctx.args.
-    return dq, dk, dv, *[None] * (3 + len(ctx.args))
+def _backward(ctx, grad_out, _grad_threshold, _grad_lse, _grad_bits):
+    q, k, v, out, threshold, lse, seed, bits = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, threshold, lse, seed, bits, *ctx.args)
+    # No gradient for seed, the filter and the launch arguments.
+    return dq, dk, dv, *[None] * (ctx.num_inputs - 3)
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -587,7 +692,8 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, top_p: float,
                      dropout_p: float = 0.0, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
                      num_warps: int = NUM_WARPS, skip_empty: bool = SKIP_EMPTY_TILES,
-                     bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES) -> Tensor:
+                     bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
+                     dropout_mask: str = DROPOUT_MASK, skip_merge: bool = SKIP_MERGE) -> Tensor:
     """The NKAT attention core from q, k, v (B, heads, N, head_dim), unmodulated: (B, heads, N, hd).
 
     Same contract as ``fused_attention``: ``dropout_p`` applied as given (pass 0 in eval mode);
@@ -600,17 +706,24 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, 
     the products of tiles whose probabilities are all 0 (the same result, bit for bit, but for
     the atomic backward's dQ: see below); ``bwd_mode`` is one of ``BWD_MODES``: "split" or
     "atomic" (see ``BWD_MODE``; atomic sums dQ in float32 in no fixed order, so its dQ may differ
-    from run to run in the last bits).
+    from run to run in the last bits). ``dropout_mask`` is one of ``DROPOUT_MASKS``: "philox"
+    (backward regenerates the mask) or "bits" (the forward saves it packed, 1 bit per entry; see
+    ``DROPOUT_MASK``); the same mask either way. ``skip_merge`` skips the first pass's merge of
+    key tiles that cannot change any row's level list (see ``SKIP_MERGE``; the same result).
     """
     if not kernel_supports(q.shape[-1], top_k, top_p, q.shape[-2]):
         raise ValueError(f"kernel_attention: head dim {q.shape[-1]} with top_k {top_k}, top_p "
                          f"{top_p} over {q.shape[-2]} keys is not supported; use the explicit path")
     if bwd_mode not in BWD_MODES:
         raise ValueError(f"kernel_attention: bwd_mode {bwd_mode!r} is not one of {BWD_MODES}")
+    if dropout_mask not in DROPOUT_MASKS:
+        raise ValueError(f"kernel_attention: dropout_mask {dropout_mask!r} is not one of "
+                         f"{DROPOUT_MASKS}")
     k, v = k.to(q.dtype), v.to(q.dtype)
     if dropout_p > 0:
         seed = torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
     else:
         seed = torch.zeros(1, device=q.device, dtype=torch.int64)
     return _attention_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n,
-                          num_warps, skip_empty, bwd_mode, num_stages)[0]
+                          num_warps, skip_empty, bwd_mode, num_stages, dropout_mask,
+                          skip_merge)[0]
