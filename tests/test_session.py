@@ -74,3 +74,14 @@ def test_datasets_load_once_and_a_missing_one_is_looked_for_once(data_dir, tmp_p
         path.unlink()  # a second look would now be a download attempt: there is none
     with pytest.raises(DataError, match="truncated or corrupt"):
         session.dataset("cifar10", tmp_path / "data", device)
+
+
+def test_the_compile_scope_is_part_of_the_compiled_models_key(data_dir):
+    """A model compiled whole is not handed to a run that asked for compiled blocks."""
+    session = TrainingSession()
+    for scope in ("model", "blocks", "blocks"):
+        cfg = RunConfig.from_dict(TINY | {"dataset": "mnist", "compile": True})
+        result = train_model(cfg, data_dir=data_dir, device="cpu", progress=False,
+                             options=TrainOptions(session=session, compile_scope=scope))
+        assert 0 <= result.accuracy <= 1
+    assert session.compiles == 2 and session.reuses == 1

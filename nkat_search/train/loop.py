@@ -50,6 +50,14 @@ EVAL_BATCH_SIZE = 1024
 # step took 14.4 ms compiled and 7.2 ms compiled with CUDA graphs (benchmarks/profile_step.py,
 # results/gpu/session3/profile_log.txt).
 CUDA_COMPILE_MODE = "reduce-overhead"
+# What torch.compile compiles. "model": the whole model, one graph per architecture. "blocks":
+# each transformer Block (regional compilation), one graph that every block of the model reuses,
+# and whose on-disk Inductor cache entry a later model hits when its blocks have the same width,
+# tokens, temperature, top_k, top_p and dropout (constants of the graph): a trial's Stage 2 runs,
+# a retried trial. The stem, patch embedding and head stay eager. On an H100 a trial compiled its
+# whole model for 33-54 s before its first epoch; benchmarks/compile_cost.py times both scopes.
+COMPILE_SCOPES = ("model", "blocks")
+COMPILE_SCOPE = "model"
 # The first steps of a run compile (Dynamo, Inductor, CUDA-graph recording) and warm up; their
 # time beyond that of as many steady steps is counted as compile time.
 WARM_STEPS = 3
@@ -111,7 +119,7 @@ class TrainOptions:
     ``timings``: an accumulator that every phase is added to as it ends. ``compile_mode``:
     ``torch.compile``'s mode (default: CUDA graphs on a GPU, Inductor's default elsewhere);
     ``compile_augment=False`` leaves the augmentation eager (``benchmarks/throughput.py`` times the
-    variants side by side).
+    variants side by side). ``compile_scope``: one of ``COMPILE_SCOPES`` (``compile_model``).
     """
 
     data: object | None = None
@@ -120,6 +128,12 @@ class TrainOptions:
     checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S
     compile_mode: str | None = None
     compile_augment: bool = True
+    compile_scope: str = COMPILE_SCOPE
+
+    def __post_init__(self) -> None:
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope: expected one of {COMPILE_SCOPES}, "
+                             f"got {self.compile_scope!r}")
 
 
 @dataclass
@@ -400,6 +414,22 @@ def _load_data(tc, data_dir, device: torch.device, options: TrainOptions):
     return load_dataset(tc.dataset, data_dir, device, **shape)
 
 
+def compile_model(model: nn.Module, mode: str, scope: str = COMPILE_SCOPE) -> Callable:
+    """The compiled forward of ``model`` for a compile ``scope`` (``COMPILE_SCOPES``).
+
+    "model": ``torch.compile(model)``, a new callable. "blocks": every block of ``model.blocks``
+    is compiled in place (``Module.compile``) and the model itself is the forward. The EMA copy
+    evaluates eager in both scopes: a deep copy of a module drops its compiled call.
+    """
+    if scope == "model":
+        return torch.compile(model, mode=mode)
+    if scope == "blocks":
+        for block in model.blocks:
+            block.compile(mode=mode)
+        return model
+    raise ValueError(f"compile scope: expected one of {COMPILE_SCOPES}, got {scope!r}")
+
+
 def _build(cfg: RunConfig, data, device: torch.device,
            options: TrainOptions) -> tuple[TrainState, Run]:
     """A fresh run: the model (compiled, or the session's compiled one), EMA, optimizer."""
@@ -414,16 +444,17 @@ def _build(cfg: RunConfig, data, device: torch.device,
 
     if tc.compile and options.session is not None:
         key = {"model": asdict(cfg.model), "in_chans": info.in_chans,
-               "classes": info.num_classes, "device": str(device), "mode": compile_mode}
+               "classes": info.num_classes, "device": str(device), "mode": compile_mode,
+               "scope": options.compile_scope}
         model, forward, _ = options.session.compiled_model(
-            key, build, lambda m: torch.compile(m, mode=compile_mode))
+            key, build, lambda m: compile_model(m, compile_mode, options.compile_scope))
     elif tc.compile:
         # A fresh compile state per run: without a session nothing is kept, and stale graphs
         # (with their CUDA-graph memory pools) would pile up and run into Dynamo's recompile
         # limit, after which it silently falls back to eager.
         torch._dynamo.reset()
         model = build()
-        forward = torch.compile(model, mode=compile_mode)
+        forward = compile_model(model, compile_mode, options.compile_scope)
     else:
         model = build()
         forward = model

@@ -256,7 +256,13 @@ class NKATAttention(nn.Module):
         self.attn_drop = nn.Dropout(cfg.dropout_attn)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(cfg.dropout_attn)
-        self.strength = cfg.nkat_strength * cfg.nkat_decay ** layer_index
+        # A buffer, not a Python float: torch.compile specializes on float attributes, so every
+        # block would compile its own graph and regional compilation (one Block graph for all
+        # blocks, ``TrainOptions.compile_scope``) would not share it. Not persistent: it follows
+        # from the config, and checkpoints stay as they were.
+        self.register_buffer(
+            "strength", torch.tensor(cfg.nkat_strength * cfg.nkat_decay ** layer_index),
+            persistent=False)
         # alpha and beta exist only when the modulation is on, so a strength-0 model's parameter
         # count (lambda) contains nothing it never uses.
         if cfg.nkat_strength > 0:
