@@ -601,19 +601,24 @@ def _compile_for_hopper(fn, dtype: str, constexprs: dict, num_warps: int):
                           options={"num_warps": num_warps})
 
 
+def _hopper_tiles(ak) -> dict:
+    """The launch constants every kernel shares, at the module's defaults (head dim 64)."""
+    return dict(BLOCK_M=ak.BLOCK_M, BLOCK_N=ak.BLOCK_N, BLOCK_D=64, PRECISION="tf32",
+                SKIP_EMPTY=ak.SKIP_EMPTY_TILES, MASK_BITS=ak.DROPOUT_MASK == "bits",
+                GROUP=min(ak.DROPOUT_BITS_PER_WORD, ak.BLOCK_N))
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                     reason="kernels are interpreted functions in this process")
 def test_kernels_compile_for_hopper_in_bf16():
     pytest.importorskip("triton")
     from nkat_search.train import attention_kernel as ak
 
-    tiles = dict(BLOCK_M=ak.BLOCK_M, BLOCK_N=ak.BLOCK_N, BLOCK_D=64, PRECISION="tf32",
-                 SKIP_EMPTY=ak.SKIP_EMPTY_TILES, MASK_BITS=ak.DROPOUT_MASK == "bits",
-                 GROUP=min(ak.DROPOUT_BITS_PER_WORD, ak.BLOCK_N))
+    tiles = _hopper_tiles(ak)
     forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8,
                    SKIP_MERGE=ak.SKIP_MERGE, **tiles)
     for fn, constexprs in ((ak._fwd_kernel, dict(DROPOUT=True, **forward)),
-                           (ak._bwd_kv_kernel, dict(DROPOUT=True, **tiles)),
+                           (ak._bwd_kv_kernel, dict(DROPOUT=True, ATOMIC_DQ=False, **tiles)),
                            (ak._bwd_q_kernel, dict(DROPOUT=True, **tiles))):
         compiled = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
         # Hopper's warpgroup MMA in every kernel: the score tiles must come out of the same
@@ -628,11 +633,9 @@ def test_kernel_variants_compile_for_hopper_in_bf16():
     pytest.importorskip("triton")
     from nkat_search.train import attention_kernel as ak
 
-    tiles = dict(BLOCK_M=ak.BLOCK_M, BLOCK_N=ak.BLOCK_N, BLOCK_D=64, PRECISION="tf32",
-                 SKIP_EMPTY=ak.SKIP_EMPTY_TILES, MASK_BITS=ak.DROPOUT_MASK == "bits",
-                 GROUP=min(ak.DROPOUT_BITS_PER_WORD, ak.BLOCK_N))
-    compiled = _compile_for_hopper(ak._bwd_atomic_kernel, "bf16", dict(DROPOUT=True, **tiles),
-                                   ak.NUM_WARPS)
+    tiles = _hopper_tiles(ak)
+    compiled = _compile_for_hopper(ak._bwd_kv_kernel, "bf16",
+                                   dict(DROPOUT=True, ATOMIC_DQ=True, **tiles), ak.NUM_WARPS)
     ptx = compiled.asm["ptx"]
     assert "wgmma" in ptx
     assert "red.global" in ptx or "atom.global" in ptx  # dQ summed in global memory
@@ -647,7 +650,8 @@ def test_kernel_variants_compile_for_hopper_in_bf16():
         forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8,
                        DROPOUT=True, SKIP_MERGE=True, **options)
         for fn, constexprs in ((ak._fwd_kernel, forward),
-                               (ak._bwd_atomic_kernel, dict(DROPOUT=True, **options))):
+                               (ak._bwd_kv_kernel,
+                                dict(DROPOUT=True, ATOMIC_DQ=True, **options))):
             compiled = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
             assert "wgmma" in compiled.asm["ptx"], (fn.__name__, block_n)
 

@@ -387,7 +387,7 @@ if triton is not None:
         tl.store(LSE + bh * N + rows, lse, mask=row_ok)
 
     @triton.jit
-    def _bwd_key_block(
+    def _bwd_kv_kernel(
         Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED, BITS,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
         sgb, sgh, sgn, sgd,
@@ -397,7 +397,9 @@ if triton is not None:
         MASK_BITS: tl.constexpr, GROUP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     ):
         # dK and dV of one key block, over every query block. DK and DV share the strides sg*.
-        # With ATOMIC_DQ the block's share of dQ, dS K, is added into DQ_ACC too.
+        # bwd_mode "atomic" (ATOMIC_DQ): the block's share of dQ, dS K, is added into DQ_ACC too
+        # (float32, contiguous (B, H, N, D), zeroed). "split": dQ comes from _bwd_q_kernel and
+        # DQ_ACC is any pointer, never read.
         pid_n = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2)
@@ -450,42 +452,6 @@ if triton is not None:
         g = b * sgb + h * sgh + cols[:, None] * sgn + dims[None, :] * sgd
         tl.store(DK + g, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + g, dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-    @triton.jit
-    def _bwd_kv_kernel(
-        Q, K, V, DO, THR, LSE, DELTA, DK, DV, SEED, BITS,
-        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-        sgb, sgh, sgn, sgd,
-        H, N, D, W, scale, dropout_p, inv_keep,
-        DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-        MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
-    ):
-        # bwd_mode "split": dK and dV here, dQ in _bwd_q_kernel (DK stands in for the unused
-        # DQ_ACC).
-        _bwd_key_block(Q, K, V, DO, THR, LSE, DELTA, DK, DV, DK, SEED, BITS,
-                       sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                       sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
-                       H, N, D, W, scale, dropout_p, inv_keep, DROPOUT, BLOCK_M, BLOCK_N,
-                       BLOCK_D, PRECISION, SKIP_EMPTY, MASK_BITS, GROUP, False)
-
-    @triton.jit
-    def _bwd_atomic_kernel(
-        Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED, BITS,
-        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-        sgb, sgh, sgn, sgd,
-        H, N, D, W, scale, dropout_p, inv_keep,
-        DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-        MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
-    ):
-        # bwd_mode "atomic": dK, dV and dQ in one pass; DQ_ACC is float32, contiguous
-        # (B, H, N, D) and zeroed.
-        _bwd_key_block(Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED, BITS,
-                       sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                       sdb, sdh, sdn, sdd, sgb, sgh, sgn, sgd,
-                       H, N, D, W, scale, dropout_p, inv_keep, DROPOUT, BLOCK_M, BLOCK_N,
-                       BLOCK_D, PRECISION, SKIP_EMPTY, MASK_BITS, GROUP, True)
 
     @triton.jit
     def _bwd_q_kernel(
@@ -649,15 +615,15 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     mask = (seed, bits if bits.numel() else seed)
     if bwd_mode == "atomic":
         dq_sum = torch.zeros((B, H, N, D), device=q.device, dtype=torch.float32)
-        _bwd_atomic_kernel[(triton.cdiv(N, bn), H, B)](
+        _bwd_kv_kernel[(triton.cdiv(N, bn), H, B)](
             q, k, v, grad_out, threshold, lse, delta, dk, dv, dq_sum, *mask, *strides,
-            *dk.stride(), *scalars, **common)
+            *dk.stride(), *scalars, ATOMIC_DQ=True, **common)
         dq = _like_qkv_layout(q).copy_(dq_sum)
     else:
         dq = _like_qkv_layout(q)
         _bwd_kv_kernel[(triton.cdiv(N, bn), H, B)](
-            q, k, v, grad_out, threshold, lse, delta, dk, dv, *mask, *strides, *dk.stride(),
-            *scalars, **common)
+            q, k, v, grad_out, threshold, lse, delta, dk, dv, dk, *mask, *strides, *dk.stride(),
+            *scalars, ATOMIC_DQ=False, **common)
         _bwd_q_kernel[(triton.cdiv(N, bm), H, B)](
             q, k, v, grad_out, threshold, lse, delta, dq, *mask, *strides, *dq.stride(),
             *scalars, **common)
