@@ -54,8 +54,10 @@ CUDA_COMPILE_MODE = "reduce-overhead"
 # each transformer Block (regional compilation), one graph that every block of the model reuses,
 # and whose on-disk Inductor cache entry a later model hits when its blocks have the same width,
 # tokens, temperature, top_k, top_p and dropout (constants of the graph): a trial's Stage 2 runs,
-# a retried trial. The stem, patch embedding and head stay eager. On an H100 a trial compiled its
-# whole model for 33-54 s before its first epoch; benchmarks/compile_cost.py times both scopes.
+# a retried trial. The stem, patch embedding and head stay eager. On an H100 (4 trials sharing it)
+# a Round 2 trial compiled its whole model for 29-51 s before its first epoch
+# (the time_compile_s of the trials in results/curves/nkat-round2-curves.db);
+# benchmarks/compile_cost.py times both scopes.
 COMPILE_SCOPES = ("model", "blocks")
 COMPILE_SCOPE = "model"
 # The first steps of a run compile (Dynamo, Inductor, CUDA-graph recording) and warm up; their
