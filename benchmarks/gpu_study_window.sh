@@ -11,6 +11,9 @@
 # The study resumes from its SQLite file on a fresh machine: carry in the file an earlier window
 # copied out and name it in RESUME_DB (RESUME_DB=results/round2/NAME/NAME.db bash ...); the first
 # call copies it (and the NAME_windows.txt beside it) to where up keeps the study.
+# STOP=1 sends up SIGINT first (when the device time runs out before its --timeout tail ends): the
+# running trials end "interrupted" and are queued to resume (their checkpoints stay on this machine,
+# so the next window trains them again from the start); then it waits as usual.
 set -uo pipefail
 study_file=$1 wait_s=$2; shift 2
 source "$(dirname "$0")/gpu_env.sh"
@@ -34,6 +37,9 @@ if ! { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }; then
     -l 5 >> "$runs/gpu.csv" 2>/dev/null < /dev/null &)
 fi
 pid=$(cat "$pidfile") deadline=$((SECONDS + wait_s))
+if [ -n "${STOP:-}" ] && kill -0 "$pid" 2>/dev/null; then
+  echo "stopping up (SIGINT) at $(date -u +%T)" | tee -a "$runs/windows.txt"; kill -INT "$pid"
+fi
 while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 5; done
 snapshot() {
   python3 - "$runs/$name.db" "$OUT/$name.db" <<'PY'
