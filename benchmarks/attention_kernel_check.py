@@ -61,6 +61,7 @@ from nkat_search.train.attention_kernel import (  # noqa: E402
     SKIP_MERGE,
     _attention_fwd,
     kernel_attention,
+    op_filter_args,
 )
 from nkat_search.train.model import NKATAttention  # noqa: E402
 
@@ -80,7 +81,7 @@ def explicit_core(q, k, v, scale, keep=None, dropout_p=0.0):
     cfg = ModelConfig(embed_dim=32, num_heads=8, top_k=TOP_K, top_p=TOP_P, dropout_attn=0.0,
                       nkat_strength=0.0)
     attn = NKATAttention(32, 8, layer_index=0, cfg=cfg)
-    attn.scale = scale
+    attn.scale.fill_(scale)
     if keep is not None:
         attn.attn_drop = FixedDropout(keep, dropout_p)
     return attn.attend(q, k, v, None)
@@ -176,7 +177,8 @@ def check_dropout(device, small: bool) -> bool:
     q, k = torch.randn(2, batch, 8, n, 64, device=device, generator=gen).unbind(0)
     eye = torch.eye(n, device=device).expand(batch, 8, n, n).contiguous()
     seed = torch.tensor([1234], dtype=torch.int64, device=device)
-    weights = _attention_fwd(q, k, eye, seed, 1.0, 0, 1.0, p, 64, 64, 4, False)[0]
+    weights = _attention_fwd(q, k, eye, seed, *op_filter_args(seed, 1.0, 0, 1.0, p),
+                             64, 64, 4, False)[0]
     kept = weights > 0
     share = kept.float().mean().item()
     sigma = (p * (1 - p) / kept.numel()) ** 0.5
@@ -191,7 +193,8 @@ def check_dropout(device, small: bool) -> bool:
     n, d = 64, 64
     q, k, v, grad = inputs(batch, n, d, False, device, seed=5)
     scale = d ** -0.5 / TEMPERATURE
-    keep = _attention_fwd(q, k, eye, seed, scale, TOP_K, TOP_P, p, 64, 64, 4, False)[0] > 0
+    keep = _attention_fwd(q, k, eye, seed, *op_filter_args(seed, scale, TOP_K, TOP_P, p),
+                          64, 64, 4, False)[0] > 0
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = explicit_core(*ref_leaves, scale, keep=keep, dropout_p=p)
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad)
@@ -201,7 +204,8 @@ def check_dropout(device, small: bool) -> bool:
     variants += [(mode, other_mask) for mode in BWD_MODES]
     for mode, mask in variants:
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = _attention_fwd(*leaves, seed, scale, TOP_K, TOP_P, p, 64, 64, 4, False, mode, None,
+        out = _attention_fwd(*leaves, seed, *op_filter_args(seed, scale, TOP_K, TOP_P, p),
+                             64, 64, 4, False, mode, None,
                              mask)[0]
         grads = torch.autograd.grad(out, leaves, grad)
         errors = {"out": rel(out, ref)}

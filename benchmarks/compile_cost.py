@@ -13,9 +13,10 @@ all blocks), one row of:
 Every measurement runs in a fresh process with its own empty Inductor and Triton cache folders, so
 no row is flattered by an earlier one. Then one pair per scope runs with a warm cache: the
 ``--warm`` architecture after the ``--warm-from`` one in the same cache folder (same embed_dim and
-tokens, other stem and depth), the cross-trial case that only "blocks" can hit. The pair shares
-every attention hyperparameter: temperature, top_k, top_p and dropout are constants of the Block
-graph, so in a study only trials that share them as well share the cache entry.
+tokens, other stem and depth), the cross-trial case that only "blocks" can hit. The second of the
+pair also has other continuous hyperparameters (``OTHER_KNOBS``: temperature, top_p, dropouts,
+strength), as two trials of a study would: they are buffers of the model, inputs of the graph, so
+only the shapes and top_k decide whether the cache entry fits.
 
     python benchmarks/compile_cost.py --out results/compile_cost.json            # one GPU
     python benchmarks/compile_cost.py --device cpu --archs tiny/2/384/7 --out /tmp/cc.json
@@ -52,19 +53,26 @@ ARCHS = ["tiny/2/384/7", "off/4/512/9", "small/2/448/8"]
 WARM_FROM, WARM = "tiny/2/384/7", "small/2/384/5"
 
 
-def model_config(arch: str):
+# The warm row's continuous hyperparameters, all unlike the defaults the cache was filled with.
+OTHER_KNOBS = {"temperature": 0.8, "top_p": 0.9, "dropout_attn": 0.2, "dropout_embed": 0.12,
+               "nkat_strength": 0.004}
+
+
+def model_config(arch: str, knobs: str = "default"):
     stem, patch, dim, depth = arch.split("/")
-    return RunConfig.from_dict({"conv_stem": stem, "patch_size": int(patch),
-                                "embed_dim": int(dim), "depth": int(depth)}).model
+    fields = {"conv_stem": stem, "patch_size": int(patch), "embed_dim": int(dim),
+              "depth": int(depth)}
+    return RunConfig.from_dict(fields | (OTHER_KNOBS if knobs == "other" else {})).model
 
 
-def measure(arch: str, scope: str, device: torch.device, batch: int, steps: int) -> dict:
+def measure(arch: str, scope: str, knobs: str, device: torch.device, batch: int,
+            steps: int) -> dict:
     """One row, in this process: build, compile, time the first steps, then steady steps."""
     from torch._dynamo.utils import counters
 
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    model = build_model(model_config(arch), 3, 10, device)
+    model = build_model(model_config(arch, knobs), 3, 10, device)
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=cuda)
     mode = CUDA_COMPILE_MODE if cuda else "default"
     forward = compile_model(model, mode, scope)
@@ -99,7 +107,7 @@ def measure(arch: str, scope: str, device: torch.device, batch: int, steps: int)
     steady = statistics.median(timed(steps // chunks) / (steps // chunks) for _ in range(chunks))
     warm, first = sum(warm_steps), warm_steps[0]
     inductor = counters["inductor"]
-    return {"arch": arch, "scope": scope, "compile_s": round(max(0.0, warm - WARM_STEPS * steady), 2),
+    return {"arch": arch, "scope": scope, "knobs": knobs, "compile_s": round(max(0.0, warm - WARM_STEPS * steady), 2),
             "first_step_s": round(first, 2), "step_ms": round(steady * 1e3, 2),
             "warm_steps_s": [round(t, 2) for t in warm_steps],
             "graphs": counters["stats"]["unique_graphs"],
@@ -108,10 +116,10 @@ def measure(arch: str, scope: str, device: torch.device, batch: int, steps: int)
             "device": torch.cuda.get_device_name(device) if cuda else "cpu", "batch": batch}
 
 
-def run_child(args, arch: str, scope: str, cache: str) -> dict:
+def run_child(args, arch: str, scope: str, cache: str, knobs: str = "default") -> dict:
     """``measure`` in a fresh process whose Inductor and Triton caches live in ``cache``."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=f"{cache}/triton")
-    cmd = [sys.executable, __file__, "--child", arch, scope, "--device", args.device,
+    cmd = [sys.executable, __file__, "--child", arch, scope, knobs, "--device", args.device,
            "--batch", str(args.batch), "--steps", str(args.steps)]
     # Its warnings (a recompile, CUDA graphs skipped) go to this process's stderr.
     done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
@@ -130,7 +138,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, help="default: 512 on a GPU, 16 on the CPU")
     parser.add_argument("--steps", type=int, help="steady steps timed (default: 50 GPU, 5 CPU)")
     parser.add_argument("--out", help="write the rows as JSON here")
-    parser.add_argument("--child", nargs=2, metavar=("ARCH", "SCOPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("ARCH", "SCOPE", "KNOBS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     args.batch = args.batch or (512 if device.type == "cuda" else 16)
@@ -156,7 +165,8 @@ def main() -> int:
         for scope in args.scopes if args.warm else []:
             cache = tempfile.mkdtemp(dir=tmp)
             run_child(args, args.warm_from, scope, cache)  # fills the cache
-            add(run_child(args, args.warm, scope, cache) | {"cache": f"warm ({args.warm_from})"})
+            add(run_child(args, args.warm, scope, cache, "other")
+                | {"cache": f"warm ({args.warm_from})"})
     print(f"device: {rows[0]['device']}; torch {torch.__version__}; batch {args.batch}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")

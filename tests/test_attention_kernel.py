@@ -107,7 +107,7 @@ def _explicit_core(q, k, v, scale, top_k, top_p, keep=None, dropout_p=0.0):
     cfg = ModelConfig(embed_dim=8 * 4, num_heads=8, top_k=top_k, top_p=top_p, dropout_attn=0.0,
                       nkat_strength=0.0)
     attn = NKATAttention(32, 8, layer_index=0, cfg=cfg)
-    attn.scale = scale
+    attn.scale.fill_(scale)
     if keep is not None:
         attn.attn_drop = _FixedDropout(keep, dropout_p)
     return attn.attend(q, k, v, None)
@@ -155,10 +155,10 @@ def _raw_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, skip_empty=False, bw
              skip_merge=False):
     """The forward op with a given seed tensor, on the test tiles: (output, threshold, lse,
     packed dropout mask)."""
-    from nkat_search.train.attention_kernel import _attention_fwd
+    from nkat_search.train.attention_kernel import _attention_fwd, op_filter_args
 
-    return _attention_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, TILE, TILE, 4,
-                          skip_empty, bwd_mode, None, "philox", skip_merge)
+    return _attention_fwd(q, k, v, seed, *op_filter_args(seed, scale, top_k, top_p, dropout_p),
+                          TILE, TILE, 4, skip_empty, bwd_mode, None, "philox", skip_merge)
 
 
 def _skip_empty_case(bwd_mode: str = "split") -> dict:
@@ -241,7 +241,8 @@ def _dropout_tiles_case() -> dict:
     """The mask is a function of (seed, head, row, column) alone: the same from forwards on other
     tiles (40 keys: partial tiles), each of a Philox call's 4 outputs unbiased (its column
     residue's kept share), and backward on other tiles than the forward the mask came from."""
-    from nkat_search.train.attention_kernel import DROPOUT_COLUMNS_PER_PHILOX, _attention_fwd
+    from nkat_search.train.attention_kernel import (DROPOUT_COLUMNS_PER_PHILOX, _attention_fwd,
+                                                    op_filter_args)
 
     p = 0.17
     gen = torch.Generator().manual_seed(16)
@@ -250,7 +251,8 @@ def _dropout_tiles_case() -> dict:
     eye = torch.eye(n, 64).expand(2, 2, n, 64).contiguous()
     seed = torch.tensor([77], dtype=torch.int64)
     tiles = ((16, 16), (32, 16), (16, 32), (64, 64))
-    masks = [_attention_fwd(q, k, eye, seed, 1.0, 0, 1.0, p, bm, bn, 4, False)[0][..., :n] > 0
+    masks = [_attention_fwd(q, k, eye, seed, *op_filter_args(seed, 1.0, 0, 1.0, p),
+                            bm, bn, 4, False)[0][..., :n] > 0
              for bm, bn in tiles]
     group = DROPOUT_COLUMNS_PER_PHILOX
     shares = [masks[0][..., r::group].float().mean().item() for r in range(group)]
@@ -263,7 +265,8 @@ def _dropout_tiles_case() -> dict:
               "entries_per_residue": masks[0][..., ::group].numel(), "shares": shares}
     for bm, bn in tiles[1:3]:
         leaves = [t.clone().requires_grad_() for t in (q[..., :48], k[..., :48], w)]
-        out = _attention_fwd(*leaves, seed, 0.5, 6, 0.8, p, bm, bn, 4, False)[0]
+        out = _attention_fwd(*leaves, seed, *op_filter_args(seed, 0.5, 6, 0.8, p),
+                             bm, bn, 4, False)[0]
         grads = torch.autograd.grad(out, leaves, grad)
         result[f"{bm}x{bn}"] = max(_rel(a, b) for a, b in zip((out, *grads), (ref, *ref_grads)))
     return result
@@ -293,7 +296,7 @@ def _dropout_bits_case() -> dict:
     v = identity) and backward from them gives the same output and gradients, bit for bit, as
     regenerating it, for both backward modes, on 37 keys: a partial tile, and on key tiles of 32
     a partial 32-bit word (and bit 31, the int32 sign)."""
-    from nkat_search.train.attention_kernel import _attention_fwd
+    from nkat_search.train.attention_kernel import _attention_fwd, op_filter_args
 
     p = 0.3
     gen = torch.Generator().manual_seed(17)
@@ -304,8 +307,10 @@ def _dropout_bits_case() -> dict:
     result = {}
     for bm, bn in ((TILE, TILE), (TILE, 32)):
         # No filter, so every kept entry of the mask shows as a weight > 0.
-        philox = _attention_fwd(q, k, eye, seed, 0.5, 0, 1.0, p, bm, bn, 4, False)[0][..., :n] > 0
-        words = _attention_fwd(q, k, eye, seed, 0.5, 0, 1.0, p, bm, bn, 4, False, "split", None,
+        philox = _attention_fwd(q, k, eye, seed, *op_filter_args(seed, 0.5, 0, 1.0, p),
+                                bm, bn, 4, False)[0][..., :n] > 0
+        words = _attention_fwd(q, k, eye, seed, *op_filter_args(seed, 0.5, 0, 1.0, p),
+                               bm, bn, 4, False, "split", None,
                                "bits")[3]
         group = min(32, bn)
         cols = torch.arange(n)
@@ -317,7 +322,8 @@ def _dropout_bits_case() -> dict:
             runs = []
             for mask in ("philox", "bits"):
                 leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-                out = _attention_fwd(*leaves, seed, 0.5, 6, 0.8, p, bm, bn, 4, False, bwd_mode,
+                out = _attention_fwd(*leaves, seed, *op_filter_args(seed, 0.5, 6, 0.8, p),
+                                     bm, bn, 4, False, bwd_mode,
                                      None, mask)[0]
                 runs.append([out, *torch.autograd.grad(out, leaves, grad)])
             result[f"{bm}x{bn}_{bwd_mode}_identical"] = [bool(torch.equal(a, b))
@@ -386,12 +392,13 @@ def _opcheck_case(variant: tuple = ()) -> dict:
     """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT
     dispatch of the forward op, i.e. what torch.compile relies on. ``variant``: the trailing
     arguments (bwd_mode, num_stages, dropout_mask, skip_merge), defaults if empty."""
-    from nkat_search.train.attention_kernel import _attention_fwd
+    from nkat_search.train.attention_kernel import _attention_fwd, op_filter_args
 
     gen = torch.Generator().manual_seed(14)
     q, k, v = (t.requires_grad_() for t in torch.randn(3, 1, 2, 17, 48, generator=gen).unbind(0))
     seed = torch.tensor([7], dtype=torch.int64)
-    args = (q, k, v, seed, 0.5, 6, 0.8, 0.1, TILE, TILE, 4, False, *variant)
+    args = (q, k, v, seed, *op_filter_args(seed, 0.5, 6, 0.8, 0.1), TILE, TILE, 4, False,
+            *variant)
     report = torch.library.opcheck(_attention_fwd, args)
     return {name: str(value) for name, value in report.items()}
 
@@ -586,14 +593,12 @@ def _compile_for_hopper(fn, dtype: str, constexprs: dict, num_warps: int):
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = f"*{dtype}"
-        elif name in ("THR", "LSE", "DELTA", "DQ_ACC"):
+        elif name in ("THR", "LSE", "DELTA", "DQ_ACC", "KNOBS"):
             signature[name] = "*fp32"
         elif name == "SEED":
             signature[name] = "*i64"
         elif name == "BITS":
             signature[name] = "*i32"
-        elif name in ("scale", "top_p", "dropout_p", "inv_keep"):
-            signature[name] = "fp32"
         else:
             signature[name] = "i32"
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)

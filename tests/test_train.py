@@ -214,3 +214,40 @@ def test_the_blocks_scope_compiles_one_graph_for_every_block_and_trains_as_eager
             losses[name].append(loss.item())
     assert counters["stats"]["unique_graphs"] == 1
     assert losses["blocks"] == pytest.approx(losses["eager"], rel=1e-4, abs=1e-5)
+
+
+def test_trials_with_other_temperature_top_p_and_strength_run_on_one_block_graph():
+    """A trial's temperature, top_p and strength are inputs of the compiled Block graph, not its
+    constants: a second trial's model (same shapes and top_k) runs on the first one's graph, and
+    with its own values (each matches its eager forward; the values differ enough to show)."""
+    base = {"embed_dim": 32, "depth": 2, "dropout_attn": 0.0, "dropout_embed": 0.0}
+    trials = [{"temperature": 0.6, "top_p": 0.8, "nkat_strength": 0.001},
+              {"temperature": 1.0, "top_p": 0.95, "nkat_strength": 0.005}]
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    counters.clear()
+    eager_outputs = []
+    for knobs in trials:
+        torch.manual_seed(0)  # the same weights: only the knobs differ
+        model = build_model(RunConfig.from_dict(base | knobs).model, 3, 10)
+        eager = model(images)
+        compiled = compile_model(copy.deepcopy(model), "default", "blocks")(images)
+        assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-5)
+        eager_outputs.append(eager)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not torch.allclose(*eager_outputs, rtol=1e-3, atol=1e-4)
+
+
+def test_dropout_rates_are_inputs_of_one_compiled_graph():
+    """Two rates on one compiled graph, each keeping its own share (binomial bounds, 6 sigma)."""
+    from nkat_search.train.model import RateDropout
+
+    torch._dynamo.reset()
+    counters.clear()
+    ones = torch.ones(200_000)
+    for p in (0.1, 0.4):
+        out = torch.compile(RateDropout(p).train())(ones)
+        kept = (out > 0).float().mean().item()
+        assert abs(kept - (1 - p)) < 6 * (p * (1 - p) / ones.numel()) ** 0.5
+        assert torch.allclose(out[out > 0], torch.tensor(1 / (1 - p)))
+    assert counters["stats"]["unique_graphs"] == 1

@@ -35,27 +35,48 @@ from torch import Tensor
 FUSED_MAX_LEVELS = 16
 
 
-def filter_levels(top_k: int, top_p: float, n: int) -> int:
+def nucleus_on(top_p: float | Tensor) -> bool:
+    """Whether the nucleus filter is on: a float below 1, or any tensor.
+
+    A tensor is a trial's value kept in a buffer (``NKATAttention``), so that compiled graphs take
+    it as an input instead of a constant; a filter that is off is passed as the float 1.0 (on or
+    off changes the graph's structure anyway).
+    """
+    return isinstance(top_p, Tensor) or top_p < 1.0
+
+
+def dropout_on(dropout_p: float | Tensor) -> bool:
+    """Whether dropout is on: a float above 0, or any tensor (as ``nucleus_on``; off is 0.0)."""
+    return isinstance(dropout_p, Tensor) or dropout_p > 0
+
+
+def filter_levels(top_k: int, top_p: float | Tensor, n: int) -> int:
     """How many value levels the threshold search walks for rows of ``n`` logits (0: no filter)."""
+    return level_count(top_k, nucleus_on(top_p), n)
+
+
+def level_count(top_k: int, nucleus: bool, n: int) -> int:
+    """``filter_levels`` with the nucleus given as on or off."""
     if 0 < top_k < n:
         return top_k
-    return n if top_p < 1.0 else 0
+    return n if nucleus else 0
 
 
-def row_filter(scores: Tensor, top_k: int, top_p: float) -> tuple[Tensor, Tensor, Tensor]:
+def row_filter(scores: Tensor, top_k: int, top_p: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row ``(threshold, row_max, mass)`` of the top-k then nucleus filter, all float32 (..., 1).
 
     The kept entries are ``scores >= threshold``; their softmax weights are
     ``exp(scores - row_max) / mass``. ``scores`` is not differentiated through (the filter is a
     selection). Exact ties are one level, so they are kept or dropped together, as the definition
-    says; shapes never depend on the data (``torch.compile`` and CUDA graphs friendly).
+    says; shapes never depend on the data (``torch.compile`` and CUDA graphs friendly). ``top_p``
+    is a float or a 0-dim tensor (``nucleus_on``).
     """
     s = scores.detach().float()
     n = s.shape[-1]
     topk_on = 0 < top_k < n
-    nucleus_on = top_p < 1.0
+    nucleus = nucleus_on(top_p)
     row_max = s.amax(dim=-1, keepdim=True)
-    if not topk_on and not nucleus_on:
+    if not topk_on and not nucleus:
         threshold = torch.full_like(row_max, float("-inf"))
         return threshold, row_max, (s - row_max).exp().sum(dim=-1, keepdim=True)
     neg_inf = torch.full((), float("-inf"), dtype=s.dtype, device=s.device)
@@ -74,7 +95,7 @@ def row_filter(scores: Tensor, top_k: int, top_p: float) -> tuple[Tensor, Tensor
         above = above + count
     topk_mass = sum(masses[1:], masses[0])
     threshold = row_max
-    if not nucleus_on:
+    if not nucleus:
         # The kept levels are a prefix; the threshold is the lowest kept value.
         for value, kept in zip(values[1:], kept_levels[1:]):
             threshold = torch.where(kept, value, threshold)
@@ -89,7 +110,7 @@ def row_filter(scores: Tensor, top_k: int, top_p: float) -> tuple[Tensor, Tensor
     return threshold, row_max, mass
 
 
-def topk_nucleus_threshold(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+def topk_nucleus_threshold(logits: Tensor, top_k: int, top_p: float | Tensor) -> Tensor:
     """The filter's per-row logit threshold (float32, (..., 1)): keep ``logits >= threshold``."""
     return row_filter(logits, top_k, top_p)[0]
 
@@ -99,16 +120,17 @@ class _NKATCore(torch.autograd.Function):
 
     Backward recomputes the probabilities ``P`` from the saved logits and per-row scalars, then
     ``dS = P * (dP - rowsum(P * dP))`` with ``dP = dW * dropout_mask / (1 - p)`` (the masked
-    softmax's gradient: filtered entries have P = 0 and get none).
+    softmax's gradient: filtered entries have P = 0 and get none). ``scale``, ``top_p`` and
+    ``dropout_p`` are floats or 0-dim tensors (``nucleus_on``, ``dropout_on``).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, top_k: int, top_p: float, dropout_p: float):
+    def forward(ctx, q, k, v, scale, top_k: int, top_p, dropout_p):
         logits = q @ k.transpose(-2, -1)
         scores = logits.float() * scale
         threshold, row_max, mass = row_filter(scores, top_k, top_p)
         probs = torch.where(scores >= threshold, (scores - row_max).exp(), 0.0) / mass
-        if dropout_p > 0:
+        if dropout_on(dropout_p):
             keep = torch.rand_like(probs) >= dropout_p
             weights = (probs * keep * (1.0 / (1.0 - dropout_p))).to(v.dtype)
         else:
@@ -141,11 +163,12 @@ class _NKATCore(torch.autograd.Function):
         return grad_logits @ k, grad_logits.transpose(-2, -1) @ q, grad_v, None, None, None, None
 
 
-def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, top_p: float,
-                    dropout_p: float = 0.0) -> Tensor:
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top_k: int,
+                    top_p: float | Tensor, dropout_p: float | Tensor = 0.0) -> Tensor:
     """The NKAT attention core from q, k, v (B, heads, N, head_dim), unmodulated: (B, heads, N, hd).
 
-    ``dropout_p`` is applied as given (pass 0 in eval mode). Under autocast, q, k, v arrive in
+    ``dropout_p`` is applied as given (pass 0 in eval mode). ``scale``, ``top_p`` and ``dropout_p``
+    may be 0-dim tensors (``nucleus_on``), so a compiled graph takes them as inputs. Under autocast, q, k, v arrive in
     bf16 and so do the logits (the matmul's output) and the weights, as on the explicit path; the
     filter and softmax run in float32 on ``logits * scale``. The explicit path rounds that product
     to bf16 again, which merges some neighbouring values into ties; here the ties are exactly

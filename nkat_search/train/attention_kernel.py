@@ -62,7 +62,7 @@ import os
 import torch
 from torch import Tensor
 
-from nkat_search.train.attention import filter_levels
+from nkat_search.train.attention import dropout_on, filter_levels, level_count, nucleus_on
 
 try:
     import triton
@@ -137,7 +137,7 @@ def kernel_available() -> bool:
     return triton is not None
 
 
-def kernel_supports(head_dim: int, top_k: int, top_p: float, n: int) -> bool:
+def kernel_supports(head_dim: int, top_k: int, top_p: float | Tensor, n: int) -> bool:
     """Whether ``kernel_attention`` takes this head dim and filter for rows of ``n`` keys."""
     return (kernel_available() and head_dim <= KERNEL_MAX_HEAD_DIM
             and filter_levels(top_k, top_p, n) <= KERNEL_MAX_LEVELS)
@@ -316,7 +316,7 @@ if triton is not None:
     def _fwd_kernel(
         Q, K, V, O, THR, LSE, SEED, BITS,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-        H, N, D, W, scale, top_p, dropout_p, inv_keep,
+        H, N, D, W, KNOBS,
         TOP_K: tl.constexpr, TOPK_ON: tl.constexpr, NUCLEUS_ON: tl.constexpr,
         LEVELS: tl.constexpr, LEVELS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -325,6 +325,12 @@ if triton is not None:
     ):
         # With MASK_BITS (and DROPOUT) the keep bits go to BITS, W words per row (see
         # _store_keep); tiles skipped as empty write none, and backward skips the same tiles.
+        # A trial's scale, top_p and dropout rate are loaded, not arguments: a compiled graph
+        # then takes them as an input (see _knobs) and trials share its cache entry.
+        scale = tl.load(KNOBS)
+        top_p = tl.load(KNOBS + 1)
+        dropout_p = tl.load(KNOBS + 2)
+        inv_keep = tl.load(KNOBS + 3)
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2)
@@ -391,7 +397,7 @@ if triton is not None:
         Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED, BITS,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
         sgb, sgh, sgn, sgd,
-        H, N, D, W, scale, dropout_p, inv_keep,
+        H, N, D, W, KNOBS,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
         MASK_BITS: tl.constexpr, GROUP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
@@ -400,6 +406,9 @@ if triton is not None:
         # bwd_mode "atomic" (ATOMIC_DQ): the block's share of dQ, dS K, is added into DQ_ACC too
         # (float32, contiguous (B, H, N, D), zeroed). "split": dQ comes from _bwd_q_kernel and
         # DQ_ACC is any pointer, never read.
+        scale = tl.load(KNOBS)
+        dropout_p = tl.load(KNOBS + 2)
+        inv_keep = tl.load(KNOBS + 3)
         pid_n = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2)
@@ -458,12 +467,15 @@ if triton is not None:
         Q, K, V, DO, THR, LSE, DELTA, DQ, SEED, BITS,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
         sgb, sgh, sgn, sgd,
-        H, N, D, W, scale, dropout_p, inv_keep,
+        H, N, D, W, KNOBS,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
         MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
     ):
         # dQ of one query block, over every key block.
+        scale = tl.load(KNOBS)
+        dropout_p = tl.load(KNOBS + 2)
+        inv_keep = tl.load(KNOBS + 3)
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2)
@@ -539,10 +551,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "upcast" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32"
 
 
-def _mask_bits(q: Tensor, dropout_p: float, block_n: int, dropout_mask: str) -> Tensor:
+def _mask_bits(q: Tensor, dropout: bool, block_n: int, dropout_mask: str) -> Tensor:
     # The forward's packed keep bits (see DROPOUT_MASK); empty when backward regenerates them.
     B, H, N, D = q.shape
-    if dropout_mask != "bits" or dropout_p <= 0:
+    if dropout_mask != "bits" or not dropout:
         return q.new_empty((0,), dtype=torch.int32)
     group = _bits_per_word(N, D, block_n)
     return q.new_empty((B, H, N, triton.cdiv(N, group)), dtype=torch.int32)
@@ -553,29 +565,31 @@ def _bits_per_word(n: int, d: int, block_n: int) -> int:
 
 
 @torch.library.custom_op("nkat::attention_kernel_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float, top_k: int,
-                   top_p: float, dropout_p: float, block_m: int, block_n: int, num_warps: int,
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, knobs: Tensor, top_k: int,
+                   nucleus: bool, dropout: bool, block_m: int, block_n: int, num_warps: int,
                    skip_empty: bool, bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
                    dropout_mask: str = DROPOUT_MASK, skip_merge: bool = SKIP_MERGE
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    # bwd_mode is backward's (see _setup_context); it is an input here so autograd carries it.
+    # knobs: _knobs's float32 (scale, top_p, dropout_p, 1 / (1 - dropout_p)); nucleus and dropout
+    # say whether those filters are on. bwd_mode is backward's (see _setup_context); it is an input
+    # here so autograd carries it.
     # The fourth output is the packed dropout mask for backward (empty unless "bits").
     B, H, N, D = q.shape
     o = _like_qkv_layout(q)
     threshold = q.new_empty((B, H, N), dtype=torch.float32)
     lse = q.new_empty((B, H, N), dtype=torch.float32)
-    bits = _mask_bits(q, dropout_p, block_n, dropout_mask)
+    bits = _mask_bits(q, dropout, block_n, dropout_mask)
     bm, bn, bd = _blocks(N, D, block_m, block_n)
-    levels = filter_levels(top_k, top_p, N)
+    levels = level_count(top_k, nucleus, N)
     words = bits.shape[-1] if bits.numel() else 1
     _fwd_kernel[(triton.cdiv(N, bm), H, B)](
         # seed stands in for an unused bits pointer.
         q, k, v, o, threshold, lse, seed, bits if bits.numel() else seed,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, N, D, words, scale, top_p, dropout_p, 1.0 / (1.0 - dropout_p),
-        TOP_K=top_k, TOPK_ON=0 < top_k < N, NUCLEUS_ON=top_p < 1.0,
+        H, N, D, words, knobs,
+        TOP_K=top_k, TOPK_ON=0 < top_k < N, NUCLEUS_ON=nucleus,
         LEVELS=levels, LEVELS_PAD=max(2, triton.next_power_of_2(max(levels, 1))),
-        DROPOUT=dropout_p > 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        DROPOUT=dropout, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
         PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, SKIP_MERGE=skip_merge,
         MASK_BITS=bits.numel() > 0, GROUP=_bits_per_word(N, D, block_n),
         **_launch(num_warps, num_stages),
@@ -584,18 +598,18 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float, 
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n, num_warps, skip_empty,
+def _(q, k, v, seed, knobs, top_k, nucleus, dropout, block_m, block_n, num_warps, skip_empty,
       bwd_mode=BWD_MODE, num_stages=NUM_STAGES, dropout_mask=DROPOUT_MASK, skip_merge=SKIP_MERGE):
     B, H, N, D = q.shape
     return (_like_qkv_layout(q), q.new_empty((B, H, N), dtype=torch.float32),
             q.new_empty((B, H, N), dtype=torch.float32),
-            _mask_bits(q, dropout_p, block_n, dropout_mask))
+            _mask_bits(q, dropout, block_n, dropout_mask))
 
 
 @torch.library.custom_op("nkat::attention_kernel_bwd", mutates_args=())
 def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                   threshold: Tensor, lse: Tensor, seed: Tensor, bits: Tensor, scale: float,
-                   dropout_p: float, block_m: int, block_n: int, num_warps: int, skip_empty: bool,
+                   threshold: Tensor, lse: Tensor, seed: Tensor, bits: Tensor, knobs: Tensor,
+                   dropout: bool, block_m: int, block_n: int, num_warps: int, skip_empty: bool,
                    bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES
                    ) -> tuple[Tensor, Tensor, Tensor]:
     # bits: the forward's packed dropout mask, or empty (regenerate it with Philox).
@@ -605,13 +619,12 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     dk = _like_qkv_layout(q)
     dv = _like_qkv_layout(q)
     bm, bn, bd = _blocks(N, D, block_m, block_n)
-    common = dict(DROPOUT=dropout_p > 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+    common = dict(DROPOUT=dropout, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
                   PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty,
                   MASK_BITS=bits.numel() > 0, GROUP=_bits_per_word(N, D, block_n),
                   **_launch(num_warps, num_stages))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    scalars = (H, N, D, bits.shape[-1] if bits.numel() else 1, scale, dropout_p,
-               1.0 / (1.0 - dropout_p))
+    scalars = (H, N, D, bits.shape[-1] if bits.numel() else 1, knobs)
     mask = (seed, bits if bits.numel() else seed)
     if bwd_mode == "atomic":
         dq_sum = torch.zeros((B, H, N, D), device=q.device, dtype=torch.float32)
@@ -631,23 +644,24 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 
 
 @_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, threshold, lse, seed, bits, scale, dropout_p, block_m, block_n,
+def _(grad_out, q, k, v, out, threshold, lse, seed, bits, knobs, dropout, block_m, block_n,
       num_warps, skip_empty, bwd_mode=BWD_MODE, num_stages=NUM_STAGES):
     return _like_qkv_layout(q), _like_qkv_layout(q), _like_qkv_layout(q)
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, seed, scale, _top_k, _top_p, dropout_p, block_m, block_n, num_warps, skip_empty,
+    (q, k, v, seed, knobs, _top_k, _nucleus, dropout, block_m, block_n, num_warps, skip_empty,
      bwd_mode, num_stages, _dropout_mask, _skip_merge) = inputs
     out, threshold, lse, bits = output
-    ctx.save_for_backward(q, k, v, out, threshold, lse, seed, bits)
-    ctx.args = (scale, dropout_p, block_m, block_n, num_warps, skip_empty, bwd_mode, num_stages)
+    ctx.save_for_backward(q, k, v, out, threshold, lse, seed, bits, knobs)
+    ctx.args = (dropout, block_m, block_n, num_warps, skip_empty, bwd_mode, num_stages)
     ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, grad_out, _grad_threshold, _grad_lse, _grad_bits):
-    q, k, v, out, threshold, lse, seed, bits = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, threshold, lse, seed, bits, *ctx.args)
+    q, k, v, out, threshold, lse, seed, bits, knobs = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, threshold, lse, seed, bits, knobs,
+                                *ctx.args)
     # No gradient for seed, the filter and the launch arguments.
     return dq, dk, dv, *[None] * (ctx.num_inputs - 3)
 
@@ -655,9 +669,31 @@ def _backward(ctx, grad_out, _grad_threshold, _grad_lse, _grad_bits):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, top_p: float,
-                     dropout_p: float = 0.0, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
-                     num_warps: int = NUM_WARPS, skip_empty: bool = SKIP_EMPTY_TILES,
+def _knobs(like: Tensor, scale: float | Tensor, top_p: float | Tensor,
+           dropout_p: float | Tensor) -> Tensor:
+    """float32 (scale, top_p, dropout_p, 1 / (1 - dropout_p)) on ``like``'s device, for the kernels.
+
+    Loaded, not passed as Triton scalars: a float argument of the custom op would be a constant of
+    the compiled graph, so every trial (its own temperature, top_p, dropout) would compile its own;
+    as a tensor built from the model's buffers it is an input, and trials share the graph.
+    """
+    values = [x.to(like.device, torch.float32).reshape(()) if isinstance(x, Tensor)
+              else torch.full((), float(x), device=like.device, dtype=torch.float32)
+              for x in (scale, top_p, dropout_p)]
+    return torch.stack([*values, 1.0 / (1.0 - values[2])])
+
+
+def op_filter_args(like: Tensor, scale: float | Tensor, top_k: int, top_p: float | Tensor,
+                   dropout_p: float | Tensor) -> tuple[Tensor, int, bool, bool]:
+    """The forward op's ``(knobs, top_k, nucleus, dropout)`` from ``kernel_attention``'s filter
+    arguments, the knobs on ``like``'s device (tests and benchmarks call the op directly)."""
+    return _knobs(like, scale, top_p, dropout_p), top_k, nucleus_on(top_p), dropout_on(dropout_p)
+
+
+def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top_k: int,
+                     top_p: float | Tensor, dropout_p: float | Tensor = 0.0,
+                     block_m: int = BLOCK_M, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
+                     skip_empty: bool = SKIP_EMPTY_TILES,
                      bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
                      dropout_mask: str = DROPOUT_MASK, skip_merge: bool = SKIP_MERGE) -> Tensor:
     """The NKAT attention core from q, k, v (B, heads, N, head_dim), unmodulated: (B, heads, N, hd).
@@ -686,10 +722,11 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, top_k: int, 
         raise ValueError(f"kernel_attention: dropout_mask {dropout_mask!r} is not one of "
                          f"{DROPOUT_MASKS}")
     k, v = k.to(q.dtype), v.to(q.dtype)
-    if dropout_p > 0:
+    dropout = dropout_on(dropout_p)
+    if dropout:
         seed = torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
     else:
         seed = torch.zeros(1, device=q.device, dtype=torch.int64)
-    return _attention_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, block_m, block_n,
-                          num_warps, skip_empty, bwd_mode, num_stages, dropout_mask,
-                          skip_merge)[0]
+    return _attention_fwd(q, k, v, seed, *op_filter_args(seed, scale, top_k, top_p, dropout_p),
+                          block_m, block_n, num_warps, skip_empty, bwd_mode, num_stages,
+                          dropout_mask, skip_merge)[0]

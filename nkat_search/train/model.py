@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nkat_search.config import ModelConfig
-from nkat_search.train.attention import FUSED_MAX_LEVELS, filter_levels, fused_attention
+from nkat_search.train.attention import (FUSED_MAX_LEVELS, filter_levels, fused_attention,
+                                         nucleus_on)
 from nkat_search.train.attention_kernel import (
     KERNEL_MAX_HEAD_DIM,
     KERNEL_MAX_LEVELS,
@@ -81,15 +82,16 @@ def topk_mask(logits: Tensor, k: int) -> Tensor:
     return logits >= kth
 
 
-def nucleus_mask(probs: Tensor, p: float) -> Tensor:
+def nucleus_mask(probs: Tensor, p: float | Tensor) -> Tensor:
     """Boolean mask (True = keep) of the nucleus of each last-dim row of probabilities.
 
     The nucleus is the smallest prefix, by descending probability, whose cumulative sum reaches
     ``p``: an entry is kept iff the probability mass strictly above it is below ``p``. The top
     entry is always kept, so a row can never become empty. Tied entries are kept or dropped
-    together. ``p >= 1`` keeps everything.
+    together. ``p >= 1`` keeps everything; a 0-dim tensor ``p`` is taken as below 1
+    (``attention.nucleus_on``).
     """
-    if p >= 1.0:
+    if not nucleus_on(p):
         return torch.ones_like(probs, dtype=torch.bool)
     probs = probs.detach()
     if probs.shape[-1] <= PAIRWISE_MAX_TOKENS:
@@ -109,7 +111,7 @@ def nucleus_mask(probs: Tensor, p: float) -> Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def topk_nucleus_mask(logits: Tensor, k: int, p: float) -> Tensor:
+def topk_nucleus_mask(logits: Tensor, k: int, p: float | Tensor) -> Tensor:
     """``topk_mask`` then ``nucleus_mask`` on the softmax of the kept logits, for long rows.
 
     Same definition as the two filters in sequence: keep the entries with fewer than ``k`` larger
@@ -121,8 +123,8 @@ def topk_nucleus_mask(logits: Tensor, k: int, p: float) -> Tensor:
     """
     n = logits.shape[-1]
     if k <= 0 or k >= n:
-        return nucleus_mask(logits.softmax(dim=-1), p) if p < 1.0 else topk_mask(logits, k)
-    if p >= 1.0:
+        return nucleus_mask(logits.softmax(dim=-1), p) if nucleus_on(p) else topk_mask(logits, k)
+    if not nucleus_on(p):
         return topk_mask(logits, k)
     logits = logits.detach()
     top = logits.topk(k, dim=-1).values  # descending
@@ -238,9 +240,13 @@ class NKATAttention(nn.Module):
             raise ValueError(f"attention path: expected one of {ATTENTION_PATHS}, got {path!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5 / cfg.temperature
+        self.temperature = cfg.temperature
         self.top_k = cfg.top_k
         self.top_p = cfg.top_p
+        # Whether the nucleus and the attention dropout are on, as bools: forward reads these, not
+        # the float values, which Dynamo would guard on (a recompile for every other value).
+        self.nucleus = cfg.top_p < 1.0
+        self.attn_dropout = cfg.dropout_attn > 0
         self.uses_nkat = cfg.uses_nkat_attention
         self.tokens = tokens  # the row length, which "auto" needs on a GPU
         self.requested = path
@@ -253,16 +259,23 @@ class NKATAttention(nn.Module):
         else:
             self.qkv = nn.Linear(dim, 3 * dim)
         self.attn_drop_p = cfg.dropout_attn
-        self.attn_drop = nn.Dropout(cfg.dropout_attn)
+        self.attn_drop = RateDropout(cfg.dropout_attn)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(cfg.dropout_attn)
-        # A buffer, not a Python float: torch.compile specializes on float attributes, so every
-        # block would compile its own graph and regional compilation (one Block graph for all
-        # blocks, ``TrainOptions.compile_scope``) would not share it. Not persistent: it follows
-        # from the config, and checkpoints stay as they were.
+        self.proj_drop = RateDropout(cfg.dropout_attn)
+        # Buffers, not Python floats: torch.compile specializes on float attributes, so a float
+        # strength would give every block its own graph (regional compilation, one Block graph
+        # for all blocks, ``TrainOptions.compile_scope``, could not share it), and a float scale,
+        # top_p or dropout rate would make the graph one trial's: as buffers they are inputs, and
+        # trials of the same shapes and top_k reuse it from Inductor's cache. Not persistent: they
+        # follow from the config, and checkpoints stay as they were. Whether a filter is on stays
+        # a Python bool (``self.nucleus``, ``self.attn_dropout``): it changes the graph anyway.
         self.register_buffer(
             "strength", torch.tensor(cfg.nkat_strength * cfg.nkat_decay ** layer_index),
             persistent=False)
+        self.register_buffer("scale", torch.tensor(self.head_dim ** -0.5 / cfg.temperature),
+                             persistent=False)
+        self.register_buffer("top_p_value", torch.tensor(cfg.top_p), persistent=False)
+        self.register_buffer("attn_drop_value", torch.tensor(cfg.dropout_attn), persistent=False)
         # alpha and beta exist only when the modulation is on, so a strength-0 model's parameter
         # count (lambda) contains nothing it never uses.
         if cfg.nkat_strength > 0:
@@ -335,13 +348,14 @@ class NKATAttention(nn.Module):
         B, N, D = x.shape
         q, k, v = self._qkv(x)
         if (path := self.nkat_path()) == "sdpa":
+            # SDPA takes floats only; this path has every filter off, none of the searched space.
             out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop_p if self.training else 0.0, scale=self.scale
+                q, k, v, dropout_p=self.attn_drop_p if self.training else 0.0,
+                scale=self.head_dim ** -0.5 / self.temperature
             )
         elif path != "explicit":
             core = kernel_attention if path == "kernel" else fused_attention
-            out = core(q, k, v, self.scale, self.top_k, self.top_p,
-                       self.attn_drop_p if self.training else 0.0)
+            out = core(q, k, v, self.scale, self.top_k, self.nucleus_p(), self.dropout_p())
             if self.alpha is not None:
                 # The row factor on the output rows equals it on the weights, and its gradient
                 # is then a sum over heads x head_dim values instead of heads x N weights.
@@ -351,19 +365,31 @@ class NKATAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(out))
 
+    def nucleus_p(self) -> float | Tensor:
+        """top_p for the cores: the buffer when the nucleus is on, else the float 1.0 (off)."""
+        return self.top_p_value if self.nucleus else 1.0
+
+    def dropout_p(self) -> float | Tensor:
+        """The attention dropout rate for the cores: the buffer while training with dropout on,
+        else the float 0.0 (off)."""
+        return self.attn_drop_value if self.training and self.attn_dropout else 0.0
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> Tensor:
         """The explicit NKAT path from q, k, v (B, heads, N, head_dim) to ``weights @ v``; ``x``
         modulates. The reference for the fused path, and the CPU path."""
         N = q.shape[-2]
-        logits = (q @ k.transpose(-2, -1)) * self.scale
-        if N > PAIRWISE_MAX_TOKENS and self.top_k > 0 and self.top_p < 1.0:
-            logits = logits.masked_fill(~topk_nucleus_mask(logits, self.top_k, self.top_p),
+        logits = q @ k.transpose(-2, -1)
+        # Scaled in float32 and rounded once, as a Python float scale was: a bf16 product with
+        # the float32 buffer would round the scale to bf16 first (up to 0.4 % of the temperature).
+        logits = (logits.float() * self.scale).to(logits.dtype)
+        if N > PAIRWISE_MAX_TOKENS and self.top_k > 0 and self.nucleus:
+            logits = logits.masked_fill(~topk_nucleus_mask(logits, self.top_k, self.nucleus_p()),
                                         float("-inf"))
         else:
             if self.top_k > 0:
                 logits = logits.masked_fill(~topk_mask(logits, self.top_k), float("-inf"))
-            if self.top_p < 1.0:
-                keep = nucleus_mask(logits.softmax(dim=-1), self.top_p)
+            if self.nucleus:
+                keep = nucleus_mask(logits.softmax(dim=-1), self.nucleus_p())
                 logits = logits.masked_fill(~keep, float("-inf"))
         weights = self.attn_drop(logits.softmax(dim=-1))
         if self.alpha is not None:
@@ -381,14 +407,37 @@ def channel_shuffle(x: Tensor, groups: int = CHANNEL_GROUPS) -> Tensor:
     return x.view(B, N, groups, D // groups).transpose(2, 3).reshape(B, N, D)
 
 
+class RateDropout(nn.Module):
+    """``nn.Dropout`` with its rate in a buffer, so a compiled graph takes the rate as an input and
+    trials with other rates share it (see ``NKATAttention``'s buffers). Rate 0 is the identity."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {p}")
+        self.on = p > 0
+        self.register_buffer("p", torch.tensor(float(p)), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and self.on):
+            return x
+        # The draw and the scaling in float32 whatever x is: in bf16 the draw would round the
+        # rate and the factor 1 / (1 - p) (by up to 0.2 %).
+        keep = torch.rand_like(x, dtype=torch.float32) >= self.p
+        return torch.where(keep, x.float() / (1 - self.p), 0.0).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p.item():g}"
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, drop: float):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.drop1 = nn.Dropout(drop)
+        self.drop1 = RateDropout(drop)
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = nn.Dropout(drop)
+        self.drop2 = RateDropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
@@ -441,7 +490,7 @@ class NKAT(nn.Module):
             self.colour_embed = None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
-        self.pos_drop = nn.Dropout(cfg.dropout_embed)
+        self.pos_drop = RateDropout(cfg.dropout_embed)
         self.blocks = nn.Sequential(*(Block(dim, i, cfg, num_patches + 1, attention_path)
                                       for i in range(cfg.depth)))
         self.norm = nn.LayerNorm(dim)
