@@ -3,6 +3,7 @@
 import json
 
 import copy
+import math
 
 import pytest
 import torch
@@ -38,6 +39,23 @@ def test_one_epoch_on_a_cifar_slice_reports_through_the_callback(data_dir, tmp_p
     assert result.lam == pytest.approx(result.parameters / 1e6)
     assert result.tpe == pytest.approx(reports[0].tpe)
     assert (tmp_path / "checkpoint.pt").exists()
+
+
+def test_evaluating_only_after_the_last_epoch_gives_the_same_result(data_dir, tmp_path):
+    """Stage 2's option: the epochs before the last report NaN accuracy, the result is the same
+    run's (evaluation touches neither the weights nor the data generator)."""
+    cfg = tiny_config(epochs=3, dataset="mnist")
+    every, last_only = [], []
+    full = train_model(cfg, data_dir=data_dir, device="cpu", out_dir=tmp_path / "a",
+                       on_epoch=every.append, progress=False)
+    lean = train_model(cfg, data_dir=data_dir, device="cpu", out_dir=tmp_path / "b",
+                       on_epoch=last_only.append, progress=False,
+                       options=TrainOptions(evaluate_every_epoch=False))
+    assert [r.epoch for r in last_only] == [1, 2, 3]
+    assert all(math.isnan(r.accuracy) and math.isnan(r.tpe) for r in last_only[:2])
+    assert not any(math.isnan(r.accuracy) for r in every)
+    assert lean.accuracy == full.accuracy == last_only[-1].accuracy
+    assert [r.train_loss for r in last_only] == [r.train_loss for r in every]
 
 
 def test_resume_continues_bit_for_bit(data_dir, tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -198,7 +199,8 @@ class Objective:
                             device=self.device, out_dir=folder, results={STAGE1_DATASET: stage1},
                             progress=self.progress, train_fn=train,
                             train_kwargs={"stop_requested": self.stop_requested,
-                                          "options": options,
+                                          # Only the last epoch is scored; nothing prunes here.
+                                          "options": replace(options, evaluate_every_epoch=False),
                                           "on_epoch": lambda r: self._track(trial, r)})
         write_report(report, folder)
         return self._complete(trial, report)

@@ -122,6 +122,9 @@ class TrainOptions:
     ``torch.compile``'s mode (default: CUDA graphs on a GPU, Inductor's default elsewhere);
     ``compile_augment=False`` leaves the augmentation eager (``benchmarks/throughput.py`` times the
     variants side by side). ``compile_scope``: one of ``COMPILE_SCOPES`` (``compile_model``).
+    ``evaluate_every_epoch=False`` evaluates after the last epoch only (the others report NaN
+    accuracy): Stage 2 of a trial, where only the final accuracy is scored and nothing prunes on
+    the way, skips a test-split pass per epoch.
     """
 
     data: object | None = None
@@ -131,6 +134,7 @@ class TrainOptions:
     compile_mode: str | None = None
     compile_augment: bool = True
     compile_scope: str = COMPILE_SCOPE
+    evaluate_every_epoch: bool = True
 
     def __post_init__(self) -> None:
         if self.compile_scope not in COMPILE_SCOPES:
@@ -306,8 +310,10 @@ def train_model(
                 _close(bar)
                 _save(state, path, timings)
                 raise TrainingInterrupted(state.epoch, state.step, run.steps_per_epoch)
-            with timings.timed("eval_s"):
-                accuracy = evaluate(state.ema, data, device, run.autocast)
+            accuracy = math.nan
+            if options.evaluate_every_epoch or state.epoch == tc.epochs:
+                with timings.timed("eval_s"):
+                    accuracy = evaluate(state.ema, data, device, run.autocast)
             report = EpochReport(state.epoch, tc.epochs, tc.dataset, loss, accuracy, run.lam,
                                  metrics.tpe(accuracy, run.lam), seconds,
                                  run.steps_per_epoch * run.batch_size / seconds)
@@ -670,7 +676,8 @@ def _close(bar, report: EpochReport | None = None) -> None:
     if bar is None:
         return
     if report is not None:
-        bar.set_postfix(loss=f"{report.train_loss:.3f}", acc=f"{report.accuracy:.4f}",
+        accuracy = {} if math.isnan(report.accuracy) else {"acc": f"{report.accuracy:.4f}"}
+        bar.set_postfix(loss=f"{report.train_loss:.3f}", **accuracy,
                         img_s=f"{report.images_per_s:,.0f}")
     bar.close()
 
