@@ -26,14 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nkat_search.atomic import write_text_atomic  # noqa: E402
 from nkat_search.search.gate_pruner import largest_rises  # noqa: E402
 from nkat_search.search.trials import TrialRecord  # noqa: E402
-
-STEM_OUTPUT_SIDE = {"off": 32, "tiny": 8, "small": 8}  # train/model.py: ConvStem
-
+from nkat_search.train.model import tokens_per_image  # noqa: E402
 
 def tokens(params: dict) -> int:
-    """Tokens per CIFAR-10 image: the patch grid after the stem, plus the CLS token."""
-    side = STEM_OUTPUT_SIDE[params["conv_stem"]] // params["patch_size"]
-    return side * side + 1
+    return tokens_per_image(params["conv_stem"], params["patch_size"])
 
 
 def curves_of(study: optuna.Study, epochs: int) -> list[dict]:

@@ -37,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from nkat_search.train.model import tokens_per_image  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -66,8 +68,7 @@ def mix(study: Path, count: int) -> list[dict]:
 
 
 def tokens(config: dict) -> int:
-    grid = 32 if config["conv_stem"] == "off" else 8
-    return (grid // config["patch_size"]) ** 2 + 1
+    return tokens_per_image(config["conv_stem"], config["patch_size"])
 
 
 # -- one process --------------------------------------------------------------------------------

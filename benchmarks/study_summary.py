@@ -10,7 +10,9 @@ every CIFAR-10 epoch of every attempt, plus the Stage 2 epochs of complete trial
 ones are also given alone (``cifar10_epochs_trained``), beside what the unpruned study would have
 trained (``cifar10_epochs_unpruned`` = configurations x epochs). The complete trials' wall time
 is split at the gate (``survivors_stage1_s``, ``survivors_stage2_s`` and their ratio): what Stage 2
-costs a survivor.
+costs a survivor. ``block_graph_repeats``: configurations whose Block graph (embed_dim, tokens,
+top_k) an earlier configuration of the study already had, the ones that can load it from
+Inductor's cache under ``compile_scope`` "blocks".
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nkat_search.atomic import write_text_atomic  # noqa: E402
 from nkat_search.search.trials import TrialRecord, best, outcome, retries  # noqa: E402
+from nkat_search.train.model import tokens_per_image  # noqa: E402
 
 
 def window_seconds(path: Path | None) -> list[float]:
@@ -36,6 +39,19 @@ def window_seconds(path: Path | None) -> list[float]:
         return []
     return [float(m.group(1)) for m in re.finditer(r"up ended at \S+ after (\d+) s",
                                                     path.read_text())]
+
+
+def block_graph_repeats(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """Configurations (retries left out) whose (embed_dim, tokens, top_k) an earlier one had."""
+    seen, repeats, retry_numbers = set(), 0, set(retries(trials).values())
+    for trial in sorted(trials, key=lambda t: t.number):
+        p = trial.params
+        if "embed_dim" not in p or trial.number in retry_numbers:
+            continue
+        key = (p["embed_dim"], tokens_per_image(p["conv_stem"], p["patch_size"]), p["top_k"])
+        repeats += key in seen
+        seen.add(key)
+    return repeats
 
 
 def summary(study: optuna.Study, epochs: int) -> dict:
@@ -71,6 +87,7 @@ def summary(study: optuna.Study, epochs: int) -> dict:
         "study": study.study_name,
         "trials": dict(sorted(kinds.items())),
         "configurations": configurations,
+        "block_graph_repeats": block_graph_repeats(trials),
         "retries": len(retries(trials)),
         "epochs_trained": epochs_all,
         "cifar10_epochs_trained": cifar_epochs,

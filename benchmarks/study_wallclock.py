@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_sampling import UtilisationSampler, gpu_names  # noqa: E402
 
 from nkat_search.cli.launch import nkat_command, start  # noqa: E402
+from nkat_search.train.model import tokens_per_image  # noqa: E402
 
 PHASES = ("data", "setup", "compile", "train", "eval", "checkpoint")
 
@@ -89,9 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def tokens(config: dict) -> int:
-    """Tokens per image: the patch grid after the stem (32x32, or 8x8 with a stem) plus CLS."""
-    grid = 32 if config.get("conv_stem") == "off" else 8
-    return (grid // config.get("patch_size", 2)) ** 2 + 1
+    """Tokens per image; a config without stem or patch has the recipe's (tiny, 2)."""
+    return tokens_per_image(config.get("conv_stem", "tiny"), config.get("patch_size", 2))
 
 
 def study_name(path: Path) -> str:

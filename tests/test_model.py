@@ -19,6 +19,7 @@ from nkat_search.train.model import (
     count_parameters,
     nucleus_mask,
     preset,
+    tokens_per_image,
     topk_mask,
 )
 
@@ -178,6 +179,15 @@ def test_filters_off_takes_fused_kernel(monkeypatch):
 
 def test_baseline_filters_take_explicit_path(monkeypatch):
     assert count_sdpa_calls(monkeypatch, small_cfg(depth=2)) == 0
+
+
+@pytest.mark.parametrize("stem, patch, tokens",
+                         [("off", 2, 257), ("off", 4, 65), ("tiny", 2, 17), ("small", 4, 5)])
+def test_tokens_per_image_is_the_models_row_length(stem, patch, tokens):
+    model = build_model(small_cfg(conv_stem=stem, patch_size=patch), in_chans=3, num_classes=10)
+    assert tokens_per_image(stem, patch) == tokens == model.pos_embed.shape[1]
+    rows = model.blocks[0](torch.zeros(2, tokens, 64))
+    assert rows.shape == (2, tokens, 64)
 
 
 def test_modulation_parameters_exist_only_when_on():

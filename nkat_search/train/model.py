@@ -179,6 +179,17 @@ def _conv_bn_gelu(in_chans: int, out_chans: int, stride: int) -> list[nn.Module]
     ]
 
 
+# How much each ConvStem kind shrinks the image side (off: 32x32 stays; tiny, small: to 8x8).
+STEM_DOWNSAMPLE = {"off": 1, "tiny": 4, "small": 4}
+
+
+def tokens_per_image(conv_stem: str, patch_size: int, image_size: int = 32) -> int:
+    """The attention's row length: the patch grid after the stem, plus the CLS token (on
+    CIFAR-10: 257 for stem off and patch 2, 65 off/4, 17 tiny|small/2, 5 tiny|small/4)."""
+    grid = image_size // STEM_DOWNSAMPLE[conv_stem] // patch_size
+    return grid * grid + 1
+
+
 class ConvStem(nn.Module):
     """Convolutional stem before the patch embedding: ``off``, ``tiny`` or ``small``.
 
@@ -201,7 +212,7 @@ class ConvStem(nn.Module):
             self.out_channels = 128
         else:
             raise ValueError(f"conv_stem: unknown kind {kind!r}")
-        self.downsample = 1 if kind == "off" else 4
+        self.downsample = STEM_DOWNSAMPLE[kind]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -475,8 +486,7 @@ class NKAT(nn.Module):
         self.patch_embed = nn.Conv2d(
             self.stem.out_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size
         )
-        grid = image_size // self.stem.downsample // cfg.patch_size
-        num_patches = grid * grid
+        num_patches = tokens_per_image(cfg.conv_stem, cfg.patch_size, image_size) - 1
         if cfg.split_heads:
             # One filter bank per colour channel (groups=in_chans), written into the R, G, B
             # channel groups; for grayscale the single channel feeds all three groups.
