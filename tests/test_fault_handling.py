@@ -303,6 +303,21 @@ def test_a_slash_in_the_password_is_masked_and_refused(capsys):
     assert "%2F" in err and "NKAT_STORAGE_PASSWORD_FILE" in err, err
 
 
+def test_a_slash_in_the_user_is_masked_and_refused(capsys):
+    from nkat_search.search.storage_url import mask_url, redact
+
+    # SQLAlchemy would take "us" for the host and "er:pw@127.0.0.1:1/db" for the database, and
+    # print the password in its "database ... does not exist" error.
+    url = "postgresql://us/er:pw@127.0.0.1:1/db"
+    assert mask_url(url) == "postgresql://us/er:***@127.0.0.1:1/db"
+    assert redact("database er:pw@127.0.0.1:1/db", url) == "database er:***@127.0.0.1:1/db"
+    assert mask_url("postgresql://h:5432/db") == "postgresql://h:5432/db"
+    code = main(["status", "--study", "s", "--storage", url])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert ":pw@" not in err and "us/er:***@127.0.0.1" in err and "%2F" in err, err
+
+
 # -- bad input: one line, exit 2 -------------------------------------------------------------
 
 def one_line_exit_2(capsys, *argv) -> str:

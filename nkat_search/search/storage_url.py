@@ -57,14 +57,16 @@ def split_userinfo(url: str) -> Userinfo | None:
     ``@`` is seen whole (SQLAlchemy would cut it at the first one). A password with an unencoded
     ``/`` is seen whole too: when no ``@`` comes before the first ``/`` but a ``:`` does, the
     password runs on to the next ``@``, as SQLAlchemy reads it (``postgresql://u:pa/ss@h/db`` is
-    user ``u``, password ``pa/ss``). ``check_url`` refuses both kinds of URL. The user ends at
-    the first ``:``.
+    user ``u``, password ``pa/ss``). A user with an unencoded ``/`` is read the same way
+    (``postgresql://us/er:pw@h/db``: user ``us/er``, password ``pw``), though SQLAlchemy takes
+    ``us`` for the host and the rest, password included, for the database. ``check_url`` refuses
+    all three kinds of URL. The user ends at the first ``:``.
     """
     scheme, sep, after = url.partition("://")
     if not sep:
         return None
     netloc, slash, tail = after.partition("/")
-    if "@" not in netloc and ":" in netloc and "@" in tail:
+    if "@" not in netloc and "@" in tail and ":" in netloc + tail.partition("@")[0]:
         password_tail, _, after_at = tail.partition("@")
         host, slash, tail = after_at.partition("/")
         netloc = f"{netloc}/{password_tail}@{host}"
@@ -100,6 +102,10 @@ def check_url(url: str) -> None:
         raise StorageError(
             f"storage URL {mask_url(url)}: the user or password contains '@'; write it as %40 "
             "(postgresql+psycopg2://user:pass%40word@host:5432/db)")
+    if parts is not None and "/" in (parts.user or ""):
+        raise StorageError(
+            f"storage URL {mask_url(url)}: the user contains '/'; write it as %2F "
+            "(postgresql+psycopg2://us%2Fer:password@host:5432/db)")
     if parts is not None and "/" in (parts.password or ""):
         raise StorageError(
             f"storage URL {mask_url(url)}: the password contains '/'; write it as %2F "
