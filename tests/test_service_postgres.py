@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import sqlalchemy
 import yaml
 
@@ -195,6 +196,30 @@ def test_coordinators_on_one_new_database_at_once(fresh_postgres_url, tmp_path):
     assert [c.returncode for c in children] == [0] * 6, "\n".join(outputs)
     stored = optuna.storages.RDBStorage(fresh_postgres_url).get_all_studies()
     assert sorted(s.study_name for s in stored) == names
+
+
+def test_a_schema_lock_held_too_long_fails_the_open_in_one_line(fresh_postgres_url, monkeypatch):
+    """A holder that hangs with its connection alive: the open gives up after the bound and names
+    what to do; nothing waits forever."""
+    from nkat_search.search import storage as storage_module
+    from nkat_search.search.storage_url import StorageError
+
+    monkeypatch.setattr(storage_module, "SCHEMA_LOCK_WAIT_S", 1)
+    engine = sqlalchemy.create_engine(fresh_postgres_url, poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as holder:
+        holder.execute(sqlalchemy.text("SELECT pg_advisory_lock(:a, :b)"),
+                       dict(zip("ab", SCHEMA_LOCK_KEYS)))
+        started = time.monotonic()
+        with pytest.raises(StorageError) as raised:
+            open_storage(fresh_postgres_url)
+        waited = time.monotonic() - started
+    engine.dispose()
+    message = str(raised.value)
+    assert 1 <= waited < 10, waited
+    assert len(message.splitlines()) == 1 and "over 1 s" in message, message
+    assert "pg_stat_activity" in message, message
+    # Once the holder is gone, the same URL opens.
+    open_storage(fresh_postgres_url).engine.dispose()
 
 
 def test_schema_lock_of_a_killed_holder_is_dropped_and_never_held_after_open(fresh_postgres_url):

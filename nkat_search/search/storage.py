@@ -26,11 +26,14 @@ from nkat_search.search.resilient_storage import ResilientRDBStorage
 from nkat_search.search.stale_trials import RetryStaleTrial
 from nkat_search.search.storage_url import (POSTGRES_SCHEMES, SQLITE_SCHEME, SQLITE_TIMEOUT_S,
                                             StorageError, check_url, engine_options, explain,
-                                            sqlite_path)
+                                            mask_url, sqlite_path)
 
 # The PostgreSQL advisory lock taken while Optuna creates its schema. Two int4 keys: a key space
 # that never meets ``StudyLock``'s single bigint keys, whatever a study is named.
 SCHEMA_LOCK_KEYS = (zlib.crc32(b"nkat-search") - 2**31, zlib.crc32(b"schema") - 2**31)
+# How long an open waits for another process's schema creation (a few seconds when it works): a
+# holder that hangs with its connection alive must not hang every worker that starts after it.
+SCHEMA_LOCK_WAIT_S = 120
 
 
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
@@ -65,6 +68,8 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
                 return kind(url, engine_kwargs=engine_kwargs,
                             heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                             heartbeat_stale_trial_callback=callback, **extra)
+        except StorageError:
+            raise
         except Exception as err:  # driver, SQLAlchemy and Optuna errors all mean: fix the URL
             raise StorageError(explain(given, err)) from None
 
@@ -116,13 +121,29 @@ def _pg_schema_lock(url: str, engine_kwargs: dict):
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             created = optuna_private.schema_created(conn)
             if not created:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:a, :b)"),
-                             dict(zip("ab", SCHEMA_LOCK_KEYS)))
+                _wait_for_schema_lock(conn, url)
                 yield
         if created:
             yield
     finally:
         engine.dispose()
+
+
+def _wait_for_schema_lock(conn, url: str) -> None:
+    """Take the schema lock, waiting at most ``SCHEMA_LOCK_WAIT_S`` (PostgreSQL's lock_timeout,
+    which bounds advisory lock waits too)."""
+    conn.execute(sqlalchemy.text(f"SET lock_timeout = '{int(SCHEMA_LOCK_WAIT_S * 1000)}ms'"))
+    try:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:a, :b)"),
+                     dict(zip("ab", SCHEMA_LOCK_KEYS)))
+    except sqlalchemy.exc.OperationalError as err:
+        if "lock timeout" not in str(err):
+            raise
+        raise StorageError(
+            f"storage URL {mask_url(url)}: another process has been creating the study tables in "
+            f"this database for over {SCHEMA_LOCK_WAIT_S:g} s; find it (SELECT pid, state, query "
+            "FROM pg_stat_activity) and stop it, then try again") from None
+    conn.execute(sqlalchemy.text("SET lock_timeout = 0"))
 
 
 def _prepare_sqlite(url: str) -> None:
