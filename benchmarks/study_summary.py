@@ -10,7 +10,9 @@ every CIFAR-10 epoch of every attempt, plus the Stage 2 epochs of complete trial
 ones are also given alone (``cifar10_epochs_trained``), beside what the unpruned study would have
 trained (``cifar10_epochs_unpruned`` = configurations x epochs). The complete trials' wall time
 is split at the gate (``survivors_stage1_s``, ``survivors_stage2_s`` and their ratio): what Stage 2
-costs a survivor. ``block_graph_repeats``: configurations whose Block graph (embed_dim, tokens,
+costs a survivor. ``phase_s``: every attempt's seconds by phase (data, setup, compile, train,
+eval, checkpoint), summed over trials that share the GPU (trial seconds, not wall clock).
+``block_graph_repeats``: configurations whose Block graph (embed_dim, tokens,
 top_k) an earlier configuration of the study already had, the ones that can load it from
 Inductor's cache under ``compile_scope`` "blocks".
 """
@@ -41,6 +43,10 @@ def window_seconds(path: Path | None) -> list[float]:
                                                     path.read_text())]
 
 
+PHASE_TIMINGS = ("time_data_s", "time_setup_s", "time_compile_s", "time_train_s", "time_eval_s",
+                 "time_checkpoint_s")
+
+
 def block_graph_repeats(trials: list[optuna.trial.FrozenTrial]) -> int:
     """Configurations (retries left out) whose (embed_dim, tokens, top_k) an earlier one had."""
     seen, repeats, retry_numbers = set(), 0, set(retries(trials).values())
@@ -61,8 +67,11 @@ def summary(study: optuna.Study, epochs: int) -> dict:
     # What a survivor's Stage 2 costs beside its Stage 1 (issue 21, item 4): wall seconds of the
     # complete trials, split at the gate (time_stage1_s; studies before it have no split).
     survivors_timed, stage1_s, stage2_s = 0, 0.0, 0.0
+    phases = Counter()
     for trial in trials:
         record = TrialRecord.of(trial)
+        phases.update({name[len("time_"):]: seconds for name, seconds in record.timings.items()
+                       if name in PHASE_TIMINGS})
         kind = outcome(trial)
         if kind == "pruned":
             kind = "pruned_by_gate" if "gate pruner" in (record.reason or "") else "pruned_by_rank"
@@ -101,6 +110,7 @@ def summary(study: optuna.Study, epochs: int) -> dict:
         "survivors_stage1_s": round(stage1_s, 1),
         "survivors_stage2_s": round(stage2_s, 1),
         "stage2_over_stage1": round(stage2_s / stage1_s, 2) if stage1_s else None,
+        "phase_s": {name: round(seconds, 1) for name, seconds in phases.items()},
     }
 
 
