@@ -9,9 +9,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -201,6 +204,61 @@ def test_up_timeout_ends_after_the_running_trial_and_the_next_up_goes_on(tmp_pat
     trials = optuna.load_study(study_name=name, storage=study_url).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 3
+
+
+def test_an_interrupted_trial_on_a_fresh_machine_starts_over_and_nothing_is_lost(
+        tmp_path, data_dir, env):
+    """A window cut short by Ctrl-C, then only the SQLite file carried to a new machine (the
+    trial's checkpoint stayed behind): the retry trains from epoch 0, every configuration ends
+    once, and the epochs the lost attempt reported raise no warning when reported again."""
+    import optuna
+
+    study_file, name = tiny_study_file(tmp_path)
+    data = yaml.safe_load(study_file.read_text())
+    data["fixed"] |= {"epochs": 4, "train_limit": 1024}
+    study_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    first_out, second_out = tmp_path / "machine-1", tmp_path / "machine-2"
+    study_url = f"sqlite:///{first_out / (name + '.db')}"
+    first = subprocess.Popen(up_command(study_file, first_out, data_dir, "--no-dashboard",
+                                        "--checkpoint-interval", "0"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while not any(t.intermediate_values for t in _trials(study_url, name)):
+            assert first.poll() is None and time.monotonic() < deadline, "no epoch reported"
+            time.sleep(0.2)
+        first.send_signal(signal.SIGINT)
+        stdout, _ = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 130, stdout
+    (interrupted,) = [t for t in _trials(study_url, name) if t.state.name == "FAIL"]
+    second_out.mkdir()
+    # The file alone is the study: up folded SQLite's write-ahead log into it before exiting.
+    wal = first_out / f"{name}.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    shutil.copy(first_out / f"{name}.db", second_out / f"{name}.db")
+    second = subprocess.run(up_command(study_file, second_out, data_dir, "--no-dashboard"),
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    trials = optuna.load_study(study_name=name,
+                               storage=f"sqlite:///{second_out / (name + '.db')}").get_trials()
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == interrupted.number]
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE"
+    assert retry[0].params == interrupted.params
+    assert retry[0].user_attrs.get("resumed_from_epoch", 0) == 0  # nothing to resume from
+    assert sorted(t.state.name for t in trials) == ["COMPLETE"] * N_TRIALS + ["FAIL"]
+    logs = "".join(p.read_text() for p in (second_out / name / "logs").glob("*.log"))
+    assert "reported value is ignored" not in logs + second.stdout + second.stderr
+
+
+def _trials(url: str, name: str) -> list:
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=name, storage=url).get_trials()
+    except (KeyError, Exception):  # the study or the file is not created yet
+        return []
 
 
 def test_a_bad_timeout_is_one_line(tmp_path):

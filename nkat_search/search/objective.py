@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -217,7 +218,12 @@ class Objective:
         """A CIFAR-10 epoch: its Local TPE goes to the pruner, which may stop the trial here."""
         self.unsent_report = (report.epoch, report.tpe)
         self._track(trial, report)
-        trial.report(report.tpe, report.epoch)
+        with warnings.catch_warnings():
+            # A retry inherits the epochs its lost attempt reported; one that starts over (the
+            # checkpoint stayed on a lost machine) reports them again, and Optuna keeps the
+            # first value and warns. Expected here, so not shown.
+            warnings.filterwarnings("ignore", message="The reported value is ignored because")
+            trial.report(report.tpe, report.epoch)
         self.unsent_report = None
         # After the last epoch the gate decides; pruning there would only hide its verdict.
         if report.epoch < report.epochs and trial.should_prune():

@@ -146,6 +146,24 @@ def _wait_for_schema_lock(conn, url: str) -> None:
     conn.execute(sqlalchemy.text("SET lock_timeout = 0"))
 
 
+def fold_sqlite_wal(url: str) -> None:
+    """Move a SQLite study's write-ahead log into its file and empty the log, so that the file
+    alone is the whole study (a user copies it to another machine to resume there).
+
+    Processes that exit with their connections open leave the last commits in ``FILE-wal``, and
+    a copy of the file without it lost them (an interrupted trial and its queued retry). Waits
+    at most 5 s for other readers and writers; busy, it leaves the log as it is.
+    """
+    path = sqlite_path(url) if url.startswith(SQLITE_SCHEME + "://") else None
+    if path is None or not path.exists():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=5)) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error:
+        pass
+
+
 def _prepare_sqlite(url: str) -> None:
     """Create the parent folder and switch the file to WAL, failing early on an unusable path.
 

@@ -157,7 +157,12 @@ class Up:
             self._stop_all()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        return self._finish()
+        try:
+            return self._finish()
+        finally:
+            from nkat_search.search.storage import fold_sqlite_wal  # optuna: not for --help
+
+            fold_sqlite_wal(self.storage)
 
     # -- children ---------------------------------------------------------------------------
 
