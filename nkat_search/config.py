@@ -35,6 +35,18 @@ LR_SCALING_EXPONENT = 0.25
 # Checkpoints at most once a minute by default (``train``'s and ``worker``'s --checkpoint-interval):
 # a kill -9 then loses at most about a minute.
 CHECKPOINT_INTERVAL_S = 60.0
+# What torch.compile compiles (``TrainOptions.compile_scope``, the worker's --compile-scope).
+# "model": the whole model, one graph per architecture. "blocks": each transformer Block
+# (regional compilation), one graph that every block of the model reuses, and whose on-disk
+# Inductor cache entry a later model hits when its blocks have the same width, tokens and top_k
+# (a trial's temperature, top_p, dropout rates and strength are inputs of the graph): other
+# depths and stems, a retried trial. The stem, patch embedding and head stay eager. Compiling is
+# half of a pruned Round 2 study's trial seconds (results/README.md, session 10); on the CPU
+# "blocks" compiled the baseline 2.7x faster. "model" stays the default until a GPU shows
+# "blocks" no slower per step under CUDA graphs (benchmarks/compile_cost.py times both).
+# Here, beside the other defaults, so the CLI reads them without importing torch.
+COMPILE_SCOPES = ("model", "blocks")
+COMPILE_SCOPE = "model"
 # How long a worker waits for a storage that went away before it gives up (``--storage-wait``).
 # Here, beside the other defaults, so the CLI reads it without importing optuna.
 STORAGE_WAIT_S = 600.0

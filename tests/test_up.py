@@ -261,6 +261,32 @@ def _trials(url: str, name: str) -> list:
         return []
 
 
+def test_up_passes_the_compile_scope_to_its_workers(tmp_path, data_dir, env):
+    """``up --compile-scope blocks``: the trial compiles each Block (recorded on the trial) and
+    completes; a scope that does not exist is argparse's one line."""
+    import optuna
+
+    study_file, name = tiny_study_file(tmp_path)
+    data = yaml.safe_load(study_file.read_text())
+    data["n_trials"] = 1
+    data["fixed"] |= {"compile": True}
+    study_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = tmp_path / "runs"
+    result = subprocess.run(up_command(study_file, out, data_dir, "--no-dashboard",
+                                       "--compile-scope", "blocks"),
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (trial,) = optuna.load_study(study_name=name,
+                                 storage=f"sqlite:///{out / (name + '.db')}").get_trials()
+    assert trial.state.name == "COMPLETE"
+    assert trial.user_attrs["compile_scope"] == "blocks"
+    assert trial.user_attrs["time_compile_s"] > 0
+    bad = subprocess.run(up_command(study_file, out, data_dir, "--compile-scope", "layers"),
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) <= 3, bad.stderr
+    assert "invalid choice: 'layers'" in bad.stderr
+
+
 def test_a_bad_timeout_is_one_line(tmp_path):
     study_file, _ = tiny_study_file(tmp_path)
     result = subprocess.run([sys.executable, "-m", "nkat_search", "up", "--study", str(study_file),

@@ -93,6 +93,7 @@ class TrialRecord:
     resumed_from_epoch: int | None = None  # a retry that continued a checkpoint (CIFAR-10)
     resumed: dict[str, int] = field(default_factory=dict)  # resumed_from_epoch_<name>: Stage 2
     retry_of: int | None = None           # the original trial of a retry chain
+    compile_scope: str | None = None      # the worker's --compile-scope (trials that compile)
     stage: int | None = None              # 1 or 2
     dataset: str | None = None
     epoch: int | None = None

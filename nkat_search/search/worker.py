@@ -100,6 +100,7 @@ class WorkerOptions:
     storage_wait_s: float = STORAGE_WAIT_S
     # Take no new trial after this many seconds; the running one finishes (Optuna's timeout).
     timeout_s: float | None = None
+    compile_scope: str | None = None  # None: TrainOptions' default (train/loop.py)
 
 
 @dataclass
@@ -161,7 +162,7 @@ def run_worker(options: WorkerOptions, stop: StopFlag | None = None, on_ready=No
                           device=device_name(options.device), progress=options.progress,
                           stop_requested=stop, on_start=lock.release,
                           checkpoint_interval_s=options.checkpoint_interval_s,
-                          checkpoint_store=store)
+                          checkpoint_store=store, compile_scope=options.compile_scope)
     device = objective.preflight()
     check_checkpoint_dir(options.checkpoint_dir)
     check_room(options.checkpoint_dir, trial_checkpoint_bytes(spec))

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nkat_search.atomic import atomic_path
-from nkat_search.config import CHECKPOINT_INTERVAL_S, RunConfig
+from nkat_search.config import CHECKPOINT_INTERVAL_S, COMPILE_SCOPE, COMPILE_SCOPES, RunConfig
 from nkat_search.errors import UserError
 from nkat_search.terminal import draws_bars
 from nkat_search.train import metrics
@@ -50,16 +50,6 @@ EVAL_BATCH_SIZE = 1024
 # step took 14.4 ms compiled and 7.2 ms compiled with CUDA graphs (benchmarks/profile_step.py,
 # results/gpu/session3/profile_log.txt).
 CUDA_COMPILE_MODE = "reduce-overhead"
-# What torch.compile compiles. "model": the whole model, one graph per architecture. "blocks":
-# each transformer Block (regional compilation), one graph that every block of the model reuses,
-# and whose on-disk Inductor cache entry a later model hits when its blocks have the same width,
-# tokens, temperature, top_k, top_p and dropout (constants of the graph): a trial's Stage 2 runs,
-# a retried trial. The stem, patch embedding and head stay eager. On an H100 (4 trials sharing it)
-# a Round 2 trial compiled its whole model for 29-51 s before its first epoch
-# (the time_compile_s of the trials in results/curves/nkat-round2-curves.db);
-# benchmarks/compile_cost.py times both scopes.
-COMPILE_SCOPES = ("model", "blocks")
-COMPILE_SCOPE = "model"
 # The first steps of a run compile (Dynamo, Inductor, CUDA-graph recording) and warm up; their
 # time beyond that of as many steady steps is counted as compile time.
 WARM_STEPS = 3

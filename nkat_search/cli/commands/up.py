@@ -33,7 +33,7 @@ from nkat_search.cli.commands.worker import (GPU_GIB_PER_TRIAL, GPU_TRIALS_PER_D
                                              default_trials_per_device, worker_argv)
 from nkat_search.cli.live_view import LiveView
 from nkat_search.cli.mps import start_or_join
-from nkat_search.config import CHECKPOINT_INTERVAL_S
+from nkat_search.config import CHECKPOINT_INTERVAL_S, COMPILE_SCOPES
 from nkat_search.errors import UserError
 from nkat_search.search.spec import STAGE1_DATASET, load_study_file
 from nkat_search.search.storage_url import SQLITE_SCHEME, mask_url, sqlite_path
@@ -77,6 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the workers take no new trial after S seconds and up ends when the "
                         "running ones have finished; run up again to go on with the budget "
                         "(nothing is lost or repeated, unlike a stop that interrupts trials)")
+    parser.add_argument("--compile-scope", choices=COMPILE_SCOPES, default=None,
+                        help="passed to the workers: how torch.compile covers a trial's model, "
+                        "model or blocks (default: the worker's, model; see `nkat-search worker "
+                        "--help`)")
     parser.add_argument("--mps", choices=("auto", "on", "off"), default="off",
                         help="CUDA MPS for the trials sharing a GPU. off (default): they take "
                         "turns; auto: start a daemon for this run when nvidia-cuda-mps-control "
@@ -198,7 +202,8 @@ class Up:
                                trials_per_gpu=self.args.trials_per_gpu,
                                checkpoint_interval=self.args.checkpoint_interval,
                                timeout=self.args.timeout, data_dir=self.args.data_dir,
-                               download=self.args.download)
+                               download=self.args.download,
+                               compile_scope=self.args.compile_scope)
             # This up's own logs: a second up on the same study must not write into them.
             log = self.run_dir / "logs" / f"worker-{i}.up-{os.getpid()}.log"
             self.workers.append((f"worker {i} ({device})", self._spawn(argv, log, env), log))

@@ -11,7 +11,8 @@ from nkat_search.cli.checks import check_seconds
 from nkat_search.cli.commands.storage_arg import add_storage_argument, child_env, resolve_storage
 from nkat_search.cli.commands.train import add_data_arguments
 from nkat_search.cli.mps import start_or_join
-from nkat_search.config import CHECKPOINT_INTERVAL_S, STORAGE_WAIT_S
+from nkat_search.config import (CHECKPOINT_INTERVAL_S, COMPILE_SCOPE, COMPILE_SCOPES,
+                                 STORAGE_WAIT_S)
 from nkat_search.errors import UserError
 
 # Compiled trials of Round 2's mix side by side on one H200 (benchmarks/packing.py, results/gpu/
@@ -61,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write a trial's checkpoint at most every S seconds (0: after every "
                         "epoch); always at the end of a stage and on SIGTERM / Ctrl-C, so a "
                         "kill -9 loses at most about S seconds of training")
+    parser.add_argument("--compile-scope", choices=COMPILE_SCOPES, default=COMPILE_SCOPE,
+                        help="how torch.compile covers a trial's model: model (default: one graph for the whole model) or blocks (one graph for every block: compiles in about a third of the time on the CPU, and a later trial of the same width, row length and top_k loads it from Inductor's cache; results/README.md)")
     parser.add_argument("--mps", choices=("auto", "on", "off"), default="off",
                         help="CUDA MPS for the K trials on one GPU. off (default): start none (a "
                         "daemon that $CUDA_MPS_PIPE_DIRECTORY names is still used); auto: join "
@@ -145,7 +148,8 @@ def _options(args: argparse.Namespace, device: str, cpu_threads: int | None):
                          keep_checkpoints=args.keep_checkpoints,
                          checkpoint_store=args.checkpoint_store or None,
                          progress=False if args.quiet else None, cpu_threads=cpu_threads,
-                         storage_wait_s=args.storage_wait, timeout_s=args.timeout)
+                         storage_wait_s=args.storage_wait, timeout_s=args.timeout,
+                         compile_scope=args.compile_scope)
 
 
 def _start_mps(args: argparse.Namespace, devices: list[str]):
@@ -199,7 +203,7 @@ def worker_argv(study: str, device: str, checkpoint_dir, *, trials_per_gpu: int 
                 storage_wait: float | None = None, timeout: float | None = None,
                 data_dir: str | None = None, download: bool = False,
                 checkpoint_store: str | None = None, keep_checkpoints: bool = False,
-                quiet: bool = False) -> list[str]:
+                quiet: bool = False, compile_scope: str | None = None) -> list[str]:
     """``worker ...``: the command line of a worker that ``up`` or a worker's siblings start.
 
     None, '' and False leave a flag out, so the child takes the worker's default. ``--mps off``:
@@ -211,7 +215,8 @@ def worker_argv(study: str, device: str, checkpoint_dir, *, trials_per_gpu: int 
             "--checkpoint-dir", str(checkpoint_dir), "--mps", "off"]
     values = {"--trials-per-gpu": trials_per_gpu, "--n-trials": n_trials,
               "--checkpoint-interval": checkpoint_interval, "--storage-wait": storage_wait,
-              "--timeout": timeout, "--data-dir": data_dir, "--checkpoint-store": checkpoint_store}
+              "--timeout": timeout, "--data-dir": data_dir, "--checkpoint-store": checkpoint_store,
+              "--compile-scope": compile_scope}
     for flag, value in values.items():
         if value is not None and value != "":
             argv += [flag, str(value)]
@@ -226,4 +231,5 @@ def _sibling_argv(args: argparse.Namespace, device: str, trials_per_gpu: int) ->
                        storage_wait=args.storage_wait, timeout=args.timeout,
                        data_dir=args.data_dir, download=args.download,
                        checkpoint_store=args.checkpoint_store,
-                       keep_checkpoints=args.keep_checkpoints, quiet=args.quiet)
+                       keep_checkpoints=args.keep_checkpoints, quiet=args.quiet,
+                       compile_scope=args.compile_scope)
