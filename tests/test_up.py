@@ -27,15 +27,19 @@ REPO = Path(__file__).resolve().parents[1]
 N_TRIALS = 2
 
 
-def tiny_study_file(tmp_path: Path) -> tuple[Path, str]:
+def tiny_study_file(tmp_path: Path, n_trials: int = N_TRIALS, fixed: dict | None = None,
+                    **top: object) -> tuple[Path, str]:
+    """studies/quick.yaml cut down; ``fixed`` updates its recipe, ``top`` replaces top-level keys."""
     data = yaml.safe_load((REPO / "studies" / "quick.yaml").read_text())
     name = f"{data['name']}-up-test"
     data["name"] = name
-    data["n_trials"] = N_TRIALS
+    data["n_trials"] = n_trials
     data["fixed"] |= {"epochs": 1, "warmup": 0, "train_limit": 256, "test_limit": 128}
+    data["fixed"] |= fixed or {}
     data["gate"] = {"local_tpe": 1e-6}  # must be > 0; every trial goes on to Stage 2
     data["stage2"] = {"datasets": ["mnist"]}
     data["pruner"] = {"type": "none"}
+    data |= top
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path, name
@@ -152,11 +156,7 @@ def test_the_quick_study_as_shipped_completes_and_exports(tmp_path, data_dir, en
 
 def test_up_exits_1_when_no_trial_completed(tmp_path, data_dir, env):
     """A study whose every trial fails the gate has nothing to export: that is not success."""
-    study_file, name = tiny_study_file(tmp_path)
-    data = yaml.safe_load(study_file.read_text())
-    data["n_trials"] = 1
-    data["gate"] = {"local_tpe": 1e6}
-    study_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    study_file, name = tiny_study_file(tmp_path, n_trials=1, gate={"local_tpe": 1e6})
     out = tmp_path / "runs"
     result = subprocess.run(up_command(study_file, out, data_dir, "--no-dashboard"),
                             capture_output=True, text=True, timeout=300, env=env)
@@ -182,10 +182,7 @@ def test_up_timeout_ends_after_the_running_trial_and_the_next_up_goes_on(tmp_pat
     A study run in windows (a GPU lent for ten minutes at a time) must neither interrupt trials
     nor run one twice: the second up takes the rest of the budget.
     """
-    study_file, name = tiny_study_file(tmp_path)
-    data = yaml.safe_load(study_file.read_text())
-    data["n_trials"] = 3
-    study_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    study_file, name = tiny_study_file(tmp_path, n_trials=3)
     out = tmp_path / "runs"
     first = subprocess.run(up_command(study_file, out, data_dir, "--no-dashboard",
                                       "--timeout", "0.01"),
@@ -213,10 +210,7 @@ def test_an_interrupted_trial_on_a_fresh_machine_starts_over_and_nothing_is_lost
     once, and the epochs the lost attempt reported raise no warning when reported again."""
     import optuna
 
-    study_file, name = tiny_study_file(tmp_path)
-    data = yaml.safe_load(study_file.read_text())
-    data["fixed"] |= {"epochs": 4, "train_limit": 1024}
-    study_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    study_file, name = tiny_study_file(tmp_path, fixed={"epochs": 4, "train_limit": 1024})
     first_out, second_out = tmp_path / "machine-1", tmp_path / "machine-2"
     study_url = f"sqlite:///{first_out / (name + '.db')}"
     first = subprocess.Popen(up_command(study_file, first_out, data_dir, "--no-dashboard",
@@ -266,11 +260,7 @@ def test_up_passes_the_compile_scope_to_its_workers(tmp_path, data_dir, env):
     completes; a scope that does not exist is argparse's one line."""
     import optuna
 
-    study_file, name = tiny_study_file(tmp_path)
-    data = yaml.safe_load(study_file.read_text())
-    data["n_trials"] = 1
-    data["fixed"] |= {"compile": True}
-    study_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    study_file, name = tiny_study_file(tmp_path, n_trials=1, fixed={"compile": True})
     out = tmp_path / "runs"
     result = subprocess.run(up_command(study_file, out, data_dir, "--no-dashboard",
                                        "--compile-scope", "blocks"),
