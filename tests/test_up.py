@@ -260,7 +260,9 @@ def test_up_passes_the_compile_scope_to_its_workers(tmp_path, data_dir, env):
     completes; a scope that does not exist is argparse's one line."""
     import optuna
 
-    study_file, name = tiny_study_file(tmp_path, n_trials=1, fixed={"compile": True})
+    # CIFAR-10 only: one compile on the CPU is enough to see the scope.
+    study_file, name = tiny_study_file(tmp_path, n_trials=1, fixed={"compile": True},
+                                       stage2={"datasets": []})
     out = tmp_path / "runs"
     result = subprocess.run(up_command(study_file, out, data_dir, "--no-dashboard",
                                        "--compile-scope", "blocks"),
