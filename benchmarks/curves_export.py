@@ -28,9 +28,6 @@ from nkat_search.search.gate_pruner import largest_rises  # noqa: E402
 from nkat_search.search.trials import TrialRecord  # noqa: E402
 from nkat_search.train.model import tokens_per_image  # noqa: E402
 
-def tokens(params: dict) -> int:
-    return tokens_per_image(params["conv_stem"], params["patch_size"])
-
 
 def curves_of(study: optuna.Study, epochs: int) -> list[dict]:
     rows = []
@@ -43,7 +40,8 @@ def curves_of(study: optuna.Study, epochs: int) -> list[dict]:
         curve = [values[step] for step in range(1, epochs + 1)]
         rows.append({
             "trial": trial.number, "outcome": record.outcome, "params": trial.params,
-            "lambda": lam, "tokens": tokens(trial.params),
+            "lambda": lam, "tokens": tokens_per_image(trial.params["conv_stem"],
+                                                         trial.params["patch_size"]),
             "local_tpe": curve,
             "accuracy": [v * math.log10(1 + lam) for v in curve],
             # Stage 1's wall time: the whole trial's where it had no Stage 2 to split off.

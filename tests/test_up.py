@@ -251,7 +251,7 @@ def _trials(url: str, name: str) -> list:
 
     try:
         return optuna.load_study(study_name=name, storage=url).get_trials()
-    except (KeyError, Exception):  # the study or the file is not created yet
+    except Exception:  # noqa: BLE001 - the study or its file is not created yet
         return []
 
 

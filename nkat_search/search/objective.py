@@ -33,7 +33,7 @@ from typing import Callable
 import optuna
 import torch
 
-from nkat_search.config import CHECKPOINT_INTERVAL_S, RunConfig
+from nkat_search.config import CHECKPOINT_INTERVAL_S, COMPILE_SCOPE, RunConfig
 from nkat_search.search import trials as trial_record
 from nkat_search.search.disk import is_host_fault
 from nkat_search.search.heartbeat import HeartbeatLost
@@ -75,7 +75,7 @@ class Objective:
                  on_start: Callable[[], None] | None = None,
                  checkpoint_interval_s: float | None = None,
                  train_fn: Callable | None = None, checkpoint_store=None,
-                 compile_scope: str | None = None):
+                 compile_scope: str = COMPILE_SCOPE):
         self.spec = spec
         self.checkpoint_root = Path(checkpoint_root)
         self.data_dir = data_dir
@@ -87,7 +87,7 @@ class Objective:
         self.checkpoint_interval_s = checkpoint_interval_s
         self.train_fn = train_fn
         self.checkpoint_store = checkpoint_store  # a CheckpointStore, or None: local folder only
-        self.compile_scope = compile_scope  # None: TrainOptions' default
+        self.compile_scope = compile_scope
         self._stored: dict[Path, tuple] = {}  # checkpoint file -> what was last copied to the store
         self.trial_number: int | None = None
         self._session = None  # a TrainingSession, made when first needed (the preflight)
@@ -104,9 +104,8 @@ class Objective:
             self._session = TrainingSession()
         interval = (CHECKPOINT_INTERVAL_S if self.checkpoint_interval_s is None
                     else self.checkpoint_interval_s)
-        scope = {} if self.compile_scope is None else {"compile_scope": self.compile_scope}
         return TrainOptions(session=self._session, timings=timings,
-                            checkpoint_interval_s=interval, **scope)
+                            checkpoint_interval_s=interval, compile_scope=self.compile_scope)
 
     def preflight(self) -> str:
         """Check, before any trial is taken, that this worker can run one; returns the device.
@@ -186,12 +185,12 @@ class Objective:
         if self.on_start is not None:
             self.on_start()
         self._where = {"stage": 1, "dataset": STAGE1_DATASET, "epoch": 0}
-        options = self._options(timings)
-        scope = {"compile_scope": options.compile_scope} if cfg.train.compile else {}
+        scope = {"compile_scope": self.compile_scope} if cfg.train.compile else {}
         trial_record.write(trial, config=cfg.to_dict(), retry_of=retried_trial_number(trial),
                            **scope, **self._where)
         folder = trial_dir(self.checkpoint_root, spec.name, trial)
         self._restore_checkpoints(trial)
+        options = self._options(timings)
         stage1 = train(cfg, data_dir=self.data_dir, device=self.device,
                        out_dir=folder / STAGE1_DATASET,
                        on_epoch=lambda report: self._stage1_epoch(trial, report),

@@ -80,7 +80,7 @@ def _sqlite_schema_lock(url: str):
     and two at once (two ``up`` on one new study) failed with "table trials already exists" or
     "UNIQUE constraint failed: alembic_version". A ``flock`` beside the database, released when
     the storage is open."""
-    path = sqlite_path(url) if url.startswith(SQLITE_SCHEME + "://") else None
+    path = _sqlite_file(url)
     if path is None:
         yield
         return
@@ -143,7 +143,6 @@ def _wait_for_schema_lock(conn, url: str) -> None:
             f"storage URL {mask_url(url)}: another process has been creating the study tables in "
             f"this database for over {SCHEMA_LOCK_WAIT_S:g} s; find it (SELECT pid, state, query "
             "FROM pg_stat_activity) and stop it, then try again") from None
-    conn.execute(sqlalchemy.text("SET lock_timeout = 0"))
 
 
 def fold_sqlite_wal(url: str) -> None:
@@ -154,7 +153,7 @@ def fold_sqlite_wal(url: str) -> None:
     a copy of the file without it lost them (an interrupted trial and its queued retry). Waits
     at most 5 s for other readers and writers; busy, it leaves the log as it is.
     """
-    path = sqlite_path(url) if url.startswith(SQLITE_SCHEME + "://") else None
+    path = _sqlite_file(url)
     if path is None or not path.exists():
         return
     try:
@@ -162,6 +161,11 @@ def fold_sqlite_wal(url: str) -> None:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     except sqlite3.Error:
         pass
+
+
+def _sqlite_file(url: str):
+    """The file of a SQLite URL; None for PostgreSQL or an in-memory database."""
+    return sqlite_path(url) if url.startswith(SQLITE_SCHEME + "://") else None
 
 
 def _prepare_sqlite(url: str) -> None:

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import TrialState
 
-from nkat_search.config import STORAGE_WAIT_S
+from nkat_search.config import COMPILE_SCOPE, STORAGE_WAIT_S
 from nkat_search.errors import UserError
 from nkat_search.search import optuna_private
 from nkat_search.search import trials as trial_record
@@ -100,7 +100,7 @@ class WorkerOptions:
     storage_wait_s: float = STORAGE_WAIT_S
     # Take no new trial after this many seconds; the running one finishes (Optuna's timeout).
     timeout_s: float | None = None
-    compile_scope: str | None = None  # None: TrainOptions' default (train/loop.py)
+    compile_scope: str = COMPILE_SCOPE
 
 
 @dataclass

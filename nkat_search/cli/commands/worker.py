@@ -63,7 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "epoch); always at the end of a stage and on SIGTERM / Ctrl-C, so a "
                         "kill -9 loses at most about S seconds of training")
     parser.add_argument("--compile-scope", choices=COMPILE_SCOPES, default=COMPILE_SCOPE,
-                        help="how torch.compile covers a trial's model: model (default: one graph for the whole model) or blocks (one graph for every block: compiles in about a third of the time on the CPU, and a later trial of the same width, row length and top_k loads it from Inductor's cache; results/README.md)")
+                        help="how torch.compile covers a trial's model: model (default: one "
+                        "graph for the whole model) or blocks (one graph for every block: "
+                        "compiles in about a third of the time on the CPU, and a later trial of "
+                        "the same width, row length and top_k loads it from Inductor's cache; "
+                        "results/README.md)")
     parser.add_argument("--mps", choices=("auto", "on", "off"), default="off",
                         help="CUDA MPS for the K trials on one GPU. off (default): start none (a "
                         "daemon that $CUDA_MPS_PIPE_DIRECTORY names is still used); auto: join "
