@@ -15,6 +15,9 @@ eval, checkpoint), summed over trials that share the GPU (trial seconds, not wal
 ``block_graph_repeats``: configurations whose Block graph (embed_dim, tokens,
 top_k) an earlier configuration of the study already had, the ones that can load it from
 Inductor's cache under ``compile_scope`` "blocks".
+``by_tokens``: per tokens per image (the attention's row length), configurations, trials by
+outcome and their trial seconds: where a study's time went by attention cost. ``top_complete``:
+the best complete trials (``ranked``) with every metric the user's targets name.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from optuna.trial import TrialState
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nkat_search.atomic import write_text_atomic  # noqa: E402
-from nkat_search.search.trials import TrialRecord, best, outcome, retries  # noqa: E402
+from nkat_search.search.trials import TrialRecord, best, outcome, ranked, retries  # noqa: E402
 from nkat_search.train.model import tokens_per_image  # noqa: E402
 
 
@@ -58,6 +61,43 @@ def block_graph_repeats(trials: list[optuna.trial.FrozenTrial]) -> int:
         repeats += key in seen
         seen.add(key)
     return repeats
+
+
+def by_tokens(trials: list[optuna.trial.FrozenTrial]) -> dict[str, dict]:
+    """Trials and trial seconds grouped by tokens per image (retries count as trials)."""
+    groups: dict[int, dict] = {}
+    retry_numbers = set(retries(trials).values())
+    for trial in trials:
+        p = trial.params
+        if "conv_stem" not in p:
+            continue
+        group = groups.setdefault(tokens_per_image(p["conv_stem"], p["patch_size"]),
+                                  {"configurations": 0, "trials": Counter(), "trial_s": 0.0})
+        group["configurations"] += trial.number not in retry_numbers
+        group["trials"][outcome(trial)] += 1
+        group["trial_s"] += TrialRecord.of(trial).timings.get("time_trial_s", 0.0)
+    return {str(tokens): {"configurations": g["configurations"],
+                          "trials": dict(sorted(g["trials"].items())),
+                          "trial_s": round(g["trial_s"], 1)}
+            for tokens, g in sorted(groups.items())}
+
+
+def top_complete(study: optuna.Study, n: int = 5) -> list[dict]:
+    rows = []
+    for entry in ranked(study)[:n]:
+        record = TrialRecord.of(entry.trial)
+        p = entry.trial.params
+        rows.append({
+            "trial": entry.trial.number, "feasible": entry.feasible,
+            "architecture": f"{p.get('conv_stem')}/{p.get('patch_size')}/{p.get('embed_dim')}/"
+                            f"{p.get('depth')}",
+            "lambda": round(record.lam, 3) if record.lam is not None else None,
+            "global_tpe": entry.trial.value, "local_tpe": record.local_tpe,
+            "consistency": record.consistency, "robustness": record.robustness,
+            "accuracy": {name: score.accuracy for name, score in record.datasets.items()},
+            "missing_datasets": record.missing_datasets,
+        })
+    return rows
 
 
 def summary(study: optuna.Study, epochs: int) -> dict:
@@ -111,6 +151,8 @@ def summary(study: optuna.Study, epochs: int) -> dict:
         "survivors_stage2_s": round(stage2_s, 1),
         "stage2_over_stage1": round(stage2_s / stage1_s, 2) if stage1_s else None,
         "phase_s": {name: round(seconds, 1) for name, seconds in phases.items()},
+        "by_tokens": by_tokens(trials),
+        "top_complete": top_complete(study),
     }
 
 
