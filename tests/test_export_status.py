@@ -332,3 +332,26 @@ def test_ups_live_line_says_budget_running_trials_best_and_time_left(tmp_path):
         "about 40s left")
     # Trials finished before this `up` began do not make the rate: no estimate until one does.
     assert live_line(report, done_before=6, elapsed_s=60.0).endswith("ETA after the first trial")
+
+
+def _interrupted(error: str) -> optuna.trial.FrozenTrial:
+    return create_trial(state=TrialState.FAIL, user_attrs={
+        "error": error, "stage": 1, "dataset": "cifar10"})
+
+
+@pytest.mark.parametrize("retry_attrs, words", [
+    (None, "retried as trial 7 (from its checkpoint, where that host has it)"),
+    ({"resumed_from_epoch": 0}, "retried as trial 7, which trained again from epoch 0 "
+                                "(no checkpoint on its host)"),
+    ({"resumed_from_epoch": 12}, "retried as trial 7, which resumed from its checkpoint "
+                                 "(cifar10 epoch 12)"),
+])
+def test_an_interrupted_trial_says_where_its_retry_really_started(retry_attrs, words):
+    # A checkpoint lives on the host that wrote it: a retry on a fresh machine starts at epoch 0,
+    # and the status line must not promise a resume that did not happen.
+    from nkat_search.search.trials import INTERRUPTED, stop_reason
+    trial = _interrupted(f"{INTERRUPTED}: stopped after epoch 35, checkpoint kept")
+    retry = None
+    if retry_attrs is not None:
+        retry = create_trial(state=TrialState.RUNNING, user_attrs=retry_attrs)
+    assert stop_reason(trial, 7, retry) == f"interrupted in stage 1 (cifar10), after epoch 35; {words}"

@@ -60,6 +60,7 @@ def trial_rows(trials, now: dt.datetime | None = None) -> list[dict[str, Any]]:
     now = now or dt.datetime.now()
     trials = sorted(trials, key=lambda t: t.number)
     retried_by = trial_record.retries(trials)
+    by_number = {t.number: t for t in trials}
     rows = []
     for t in trials:
         record = TrialRecord.of(t)
@@ -83,7 +84,8 @@ def trial_rows(trials, now: dt.datetime | None = None) -> list[dict[str, Any]]:
             "consistency": record.consistency,
             "robustness": record.robustness,
             "feasible": trial_record.feasible(t),
-            "reason": trial_record.stop_reason(t, retried_by.get(t.number)),
+            "reason": trial_record.stop_reason(t, retried_by.get(t.number),
+                                                by_number.get(retried_by.get(t.number))),
             "datasets": {name: score.to_dict() for name, score in record.datasets.items()},
             "missing_datasets": record.missing_datasets,
             "epochs": len(t.intermediate_values),

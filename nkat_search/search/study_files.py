@@ -118,6 +118,7 @@ def csv_rows(trials) -> list[dict]:
     from nkat_search.search.trials import TrialRecord
 
     retried_by = trial_record.retries(trials)
+    by_number = {t.number: t for t in trials}
     rows = []
     for t in sorted(trials, key=lambda t: t.number):
         record = TrialRecord.of(t)
@@ -132,7 +133,8 @@ def csv_rows(trials) -> list[dict]:
             "local_tpe_epoch": last,
             "consistency": record.consistency, "robustness": record.robustness,
             **{f"constraint_{name}": value for name, value in t.constraints.items()},
-            "reason": trial_record.stop_reason(t, retried_by.get(t.number)) or None,
+            "reason": trial_record.stop_reason(t, retried_by.get(t.number),
+                                               by_number.get(retried_by.get(t.number))) or None,
         }
         for name, score in record.datasets.items():
             row.update({f"accuracy_{name}": score.accuracy, f"tpe_{name}": score.tpe,

@@ -297,8 +297,14 @@ def lost_configurations(trials: Iterable[FrozenTrial]) -> list[dict]:
     return lost
 
 
-def stop_reason(trial: FrozenTrial, retried_by: int | None = None) -> str:
-    """Why a trial ended where it did, in words; '' for a feasible complete or a live trial."""
+def stop_reason(trial: FrozenTrial, retried_by: int | None = None,
+                retry: FrozenTrial | None = None) -> str:
+    """Why a trial ended where it did, in words; '' for a feasible complete or a live trial.
+
+    ``retry`` (the trial numbered ``retried_by``, where the caller has it) says whether the retry
+    really continued the checkpoint: it is on the host that wrote it only, so a retry on another
+    machine trains again from epoch 0, and the words should not promise a resume.
+    """
     record = TrialRecord.of(trial)
     kind = outcome(trial)
     if kind == "complete":
@@ -315,7 +321,7 @@ def stop_reason(trial: FrozenTrial, retried_by: int | None = None) -> str:
         where = interrupted_where(record)
         if retried_by is None:
             return f"interrupted {where}; no retry queued (heartbeat.max_retry reached)"
-        return f"interrupted {where}; resumes from its checkpoint as trial {retried_by}"
+        return f"interrupted {where}; {retry_words(retried_by, retry)}"
     if kind == "failed":
         if record.error:
             return str(record.error).strip().splitlines()[-1]
@@ -323,6 +329,21 @@ def stop_reason(trial: FrozenTrial, retried_by: int | None = None) -> str:
             return f"its worker stopped (heartbeat lost); retried as trial {retried_by}"
         return "its worker stopped (heartbeat lost)"
     return ""
+
+
+def retry_words(retried_by: int, retry: FrozenTrial | None) -> str:
+    """``retried as trial 25, ...``: where the retry started, once its record says (after its
+    Stage 1), else what it will try."""
+    record = TrialRecord.of(retry) if retry is not None else None
+    if record is None or record.resumed_from_epoch is None:
+        return f"retried as trial {retried_by} (from its checkpoint, where that host has it)"
+    if record.resumed_from_epoch or record.resumed:
+        epochs = ", ".join(f"{name} epoch {epoch}" for name, epoch in
+                           {STAGE1_DATASET: record.resumed_from_epoch, **record.resumed}.items()
+                           if epoch)
+        return f"retried as trial {retried_by}, which resumed from its checkpoint ({epochs})"
+    return (f"retried as trial {retried_by}, which trained again from epoch 0 (no checkpoint on "
+            "its host)")
 
 
 def interrupted_where(record: TrialRecord) -> str:
