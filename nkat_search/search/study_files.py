@@ -166,7 +166,7 @@ def _write_csv(study, path: Path) -> Path:
 def important_params(study, top: int = PARALLEL_PARAMS) -> list[str]:
     """The ``top`` searched parameters that most explain the value, among those that vary.
 
-    Optuna's importance (fANOVA) over the complete trials; a parameter with one value in every
+    Optuna's default importance (PED-ANOVA in Optuna 5) over the complete trials; a parameter with one value in every
     trial is left out (its axis says nothing, and Optuna drew it as a range around the value).
     """
     # Optuna loads with these: not at load, so `up --help` stays fast.
