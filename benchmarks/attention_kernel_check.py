@@ -19,11 +19,14 @@ each tile choice (query block, key block, warps) and backward mode; then, at the
 pairs, num_stages 1, 2 and 3, dropout 0 (the mask's cost), the filter off, forward only (also
 SDPA's) and skipping empty tiles on an attention sink; then the new options at that pair, each
 with and without backward: ``dropout_mask`` "bits" (the forward saves the mask), ``skip_merge``
-on random data and on the sink, and both together. Then one attention layer (embed 384, bf16
-autocast) on the kernel with its defaults (eager and compiled), the fused path (compiled) and
-SDPA with the filters off. The defaults are ``BLOCK_M``, ``BLOCK_N``, ``NUM_WARPS``, ``BWD_MODE``,
-``NUM_STAGES``, ``DROPOUT_MASK`` and ``SKIP_MERGE`` in ``train/attention_kernel.py``, the place
-to change them.
+on random data and on the sink, and both together, ``tail_block`` (tail tiles of 16) and
+``paired_levels`` (one reduction per level), alone and together. Then one attention layer (embed
+384, bf16 autocast) on the kernel with its defaults (eager and compiled), the fused path
+(compiled) and SDPA with the filters off. The defaults are ``BLOCK_M``, ``BLOCK_N``,
+``NUM_WARPS``, ``BWD_MODE``, ``NUM_STAGES``, ``DROPOUT_MASK``, ``SKIP_MERGE``, ``TAIL_BLOCK`` and
+``PAIRED_LEVELS`` in ``train/attention_kernel.py``, the place to change them. Part 1 also checks
+the tail tiles on random bf16 data against no tail tiles (forward and backward must form every
+score alike: see ``check_tail_consistency``).
 
 Prints one line per check, ``PASS`` or ``FAIL`` at the end of part 1 (exit 1 on FAIL; decided by
 the default tiles and backward mode, the other choices are reported beside), then the timing
@@ -58,7 +61,9 @@ from nkat_search.train.attention_kernel import (  # noqa: E402
     BWD_MODES,
     DROPOUT_MASK,
     NUM_WARPS,
+    PAIRED_LEVELS,
     SKIP_MERGE,
+    TAIL_BLOCK,
     _attention_fwd,
     kernel_attention,
     op_filter_args,
@@ -134,6 +139,14 @@ def check_agreement(device, small: bool) -> bool:
     cases += [(token_counts[-1], 48, dtype, ties, TILE_CHOICES[0], BWD_MODE,
                dict(skip_merge=not SKIP_MERGE))
               for dtype in (torch.float32, torch.bfloat16) for ties in (False, True)]
+    # Tail tiles the other way than the default (TAIL_BLOCK), at the longest rows: a candidate.
+    tail = 0 if TAIL_BLOCK else 16
+    cases += [(token_counts[-1], 48, dtype, ties, TILE_CHOICES[0], mode, dict(tail_block=tail))
+              for mode in BWD_MODES for dtype in (torch.float32, torch.bfloat16)
+              for ties in (False, True)]
+    cases += [(token_counts[-1], 48, dtype, ties, TILE_CHOICES[0], BWD_MODE,
+               dict(paired_levels=not PAIRED_LEVELS))
+              for dtype in (torch.float32, torch.bfloat16) for ties in (False, True)]
     for n, d, dtype, ties, tiles, mode, options in cases:
         block_m, block_n, warps = tiles
         scale = d ** -0.5 / TEMPERATURE
@@ -165,8 +178,44 @@ def check_agreement(device, small: bool) -> bool:
               + " max rel err " + " ".join(f"{k} {v:.1e}" for k, v in errors.items())
               + f"; rows off {bad_rows}/{out.shape[0] * 8 * n}"
               + f" (tol {TOL[dtype]:.0e}, {seconds:.1f} s)", flush=True)
+    check_tail_consistency(device, small)
     ok &= check_dropout(device, small)
     return ok
+
+
+def check_tail_consistency(device, small: bool) -> None:
+    """Tail tiles against none on random bf16 data (not on a grid): the forward's threshold is
+    one of its scores, and the backward keeps what scores >= it, so backward must form each
+    score bit for bit as the forward did. A tiling whose kernels formed some score with
+    different MMA instructions would drop the threshold's own entry in many rows: gradients far
+    off in most rows, where near-ties between the two tilings move only a few. A candidate:
+    reported, it does not decide PASS."""
+    n = 33 if small else 257
+    batch = 2 if small else 8
+    gen = torch.Generator(device=device).manual_seed(9)
+    q, k, v, grad = (t.to(torch.bfloat16) for t in
+                     torch.randn(4, batch, 8, n, 48, device=device, generator=gen).unbind(0))
+    scale = 48 ** -0.5 / TEMPERATURE
+    tail = 0 if TAIL_BLOCK else 16
+    for mode in BWD_MODES:
+        runs = []
+        for tail_block in (TAIL_BLOCK, tail):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = kernel_attention(*leaves, scale, TOP_K, TOP_P, 0.0, bwd_mode=mode,
+                                   tail_block=tail_block)
+            runs.append([out, *torch.autograd.grad(out, leaves, grad)])
+        errors = {name: rel(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), *runs[::-1])}
+        rows = q.shape[0] * 8 * n
+        off = {}
+        for name, index in (("out", 0), ("dq", 1)):
+            row_err = ((runs[1][index].double() - runs[0][index].double()).abs().amax(-1)
+                       / runs[0][index].double().abs().max())
+            off[name] = int((row_err > TOL[torch.bfloat16]).sum())
+        passed = max(off.values()) <= rows // 100
+        print(f"{'ok  ' if passed else 'BAD '} random bf16 n={n} tail_block {tail} against "
+              f"{TAIL_BLOCK}, bwd {mode}: rows off out {off['out']}/{rows}, dq {off['dq']}/"
+              f"{rows}; max rel err "
+              + " ".join(f"{key} {value:.1e}" for key, value in errors.items()), flush=True)
 
 
 def check_dropout(device, small: bool) -> bool:
@@ -345,6 +394,24 @@ def time_layers(device, batch: int, steps: int, out_path: Path | None) -> None:
               forward_only(kernel(tiles=tiles, qq=sink_q, kk=sink_k, skip_merge=skip)))
     timed(f"core kernel {filt}, dropout 0.17, {at}, dropout_mask {mask}, skip_merge {merge}",
           core(kernel(tiles=tiles, bwd_mode=mode, dropout_mask=mask, skip_merge=merge)))
+    # Tail tiles the other way than TAIL_BLOCK: 257 = 4 x 64 + 1, so the last 64-wide block of
+    # rows and of keys holds one valid row or key.
+    tail = 0 if TAIL_BLOCK else 16
+    timed(f"core kernel {filt}, dropout 0.17, {at}, tail_block {tail}",
+          core(kernel(tiles=tiles, bwd_mode=mode, tail_block=tail)))
+    timed(f"forward only: core kernel {filt}, dropout 0.17, {tile_name(tiles)}, "
+          f"tail_block {tail}", forward_only(kernel(tiles=tiles, tail_block=tail)))
+    timed(f"core kernel no filter, dropout 0.17, {at}, tail_block {tail}",
+          core(kernel(top_k=0, top_p=1.0, tiles=tiles, bwd_mode=mode, tail_block=tail)))
+    # One reduction of (value, count) pairs per level instead of two, the other way than
+    # PAIRED_LEVELS: alone, and with the tail tiles.
+    paired = not PAIRED_LEVELS
+    timed(f"forward only: core kernel {filt}, dropout 0.17, {tile_name(tiles)}, "
+          f"paired_levels {paired}", forward_only(kernel(tiles=tiles, paired_levels=paired)))
+    timed(f"core kernel {filt}, dropout 0.17, {at}, paired_levels {paired}",
+          core(kernel(tiles=tiles, bwd_mode=mode, paired_levels=paired)))
+    timed(f"core kernel {filt}, dropout 0.17, {at}, paired_levels {paired}, tail_block {tail}",
+          core(kernel(tiles=tiles, bwd_mode=mode, paired_levels=paired, tail_block=tail)))
 
     def layer_step(path, filters_off=False, compiled=False):
         values = dict(top_k=0, top_p=1.0, nkat_strength=0.0) if filters_off else {}

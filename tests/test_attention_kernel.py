@@ -388,6 +388,68 @@ def _skip_merge_case() -> dict:
     return result
 
 
+def _tail_case() -> dict:
+    """Tail tiles (``tail_block`` 16 under tiles of 32): rows and keys past the last full tile in
+    tiles of 16. Against the same kernel without them: forward and gradients, both backward
+    modes, filters on and off, exact ties, dropout with the mask regenerated or saved as bits;
+    and against the explicit core with dropout 0."""
+    from nkat_search.train.attention_kernel import kernel_attention
+
+    gen = torch.Generator().manual_seed(21)
+    runs = {  # name: (tokens, top_k, top_p, dropout, bwd_mode, dropout_mask, ties)
+        "n40_filter_split": (40, 6, 0.8, 0.0, "split", "philox", False),
+        "n40_filter_atomic_ties": (40, 6, 0.8, 0.0, "atomic", "philox", True),
+        "n70_no_filter_atomic": (70, 0, 1.0, 0.0, "atomic", "philox", False),
+        "n70_dropout_split": (70, 6, 0.8, 0.2, "split", "philox", False),
+        "n70_dropout_atomic_bits": (70, 6, 0.8, 0.2, "atomic", "bits", False),
+        "n17_dropout_atomic": (17, 4, 0.9, 0.2, "atomic", "philox", False),
+    }
+    result = {}
+    for name, (n, top_k, top_p, p, mode, mask, ties) in runs.items():
+        q, k, v, grad = torch.randn(4, 1, 2, n, 48, generator=gen).unbind(0)
+        if ties:
+            q, k = torch.randint(-2, 3, (2, 1, 2, n, 48), generator=gen).float().unbind(0)
+        outs = []
+        for tail in (0, 16):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            torch.manual_seed(4)  # the same dropout seed for both
+            out = kernel_attention(*leaves, 0.3, top_k, top_p, p, block_m=32, block_n=32,
+                                   bwd_mode=mode, dropout_mask=mask, tail_block=tail)
+            outs.append([out, *torch.autograd.grad(out, leaves, grad)])
+        result[name] = max(_rel(a, b) for a, b in zip(outs[1], outs[0]))
+        if p == 0.0:
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            ref = _explicit_core(*leaves, 0.3, top_k, top_p)
+            ref_all = [ref, *torch.autograd.grad(ref, leaves, grad)]
+            result[f"{name}_vs_explicit"] = max(_rel(a, b) for a, b in zip(outs[1], ref_all))
+    return result
+
+
+def _paired_levels_case() -> dict:
+    """paired_levels: the same output and gradients, bit for bit, on random rows and on exact
+    ties (integer scores: several entries at the k-th value and inside the nucleus), with the
+    nucleus alone (top_k >= N) and top_k alone."""
+    from nkat_search.train.attention_kernel import kernel_attention
+
+    gen = torch.Generator().manual_seed(22)
+    runs = {"random": (40, False, 6, 0.8), "ties": (40, True, 6, 0.8),
+            "ties_nucleus_only": (12, True, 20, 0.8), "ties_top_k_only": (33, True, 4, 1.0)}
+    result = {}
+    for name, (n, ties, top_k, top_p) in runs.items():
+        q, k, v, grad = torch.randn(4, 1, 2, n, 48, generator=gen).unbind(0)
+        if ties:
+            q, k = torch.randint(-2, 3, (2, 1, 2, n, 48), generator=gen).float().unbind(0)
+        outs = []
+        for paired in (False, True):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            torch.manual_seed(2)
+            out = kernel_attention(*leaves, 0.3, top_k, top_p, 0.1, block_m=TILE, block_n=TILE,
+                                   paired_levels=paired)
+            outs.append([out, *torch.autograd.grad(out, leaves, grad)])
+        result[name] = [bool(torch.equal(a, b)) for a, b in zip(*outs)]
+    return result
+
+
 def _opcheck_case(variant: tuple = ()) -> dict:
     """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT
     dispatch of the forward op, i.e. what torch.compile relies on. ``variant``: the trailing
@@ -425,6 +487,9 @@ def run_cases() -> dict:
         "dropout_bits": _dropout_bits_case,
         "skip_merge": _skip_merge_case,
         "opcheck_bits_skip_merge": lambda: _opcheck_case(("atomic", None, "bits", True)),
+        "tail": _tail_case,
+        "paired_levels": _paired_levels_case,
+        "opcheck_tail": lambda: _opcheck_case(("atomic", None, "philox", False, 16, True)),
     })
     results = {}
     for name, case in cases.items():
@@ -577,6 +642,49 @@ def test_kernel_op_registration_with_bits_and_skip_merge(interpreted):
     assert report and all(value == "SUCCESS" for value in report.values()), report
 
 
+def test_kernel_tail_tiles_change_nothing_but_the_tiling(interpreted):
+    result = _case(interpreted, "tail")
+    result.pop("seconds")
+    assert len(result) == 9, result
+    assert all(error < FLOAT32_TOL for error in result.values()), result
+
+
+def test_kernel_paired_levels_change_nothing(interpreted):
+    result = _case(interpreted, "paired_levels")
+    result.pop("seconds")
+    assert result == {name: [True] * 4 for name in
+                      ("random", "ties", "ties_nucleus_only", "ties_top_k_only")}, result
+
+
+def test_kernel_op_registration_with_tail_tiles(interpreted):
+    report = _case(interpreted, "opcheck_tail")
+    report.pop("seconds")
+    assert report and all(value == "SUCCESS" for value in report.values()), report
+
+
+def test_kernel_tail_tiling_of_a_257_token_row():
+    pytest.importorskip("triton")
+    from nkat_search.train.attention_kernel import _launches, _tiling
+
+    # 256 patches and the CLS token: 4 full blocks of 64 and one tail block of 16, rows and keys.
+    assert _tiling(257, 48, 64, 64, 16) == (64, 64, 64, 16, 256, 256)
+    assert _launches(257, 64, 16, 256) == [(4, 64, 0), (1, 16, 256)]
+    # Without a tail: one launch, the last block masked; short rows: tails only.
+    assert _tiling(257, 48, 64, 64, 0) == (64, 64, 64, 0, 257, 257)
+    assert _launches(257, 64, 0, 257) == [(5, 64, 0)]
+    assert _launches(17, 32, 16, 0) == [(2, 16, 0)]
+
+
+@pytest.mark.parametrize("tail", [8, 24])
+def test_kernel_refuses_a_tail_block_tl_dot_cannot_take(tail):
+    pytest.importorskip("triton")
+    from nkat_search.train.attention_kernel import kernel_attention
+
+    q = torch.randn(1, 2, 17, 48)
+    with pytest.raises(ValueError, match=f"tail_block {tail} is not 0 or a power of two"):
+        kernel_attention(q, q, q, 0.3, 6, 0.8, tail_block=tail)
+
+
 # --- in process: no kernel launches, so no interpreter needed ------------------------------------
 
 def _compile_for_hopper(fn, dtype: str, constexprs: dict, num_warps: int):
@@ -608,7 +716,8 @@ def _compile_for_hopper(fn, dtype: str, constexprs: dict, num_warps: int):
 
 def _hopper_tiles(ak) -> dict:
     """The launch constants every kernel shares, at the module's defaults (head dim 64)."""
-    return dict(BLOCK_M=ak.BLOCK_M, BLOCK_N=ak.BLOCK_N, BLOCK_D=64, PRECISION="tf32",
+    return dict(BLOCK_M=ak.BLOCK_M, BLOCK_N=ak.BLOCK_N, BLOCK_D=64, TAIL=ak.TAIL_BLOCK,
+                PRECISION="tf32",
                 SKIP_EMPTY=ak.SKIP_EMPTY_TILES, MASK_BITS=ak.DROPOUT_MASK == "bits",
                 GROUP=min(ak.DROPOUT_BITS_PER_WORD, ak.BLOCK_N))
 
@@ -621,7 +730,7 @@ def test_kernels_compile_for_hopper_in_bf16():
 
     tiles = _hopper_tiles(ak)
     forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8,
-                   SKIP_MERGE=ak.SKIP_MERGE, **tiles)
+                   SKIP_MERGE=ak.SKIP_MERGE, PAIRED=ak.PAIRED_LEVELS, **tiles)
     for fn, constexprs in ((ak._fwd_kernel, dict(DROPOUT=True, **forward)),
                            (ak._bwd_kv_kernel, dict(DROPOUT=True, ATOMIC_DQ=False, **tiles)),
                            (ak._bwd_q_kernel, dict(DROPOUT=True, **tiles))):
@@ -645,7 +754,7 @@ def test_kernel_variants_compile_for_hopper_in_bf16():
     assert "wgmma" in ptx
     assert "red.global" in ptx or "atom.global" in ptx  # dQ summed in global memory
     no_filter = dict(TOP_K=0, TOPK_ON=False, NUCLEUS_ON=False, LEVELS=0, LEVELS_PAD=2,
-                     DROPOUT=True, SKIP_MERGE=False, **tiles)
+                     DROPOUT=True, SKIP_MERGE=False, PAIRED=False, **tiles)
     compiled = _compile_for_hopper(ak._fwd_kernel, "bf16", no_filter, ak.NUM_WARPS)
     assert "wgmma" in compiled.asm["ptx"]
     # The options: forward writing the packed mask and skipping merges, backward reading it,
@@ -653,12 +762,32 @@ def test_kernel_variants_compile_for_hopper_in_bf16():
     for block_n in (64, 32):
         options = dict(tiles, BLOCK_N=block_n, MASK_BITS=True, GROUP=32)
         forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8,
-                       DROPOUT=True, SKIP_MERGE=True, **options)
+                       DROPOUT=True, SKIP_MERGE=True, PAIRED=not ak.PAIRED_LEVELS, **options)
         for fn, constexprs in ((ak._fwd_kernel, forward),
                                (ak._bwd_kv_kernel,
                                 dict(DROPOUT=True, ATOMIC_DQ=True, **options))):
             compiled = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
             assert "wgmma" in compiled.asm["ptx"], (fn.__name__, block_n)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="kernels are interpreted functions in this process")
+def test_kernel_tail_programs_compile_for_hopper_in_bf16():
+    """With tail tiles of 16: a forward program of full rows (its last key tile 16 wide) and one
+    of tail rows, the dK / dV program of a tail key block, the dQ program of tail rows."""
+    pytest.importorskip("triton")
+    from nkat_search.train import attention_kernel as ak
+
+    tiles = dict(_hopper_tiles(ak), TAIL=16)
+    forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8,
+                   DROPOUT=True, SKIP_MERGE=False, PAIRED=ak.PAIRED_LEVELS)
+    for fn, constexprs in ((ak._fwd_kernel, dict(forward, **tiles)),
+                           (ak._fwd_kernel, dict(forward, **dict(tiles, BLOCK_M=16))),
+                           (ak._bwd_kv_kernel, dict(tiles, BLOCK_N=16, DROPOUT=True,
+                                                    ATOMIC_DQ=True)),
+                           (ak._bwd_q_kernel, dict(tiles, BLOCK_M=16, DROPOUT=True))):
+        compiled = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
+        assert ".entry" in compiled.asm["ptx"], fn.__name__
 
 
 def test_kernel_supports_and_cpu_auto_path(monkeypatch):

@@ -129,6 +129,22 @@ DROPOUT_BITS_PER_WORD = 32
 # lists, bit for bit. The gain depends on the data (most tiles skip once attention concentrates,
 # e.g. on a sink); off until timed (``benchmarks/attention_kernel_check.py``).
 SKIP_MERGE = False
+# Tail tiles. With tiles of 64, a 257-token row (256 patches and the CLS token) takes 5 key tiles
+# and 5 query blocks, the last of each holding 1 valid row or key: 25 tile pairs of work for
+# 16.1 useful, and every kernel pays it (the first pass's level walk too). With a tail block T,
+# the rows and keys below the last multiple of the full tile go in full tiles and the rest in
+# tiles of T (16: 4 full tiles and one of 16, rows and keys: 18.1 tile pairs' work at 257 tokens).
+# Every kernel forms the score of (row, key) on a tile of the same shape (full or tail, per row
+# and per key), so forward and backward still compute it bit for bit the same. 0: off (one tile
+# size, the last tile masked), until the GPU times it (``benchmarks/attention_kernel_check.py``).
+TAIL_BLOCK = 0
+# The merge's level walk takes, per level, the largest score below the last level and then how
+# many entries equal it: two row reductions over the tile (and two over the list). With
+# paired_levels one reduction of (value, count) pairs gives both (the count of the maximum rides
+# along: FlashAttention-style argmax reductions pair values the same way). The same levels and
+# counts, bit for bit; half the reductions, each combining two values. Off until timed
+# (``benchmarks/attention_kernel_check.py``).
+PAIRED_LEVELS = False
 
 
 def kernel_available() -> bool:
@@ -226,52 +242,91 @@ if triton is not None:
         return keep
 
     @triton.jit
-    def _filter_threshold(
-        q, k_base, skn, skd, dims, dim_ok, row_ok, N, scale, top_p,
-        TOP_K: tl.constexpr, TOPK_ON: tl.constexpr, NUCLEUS_ON: tl.constexpr,
+    def _max_and_count(value_a, count_a, value_b, count_b):
+        # Combines (largest value, how many entries equal it) pairs.
+        top = tl.maximum(value_a, value_b)
+        return top, tl.where(value_a == top, count_a, 0) + tl.where(value_b == top, count_b, 0)
+
+    @triton.jit
+    def _merge_tile(
+        q, k_base, start, skn, skd, dims, dim_ok, row_ok, N, scale, values, counts, slots,
         LEVELS: tl.constexpr, LEVELS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SKIP_MERGE: tl.constexpr,
+        PAIRED: tl.constexpr,
     ):
-        # The forward's first pass over the keys, when a filter is on: each row's threshold and
-        # the log-sum-exp of its kept scores, from the LEVELS largest distinct scores of the row
-        # with their counts.
-        slots = tl.arange(0, LEVELS_PAD)
-        values = tl.full([BLOCK_M, LEVELS_PAD], float("-inf"), tl.float32)
-        counts = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd,
-                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            s = _score_tile(q, k, col_ok, scale, PRECISION)
-            if SKIP_MERGE:
-                # A row's list changes only if the tile has a score >= its smallest level (-inf
-                # while the list is not full: any score then; equal: a count grows). Rows past
-                # N are discarded, so they never force a merge.
-                floor = tl.min(tl.where(slots[None, :] < LEVELS, values, float("inf")), 1)
-                changes = row_ok & (tl.max(s, 1) >= floor)
-                merge = tl.max(changes.to(tl.int32), 0) > 0
-            else:
-                merge = True
-            if merge:
-                # Merge the tile into the list: the union's levels from the top, each the
-                # largest value below the previous one, its count summed over tile and list.
-                new_values = tl.full([BLOCK_M, LEVELS_PAD], float("-inf"), tl.float32)
-                new_counts = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
-                prev = tl.full([BLOCK_M], float("inf"), tl.float32)
-                for i in tl.static_range(LEVELS):
+        # One key tile of the first pass: merged into each row's list of the LEVELS largest
+        # distinct scores with their counts.
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd,
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        s = _score_tile(q, k, col_ok, scale, PRECISION)
+        if SKIP_MERGE:
+            # A row's list changes only if the tile has a score >= its smallest level (-inf
+            # while the list is not full: any score then; equal: a count grows). Rows past
+            # N are discarded, so they never force a merge.
+            floor = tl.min(tl.where(slots[None, :] < LEVELS, values, float("inf")), 1)
+            changes = row_ok & (tl.max(s, 1) >= floor)
+            merge = tl.max(changes.to(tl.int32), 0) > 0
+        else:
+            merge = True
+        if merge:
+            # Merge the tile into the list: the union's levels from the top, each the
+            # largest value below the previous one, its count summed over tile and list.
+            new_values = tl.full([BLOCK_M, LEVELS_PAD], float("-inf"), tl.float32)
+            new_counts = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
+            prev = tl.full([BLOCK_M], float("inf"), tl.float32)
+            for i in tl.static_range(LEVELS):
+                if PAIRED:
+                    tile_top, tile_count = tl.reduce(
+                        (tl.where(s < prev[:, None], s, float("-inf")),
+                         tl.full([BLOCK_M, BLOCK_N], 1, tl.int32)), 1, _max_and_count)
+                    list_top, list_count = tl.reduce(
+                        (tl.where(values < prev[:, None], values, float("-inf")), counts), 1,
+                        _max_and_count)
+                    level = tl.maximum(tile_top, list_top)
+                    count = (tl.where(tile_top == level, tile_count, 0)
+                             + tl.where(list_top == level, list_count, 0))
+                else:
                     level = tl.maximum(
                         tl.max(tl.where(s < prev[:, None], s, float("-inf")), 1),
                         tl.max(tl.where(values < prev[:, None], values, float("-inf")), 1))
                     count = (tl.sum((s == level[:, None]).to(tl.int32), 1)
                              + tl.sum(tl.where(values == level[:, None], counts, 0), 1))
-                    # -inf is padding (columns past N, empty slots), never a score.
-                    count = tl.where(level == float("-inf"), 0, count)
-                    new_values = tl.where(slots[None, :] == i, level[:, None], new_values)
-                    new_counts = tl.where(slots[None, :] == i, count[:, None], new_counts)
-                    prev = level
-                values = new_values
-                counts = new_counts
+                # -inf is padding (columns past N, empty slots), never a score.
+                count = tl.where(level == float("-inf"), 0, count)
+                new_values = tl.where(slots[None, :] == i, level[:, None], new_values)
+                new_counts = tl.where(slots[None, :] == i, count[:, None], new_counts)
+                prev = level
+            values = new_values
+            counts = new_counts
+        return values, counts
+
+    @triton.jit
+    def _filter_threshold(
+        q, k_base, skn, skd, dims, dim_ok, row_ok, N, N_FULL, scale, top_p,
+        TOP_K: tl.constexpr, TOPK_ON: tl.constexpr, NUCLEUS_ON: tl.constexpr,
+        LEVELS: tl.constexpr, LEVELS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr,
+        SKIP_MERGE: tl.constexpr, PAIRED: tl.constexpr,
+    ):
+        # The forward's first pass over the keys, when a filter is on: each row's threshold and
+        # the log-sum-exp of its kept scores, from the LEVELS largest distinct scores of the row
+        # with their counts. Keys below N_FULL in tiles of BLOCK_N, the rest in tiles of TAIL
+        # (TAIL 0: N_FULL is N and BLOCK_N tiles cover every key).
+        slots = tl.arange(0, LEVELS_PAD)
+        values = tl.full([BLOCK_M, LEVELS_PAD], float("-inf"), tl.float32)
+        counts = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
+        for start in range(0, N_FULL, BLOCK_N):
+            values, counts = _merge_tile(q, k_base, start, skn, skd, dims, dim_ok, row_ok, N,
+                                         scale, values, counts, slots, LEVELS, LEVELS_PAD,
+                                         BLOCK_M, BLOCK_N, PRECISION, SKIP_MERGE, PAIRED)
+        if TAIL > 0:
+            for start in range(N_FULL, N, TAIL):
+                values, counts = _merge_tile(q, k_base, start, skn, skd, dims, dim_ok, row_ok,
+                                             N, scale, values, counts, slots, LEVELS,
+                                             LEVELS_PAD, BLOCK_M, TAIL, PRECISION, SKIP_MERGE,
+                                             PAIRED)
 
         # The threshold and kept mass from the levels, in row_filter's order of operations.
         row_max = tl.max(values, 1)
@@ -313,20 +368,58 @@ if triton is not None:
         return threshold, lse
 
     @triton.jit
+    def _fwd_tile(
+        q, k_base, v_base, start, skn, skd, svn, svd, dims, dim_ok, N, scale, acc, row_max,
+        total, threshold, lse, seed, dropout_p, inv_keep, BITS, bh, rows, W,
+        LEVELS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+        MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
+    ):
+        # One key tile of the second pass: weights (filter, softmax, dropout) @ v. Without a
+        # filter (LEVELS 0) the online softmax: the row max so far, the sum and the accumulator
+        # rescaled whenever it grows, as in FlashAttention.
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        kv_mask = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=kv_mask, other=0.0)
+        s = _score_tile(q, k, col_ok, scale, PRECISION)
+        if LEVELS == 0:
+            new_max = tl.maximum(row_max, tl.max(s, 1))
+            rescale = tl.exp(row_max - new_max)
+            p = tl.exp(s - new_max[:, None])
+            total = total * rescale + tl.sum(p, 1)
+            acc = acc * rescale[:, None]
+            row_max = new_max
+        else:
+            p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
+        if _any_kept(p, SKIP_EMPTY):
+            if DROPOUT:
+                survives = _dropout_keep(seed, bh, rows, start, N, dropout_p, BLOCK_M, BLOCK_N)
+                if MASK_BITS:
+                    _store_keep(BITS, survives, bh, rows, start, N, W, BLOCK_M, BLOCK_N, GROUP)
+                p = tl.where(survives, p * inv_keep, 0.0)
+            v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask,
+                        other=0.0)
+            acc += _dot(p.to(v.dtype), v, PRECISION)
+        return acc, row_max, total
+
+    @triton.jit
     def _fwd_kernel(
         Q, K, V, O, THR, LSE, SEED, BITS,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-        H, N, D, W, KNOBS,
+        H, N, D, W, KNOBS, ROW0, N_FULL,
         TOP_K: tl.constexpr, TOPK_ON: tl.constexpr, NUCLEUS_ON: tl.constexpr,
         LEVELS: tl.constexpr, LEVELS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr,
         PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, SKIP_MERGE: tl.constexpr,
-        MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
+        MASK_BITS: tl.constexpr, GROUP: tl.constexpr, PAIRED: tl.constexpr,
     ):
-        # With MASK_BITS (and DROPOUT) the keep bits go to BITS, W words per row (see
-        # _store_keep); tiles skipped as empty write none, and backward skips the same tiles.
-        # A trial's scale, top_p and dropout rate are loaded, not arguments: a compiled graph
-        # then takes them as an input (see _knobs) and trials share its cache entry.
+        # Rows ROW0 + pid * BLOCK_M onwards; keys below N_FULL in tiles of BLOCK_N, the rest in
+        # tiles of TAIL (see TAIL_BLOCK). With MASK_BITS (and DROPOUT) the keep bits go to BITS,
+        # W words per row (see _store_keep); tiles skipped as empty write none, and backward
+        # skips the same tiles. A trial's scale, top_p and dropout rate are loaded, not
+        # arguments: a compiled graph then takes them as an input (see _knobs) and trials share
+        # its cache entry.
         scale = tl.load(KNOBS)
         top_p = tl.load(KNOBS + 1)
         dropout_p = tl.load(KNOBS + 2)
@@ -335,7 +428,7 @@ if triton is not None:
         h = tl.program_id(1)
         b = tl.program_id(2)
         bh = b * H + h
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = ROW0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         row_ok = rows < N
         dim_ok = dims < D
@@ -344,46 +437,31 @@ if triton is not None:
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
 
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
         if LEVELS == 0:
-            row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            total = tl.zeros([BLOCK_M], tl.float32)
             threshold = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            lse = tl.zeros([BLOCK_M], tl.float32)
         else:
             threshold, lse = _filter_threshold(
-                q, k_base, skn, skd, dims, dim_ok, row_ok, N, scale, top_p, TOP_K, TOPK_ON,
-                NUCLEUS_ON, LEVELS, LEVELS_PAD, BLOCK_M, BLOCK_N, PRECISION, SKIP_MERGE)
+                q, k_base, skn, skd, dims, dim_ok, row_ok, N, N_FULL, scale, top_p, TOP_K,
+                TOPK_ON, NUCLEUS_ON, LEVELS, LEVELS_PAD, BLOCK_M, BLOCK_N, TAIL, PRECISION,
+                SKIP_MERGE, PAIRED)
 
-        # Weights (filter, softmax, dropout) @ v: the second pass with a filter, the only one
-        # without (the online softmax: the row max so far, the sum and the accumulator rescaled
-        # whenever it grows, as in FlashAttention).
+        # Weights @ v: the second pass with a filter, the only one without.
         seed = tl.load(SEED)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            kv_mask = col_ok[:, None] & dim_ok[None, :]
-            k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=kv_mask, other=0.0)
-            s = _score_tile(q, k, col_ok, scale, PRECISION)
-            if LEVELS == 0:
-                new_max = tl.maximum(row_max, tl.max(s, 1))
-                rescale = tl.exp(row_max - new_max)
-                p = tl.exp(s - new_max[:, None])
-                total = total * rescale + tl.sum(p, 1)
-                acc = acc * rescale[:, None]
-                row_max = new_max
-            else:
-                p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
-            if _any_kept(p, SKIP_EMPTY):
-                if DROPOUT:
-                    survives = _dropout_keep(seed, bh, rows, start, N, dropout_p, BLOCK_M,
-                                             BLOCK_N)
-                    if MASK_BITS:
-                        _store_keep(BITS, survives, bh, rows, start, N, W, BLOCK_M, BLOCK_N,
-                                    GROUP)
-                    p = tl.where(survives, p * inv_keep, 0.0)
-                v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask,
-                            other=0.0)
-                acc += _dot(p.to(v.dtype), v, PRECISION)
+        for start in range(0, N_FULL, BLOCK_N):
+            acc, row_max, total = _fwd_tile(
+                q, k_base, v_base, start, skn, skd, svn, svd, dims, dim_ok, N, scale, acc,
+                row_max, total, threshold, lse, seed, dropout_p, inv_keep, BITS, bh, rows, W,
+                LEVELS, DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY, MASK_BITS, GROUP)
+        if TAIL > 0:
+            for start in range(N_FULL, N, TAIL):
+                acc, row_max, total = _fwd_tile(
+                    q, k_base, v_base, start, skn, skd, svn, svd, dims, dim_ok, N, scale, acc,
+                    row_max, total, threshold, lse, seed, dropout_p, inv_keep, BITS, bh, rows,
+                    W, LEVELS, DROPOUT, BLOCK_M, TAIL, PRECISION, SKIP_EMPTY, MASK_BITS, GROUP)
         if LEVELS == 0:
             acc = acc / total[:, None]
             lse = row_max + tl.log(total)
@@ -393,19 +471,62 @@ if triton is not None:
         tl.store(LSE + bh * N + rows, lse, mask=row_ok)
 
     @triton.jit
+    def _bwd_kv_tile(
+        THR, LSE, DELTA, DQ_ACC, BITS, q_base, do_base, start, sqn, sqd, sdn, sdd, k, v,
+        dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, W, scale, dropout_p, inv_keep, seed,
+        DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, MASK_BITS: tl.constexpr,
+        GROUP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    ):
+        # One query tile of a key block's backward: its share of dK and dV (and of dQ, atomic).
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        qo_mask = row_ok[:, None] & dim_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * sqn + dims[None, :] * sqd, mask=qo_mask, other=0.0)
+        # Rows past N: threshold +inf keeps nothing.
+        threshold = tl.load(THR + bh * N + rows, mask=row_ok, other=float("inf"))
+        lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
+        s = _score_tile(q, k, col_ok, scale, PRECISION)
+        p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
+        if _any_kept(p, SKIP_EMPTY):
+            do = tl.load(do_base + rows[:, None] * sdn + dims[None, :] * sdd, mask=qo_mask,
+                         other=0.0)
+            delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
+            dw = _dot(do, tl.trans(v), PRECISION)
+            if DROPOUT:
+                keep = _keep_tile(seed, BITS, bh, rows, col0, N, W, dropout_p, BLOCK_M, BLOCK_N,
+                                  GROUP, MASK_BITS)
+                w = tl.where(keep, p * inv_keep, 0.0)
+                dp = tl.where(keep, dw * inv_keep, 0.0)
+            else:
+                w = p
+                dp = dw
+            dv += _dot(tl.trans(w.to(do.dtype)), do, PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
+            if ATOMIC_DQ:
+                # Relaxed: only the sum matters, no other memory is ordered by it.
+                dq = _dot(ds.to(k.dtype), k, PRECISION) * scale
+                tl.atomic_add(DQ_ACC + (bh * N + rows[:, None]) * D + dims[None, :], dq,
+                              mask=qo_mask, sem="relaxed")
+        return dk, dv
+
+    @triton.jit
     def _bwd_kv_kernel(
         Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED, BITS,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
         sgb, sgh, sgn, sgd,
-        H, N, D, W, KNOBS,
+        H, N, D, W, KNOBS, COL0, M_FULL,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-        MASK_BITS: tl.constexpr, GROUP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+        BLOCK_D: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr,
+        SKIP_EMPTY: tl.constexpr, MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr,
     ):
-        # dK and dV of one key block, over every query block. DK and DV share the strides sg*.
-        # bwd_mode "atomic" (ATOMIC_DQ): the block's share of dQ, dS K, is added into DQ_ACC too
-        # (float32, contiguous (B, H, N, D), zeroed). "split": dQ comes from _bwd_q_kernel and
-        # DQ_ACC is any pointer, never read.
+        # dK and dV of one key block (keys COL0 + pid * BLOCK_N onwards), over every query block:
+        # rows below M_FULL in tiles of BLOCK_M, the rest in tiles of TAIL. DK and DV share the
+        # strides sg*. bwd_mode "atomic" (ATOMIC_DQ): the block's share of dQ, dS K, is added
+        # into DQ_ACC too (float32, contiguous (B, H, N, D), zeroed). "split": dQ comes from
+        # _bwd_q_kernel and DQ_ACC is any pointer, never read.
         scale = tl.load(KNOBS)
         dropout_p = tl.load(KNOBS + 2)
         inv_keep = tl.load(KNOBS + 3)
@@ -413,7 +534,8 @@ if triton is not None:
         h = tl.program_id(1)
         b = tl.program_id(2)
         bh = b * H + h
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col0 = COL0 + pid_n * BLOCK_N
+        cols = col0 + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, BLOCK_D)
         col_ok = cols < N
         dim_ok = dims < D
@@ -423,56 +545,66 @@ if triton is not None:
         v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dims[None, :] * svd,
                     mask=kv_mask, other=0.0)
         seed = tl.load(SEED)
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        for start in range(0, N, BLOCK_M):
-            rows = start + tl.arange(0, BLOCK_M)
-            row_ok = rows < N
-            qo_mask = row_ok[:, None] & dim_ok[None, :]
-            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd,
-                        mask=qo_mask, other=0.0)
-            # Rows past N: threshold +inf keeps nothing.
-            threshold = tl.load(THR + bh * N + rows, mask=row_ok, other=float("inf"))
-            lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
-            s = _score_tile(q, k, col_ok, scale, PRECISION)
-            p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
-            if _any_kept(p, SKIP_EMPTY):
-                do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + dims[None, :] * sdd,
-                             mask=qo_mask, other=0.0)
-                delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
-                dw = _dot(do, tl.trans(v), PRECISION)
-                if DROPOUT:
-                    keep = _keep_tile(seed, BITS, bh, rows, pid_n * BLOCK_N, N, W, dropout_p,
-                                      BLOCK_M, BLOCK_N, GROUP, MASK_BITS)
-                    w = tl.where(keep, p * inv_keep, 0.0)
-                    dp = tl.where(keep, dw * inv_keep, 0.0)
-                else:
-                    w = p
-                    dp = dw
-                dv += _dot(tl.trans(w.to(do.dtype)), do, PRECISION)
-                ds = p * (dp - delta[:, None])
-                dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
-                if ATOMIC_DQ:
-                    # Relaxed: only the sum matters, no other memory is ordered by it.
-                    dq = _dot(ds.to(k.dtype), k, PRECISION) * scale
-                    tl.atomic_add(DQ_ACC + (bh * N + rows[:, None]) * D + dims[None, :], dq,
-                                  mask=qo_mask, sem="relaxed")
+        for start in range(0, M_FULL, BLOCK_M):
+            dk, dv = _bwd_kv_tile(
+                THR, LSE, DELTA, DQ_ACC, BITS, q_base, do_base, start, sqn, sqd, sdn,
+                sdd, k, v, dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, W, scale,
+                dropout_p, inv_keep, seed, DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY,
+                MASK_BITS, GROUP, ATOMIC_DQ)
+        if TAIL > 0:
+            for start in range(M_FULL, N, TAIL):
+                dk, dv = _bwd_kv_tile(
+                    THR, LSE, DELTA, DQ_ACC, BITS, q_base, do_base, start, sqn, sqd, sdn,
+                    sdd, k, v, dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, W, scale,
+                    dropout_p, inv_keep, seed, DROPOUT, TAIL, BLOCK_N, PRECISION, SKIP_EMPTY,
+                    MASK_BITS, GROUP, ATOMIC_DQ)
         dk = dk * scale
         g = b * sgb + h * sgh + cols[:, None] * sgn + dims[None, :] * sgd
         tl.store(DK + g, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + g, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
     @triton.jit
+    def _bwd_q_tile(
+        q, do, k_base, v_base, start, skn, skd, svn, svd, dq, threshold, lse, delta, rows,
+        dims, dim_ok, bh, N, W, scale, dropout_p, inv_keep, seed, BITS,
+        DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, MASK_BITS: tl.constexpr,
+        GROUP: tl.constexpr,
+    ):
+        # One key tile of a query block's dQ.
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        kv_mask = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=kv_mask, other=0.0)
+        s = _score_tile(q, k, col_ok, scale, PRECISION)
+        p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
+        if _any_kept(p, SKIP_EMPTY):
+            v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask,
+                        other=0.0)
+            dw = _dot(do, tl.trans(v), PRECISION)
+            if DROPOUT:
+                keep = _keep_tile(seed, BITS, bh, rows, start, N, W, dropout_p, BLOCK_M,
+                                  BLOCK_N, GROUP, MASK_BITS)
+                dw = tl.where(keep, dw * inv_keep, 0.0)
+            ds = p * (dw - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, PRECISION)
+        return dq
+
+    @triton.jit
     def _bwd_q_kernel(
         Q, K, V, DO, THR, LSE, DELTA, DQ, SEED, BITS,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
         sgb, sgh, sgn, sgd,
-        H, N, D, W, KNOBS,
+        H, N, D, W, KNOBS, ROW0, N_FULL,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-        MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
+        BLOCK_D: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr,
+        SKIP_EMPTY: tl.constexpr, MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
     ):
-        # dQ of one query block, over every key block.
+        # dQ of one query block (rows ROW0 + pid * BLOCK_M onwards), over every key block.
         scale = tl.load(KNOBS)
         dropout_p = tl.load(KNOBS + 2)
         inv_keep = tl.load(KNOBS + 3)
@@ -480,7 +612,7 @@ if triton is not None:
         h = tl.program_id(1)
         b = tl.program_id(2)
         bh = b * H + h
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = ROW0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         row_ok = rows < N
         dim_ok = dims < D
@@ -496,23 +628,17 @@ if triton is not None:
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            kv_mask = col_ok[:, None] & dim_ok[None, :]
-            k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=kv_mask, other=0.0)
-            s = _score_tile(q, k, col_ok, scale, PRECISION)
-            p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
-            if _any_kept(p, SKIP_EMPTY):
-                v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask,
-                            other=0.0)
-                dw = _dot(do, tl.trans(v), PRECISION)
-                if DROPOUT:
-                    keep = _keep_tile(seed, BITS, bh, rows, start, N, W, dropout_p, BLOCK_M,
-                                      BLOCK_N, GROUP, MASK_BITS)
-                    dw = tl.where(keep, dw * inv_keep, 0.0)
-                ds = p * (dw - delta[:, None])
-                dq += _dot(ds.to(k.dtype), k, PRECISION)
+        for start in range(0, N_FULL, BLOCK_N):
+            dq = _bwd_q_tile(q, do, k_base, v_base, start, skn, skd, svn, svd, dq, threshold,
+                             lse, delta, rows, dims, dim_ok, bh, N, W, scale, dropout_p,
+                             inv_keep, seed, BITS, DROPOUT, BLOCK_M, BLOCK_N, PRECISION,
+                             SKIP_EMPTY, MASK_BITS, GROUP)
+        if TAIL > 0:
+            for start in range(N_FULL, N, TAIL):
+                dq = _bwd_q_tile(q, do, k_base, v_base, start, skn, skd, svn, svd, dq,
+                                 threshold, lse, delta, rows, dims, dim_ok, bh, N, W, scale,
+                                 dropout_p, inv_keep, seed, BITS, DROPOUT, BLOCK_M, TAIL,
+                                 PRECISION, SKIP_EMPTY, MASK_BITS, GROUP)
         dq = dq * scale
         tl.store(DQ + b * sgb + h * sgh + rows[:, None] * sgn + dims[None, :] * sgd,
                  dq.to(DQ.dtype.element_ty), mask=qo_mask)
@@ -527,6 +653,27 @@ def _blocks(n: int, d: int, block_m: int, block_n: int) -> tuple[int, int, int]:
     needs 16 at least)."""
     fit = max(16, triton.next_power_of_2(n))
     return min(block_m, fit), min(block_n, fit), max(16, triton.next_power_of_2(d))
+
+
+def _tiling(n: int, d: int, block_m: int, block_n: int, tail_block: int
+            ) -> tuple[int, int, int, int, int, int]:
+    """``(bm, bn, bd, tail, m_full, n_full)``: the tile sizes (``_blocks``), the tail tile (0:
+    none) and where the tail tiles start, in rows and in keys (``n`` without a tail: the full
+    tiles cover everything, the last one masked)."""
+    bm, bn, bd = _blocks(n, d, block_m, block_n)
+    if not tail_block:
+        return bm, bn, bd, 0, n, n
+    tail = min(tail_block, bm, bn)
+    return bm, bn, bd, tail, n // bm * bm, n // bn * bn
+
+
+def _launches(n: int, block: int, tail: int, full: int) -> list[tuple[int, int, int]]:
+    """``(programs, block size, first index)`` of each launch over rows (or key blocks): one
+    launch of full blocks, and one of tail blocks from ``full`` when there is a tail."""
+    if not tail:
+        return [(triton.cdiv(n, block), block, 0)]
+    return [(count, size, first) for count, size, first in
+            ((full // block, block, 0), (triton.cdiv(n - full, tail), tail, full)) if count]
 
 
 def _like_qkv_layout(q: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -551,24 +698,28 @@ def _precision(dtype: torch.dtype) -> str:
     return "upcast" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32"
 
 
-def _mask_bits(q: Tensor, dropout: bool, block_n: int, dropout_mask: str) -> Tensor:
+def _mask_bits(q: Tensor, dropout: bool, block_n: int, dropout_mask: str,
+               tail_block: int = TAIL_BLOCK) -> Tensor:
     # The forward's packed keep bits (see DROPOUT_MASK); empty when backward regenerates them.
     B, H, N, D = q.shape
     if dropout_mask != "bits" or not dropout:
         return q.new_empty((0,), dtype=torch.int32)
-    group = _bits_per_word(N, D, block_n)
+    group = _bits_per_word(N, D, block_n, tail_block)
     return q.new_empty((B, H, N, triton.cdiv(N, group)), dtype=torch.int32)
 
 
-def _bits_per_word(n: int, d: int, block_n: int) -> int:
-    return min(DROPOUT_BITS_PER_WORD, _blocks(n, d, block_n, block_n)[1])
+def _bits_per_word(n: int, d: int, block_n: int, tail_block: int = TAIL_BLOCK) -> int:
+    # Every key tile (full or tail) must own whole words.
+    _, bn, _, tail, _, _ = _tiling(n, d, block_n, block_n, tail_block)
+    return min(DROPOUT_BITS_PER_WORD, tail or bn)
 
 
 @torch.library.custom_op("nkat::attention_kernel_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, knobs: Tensor, top_k: int,
                    nucleus: bool, dropout: bool, block_m: int, block_n: int, num_warps: int,
                    skip_empty: bool, bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
-                   dropout_mask: str = DROPOUT_MASK, skip_merge: bool = SKIP_MERGE
+                   dropout_mask: str = DROPOUT_MASK, skip_merge: bool = SKIP_MERGE,
+                   tail_block: int = TAIL_BLOCK, paired_levels: bool = PAIRED_LEVELS
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # knobs: _knobs's float32 (scale, top_p, dropout_p, 1 / (1 - dropout_p)); nucleus and dropout
     # say whether those filters are on. bwd_mode is backward's (see _setup_context); it is an input
@@ -578,83 +729,90 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, knobs: Tensor,
     o = _like_qkv_layout(q)
     threshold = q.new_empty((B, H, N), dtype=torch.float32)
     lse = q.new_empty((B, H, N), dtype=torch.float32)
-    bits = _mask_bits(q, dropout, block_n, dropout_mask)
-    bm, bn, bd = _blocks(N, D, block_m, block_n)
+    bits = _mask_bits(q, dropout, block_n, dropout_mask, tail_block)
+    bm, bn, bd, tail, m_full, n_full = _tiling(N, D, block_m, block_n, tail_block)
     levels = level_count(top_k, nucleus, N)
     words = bits.shape[-1] if bits.numel() else 1
-    _fwd_kernel[(triton.cdiv(N, bm), H, B)](
-        # seed stands in for an unused bits pointer.
-        q, k, v, o, threshold, lse, seed, bits if bits.numel() else seed,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, N, D, words, knobs,
-        TOP_K=top_k, TOPK_ON=0 < top_k < N, NUCLEUS_ON=nucleus,
-        LEVELS=levels, LEVELS_PAD=max(2, triton.next_power_of_2(max(levels, 1))),
-        DROPOUT=dropout, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, SKIP_MERGE=skip_merge,
-        MASK_BITS=bits.numel() > 0, GROUP=_bits_per_word(N, D, block_n),
-        **_launch(num_warps, num_stages),
-    )
+    for programs, rows, row0 in _launches(N, bm, tail, m_full):
+        _fwd_kernel[(programs, H, B)](
+            # seed stands in for an unused bits pointer.
+            q, k, v, o, threshold, lse, seed, bits if bits.numel() else seed,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            H, N, D, words, knobs, row0, n_full,
+            TOP_K=top_k, TOPK_ON=0 < top_k < N, NUCLEUS_ON=nucleus,
+            LEVELS=levels, LEVELS_PAD=max(2, triton.next_power_of_2(max(levels, 1))),
+            DROPOUT=dropout, BLOCK_M=rows, BLOCK_N=bn, BLOCK_D=bd, TAIL=tail,
+            PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, SKIP_MERGE=skip_merge,
+            MASK_BITS=bits.numel() > 0, GROUP=_bits_per_word(N, D, block_n, tail_block),
+            PAIRED=paired_levels, **_launch(num_warps, num_stages),
+        )
     return o, threshold, lse, bits
 
 
 @_attention_fwd.register_fake
 def _(q, k, v, seed, knobs, top_k, nucleus, dropout, block_m, block_n, num_warps, skip_empty,
-      bwd_mode=BWD_MODE, num_stages=NUM_STAGES, dropout_mask=DROPOUT_MASK, skip_merge=SKIP_MERGE):
+      bwd_mode=BWD_MODE, num_stages=NUM_STAGES, dropout_mask=DROPOUT_MASK, skip_merge=SKIP_MERGE,
+      tail_block=TAIL_BLOCK, paired_levels=PAIRED_LEVELS):
     B, H, N, D = q.shape
     return (_like_qkv_layout(q), q.new_empty((B, H, N), dtype=torch.float32),
             q.new_empty((B, H, N), dtype=torch.float32),
-            _mask_bits(q, dropout, block_n, dropout_mask))
+            _mask_bits(q, dropout, block_n, dropout_mask, tail_block))
 
 
 @torch.library.custom_op("nkat::attention_kernel_bwd", mutates_args=())
 def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                    threshold: Tensor, lse: Tensor, seed: Tensor, bits: Tensor, knobs: Tensor,
                    dropout: bool, block_m: int, block_n: int, num_warps: int, skip_empty: bool,
-                   bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
+                   tail_block: int = TAIL_BLOCK) -> tuple[Tensor, Tensor, Tensor]:
     # bits: the forward's packed dropout mask, or empty (regenerate it with Philox).
     B, H, N, D = q.shape
     grad_out = grad_out.to(q.dtype)
     delta = (grad_out.float() * out.float()).sum(dim=-1).contiguous()
     dk = _like_qkv_layout(q)
     dv = _like_qkv_layout(q)
-    bm, bn, bd = _blocks(N, D, block_m, block_n)
-    common = dict(DROPOUT=dropout, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-                  PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty,
-                  MASK_BITS=bits.numel() > 0, GROUP=_bits_per_word(N, D, block_n),
+    bm, bn, bd, tail, m_full, n_full = _tiling(N, D, block_m, block_n, tail_block)
+    common = dict(DROPOUT=dropout, BLOCK_D=bd, TAIL=tail, PRECISION=_precision(q.dtype),
+                  SKIP_EMPTY=skip_empty, MASK_BITS=bits.numel() > 0,
+                  GROUP=_bits_per_word(N, D, block_n, tail_block),
                   **_launch(num_warps, num_stages))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     scalars = (H, N, D, bits.shape[-1] if bits.numel() else 1, knobs)
     mask = (seed, bits if bits.numel() else seed)
-    if bwd_mode == "atomic":
+    atomic = bwd_mode == "atomic"
+    if atomic:
         dq_sum = torch.zeros((B, H, N, D), device=q.device, dtype=torch.float32)
-        _bwd_kv_kernel[(triton.cdiv(N, bn), H, B)](
-            q, k, v, grad_out, threshold, lse, delta, dk, dv, dq_sum, *mask, *strides,
-            *dk.stride(), *scalars, ATOMIC_DQ=True, **common)
-        dq = _like_qkv_layout(q).copy_(dq_sum)
     else:
         dq = _like_qkv_layout(q)
-        _bwd_kv_kernel[(triton.cdiv(N, bn), H, B)](
-            q, k, v, grad_out, threshold, lse, delta, dk, dv, dk, *mask, *strides, *dk.stride(),
-            *scalars, ATOMIC_DQ=False, **common)
-        _bwd_q_kernel[(triton.cdiv(N, bm), H, B)](
-            q, k, v, grad_out, threshold, lse, delta, dq, *mask, *strides, *dq.stride(),
-            *scalars, **common)
+    for programs, cols, col0 in _launches(N, bn, tail, n_full):
+        # The split mode's DQ_ACC is never read: dk stands in for it.
+        _bwd_kv_kernel[(programs, H, B)](
+            q, k, v, grad_out, threshold, lse, delta, dk, dv, dq_sum if atomic else dk, *mask,
+            *strides, *dk.stride(), *scalars, col0, m_full, BLOCK_M=bm, BLOCK_N=cols,
+            ATOMIC_DQ=atomic, **common)
+    if atomic:
+        dq = _like_qkv_layout(q).copy_(dq_sum)
+    else:
+        for programs, rows, row0 in _launches(N, bm, tail, m_full):
+            _bwd_q_kernel[(programs, H, B)](
+                q, k, v, grad_out, threshold, lse, delta, dq, *mask, *strides, *dq.stride(),
+                *scalars, row0, n_full, BLOCK_M=rows, BLOCK_N=bn, **common)
     return dq, dk, dv
 
 
 @_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, threshold, lse, seed, bits, knobs, dropout, block_m, block_n,
-      num_warps, skip_empty, bwd_mode=BWD_MODE, num_stages=NUM_STAGES):
+      num_warps, skip_empty, bwd_mode=BWD_MODE, num_stages=NUM_STAGES, tail_block=TAIL_BLOCK):
     return _like_qkv_layout(q), _like_qkv_layout(q), _like_qkv_layout(q)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, seed, knobs, _top_k, _nucleus, dropout, block_m, block_n, num_warps, skip_empty,
-     bwd_mode, num_stages, _dropout_mask, _skip_merge) = inputs
+     bwd_mode, num_stages, _dropout_mask, _skip_merge, tail_block, _paired_levels) = inputs
     out, threshold, lse, bits = output
     ctx.save_for_backward(q, k, v, out, threshold, lse, seed, bits, knobs)
-    ctx.args = (dropout, block_m, block_n, num_warps, skip_empty, bwd_mode, num_stages)
+    ctx.args = (dropout, block_m, block_n, num_warps, skip_empty, bwd_mode, num_stages,
+                tail_block)
     ctx.num_inputs = len(inputs)
 
 
@@ -695,7 +853,8 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
                      block_m: int = BLOCK_M, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
                      skip_empty: bool = SKIP_EMPTY_TILES,
                      bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
-                     dropout_mask: str = DROPOUT_MASK, skip_merge: bool = SKIP_MERGE) -> Tensor:
+                     dropout_mask: str = DROPOUT_MASK, skip_merge: bool = SKIP_MERGE,
+                     tail_block: int = TAIL_BLOCK, paired_levels: bool = PAIRED_LEVELS) -> Tensor:
     """The NKAT attention core from q, k, v (B, heads, N, head_dim), unmodulated: (B, heads, N, hd).
 
     Same contract as ``fused_attention``: ``dropout_p`` applied as given (pass 0 in eval mode);
@@ -712,6 +871,10 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
     (backward regenerates the mask) or "bits" (the forward saves it packed, 1 bit per entry; see
     ``DROPOUT_MASK``); the same mask either way. ``skip_merge`` skips the first pass's merge of
     key tiles that cannot change any row's level list (see ``SKIP_MERGE``; the same result).
+    ``tail_block`` (0 or a power of two from 16) covers the rows and keys past the last full
+    tile with tiles of that size instead of one masked full tile (see ``TAIL_BLOCK``).
+    ``paired_levels`` finds each level and its count in one reduction (see ``PAIRED_LEVELS``;
+    the same result).
     """
     if not kernel_supports(q.shape[-1], top_k, top_p, q.shape[-2]):
         raise ValueError(f"kernel_attention: head dim {q.shape[-1]} with top_k {top_k}, top_p "
@@ -721,6 +884,9 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
     if dropout_mask not in DROPOUT_MASKS:
         raise ValueError(f"kernel_attention: dropout_mask {dropout_mask!r} is not one of "
                          f"{DROPOUT_MASKS}")
+    if tail_block and (tail_block < 16 or tail_block & (tail_block - 1)):
+        raise ValueError(f"kernel_attention: tail_block {tail_block} is not 0 or a power of two "
+                         "from 16 (tl.dot's smallest tile)")
     k, v = k.to(q.dtype), v.to(q.dtype)
     dropout = dropout_on(dropout_p)
     if dropout:
@@ -729,4 +895,4 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
         seed = torch.zeros(1, device=q.device, dtype=torch.int64)
     return _attention_fwd(q, k, v, seed, *op_filter_args(seed, scale, top_k, top_p, dropout_p),
                           block_m, block_n, num_warps, skip_empty, bwd_mode, num_stages,
-                          dropout_mask, skip_merge)[0]
+                          dropout_mask, skip_merge, tail_block, paired_levels)[0]
