@@ -62,6 +62,7 @@ from nkat_search.train.attention_kernel import (  # noqa: E402
     DROPOUT_MASK,
     NUM_WARPS,
     PAIRED_LEVELS,
+    PHILOX_ROUNDS,
     SKIP_MERGE,
     TAIL_BLOCK,
     _attention_fwd,
@@ -267,6 +268,27 @@ def check_dropout(device, small: bool) -> bool:
               f"forward and "
               f"backward on one mask, max rel err "
               + " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    # The other Philox round count (a candidate): its own mask, kept share and gradients.
+    rounds = 7 if PHILOX_ROUNDS == 10 else 10
+    keep = _attention_fwd(q, k, eye, seed, *op_filter_args(seed, scale, TOP_K, TOP_P, p),
+                          64, 64, 4, False, philox_rounds=rounds)[0] > 0
+    all_kept = _attention_fwd(q, k, eye, seed, *op_filter_args(seed, scale, 0, 1.0, p),
+                              64, 64, 4, False, philox_rounds=rounds)[0] > 0
+    share = all_kept.float().mean().item()
+    sigma = (p * (1 - p) / all_kept.numel()) ** 0.5
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = explicit_core(*ref_leaves, scale, keep=keep, dropout_p=p)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = _attention_fwd(*leaves, seed, *op_filter_args(seed, scale, TOP_K, TOP_P, p),
+                         64, 64, 4, False, BWD_MODE, philox_rounds=rounds)[0]
+    grads = torch.autograd.grad(out, leaves, grad)
+    errors = {"out": rel(out, ref)}
+    errors.update({name: rel(g, r) for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
+    passed = max(errors.values()) < 1e-4 and abs(share - (1 - p)) < 5 * sigma
+    print(f"{'ok  ' if passed else 'BAD '} dropout {p}, philox_rounds {rounds}: kept share "
+          f"{share:.4f} (expected {1 - p:.4f} +- {sigma:.4f}), forward and backward on one mask, "
+          "max rel err " + " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     return share_ok and grad_ok
 
 
@@ -412,6 +434,15 @@ def time_layers(device, batch: int, steps: int, out_path: Path | None) -> None:
           core(kernel(tiles=tiles, bwd_mode=mode, paired_levels=paired)))
     timed(f"core kernel {filt}, dropout 0.17, {at}, paired_levels {paired}, tail_block {tail}",
           core(kernel(tiles=tiles, bwd_mode=mode, paired_levels=paired, tail_block=tail)))
+    # The dropout generator's rounds (PHILOX_ROUNDS 10 or 7): the mask's cost beside the
+    # "dropout 0" row.
+    rounds = 7 if PHILOX_ROUNDS == 10 else 10
+    timed(f"core kernel {filt}, dropout 0.17, {at}, philox_rounds {rounds}",
+          core(kernel(tiles=tiles, bwd_mode=mode, philox_rounds=rounds)))
+    timed(f"core kernel {filt}, dropout 0.17, {at}, philox_rounds {rounds}, paired_levels "
+          f"{paired}, tail_block {tail}",
+          core(kernel(tiles=tiles, bwd_mode=mode, philox_rounds=rounds, paired_levels=paired,
+                      tail_block=tail)))
 
     def layer_step(path, filters_off=False, compiled=False):
         values = dict(top_k=0, top_p=1.0, nkat_strength=0.0) if filters_off else {}

@@ -152,13 +152,14 @@ def _integer_ties_case(dtype: torch.dtype, bwd_mode: str = "split") -> dict:
 
 
 def _raw_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, skip_empty=False, bwd_mode="split",
-             skip_merge=False):
+             skip_merge=False, philox_rounds=10):
     """The forward op with a given seed tensor, on the test tiles: (output, threshold, lse,
     packed dropout mask)."""
     from nkat_search.train.attention_kernel import _attention_fwd, op_filter_args
 
     return _attention_fwd(q, k, v, seed, *op_filter_args(seed, scale, top_k, top_p, dropout_p),
-                          TILE, TILE, 4, skip_empty, bwd_mode, None, "philox", skip_merge)
+                          TILE, TILE, 4, skip_empty, bwd_mode, None, "philox", skip_merge,
+                          philox_rounds=philox_rounds)
 
 
 def _skip_empty_case(bwd_mode: str = "split") -> dict:
@@ -184,20 +185,23 @@ def _skip_empty_case(bwd_mode: str = "split") -> dict:
             "max_difference": max(_rel(a, b) for a, b in zip(*results))}
 
 
-def _dropout_case() -> dict:
-    """Dropout 0.17, no filter, v = identity: the output is the weight matrix itself."""
+def _dropout_case(rounds: int = 10) -> dict:
+    """Dropout 0.17, no filter, v = identity: the output is the weight matrix itself; Philox with
+    ``rounds`` rounds."""
     p = 0.17
     gen = torch.Generator().manual_seed(11)
     n = 64
     q, k = torch.randn(2, 2, 2, n, 64, generator=gen).unbind(0)
     eye = torch.eye(n).expand(2, 2, n, n).contiguous()
     seed = torch.tensor([1234], dtype=torch.int64)
-    weights = _raw_fwd(q, k, eye, seed, 1.0, 0, 1.0, p)[0]
+    weights = _raw_fwd(q, k, eye, seed, 1.0, 0, 1.0, p, philox_rounds=rounds)[0]
     probs = (q @ k.transpose(-2, -1)).softmax(dim=-1)
     kept = weights > 0
-    again = _raw_fwd(q, k, eye, seed, 1.0, 0, 1.0, p)[0]
-    other = _raw_fwd(q, k, eye, seed + 1, 1.0, 0, 1.0, p)[0]
+    again = _raw_fwd(q, k, eye, seed, 1.0, 0, 1.0, p, philox_rounds=rounds)[0]
+    other = _raw_fwd(q, k, eye, seed + 1, 1.0, 0, 1.0, p, philox_rounds=rounds)[0]
+    ten_rounds = _raw_fwd(q, k, eye, seed, 1.0, 0, 1.0, p)[0] > 0
     return {
+        "share_equal_to_10_rounds": (kept == ten_rounds).float().mean().item(),
         "entries": kept.numel(),
         "kept_share": kept.float().mean().item(),
         "kept_weight_error": _rel(weights[kept], probs[kept] / (1 - p)),
@@ -207,7 +211,7 @@ def _dropout_case() -> dict:
     }
 
 
-def _dropout_gradient_case(bwd_mode: str = "split") -> dict:
+def _dropout_gradient_case(bwd_mode: str = "split", rounds: int = 10) -> dict:
     """Forward and backward use the same mask: the kernel's gradients on a fixed seed against the
     explicit core with the mask read back from the kernel's own forward (v = identity)."""
     p = 0.3
@@ -217,16 +221,16 @@ def _dropout_gradient_case(bwd_mode: str = "split") -> dict:
     grad = torch.randn(2, 2, n, 48, generator=gen)
     seed = torch.tensor([99], dtype=torch.int64)
     eye = torch.eye(n, 48).expand(2, 2, n, 48).contiguous()  # 33 keys fit in 48 columns
-    keep = _raw_fwd(q, k, eye, seed, 0.5, 6, 0.8, p)[0][..., :n] > 0
+    keep = _raw_fwd(q, k, eye, seed, 0.5, 6, 0.8, p, philox_rounds=rounds)[0][..., :n] > 0
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = _raw_fwd(*leaves, seed, 0.5, 6, 0.8, p, bwd_mode=bwd_mode)[0]
+    out = _raw_fwd(*leaves, seed, 0.5, 6, 0.8, p, bwd_mode=bwd_mode, philox_rounds=rounds)[0]
     grads = torch.autograd.grad(out, leaves, grad)
     # Keep at filtered entries does not matter (their probability is 0); give them the mask too.
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = _explicit_core(*ref_leaves, 0.5, 6, 0.8, keep=keep, dropout_p=p)
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad)
     # The same check against a mask from another seed must fail: the test can tell.
-    wrong_keep = _raw_fwd(q, k, eye, seed + 1, 0.5, 6, 0.8, p)[0]
+    wrong_keep = _raw_fwd(q, k, eye, seed + 1, 0.5, 6, 0.8, p, philox_rounds=rounds)[0]
     wrong_keep = wrong_keep[..., :n] > 0
     wrong_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     wrong = _explicit_core(*wrong_leaves, 0.5, 6, 0.8, keep=wrong_keep, dropout_p=p)
@@ -475,6 +479,8 @@ def run_cases() -> dict:
         "integer_ties_bf16": lambda: _integer_ties_case(torch.bfloat16),
         "dropout": _dropout_case,
         "dropout_gradient": _dropout_gradient_case,
+        "dropout_rounds_7": lambda: _dropout_case(7),
+        "dropout_gradient_rounds_7_atomic": lambda: _dropout_gradient_case("atomic", 7),
         "dropout_tiles": _dropout_tiles_case,
         "skip_empty": _skip_empty_case,
         "integer_ties_atomic_float32": lambda: _integer_ties_case(torch.float32, "atomic"),
@@ -489,7 +495,7 @@ def run_cases() -> dict:
         "opcheck_bits_skip_merge": lambda: _opcheck_case(("atomic", None, "bits", True)),
         "tail": _tail_case,
         "paired_levels": _paired_levels_case,
-        "opcheck_tail": lambda: _opcheck_case(("atomic", None, "philox", False, 16, True)),
+        "opcheck_tail": lambda: _opcheck_case(("atomic", None, "philox", False, 16, True, 7)),
     })
     results = {}
     for name, case in cases.items():
@@ -537,8 +543,9 @@ def test_kernel_exact_ties_at_the_threshold(interpreted, dtype):
     assert max(errors.values()) < tol, result
 
 
-def test_kernel_dropout_keep_share_and_scaling(interpreted):
-    result = _case(interpreted, "dropout")
+@pytest.mark.parametrize("name", ["dropout", "dropout_rounds_7"])
+def test_kernel_dropout_keep_share_and_scaling(interpreted, name):
+    result = _case(interpreted, name)
     sigma = math.sqrt(0.17 * 0.83 / result["entries"])
     assert abs(result["kept_share"] - 0.83) < 5 * sigma, result
     assert result["kept_weight_error"] < FLOAT32_TOL, result
@@ -546,10 +553,13 @@ def test_kernel_dropout_keep_share_and_scaling(interpreted):
     # Another seed: an independent mask agrees on about 0.83^2 + 0.17^2 = 0.72 of the entries.
     assert abs(result["other_seed_share_equal"] - 0.7178) < 0.03, result
     assert result["rows_per_head_differ"], result
+    if name == "dropout_rounds_7":  # fewer rounds draw another mask, as independent
+        assert abs(result["share_equal_to_10_rounds"] - 0.7178) < 0.03, result
 
 
-def test_kernel_dropout_backward_uses_the_forward_mask(interpreted):
-    result = _case(interpreted, "dropout_gradient")
+@pytest.mark.parametrize("name", ["dropout_gradient", "dropout_gradient_rounds_7_atomic"])
+def test_kernel_dropout_backward_uses_the_forward_mask(interpreted, name):
+    result = _case(interpreted, name)
     for name in ("out", "grad_q", "grad_k", "grad_v"):
         assert result[name] < FLOAT32_TOL, result
     assert result["wrong_seed_grad_q"] > 1e-2, result  # the comparison can tell masks apart
@@ -685,6 +695,15 @@ def test_kernel_refuses_a_tail_block_tl_dot_cannot_take(tail):
         kernel_attention(q, q, q, 0.3, 6, 0.8, tail_block=tail)
 
 
+def test_kernel_refuses_philox_rounds_past_ten():
+    pytest.importorskip("triton")
+    from nkat_search.train.attention_kernel import kernel_attention
+
+    q = torch.randn(1, 2, 17, 48)
+    with pytest.raises(ValueError, match="philox_rounds 11 is not 1 to 10"):
+        kernel_attention(q, q, q, 0.3, 6, 0.8, 0.1, philox_rounds=11)
+
+
 # --- in process: no kernel launches, so no interpreter needed ------------------------------------
 
 def _compile_for_hopper(fn, dtype: str, constexprs: dict, num_warps: int):
@@ -717,7 +736,7 @@ def _compile_for_hopper(fn, dtype: str, constexprs: dict, num_warps: int):
 def _hopper_tiles(ak) -> dict:
     """The launch constants every kernel shares, at the module's defaults (head dim 64)."""
     return dict(BLOCK_M=ak.BLOCK_M, BLOCK_N=ak.BLOCK_N, BLOCK_D=64, TAIL=ak.TAIL_BLOCK,
-                PRECISION="tf32",
+                ROUNDS=ak.PHILOX_ROUNDS, PRECISION="tf32",
                 SKIP_EMPTY=ak.SKIP_EMPTY_TILES, MASK_BITS=ak.DROPOUT_MASK == "bits",
                 GROUP=min(ak.DROPOUT_BITS_PER_WORD, ak.BLOCK_N))
 

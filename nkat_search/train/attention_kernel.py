@@ -145,6 +145,14 @@ TAIL_BLOCK = 0
 # counts, bit for bit; half the reductions, each combining two values. Off until timed
 # (``benchmarks/attention_kernel_check.py``).
 PAIRED_LEVELS = False
+# Philox rounds per call of the dropout mask's generator. Triton's default is 10, Random123's
+# margin over the 7 that its authors found to pass TestU01's BigCrush (Salmon et al., SC 2011,
+# "Parallel random numbers: as easy as 1, 2, 3"); a dropout mask needs no more. Every kernel
+# regenerates the mask (forward, and each backward tile with "philox"), so the rounds are a
+# share of the mask's cost (1.4 ms of the core's 6.5 at 257 tokens, session 11's H100). The
+# mask depends on them, so forward and backward take the same. 10 until timed
+# (``benchmarks/attention_kernel_check.py``).
+PHILOX_ROUNDS = 10
 
 
 def kernel_available() -> bool:
@@ -190,7 +198,7 @@ if triton is not None:
 
     @triton.jit
     def _dropout_keep(seed, bh, rows, col0, N, dropout_p, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+                      BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr):
         # Philox keyed by (seed, batch x head) on the entry's offset in its N x N row block: the
         # offset stays below 2**31 for rows up to 46,340 keys, and the key separates the heads.
         # One Philox call yields 4 numbers, so one call serves 4 consecutive columns
@@ -199,7 +207,7 @@ if triton is not None:
         # alone, the same in every kernel for any tiles of a multiple of 4 columns.
         key = seed + bh.to(tl.int64) * 4294967296
         quads = col0 + 4 * tl.arange(0, BLOCK_N // 4)
-        u0, u1, u2, u3 = tl.rand4x(key, rows[:, None] * N + quads[None, :])
+        u0, u1, u2, u3 = tl.rand4x(key, rows[:, None] * N + quads[None, :], ROUNDS)
         # (row, quad, 2, 2) in row-major order is column 4 * quad + 2 * i + j: outputs 0, 1, 2, 3.
         keep = tl.join(tl.join(u0 >= dropout_p, u2 >= dropout_p),
                        tl.join(u1 >= dropout_p, u3 >= dropout_p))
@@ -229,7 +237,8 @@ if triton is not None:
 
     @triton.jit
     def _keep_tile(seed, BITS, bh, rows, col0, N, W, dropout_p, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, GROUP: tl.constexpr, MASK_BITS: tl.constexpr):
+                   BLOCK_N: tl.constexpr, GROUP: tl.constexpr, MASK_BITS: tl.constexpr,
+                   ROUNDS: tl.constexpr):
         # The backward's dropout mask of a tile: unpacked from the forward's bits, or Philox again.
         if MASK_BITS:
             ptrs, ok = _mask_words(BITS, bh, rows, col0, N, W, BLOCK_N, GROUP)
@@ -238,7 +247,7 @@ if triton is not None:
             bits = (words[:, :, None] >> shifts[None, None, :]) & 1
             keep = tl.reshape(bits, [BLOCK_M, BLOCK_N]) != 0
         else:
-            keep = _dropout_keep(seed, bh, rows, col0, N, dropout_p, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, bh, rows, col0, N, dropout_p, BLOCK_M, BLOCK_N, ROUNDS)
         return keep
 
     @triton.jit
@@ -373,7 +382,7 @@ if triton is not None:
         total, threshold, lse, seed, dropout_p, inv_keep, BITS, bh, rows, W,
         LEVELS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-        MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
+        MASK_BITS: tl.constexpr, GROUP: tl.constexpr, ROUNDS: tl.constexpr,
     ):
         # One key tile of the second pass: weights (filter, softmax, dropout) @ v. Without a
         # filter (LEVELS 0) the online softmax: the row max so far, the sum and the accumulator
@@ -394,7 +403,8 @@ if triton is not None:
             p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
         if _any_kept(p, SKIP_EMPTY):
             if DROPOUT:
-                survives = _dropout_keep(seed, bh, rows, start, N, dropout_p, BLOCK_M, BLOCK_N)
+                survives = _dropout_keep(seed, bh, rows, start, N, dropout_p, BLOCK_M, BLOCK_N,
+                                         ROUNDS)
                 if MASK_BITS:
                     _store_keep(BITS, survives, bh, rows, start, N, W, BLOCK_M, BLOCK_N, GROUP)
                 p = tl.where(survives, p * inv_keep, 0.0)
@@ -413,6 +423,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr,
         PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, SKIP_MERGE: tl.constexpr,
         MASK_BITS: tl.constexpr, GROUP: tl.constexpr, PAIRED: tl.constexpr,
+        ROUNDS: tl.constexpr,
     ):
         # Rows ROW0 + pid * BLOCK_M onwards; keys below N_FULL in tiles of BLOCK_N, the rest in
         # tiles of TAIL (see TAIL_BLOCK). With MASK_BITS (and DROPOUT) the keep bits go to BITS,
@@ -455,13 +466,15 @@ if triton is not None:
             acc, row_max, total = _fwd_tile(
                 q, k_base, v_base, start, skn, skd, svn, svd, dims, dim_ok, N, scale, acc,
                 row_max, total, threshold, lse, seed, dropout_p, inv_keep, BITS, bh, rows, W,
-                LEVELS, DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY, MASK_BITS, GROUP)
+                LEVELS, DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY, MASK_BITS, GROUP,
+                ROUNDS)
         if TAIL > 0:
             for start in range(N_FULL, N, TAIL):
                 acc, row_max, total = _fwd_tile(
                     q, k_base, v_base, start, skn, skd, svn, svd, dims, dim_ok, N, scale, acc,
                     row_max, total, threshold, lse, seed, dropout_p, inv_keep, BITS, bh, rows,
-                    W, LEVELS, DROPOUT, BLOCK_M, TAIL, PRECISION, SKIP_EMPTY, MASK_BITS, GROUP)
+                    W, LEVELS, DROPOUT, BLOCK_M, TAIL, PRECISION, SKIP_EMPTY, MASK_BITS, GROUP,
+                    ROUNDS)
         if LEVELS == 0:
             acc = acc / total[:, None]
             lse = row_max + tl.log(total)
@@ -476,7 +489,7 @@ if triton is not None:
         dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, W, scale, dropout_p, inv_keep, seed,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, MASK_BITS: tl.constexpr,
-        GROUP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+        GROUP: tl.constexpr, ATOMIC_DQ: tl.constexpr, ROUNDS: tl.constexpr,
     ):
         # One query tile of a key block's backward: its share of dK and dV (and of dQ, atomic).
         rows = start + tl.arange(0, BLOCK_M)
@@ -495,7 +508,7 @@ if triton is not None:
             dw = _dot(do, tl.trans(v), PRECISION)
             if DROPOUT:
                 keep = _keep_tile(seed, BITS, bh, rows, col0, N, W, dropout_p, BLOCK_M, BLOCK_N,
-                                  GROUP, MASK_BITS)
+                                  GROUP, MASK_BITS, ROUNDS)
                 w = tl.where(keep, p * inv_keep, 0.0)
                 dp = tl.where(keep, dw * inv_keep, 0.0)
             else:
@@ -520,7 +533,7 @@ if triton is not None:
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr,
         SKIP_EMPTY: tl.constexpr, MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
-        ATOMIC_DQ: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr, ROUNDS: tl.constexpr,
     ):
         # dK and dV of one key block (keys COL0 + pid * BLOCK_N onwards), over every query block:
         # rows below M_FULL in tiles of BLOCK_M, the rest in tiles of TAIL. DK and DV share the
@@ -554,14 +567,14 @@ if triton is not None:
                 THR, LSE, DELTA, DQ_ACC, BITS, q_base, do_base, start, sqn, sqd, sdn,
                 sdd, k, v, dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, W, scale,
                 dropout_p, inv_keep, seed, DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY,
-                MASK_BITS, GROUP, ATOMIC_DQ)
+                MASK_BITS, GROUP, ATOMIC_DQ, ROUNDS)
         if TAIL > 0:
             for start in range(M_FULL, N, TAIL):
                 dk, dv = _bwd_kv_tile(
                     THR, LSE, DELTA, DQ_ACC, BITS, q_base, do_base, start, sqn, sqd, sdn,
                     sdd, k, v, dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, W, scale,
                     dropout_p, inv_keep, seed, DROPOUT, TAIL, BLOCK_N, PRECISION, SKIP_EMPTY,
-                    MASK_BITS, GROUP, ATOMIC_DQ)
+                    MASK_BITS, GROUP, ATOMIC_DQ, ROUNDS)
         dk = dk * scale
         g = b * sgb + h * sgh + cols[:, None] * sgn + dims[None, :] * sgd
         tl.store(DK + g, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -573,7 +586,7 @@ if triton is not None:
         dims, dim_ok, bh, N, W, scale, dropout_p, inv_keep, seed, BITS,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, MASK_BITS: tl.constexpr,
-        GROUP: tl.constexpr,
+        GROUP: tl.constexpr, ROUNDS: tl.constexpr,
     ):
         # One key tile of a query block's dQ.
         cols = start + tl.arange(0, BLOCK_N)
@@ -588,7 +601,7 @@ if triton is not None:
             dw = _dot(do, tl.trans(v), PRECISION)
             if DROPOUT:
                 keep = _keep_tile(seed, BITS, bh, rows, start, N, W, dropout_p, BLOCK_M,
-                                  BLOCK_N, GROUP, MASK_BITS)
+                                  BLOCK_N, GROUP, MASK_BITS, ROUNDS)
                 dw = tl.where(keep, dw * inv_keep, 0.0)
             ds = p * (dw - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, PRECISION)
@@ -603,6 +616,7 @@ if triton is not None:
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr,
         SKIP_EMPTY: tl.constexpr, MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
+        ROUNDS: tl.constexpr,
     ):
         # dQ of one query block (rows ROW0 + pid * BLOCK_M onwards), over every key block.
         scale = tl.load(KNOBS)
@@ -632,13 +646,13 @@ if triton is not None:
             dq = _bwd_q_tile(q, do, k_base, v_base, start, skn, skd, svn, svd, dq, threshold,
                              lse, delta, rows, dims, dim_ok, bh, N, W, scale, dropout_p,
                              inv_keep, seed, BITS, DROPOUT, BLOCK_M, BLOCK_N, PRECISION,
-                             SKIP_EMPTY, MASK_BITS, GROUP)
+                             SKIP_EMPTY, MASK_BITS, GROUP, ROUNDS)
         if TAIL > 0:
             for start in range(N_FULL, N, TAIL):
                 dq = _bwd_q_tile(q, do, k_base, v_base, start, skn, skd, svn, svd, dq,
                                  threshold, lse, delta, rows, dims, dim_ok, bh, N, W, scale,
                                  dropout_p, inv_keep, seed, BITS, DROPOUT, BLOCK_M, TAIL,
-                                 PRECISION, SKIP_EMPTY, MASK_BITS, GROUP)
+                                 PRECISION, SKIP_EMPTY, MASK_BITS, GROUP, ROUNDS)
         dq = dq * scale
         tl.store(DQ + b * sgb + h * sgh + rows[:, None] * sgn + dims[None, :] * sgd,
                  dq.to(DQ.dtype.element_ty), mask=qo_mask)
@@ -719,8 +733,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, knobs: Tensor,
                    nucleus: bool, dropout: bool, block_m: int, block_n: int, num_warps: int,
                    skip_empty: bool, bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
                    dropout_mask: str = DROPOUT_MASK, skip_merge: bool = SKIP_MERGE,
-                   tail_block: int = TAIL_BLOCK, paired_levels: bool = PAIRED_LEVELS
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   tail_block: int = TAIL_BLOCK, paired_levels: bool = PAIRED_LEVELS,
+                   philox_rounds: int = PHILOX_ROUNDS) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # knobs: _knobs's float32 (scale, top_p, dropout_p, 1 / (1 - dropout_p)); nucleus and dropout
     # say whether those filters are on. bwd_mode is backward's (see _setup_context); it is an input
     # here so autograd carries it.
@@ -744,7 +758,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, knobs: Tensor,
             DROPOUT=dropout, BLOCK_M=rows, BLOCK_N=bn, BLOCK_D=bd, TAIL=tail,
             PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, SKIP_MERGE=skip_merge,
             MASK_BITS=bits.numel() > 0, GROUP=_bits_per_word(N, D, block_n, tail_block),
-            PAIRED=paired_levels, **_launch(num_warps, num_stages),
+            PAIRED=paired_levels, ROUNDS=philox_rounds, **_launch(num_warps, num_stages),
         )
     return o, threshold, lse, bits
 
@@ -752,7 +766,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, knobs: Tensor,
 @_attention_fwd.register_fake
 def _(q, k, v, seed, knobs, top_k, nucleus, dropout, block_m, block_n, num_warps, skip_empty,
       bwd_mode=BWD_MODE, num_stages=NUM_STAGES, dropout_mask=DROPOUT_MASK, skip_merge=SKIP_MERGE,
-      tail_block=TAIL_BLOCK, paired_levels=PAIRED_LEVELS):
+      tail_block=TAIL_BLOCK, paired_levels=PAIRED_LEVELS, philox_rounds=PHILOX_ROUNDS):
     B, H, N, D = q.shape
     return (_like_qkv_layout(q), q.new_empty((B, H, N), dtype=torch.float32),
             q.new_empty((B, H, N), dtype=torch.float32),
@@ -764,7 +778,8 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    threshold: Tensor, lse: Tensor, seed: Tensor, bits: Tensor, knobs: Tensor,
                    dropout: bool, block_m: int, block_n: int, num_warps: int, skip_empty: bool,
                    bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
-                   tail_block: int = TAIL_BLOCK) -> tuple[Tensor, Tensor, Tensor]:
+                   tail_block: int = TAIL_BLOCK, philox_rounds: int = PHILOX_ROUNDS
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     # bits: the forward's packed dropout mask, or empty (regenerate it with Philox).
     B, H, N, D = q.shape
     grad_out = grad_out.to(q.dtype)
@@ -774,7 +789,7 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     bm, bn, bd, tail, m_full, n_full = _tiling(N, D, block_m, block_n, tail_block)
     common = dict(DROPOUT=dropout, BLOCK_D=bd, TAIL=tail, PRECISION=_precision(q.dtype),
                   SKIP_EMPTY=skip_empty, MASK_BITS=bits.numel() > 0,
-                  GROUP=_bits_per_word(N, D, block_n, tail_block),
+                  GROUP=_bits_per_word(N, D, block_n, tail_block), ROUNDS=philox_rounds,
                   **_launch(num_warps, num_stages))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     scalars = (H, N, D, bits.shape[-1] if bits.numel() else 1, knobs)
@@ -802,17 +817,19 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 
 @_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, threshold, lse, seed, bits, knobs, dropout, block_m, block_n,
-      num_warps, skip_empty, bwd_mode=BWD_MODE, num_stages=NUM_STAGES, tail_block=TAIL_BLOCK):
+      num_warps, skip_empty, bwd_mode=BWD_MODE, num_stages=NUM_STAGES, tail_block=TAIL_BLOCK,
+      philox_rounds=PHILOX_ROUNDS):
     return _like_qkv_layout(q), _like_qkv_layout(q), _like_qkv_layout(q)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, seed, knobs, _top_k, _nucleus, dropout, block_m, block_n, num_warps, skip_empty,
-     bwd_mode, num_stages, _dropout_mask, _skip_merge, tail_block, _paired_levels) = inputs
+     bwd_mode, num_stages, _dropout_mask, _skip_merge, tail_block, _paired_levels,
+     philox_rounds) = inputs
     out, threshold, lse, bits = output
     ctx.save_for_backward(q, k, v, out, threshold, lse, seed, bits, knobs)
     ctx.args = (dropout, block_m, block_n, num_warps, skip_empty, bwd_mode, num_stages,
-                tail_block)
+                tail_block, philox_rounds)
     ctx.num_inputs = len(inputs)
 
 
@@ -854,7 +871,8 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
                      skip_empty: bool = SKIP_EMPTY_TILES,
                      bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
                      dropout_mask: str = DROPOUT_MASK, skip_merge: bool = SKIP_MERGE,
-                     tail_block: int = TAIL_BLOCK, paired_levels: bool = PAIRED_LEVELS) -> Tensor:
+                     tail_block: int = TAIL_BLOCK, paired_levels: bool = PAIRED_LEVELS,
+                     philox_rounds: int = PHILOX_ROUNDS) -> Tensor:
     """The NKAT attention core from q, k, v (B, heads, N, head_dim), unmodulated: (B, heads, N, hd).
 
     Same contract as ``fused_attention``: ``dropout_p`` applied as given (pass 0 in eval mode);
@@ -874,7 +892,8 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
     ``tail_block`` (0 or a power of two from 16) covers the rows and keys past the last full
     tile with tiles of that size instead of one masked full tile (see ``TAIL_BLOCK``).
     ``paired_levels`` finds each level and its count in one reduction (see ``PAIRED_LEVELS``;
-    the same result).
+    the same result). ``philox_rounds``: the dropout generator's rounds (see ``PHILOX_ROUNDS``;
+    another mask, drawn as well).
     """
     if not kernel_supports(q.shape[-1], top_k, top_p, q.shape[-2]):
         raise ValueError(f"kernel_attention: head dim {q.shape[-1]} with top_k {top_k}, top_p "
@@ -884,6 +903,8 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
     if dropout_mask not in DROPOUT_MASKS:
         raise ValueError(f"kernel_attention: dropout_mask {dropout_mask!r} is not one of "
                          f"{DROPOUT_MASKS}")
+    if not 1 <= philox_rounds <= 10:
+        raise ValueError(f"kernel_attention: philox_rounds {philox_rounds} is not 1 to 10")
     if tail_block and (tail_block < 16 or tail_block & (tail_block - 1)):
         raise ValueError(f"kernel_attention: tail_block {tail_block} is not 0 or a power of two "
                          "from 16 (tl.dot's smallest tile)")
@@ -895,4 +916,4 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
         seed = torch.zeros(1, device=q.device, dtype=torch.int64)
     return _attention_fwd(q, k, v, seed, *op_filter_args(seed, scale, top_k, top_p, dropout_p),
                           block_m, block_n, num_warps, skip_empty, bwd_mode, num_stages,
-                          dropout_mask, skip_merge, tail_block, paired_levels)[0]
+                          dropout_mask, skip_merge, tail_block, paired_levels, philox_rounds)[0]
