@@ -18,7 +18,9 @@ Inductor's cache under ``compile_scope`` "blocks".
 ``by_tokens``: per tokens per image (the attention's row length), configurations, trials by
 outcome and their trial seconds: where a study's time went by attention cost. ``top_complete``:
 the best complete trials (``ranked``) with every metric the user's targets name.
-``importances``: Optuna's default parameter importance (PED-ANOVA in Optuna 5) over the complete
+``run_twice``: retries that trained again from epoch 0 (the checkpoint stayed on another
+machine) and the trial seconds their interrupted originals had spent, which the study paid
+twice. ``importances``: Optuna's default parameter importance (PED-ANOVA in Optuna 5) over the complete
 trials, what ``export`` draws; ``trials_per_hour``: configurations over the summed windows.
 """
 
@@ -115,6 +117,18 @@ def importances(study: optuna.Study) -> dict[str, float] | None:
     return {name: round(value, 3) for name, value in ranked.items()}
 
 
+def run_twice(trials: list[optuna.trial.FrozenTrial]) -> dict:
+    """Retries that started again from epoch 0, and what their originals had cost."""
+    by_number = {t.number: t for t in trials}
+    count, seconds = 0, 0.0
+    for original, retry in retries(trials).items():
+        record = TrialRecord.of(by_number[retry])
+        if record.resumed_from_epoch == 0 and not record.resumed:
+            count += 1
+            seconds += TrialRecord.of(by_number[original]).timings.get("time_trial_s", 0.0)
+    return {"retries_from_epoch_0": count, "trial_s": round(seconds, 1)}
+
+
 def summary(study: optuna.Study, epochs: int) -> dict:
     trials = study.get_trials(deepcopy=False)
     kinds = Counter()
@@ -153,6 +167,7 @@ def summary(study: optuna.Study, epochs: int) -> dict:
         "configurations": configurations,
         "block_graph_repeats": block_graph_repeats(trials),
         "retries": len(retries(trials)),
+        "run_twice": run_twice(trials),
         "epochs_trained": epochs_all,
         "cifar10_epochs_trained": cifar_epochs,
         "cifar10_epochs_unpruned": configurations * epochs,
