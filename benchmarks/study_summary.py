@@ -20,8 +20,9 @@ outcome and their trial seconds: where a study's time went by attention cost. ``
 the best complete trials (``ranked``) with every metric the user's targets name.
 ``run_twice``: retries that trained again from epoch 0 (the checkpoint stayed on another
 machine) and the trial seconds their interrupted originals had spent, which the study paid
-twice. ``importances``: Optuna's default parameter importance (PED-ANOVA in Optuna 5) over the complete
-trials, what ``export`` draws; ``trials_per_hour``: configurations over the summed windows.
+twice. ``importances``: Optuna's default parameter importance (PED-ANOVA in Optuna 5) over
+the complete trials, what ``export`` draws; ``trials_per_hour``: configurations over the summed
+windows.
 """
 
 from __future__ import annotations
@@ -39,7 +40,14 @@ from optuna.trial import TrialState
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nkat_search.atomic import write_text_atomic  # noqa: E402
-from nkat_search.search.trials import TrialRecord, best, outcome, ranked, retries  # noqa: E402
+from nkat_search.search.trials import (  # noqa: E402
+    TrialRecord,
+    best,
+    outcome,
+    ranked,
+    retries,
+    retry_trials,
+)
 from nkat_search.train.model import tokens_per_image  # noqa: E402
 
 
@@ -121,8 +129,8 @@ def run_twice(trials: list[optuna.trial.FrozenTrial]) -> dict:
     """Retries that started again from epoch 0, and what their originals had cost."""
     by_number = {t.number: t for t in trials}
     count, seconds = 0, 0.0
-    for original, retry in retries(trials).items():
-        record = TrialRecord.of(by_number[retry])
+    for original, retry in retry_trials(trials).items():
+        record = TrialRecord.of(retry)
         if record.resumed_from_epoch == 0 and not record.resumed:
             count += 1
             seconds += TrialRecord.of(by_number[original]).timings.get("time_trial_s", 0.0)

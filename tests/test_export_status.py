@@ -351,7 +351,6 @@ def test_an_interrupted_trial_says_where_its_retry_really_started(retry_attrs, w
     # and the status line must not promise a resume that did not happen.
     from nkat_search.search.trials import INTERRUPTED, stop_reason
     trial = _interrupted(f"{INTERRUPTED}: stopped after epoch 35, checkpoint kept")
-    retry = None
-    if retry_attrs is not None:
-        retry = create_trial(state=TrialState.RUNNING, user_attrs=retry_attrs)
-    assert stop_reason(trial, 7, retry) == f"interrupted in stage 1 (cifar10), after epoch 35; {words}"
+    retry = create_trial(state=TrialState.RUNNING, user_attrs=retry_attrs or {})
+    retry.number = 7
+    assert stop_reason(trial, retry) == f"interrupted in stage 1 (cifar10), after epoch 35; {words}"

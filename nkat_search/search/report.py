@@ -59,11 +59,11 @@ def trial_rows(trials, now: dt.datetime | None = None) -> list[dict[str, Any]]:
     """One plain dict per trial (JSON-ready), in trial-number order."""
     now = now or dt.datetime.now()
     trials = sorted(trials, key=lambda t: t.number)
-    retried_by = trial_record.retries(trials)
-    by_number = {t.number: t for t in trials}
+    retry_of = trial_record.retry_trials(trials)
     rows = []
     for t in trials:
         record = TrialRecord.of(t)
+        retry = retry_of.get(t.number)
         kind = trial_record.outcome(t)
         local_tpe = record.local_tpe
         if local_tpe is None and t.intermediate_values:
@@ -84,8 +84,7 @@ def trial_rows(trials, now: dt.datetime | None = None) -> list[dict[str, Any]]:
             "consistency": record.consistency,
             "robustness": record.robustness,
             "feasible": trial_record.feasible(t),
-            "reason": trial_record.stop_reason(t, retried_by.get(t.number),
-                                                by_number.get(retried_by.get(t.number))),
+            "reason": trial_record.stop_reason(t, retry),
             "datasets": {name: score.to_dict() for name, score in record.datasets.items()},
             "missing_datasets": record.missing_datasets,
             "epochs": len(t.intermediate_values),
@@ -95,7 +94,7 @@ def trial_rows(trials, now: dt.datetime | None = None) -> list[dict[str, Any]]:
             "worker": record.worker,
             "error": record.error,
             "retry_of": t.system_attrs.get("failed_trial"),  # set before a retry starts
-            "retried_by": retried_by.get(t.number),
+            "retried_by": retry.number if retry is not None else None,
             "started": t.datetime_start.isoformat() if t.datetime_start else None,
             "params": dict(t.params),
             "config_epochs": (record.config or {}).get("epochs"),

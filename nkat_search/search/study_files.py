@@ -117,8 +117,7 @@ def csv_rows(trials) -> list[dict]:
     from nkat_search.search import trials as trial_record
     from nkat_search.search.trials import TrialRecord
 
-    retried_by = trial_record.retries(trials)
-    by_number = {t.number: t for t in trials}
+    retry_of = trial_record.retry_trials(trials)
     rows = []
     for t in sorted(trials, key=lambda t: t.number):
         record = TrialRecord.of(t)
@@ -133,8 +132,7 @@ def csv_rows(trials) -> list[dict]:
             "local_tpe_epoch": last,
             "consistency": record.consistency, "robustness": record.robustness,
             **{f"constraint_{name}": value for name, value in t.constraints.items()},
-            "reason": trial_record.stop_reason(t, retried_by.get(t.number),
-                                               by_number.get(retried_by.get(t.number))) or None,
+            "reason": trial_record.stop_reason(t, retry_of.get(t.number)) or None,
         }
         for name, score in record.datasets.items():
             row.update({f"accuracy_{name}": score.accuracy, f"tpe_{name}": score.tpe,
@@ -166,8 +164,9 @@ def _write_csv(study, path: Path) -> Path:
 def important_params(study, top: int = PARALLEL_PARAMS) -> list[str]:
     """The ``top`` searched parameters that most explain the value, among those that vary.
 
-    Optuna's default importance (PED-ANOVA in Optuna 5) over the complete trials; a parameter with one value in every
-    trial is left out (its axis says nothing, and Optuna drew it as a range around the value).
+    Optuna's default importance (PED-ANOVA in Optuna 5) over the complete trials; a parameter
+    with one value in every trial is left out (its axis says nothing, and Optuna drew it as a
+    range around the value).
     """
     # Optuna loads with these: not at load, so `up --help` stays fast.
     import optuna

@@ -269,14 +269,19 @@ def maximizes(study) -> bool:
     return study.direction == optuna.study.StudyDirection.MAXIMIZE
 
 
-def retries(trials: Iterable[FrozenTrial]) -> dict[int, int]:
-    """``{trial number: number of the retry that continues it}`` (Optuna's ``failed_trial`` link)."""
+def retry_trials(trials: Iterable[FrozenTrial]) -> dict[int, FrozenTrial]:
+    """``{trial number: the retry that continues it}`` (Optuna's ``failed_trial`` link)."""
     found = {}
     for trial in trials:
         original = trial.system_attrs.get("failed_trial")
         if original is not None:
-            found[original] = trial.number
+            found[original] = trial
     return found
+
+
+def retries(trials: Iterable[FrozenTrial]) -> dict[int, int]:
+    """``{trial number: number of the retry that continues it}``."""
+    return {original: retry.number for original, retry in retry_trials(trials).items()}
 
 
 def lost_configurations(trials: Iterable[FrozenTrial]) -> list[dict]:
@@ -297,12 +302,11 @@ def lost_configurations(trials: Iterable[FrozenTrial]) -> list[dict]:
     return lost
 
 
-def stop_reason(trial: FrozenTrial, retried_by: int | None = None,
-                retry: FrozenTrial | None = None) -> str:
+def stop_reason(trial: FrozenTrial, retry: FrozenTrial | None = None) -> str:
     """Why a trial ended where it did, in words; '' for a feasible complete or a live trial.
 
-    ``retry`` (the trial numbered ``retried_by``, where the caller has it) says whether the retry
-    really continued the checkpoint: it is on the host that wrote it only, so a retry on another
+    ``retry`` (the trial that continues it, ``retry_trials``) also says whether the retry really
+    continued the checkpoint: it is on the host that wrote it only, so a retry on another
     machine trains again from epoch 0, and the words should not promise a resume.
     """
     record = TrialRecord.of(trial)
@@ -319,23 +323,23 @@ def stop_reason(trial: FrozenTrial, retried_by: int | None = None,
         return f"pruned at epoch {trial.last_step}" if trial.last_step is not None else "pruned"
     if kind == "interrupted":
         where = interrupted_where(record)
-        if retried_by is None:
+        if retry is None:
             return f"interrupted {where}; no retry queued (heartbeat.max_retry reached)"
-        return f"interrupted {where}; {retry_words(retried_by, retry)}"
+        return f"interrupted {where}; {retry_words(retry)}"
     if kind == "failed":
         if record.error:
             return str(record.error).strip().splitlines()[-1]
-        if retried_by is not None:
-            return f"its worker stopped (heartbeat lost); retried as trial {retried_by}"
+        if retry is not None:
+            return f"its worker stopped (heartbeat lost); retried as trial {retry.number}"
         return "its worker stopped (heartbeat lost)"
     return ""
 
 
-def retry_words(retried_by: int, retry: FrozenTrial | None) -> str:
+def retry_words(retry: FrozenTrial) -> str:
     """``retried as trial 25, ...``: where the retry started, once its record says (after its
     Stage 1), else what it will try."""
-    record = TrialRecord.of(retry) if retry is not None else None
-    if record is None or record.resumed_from_epoch is None:
+    retried_by, record = retry.number, TrialRecord.of(retry)
+    if record.resumed_from_epoch is None:
         return f"retried as trial {retried_by} (from its checkpoint, where that host has it)"
     if record.resumed_from_epoch or record.resumed:
         epochs = ", ".join(f"{name} epoch {epoch}" for name, epoch in
