@@ -747,6 +747,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, knobs: Tensor,
     bm, bn, bd, tail, m_full, n_full = _tiling(N, D, block_m, block_n, tail_block)
     levels = level_count(top_k, nucleus, N)
     words = bits.shape[-1] if bits.numel() else 1
+    group = _bits_per_word(N, D, block_n, tail_block)
     for programs, rows, row0 in _launches(N, bm, tail, m_full):
         _fwd_kernel[(programs, H, B)](
             # seed stands in for an unused bits pointer.
@@ -757,8 +758,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, knobs: Tensor,
             LEVELS=levels, LEVELS_PAD=max(2, triton.next_power_of_2(max(levels, 1))),
             DROPOUT=dropout, BLOCK_M=rows, BLOCK_N=bn, BLOCK_D=bd, TAIL=tail,
             PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, SKIP_MERGE=skip_merge,
-            MASK_BITS=bits.numel() > 0, GROUP=_bits_per_word(N, D, block_n, tail_block),
-            PAIRED=paired_levels, ROUNDS=philox_rounds, **_launch(num_warps, num_stages),
+            MASK_BITS=bits.numel() > 0, GROUP=group, PAIRED=paired_levels, ROUNDS=philox_rounds,
+            **_launch(num_warps, num_stages),
         )
     return o, threshold, lse, bits
 
