@@ -17,7 +17,8 @@ top_k) an earlier configuration of the study already had, the ones that can load
 Inductor's cache under ``compile_scope`` "blocks".
 ``by_tokens``: per tokens per image (the attention's row length), configurations, trials by
 outcome and their trial seconds: where a study's time went by attention cost. ``top_complete``:
-the best complete trials (``ranked``) with every metric the user's targets name.
+the best complete trials (``ranked``) with every metric the user's targets name and their
+parameters.
 ``run_twice``: retries that trained again from epoch 0 (the checkpoint stayed on another
 machine) and the trial seconds their interrupted originals had spent, which the study paid
 twice. ``importances``: Optuna's default parameter importance (PED-ANOVA in Optuna 5) over
@@ -107,7 +108,7 @@ def top_complete(study: optuna.Study, n: int = 5) -> list[dict]:
             "global_tpe": entry.trial.value, "local_tpe": record.local_tpe,
             "consistency": record.consistency, "robustness": record.robustness,
             "accuracy": {name: score.accuracy for name, score in record.datasets.items()},
-            "missing_datasets": record.missing_datasets,
+            "missing_datasets": record.missing_datasets, "params": dict(p),
         })
     return rows
 
