@@ -11,21 +11,19 @@ Float32 runs without TF32 on both sides. bf16 feeds both sides the same bf16 val
 side computes in float32 from them. Then dropout: the kept share against its binomial bounds, and
 the gradients on a fixed seed against the explicit core given the mask the kernel's forward used.
 Both checks run once per backward mode (``BWD_MODES``: split, atomic); a few cases also run
-``skip_merge`` (agreement, longest rows) and ``dropout_mask`` "bits" (dropout gradients): each
-against the same reference, candidates that do not decide PASS.
+the other side of ``TAIL_BLOCK`` (agreement, longest rows) and of ``PHILOX_ROUNDS`` (dropout
+share and gradients): each against the same reference, candidates that do not decide PASS.
 Part 2 times the attention core alone (q, k, v to output; batch 512, 8 heads of 48, 257 tokens,
 bf16, forward + backward unless marked): SDPA; the kernel (top_k 6, top_p 0.8, dropout 0.17) at
 each tile choice (query block, key block, warps) and backward mode; then, at the fastest of those
 pairs, num_stages 1, 2 and 3, dropout 0 (the mask's cost), the filter off, forward only (also
-SDPA's) and skipping empty tiles on an attention sink; then the new options at that pair, each
-with and without backward: ``dropout_mask`` "bits" (the forward saves the mask), ``skip_merge``
-on random data and on the sink, and both together, ``tail_block`` (tail tiles of 16) and
-``paired_levels`` (one reduction per level), alone and together. Then one attention layer (embed
-384, bf16 autocast) on the kernel with its defaults (eager and compiled), the fused path
-(compiled) and SDPA with the filters off. The defaults are ``BLOCK_M``, ``BLOCK_N``,
-``NUM_WARPS``, ``BWD_MODE``, ``NUM_STAGES``, ``DROPOUT_MASK``, ``SKIP_MERGE``, ``TAIL_BLOCK`` and
-``PAIRED_LEVELS`` in ``train/attention_kernel.py``, the place to change them. Part 1 also checks
-the tail tiles on random bf16 data against no tail tiles (forward and backward must form every
+SDPA's), skipping empty tiles on an attention sink, and the defaults before session 12:
+``tail_block`` 0 (with and without backward, and with the filter off), ``philox_rounds`` 10, and
+both. Then one attention layer (embed 384, bf16 autocast) on the kernel with its defaults (eager
+and compiled), the fused path (compiled) and SDPA with the filters off. The defaults are
+``BLOCK_M``, ``BLOCK_N``, ``NUM_WARPS``, ``BWD_MODE``, ``NUM_STAGES``, ``TAIL_BLOCK`` and
+``PHILOX_ROUNDS`` in ``train/attention_kernel.py``, the place to change them. Part 1 also checks
+tail tiles of 16 on random bf16 data against no tail tiles (forward and backward must form every
 score alike: see ``check_tail_consistency``).
 
 Prints one line per check, ``PASS`` or ``FAIL`` at the end of part 1 (exit 1 on FAIL; decided by
@@ -59,11 +57,8 @@ from nkat_search.train.attention_kernel import (  # noqa: E402
     BLOCK_N,
     BWD_MODE,
     BWD_MODES,
-    DROPOUT_MASK,
     NUM_WARPS,
-    PAIRED_LEVELS,
     PHILOX_ROUNDS,
-    SKIP_MERGE,
     TAIL_BLOCK,
     _attention_fwd,
     kernel_attention,
@@ -135,19 +130,11 @@ def check_agreement(device, small: bool) -> bool:
     # backward mode do not decide PASS; a BAD one must not become the default.
     cases += [(token_counts[-1], 48, torch.bfloat16, ties, tiles, mode, {})
               for tiles in TILE_CHOICES[1:] for mode in BWD_MODES for ties in (False, True)]
-    # skip_merge the other way than the default (exact: the same lists, so the same errors), at
-    # the longest rows, default tiles and backward mode; also a candidate.
-    cases += [(token_counts[-1], 48, dtype, ties, TILE_CHOICES[0], BWD_MODE,
-               dict(skip_merge=not SKIP_MERGE))
-              for dtype in (torch.float32, torch.bfloat16) for ties in (False, True)]
     # Tail tiles the other way than the default (TAIL_BLOCK), at the longest rows: a candidate.
     tail = 0 if TAIL_BLOCK else 16
     cases += [(token_counts[-1], 48, dtype, ties, TILE_CHOICES[0], mode, dict(tail_block=tail))
               for mode in BWD_MODES for dtype in (torch.float32, torch.bfloat16)
               for ties in (False, True)]
-    cases += [(token_counts[-1], 48, dtype, ties, TILE_CHOICES[0], BWD_MODE,
-               dict(paired_levels=not PAIRED_LEVELS))
-              for dtype in (torch.float32, torch.bfloat16) for ties in (False, True)]
     for n, d, dtype, ties, tiles, mode, options in cases:
         block_m, block_n, warps = tiles
         scale = d ** -0.5 / TEMPERATURE
@@ -185,22 +172,21 @@ def check_agreement(device, small: bool) -> bool:
 
 
 def check_tail_consistency(device, small: bool) -> None:
-    """Tail tiles against none on random bf16 data (not on a grid): the forward's threshold is
-    one of its scores, and the backward keeps what scores >= it, so backward must form each
+    """Tail tiles of 16 against none on random bf16 data (not on a grid): the forward's threshold
+    is one of its scores, and the backward keeps what scores >= it, so backward must form each
     score bit for bit as the forward did. A tiling whose kernels formed some score with
     different MMA instructions would drop the threshold's own entry in many rows: gradients far
-    off in most rows, where near-ties between the two tilings move only a few. A candidate:
-    reported, it does not decide PASS."""
+    off in most rows, where near-ties between the two tilings move only a few. Reported; the
+    default's agreement rows decide PASS."""
     n = 33 if small else 257
     batch = 2 if small else 8
     gen = torch.Generator(device=device).manual_seed(9)
     q, k, v, grad = (t.to(torch.bfloat16) for t in
                      torch.randn(4, batch, 8, n, 48, device=device, generator=gen).unbind(0))
     scale = 48 ** -0.5 / TEMPERATURE
-    tail = 0 if TAIL_BLOCK else 16
     for mode in BWD_MODES:
         runs = []
-        for tail_block in (TAIL_BLOCK, tail):
+        for tail_block in (0, 16):
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             out = kernel_attention(*leaves, scale, TOP_K, TOP_P, 0.0, bwd_mode=mode,
                                    tail_block=tail_block)
@@ -213,9 +199,8 @@ def check_tail_consistency(device, small: bool) -> None:
                        / runs[0][index].double().abs().max())
             off[name] = int((row_err > TOL[torch.bfloat16]).sum())
         passed = max(off.values()) <= rows // 100
-        print(f"{'ok  ' if passed else 'BAD '} random bf16 n={n} tail_block {tail} against "
-              f"{TAIL_BLOCK}, bwd {mode}: rows off out {off['out']}/{rows}, dq {off['dq']}/"
-              f"{rows}; max rel err "
+        print(f"{'ok  ' if passed else 'BAD '} random bf16 n={n} tail_block 16 against 0, "
+              f"bwd {mode}: rows off out {off['out']}/{rows}, dq {off['dq']}/{rows}; max rel err "
               + " ".join(f"{key} {value:.1e}" for key, value in errors.items()), flush=True)
 
 
@@ -248,25 +233,20 @@ def check_dropout(device, small: bool) -> bool:
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = explicit_core(*ref_leaves, scale, keep=keep, dropout_p=p)
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad)
-    # The default (bwd_mode, dropout_mask) decides; the others are candidates.
-    other_mask = "bits" if DROPOUT_MASK == "philox" else "philox"
-    variants = [(mode, DROPOUT_MASK) for mode in BWD_MODES]
-    variants += [(mode, other_mask) for mode in BWD_MODES]
-    for mode, mask in variants:
+    # The default bwd_mode decides; the other is a candidate.
+    for mode in BWD_MODES:
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = _attention_fwd(*leaves, seed, *op_filter_args(seed, scale, TOP_K, TOP_P, p),
-                             64, 64, 4, False, mode, None,
-                             mask)[0]
+                             64, 64, 4, False, mode)[0]
         grads = torch.autograd.grad(out, leaves, grad)
         errors = {"out": rel(out, ref)}
         errors.update({name: rel(g, r) for name, g, r in
                        zip(("dq", "dk", "dv"), grads, ref_grads)})
         passed = max(errors.values()) < 1e-4
-        if (mode, mask) == (BWD_MODE, DROPOUT_MASK):
+        if mode == BWD_MODE:
             grad_ok = passed
-        print(f"{'ok  ' if passed else 'BAD '} dropout {p}, fixed seed, bwd {mode}, mask {mask}: "
-              f"forward and "
-              f"backward on one mask, max rel err "
+        print(f"{'ok  ' if passed else 'BAD '} dropout {p}, fixed seed, bwd {mode}: forward and "
+              "backward on one mask, max rel err "
               + " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     # The other Philox round count (a candidate): its own mask, kept share and gradients.
     rounds = 7 if PHILOX_ROUNDS == 10 else 10
@@ -394,55 +374,19 @@ def time_layers(device, batch: int, steps: int, out_path: Path | None) -> None:
     for skip in (False, True):
         timed(f"core kernel {filt}, dropout 0.17, {at}, sink, skip_empty {skip}",
               core(kernel(tiles=tiles, qq=sink_q, kk=sink_k, bwd_mode=mode, skip_empty=skip)))
-    # The new options against the rows above at the same pair (which ran the module's
-    # DROPOUT_MASK and SKIP_MERGE): each the other way, forward + backward and forward only.
-    mask = "bits" if DROPOUT_MASK == "philox" else "philox"
-    merge = not SKIP_MERGE
-    timed(f"core kernel {filt}, dropout 0.17, {at}, dropout_mask {mask}",
-          core(kernel(tiles=tiles, bwd_mode=mode, dropout_mask=mask)))
-    timed(f"forward only: core kernel {filt}, dropout 0.17, {tile_name(tiles)}, "
-          f"dropout_mask {mask}", forward_only(kernel(tiles=tiles, dropout_mask=mask)))
-    timed(f"core kernel {filt}, dropout 0.17, {at}, skip_merge {merge}",
-          core(kernel(tiles=tiles, bwd_mode=mode, skip_merge=merge)))
-    timed(f"forward only: core kernel {filt}, dropout 0.17, {tile_name(tiles)}, "
-          f"skip_merge {merge}", forward_only(kernel(tiles=tiles, skip_merge=merge)))
-    # On the sink every key tile past the first leaves the lists as they are: the most a merge
-    # skip can save. Its forward + backward with the default is the skip_empty False row above.
-    timed(f"core kernel {filt}, dropout 0.17, {at}, sink, skip_merge {merge}",
-          core(kernel(tiles=tiles, qq=sink_q, kk=sink_k, bwd_mode=mode, skip_merge=merge)))
-    for skip in (SKIP_MERGE, merge):
-        timed(f"forward only: core kernel {filt}, dropout 0.17, {tile_name(tiles)}, sink, "
-              f"skip_merge {skip}",
-              forward_only(kernel(tiles=tiles, qq=sink_q, kk=sink_k, skip_merge=skip)))
-    timed(f"core kernel {filt}, dropout 0.17, {at}, dropout_mask {mask}, skip_merge {merge}",
-          core(kernel(tiles=tiles, bwd_mode=mode, dropout_mask=mask, skip_merge=merge)))
-    # Tail tiles the other way than TAIL_BLOCK: 257 = 4 x 64 + 1, so the last 64-wide block of
-    # rows and of keys holds one valid row or key.
-    tail = 0 if TAIL_BLOCK else 16
-    timed(f"core kernel {filt}, dropout 0.17, {at}, tail_block {tail}",
-          core(kernel(tiles=tiles, bwd_mode=mode, tail_block=tail)))
-    timed(f"forward only: core kernel {filt}, dropout 0.17, {tile_name(tiles)}, "
-          f"tail_block {tail}", forward_only(kernel(tiles=tiles, tail_block=tail)))
-    timed(f"core kernel no filter, dropout 0.17, {at}, tail_block {tail}",
-          core(kernel(top_k=0, top_p=1.0, tiles=tiles, bwd_mode=mode, tail_block=tail)))
-    # One reduction of (value, count) pairs per level instead of two, the other way than
-    # PAIRED_LEVELS: alone, and with the tail tiles.
-    paired = not PAIRED_LEVELS
-    timed(f"forward only: core kernel {filt}, dropout 0.17, {tile_name(tiles)}, "
-          f"paired_levels {paired}", forward_only(kernel(tiles=tiles, paired_levels=paired)))
-    timed(f"core kernel {filt}, dropout 0.17, {at}, paired_levels {paired}",
-          core(kernel(tiles=tiles, bwd_mode=mode, paired_levels=paired)))
-    timed(f"core kernel {filt}, dropout 0.17, {at}, paired_levels {paired}, tail_block {tail}",
-          core(kernel(tiles=tiles, bwd_mode=mode, paired_levels=paired, tail_block=tail)))
-    # The dropout generator's rounds (PHILOX_ROUNDS 10 or 7): the mask's cost beside the
-    # "dropout 0" row.
-    rounds = 7 if PHILOX_ROUNDS == 10 else 10
-    timed(f"core kernel {filt}, dropout 0.17, {at}, philox_rounds {rounds}",
-          core(kernel(tiles=tiles, bwd_mode=mode, philox_rounds=rounds)))
-    timed(f"core kernel {filt}, dropout 0.17, {at}, philox_rounds {rounds}, paired_levels "
-          f"{paired}, tail_block {tail}",
-          core(kernel(tiles=tiles, bwd_mode=mode, philox_rounds=rounds, paired_levels=paired,
-                      tail_block=tail)))
+    # The defaults before session 12, against the rows above (which ran TAIL_BLOCK 16 and
+    # PHILOX_ROUNDS 7): no tail tiles (257 = 4 x 64 + 1, so the last 64-wide block of rows and
+    # of keys holds one valid row or key), 10 Philox rounds, and both (session 12's 6.53 ms).
+    timed(f"core kernel {filt}, dropout 0.17, {at}, tail_block 0",
+          core(kernel(tiles=tiles, bwd_mode=mode, tail_block=0)))
+    timed(f"forward only: core kernel {filt}, dropout 0.17, {tile_name(tiles)}, tail_block 0",
+          forward_only(kernel(tiles=tiles, tail_block=0)))
+    timed(f"core kernel no filter, dropout 0.17, {at}, tail_block 0",
+          core(kernel(top_k=0, top_p=1.0, tiles=tiles, bwd_mode=mode, tail_block=0)))
+    timed(f"core kernel {filt}, dropout 0.17, {at}, philox_rounds 10",
+          core(kernel(tiles=tiles, bwd_mode=mode, philox_rounds=10)))
+    timed(f"core kernel {filt}, dropout 0.17, {at}, tail_block 0, philox_rounds 10",
+          core(kernel(tiles=tiles, bwd_mode=mode, tail_block=0, philox_rounds=10)))
 
     def layer_step(path, filters_off=False, compiled=False):
         values = dict(top_k=0, top_p=1.0, nkat_strength=0.0) if filters_off else {}

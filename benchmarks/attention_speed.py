@@ -21,8 +21,10 @@ the explicit filters give identical masks from the same bf16 logits, and the fus
 dropouts' keep rates; it prints the errors and asserts nothing.
 
 Prints a table and writes ``--out`` (default results/attention_speed.json): a list of rows with
-``tokens``, ``path``, ``images_per_s``, ``ms_per_step``, ``peak_gib``, ``compile_s``, ``device``
-(and ``error`` where a variant failed). ``--device cpu`` runs a tiny smoke version of the same
+``tokens``, ``path``, ``images_per_s``, ``ms_per_step``, ``ms_per_step_blocks`` (the timed steps
+in four blocks: a row whose blocks differ by more than 10 % is flagged), ``peak_gib``,
+``compile_s``, ``device`` (and ``error`` where a variant failed). ``--logs DIR`` keeps the
+workers' logs there. ``--device cpu`` runs a tiny smoke version of the same
 machinery (no CUDA graphs); its numbers mean nothing.
 
     python benchmarks/attention_speed.py [--tokens 17 65 257] [--steps 20] [--jobs 5] [--no-check]
@@ -153,12 +155,18 @@ def variant_worker(spec: dict) -> None:
         for _ in range(2):  # the caches again, after waiting
             step()
         _sync(device)
-        started = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        _sync(device)
-        ms = (time.perf_counter() - started) / args.steps * 1e3
+        # Timed in blocks so that a slow stretch (another process on the GPU, clocks) shows as
+        # blocks that disagree rather than hiding in the mean; the row reports the mean.
+        blocks = []
+        for size in _block_sizes(args.steps):
+            started = time.perf_counter()
+            for _ in range(size):
+                step()
+            _sync(device)
+            blocks.append((time.perf_counter() - started) / size * 1e3)
+        ms = sum(b * n for b, n in zip(blocks, _block_sizes(args.steps))) / args.steps
         row["ms_per_step"] = round(ms, 2)
+        row["ms_per_step_blocks"] = [round(b, 2) for b in blocks]
         row["images_per_s"] = round(cfg.train.batch_size / ms * 1e3, 1)
         row["peak_gib"] = (round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                            if device.type == "cuda" else None)
@@ -166,6 +174,12 @@ def variant_worker(spec: dict) -> None:
         row["error"] = _one_line(err)
         traceback.print_exc()
     print("RESULT " + json.dumps(row), flush=True)
+
+
+def _block_sizes(steps: int, blocks: int = 4) -> list[int]:
+    """``steps`` split into at most ``blocks`` near-equal timing blocks."""
+    count = max(1, min(blocks, steps))
+    return [steps // count + (1 if i < steps % count else 0) for i in range(count)]
 
 
 def _one_line(err: BaseException) -> str:
@@ -350,6 +364,9 @@ def main() -> int:
     parser.add_argument("--eager", action="store_true", help="no torch.compile (smoke runs)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=str(ROOT / "results" / "attention_speed.json"))
+    parser.add_argument("--logs", default=None,
+                        help="keep each worker's log in this folder (default: a new temporary "
+                             "folder, named at the end)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -378,7 +395,8 @@ def main() -> int:
     specs += [(f"{t}/{p}", {"kind": "variant", "device": args.device, "tokens": t, "path": p,
                             "args": worker_args}) for t, p in variants]
 
-    logs = Path(tempfile.mkdtemp(prefix="attention_speed_"))
+    logs = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="attention_speed_"))
+    logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT),
                TORCHINDUCTOR_COMPILE_THREADS=str(max(1, cpus // max(1, jobs))))
     lines: queue.Queue = queue.Queue()
@@ -486,6 +504,11 @@ def main() -> int:
         peak = f"{row['peak_gib']:9.2f}" if row.get("peak_gib") is not None else f"{'':>9}"
         print(f"{row['tokens']:>6}  {row['path']:<17} {row['images_per_s']:>10,.0f} "
               f"{row['ms_per_step']:>8.1f} {peak} {share:>8} {row.get('compile_s', 0):>9.0f}")
+    for row in rows:
+        blocks = row.get("ms_per_step_blocks") or []
+        if blocks and max(blocks) > 1.1 * min(blocks):
+            print(f"uneven timing: {row['tokens']} tokens {row['path']}, ms per step by block "
+                  f"{blocks}; run it again (worker logs in {logs})")
     for tokens in sorted(args.tokens):
         speed = {r["path"]: r.get("images_per_s") for r in rows if r["tokens"] == tokens}
         explicit, fused, kernel, bar = (speed.get(p) for p in PATHS)

@@ -152,14 +152,12 @@ def _integer_ties_case(dtype: torch.dtype, bwd_mode: str = "split") -> dict:
 
 
 def _raw_fwd(q, k, v, seed, scale, top_k, top_p, dropout_p, skip_empty=False, bwd_mode="split",
-             skip_merge=False, philox_rounds=10):
-    """The forward op with a given seed tensor, on the test tiles: (output, threshold, lse,
-    packed dropout mask)."""
+             philox_rounds=10):
+    """The forward op with a given seed tensor, on the test tiles: (output, threshold, lse)."""
     from nkat_search.train.attention_kernel import _attention_fwd, op_filter_args
 
     return _attention_fwd(q, k, v, seed, *op_filter_args(seed, scale, top_k, top_p, dropout_p),
-                          TILE, TILE, 4, skip_empty, bwd_mode, None, "philox", skip_merge,
-                          philox_rounds=philox_rounds)
+                          TILE, TILE, 4, skip_empty, bwd_mode, philox_rounds=philox_rounds)
 
 
 def _skip_empty_case(bwd_mode: str = "split") -> dict:
@@ -243,8 +241,9 @@ def _dropout_gradient_case(bwd_mode: str = "split", rounds: int = 10) -> dict:
 
 def _dropout_tiles_case() -> dict:
     """The mask is a function of (seed, head, row, column) alone: the same from forwards on other
-    tiles (40 keys: partial tiles), each of a Philox call's 4 outputs unbiased (its column
-    residue's kept share), and backward on other tiles than the forward the mask came from."""
+    tiles (40 keys: partial tiles; one tiling without tail tiles, one 64-key tile masked), each of
+    a Philox call's 4 outputs unbiased (its column residue's kept share), and backward on other
+    tiles than the forward the mask came from."""
     from nkat_search.train.attention_kernel import (DROPOUT_COLUMNS_PER_PHILOX, _attention_fwd,
                                                     op_filter_args)
 
@@ -254,10 +253,10 @@ def _dropout_tiles_case() -> dict:
     q, k = torch.randn(2, 2, 2, n, 64, generator=gen).unbind(0)
     eye = torch.eye(n, 64).expand(2, 2, n, 64).contiguous()
     seed = torch.tensor([77], dtype=torch.int64)
-    tiles = ((16, 16), (32, 16), (16, 32), (64, 64))
+    tiles = ((16, 16, 16), (32, 16, 16), (16, 32, 16), (64, 64, 0))  # (block_m, block_n, tail)
     masks = [_attention_fwd(q, k, eye, seed, *op_filter_args(seed, 1.0, 0, 1.0, p),
-                            bm, bn, 4, False)[0][..., :n] > 0
-             for bm, bn in tiles]
+                            bm, bn, 4, False, tail_block=tail)[0][..., :n] > 0
+             for bm, bn, tail in tiles]
     group = DROPOUT_COLUMNS_PER_PHILOX
     shares = [masks[0][..., r::group].float().mean().item() for r in range(group)]
     # Gradients on (32, 16) and (16, 32) tiles against the explicit core with the tile-16 mask.
@@ -267,7 +266,7 @@ def _dropout_tiles_case() -> dict:
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad)
     result = {"same_mask": [bool(torch.equal(m, masks[0])) for m in masks[1:]],
               "entries_per_residue": masks[0][..., ::group].numel(), "shares": shares}
-    for bm, bn in tiles[1:3]:
+    for bm, bn, _ in tiles[1:3]:
         leaves = [t.clone().requires_grad_() for t in (q[..., :48], k[..., :48], w)]
         out = _attention_fwd(*leaves, seed, *op_filter_args(seed, 0.5, 6, 0.8, p),
                              bm, bn, 4, False)[0]
@@ -295,121 +294,24 @@ def _seed_case() -> dict:
             "next_call_equal": bool(torch.equal(first, second))}
 
 
-def _dropout_bits_case() -> dict:
-    """dropout_mask "bits": the forward's packed words are the Philox mask (read back through
-    v = identity) and backward from them gives the same output and gradients, bit for bit, as
-    regenerating it, for both backward modes, on 37 keys: a partial tile, and on key tiles of 32
-    a partial 32-bit word (and bit 31, the int32 sign)."""
-    from nkat_search.train.attention_kernel import _attention_fwd, op_filter_args
-
-    p = 0.3
-    gen = torch.Generator().manual_seed(17)
-    n = 37
-    q, k, v, grad = (t * 2 for t in torch.randn(4, 2, 2, n, 48, generator=gen).unbind(0))
-    seed = torch.tensor([21], dtype=torch.int64)
-    eye = torch.eye(n, 48).expand(2, 2, n, 48).contiguous()
-    result = {}
-    for bm, bn in ((TILE, TILE), (TILE, 32)):
-        # No filter, so every kept entry of the mask shows as a weight > 0.
-        philox = _attention_fwd(q, k, eye, seed, *op_filter_args(seed, 0.5, 0, 1.0, p),
-                                bm, bn, 4, False)[0][..., :n] > 0
-        words = _attention_fwd(q, k, eye, seed, *op_filter_args(seed, 0.5, 0, 1.0, p),
-                               bm, bn, 4, False, "split", None,
-                               "bits")[3]
-        group = min(32, bn)
-        cols = torch.arange(n)
-        unpacked = (words[..., cols // group] >> (cols % group)) & 1
-        result[f"{bm}x{bn}_words"] = list(words.shape)
-        result[f"{bm}x{bn}_unpacked_equal"] = bool(torch.equal(unpacked.bool(), philox))
-        result[f"{bm}x{bn}_sign_bit_words"] = int((words < 0).sum())
-        for bwd_mode in ("split", "atomic"):
-            runs = []
-            for mask in ("philox", "bits"):
-                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-                out = _attention_fwd(*leaves, seed, *op_filter_args(seed, 0.5, 6, 0.8, p),
-                                     bm, bn, 4, False, bwd_mode,
-                                     None, mask)[0]
-                runs.append([out, *torch.autograd.grad(out, leaves, grad)])
-            result[f"{bm}x{bn}_{bwd_mode}_identical"] = [bool(torch.equal(a, b))
-                                                         for a, b in zip(*runs)]
-    return result
-
-
-def _skippable_tiles(q, k, scale, levels) -> float:
-    """Share of (query block, key tile) pairs after the first whose rows all score below their
-    list's smallest level so far: the tiles skip_merge skips (float32 scores as torch forms
-    them, which may differ from the kernel's in the last bit; a description of the data)."""
-    s = (q @ k.transpose(-2, -1)).float() * scale
-    n = s.shape[-1]
-    skippable = total = 0
-    for head in s.reshape(-1, n, n):
-        for r0 in range(0, n, TILE):
-            block = head[r0:r0 + TILE]
-            for c0 in range(TILE, n, TILE):
-                floors = []
-                for row in block[:, :c0]:
-                    distinct = row.unique(sorted=True).flip(0)
-                    floors.append(distinct[levels - 1] if len(distinct) >= levels
-                                  else torch.tensor(float("-inf")))
-                tile_max = block[:, c0:c0 + TILE].amax(-1)
-                skippable += bool((tile_max < torch.stack(floors)).all())
-                total += 1
-    return skippable / total
-
-
-def _skip_merge_case() -> dict:
-    """skip_merge: the same output and gradients, bit for bit, on an attention sink (most tiles
-    skipped), on random rows and on integer scores with ties at the list's smallest level (a
-    later tile whose max equals it must still merge: its count grows)."""
-    gen = torch.Generator().manual_seed(18)
-    n = 64
-    sink_q = torch.randn(1, 2, n, 48, generator=gen) * 0.1 + 1.0
-    sink_k = torch.randn(1, 2, n, 48, generator=gen) * 0.1
-    sink_k[:, :, :4] += 3.0
-    rand_q, rand_k = torch.randn(2, 1, 2, 40, 48, generator=gen).unbind(0)
-    # Scores q . k = k[..., 0]: integers 0..2, many ties. The first tile holds a sink of 9 (key
-    # 0) and a 3, the list's smallest level with top_k 2 (kept: its count sets the mass); keys 20
-    # and 21 tie it in the second tile, which must merge (the count grows); the third tile's max
-    # is 2 (skipped).
-    tie_q = torch.zeros(1, 2, 40, 16)
-    tie_q[..., 0] = 1.0
-    tie_k = torch.randint(0, 3, (1, 2, 40, 16), generator=gen).float()
-    tie_k[:, :, 0, 0] = 9.0
-    tie_k[:, :, [5, 20, 21], 0] = 3.0
-    cases = {"sink": (sink_q, sink_k, 0.5, 2, 0.9), "random": (rand_q, rand_k, 0.5, 6, 0.8),
-             "ties": (tie_q, tie_k, 1.0, 2, 1.0)}
-    result = {}
-    for name, (q, k, scale, top_k, top_p) in cases.items():
-        v, grad = torch.randn(2, *q.shape, generator=gen).unbind(0)
-        runs = []
-        for skip in (False, True):
-            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            out = _raw_fwd(*leaves, torch.tensor([5]), scale, top_k, top_p, 0.2,
-                           skip_merge=skip)[0]
-            runs.append([out, *torch.autograd.grad(out, leaves, grad)])
-        result[f"{name}_identical"] = [bool(torch.equal(a, b)) for a, b in zip(*runs)]
-        result[f"{name}_skippable"] = _skippable_tiles(q, k, scale, top_k)
-    return result
-
-
 def _tail_case() -> dict:
     """Tail tiles (``tail_block`` 16 under tiles of 32): rows and keys past the last full tile in
     tiles of 16. Against the same kernel without them: forward and gradients, both backward
-    modes, filters on and off, exact ties, dropout with the mask regenerated or saved as bits;
-    and against the explicit core with dropout 0."""
+    modes, filters on and off, exact ties, dropout; and against the explicit core with dropout
+    0."""
     from nkat_search.train.attention_kernel import kernel_attention
 
     gen = torch.Generator().manual_seed(21)
-    runs = {  # name: (tokens, top_k, top_p, dropout, bwd_mode, dropout_mask, ties)
-        "n40_filter_split": (40, 6, 0.8, 0.0, "split", "philox", False),
-        "n40_filter_atomic_ties": (40, 6, 0.8, 0.0, "atomic", "philox", True),
-        "n70_no_filter_atomic": (70, 0, 1.0, 0.0, "atomic", "philox", False),
-        "n70_dropout_split": (70, 6, 0.8, 0.2, "split", "philox", False),
-        "n70_dropout_atomic_bits": (70, 6, 0.8, 0.2, "atomic", "bits", False),
-        "n17_dropout_atomic": (17, 4, 0.9, 0.2, "atomic", "philox", False),
+    runs = {  # name: (tokens, top_k, top_p, dropout, bwd_mode, ties)
+        "n40_filter_split": (40, 6, 0.8, 0.0, "split", False),
+        "n40_filter_atomic_ties": (40, 6, 0.8, 0.0, "atomic", True),
+        "n70_no_filter_atomic": (70, 0, 1.0, 0.0, "atomic", False),
+        "n70_dropout_split": (70, 6, 0.8, 0.2, "split", False),
+        "n70_dropout_atomic": (70, 6, 0.8, 0.2, "atomic", False),
+        "n17_dropout_atomic": (17, 4, 0.9, 0.2, "atomic", False),
     }
     result = {}
-    for name, (n, top_k, top_p, p, mode, mask, ties) in runs.items():
+    for name, (n, top_k, top_p, p, mode, ties) in runs.items():
         q, k, v, grad = torch.randn(4, 1, 2, n, 48, generator=gen).unbind(0)
         if ties:
             q, k = torch.randint(-2, 3, (2, 1, 2, n, 48), generator=gen).float().unbind(0)
@@ -418,7 +320,7 @@ def _tail_case() -> dict:
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             torch.manual_seed(4)  # the same dropout seed for both
             out = kernel_attention(*leaves, 0.3, top_k, top_p, p, block_m=32, block_n=32,
-                                   bwd_mode=mode, dropout_mask=mask, tail_block=tail)
+                                   bwd_mode=mode, tail_block=tail)
             outs.append([out, *torch.autograd.grad(out, leaves, grad)])
         result[name] = max(_rel(a, b) for a, b in zip(outs[1], outs[0]))
         if p == 0.0:
@@ -429,35 +331,10 @@ def _tail_case() -> dict:
     return result
 
 
-def _paired_levels_case() -> dict:
-    """paired_levels: the same output and gradients, bit for bit, on random rows and on exact
-    ties (integer scores: several entries at the k-th value and inside the nucleus), with the
-    nucleus alone (top_k >= N) and top_k alone."""
-    from nkat_search.train.attention_kernel import kernel_attention
-
-    gen = torch.Generator().manual_seed(22)
-    runs = {"random": (40, False, 6, 0.8), "ties": (40, True, 6, 0.8),
-            "ties_nucleus_only": (12, True, 20, 0.8), "ties_top_k_only": (33, True, 4, 1.0)}
-    result = {}
-    for name, (n, ties, top_k, top_p) in runs.items():
-        q, k, v, grad = torch.randn(4, 1, 2, n, 48, generator=gen).unbind(0)
-        if ties:
-            q, k = torch.randint(-2, 3, (2, 1, 2, n, 48), generator=gen).float().unbind(0)
-        outs = []
-        for paired in (False, True):
-            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            torch.manual_seed(2)
-            out = kernel_attention(*leaves, 0.3, top_k, top_p, 0.1, block_m=TILE, block_n=TILE,
-                                   paired_levels=paired)
-            outs.append([out, *torch.autograd.grad(out, leaves, grad)])
-        result[name] = [bool(torch.equal(a, b)) for a, b in zip(*outs)]
-    return result
-
-
 def _opcheck_case(variant: tuple = ()) -> dict:
     """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT
     dispatch of the forward op, i.e. what torch.compile relies on. ``variant``: the trailing
-    arguments (bwd_mode, num_stages, dropout_mask, skip_merge), defaults if empty."""
+    arguments (bwd_mode, num_stages, tail_block, philox_rounds), defaults if empty."""
     from nkat_search.train.attention_kernel import _attention_fwd, op_filter_args
 
     gen = torch.Generator().manual_seed(14)
@@ -490,12 +367,8 @@ def run_cases() -> dict:
         "seed": _seed_case,
         "opcheck": _opcheck_case,
         "opcheck_atomic_stages": lambda: _opcheck_case(("atomic", 2)),
-        "dropout_bits": _dropout_bits_case,
-        "skip_merge": _skip_merge_case,
-        "opcheck_bits_skip_merge": lambda: _opcheck_case(("atomic", None, "bits", True)),
         "tail": _tail_case,
-        "paired_levels": _paired_levels_case,
-        "opcheck_tail": lambda: _opcheck_case(("atomic", None, "philox", False, 16, True, 7)),
+        "opcheck_no_tail_rounds_10": lambda: _opcheck_case(("split", None, 0, 10)),
     })
     results = {}
     for name, case in cases.items():
@@ -628,30 +501,6 @@ def test_kernel_op_registration_with_backward_mode_and_stages(interpreted):
     assert report and all(value == "SUCCESS" for value in report.values()), report
 
 
-def test_kernel_dropout_bits_are_the_philox_mask(interpreted):
-    result = _case(interpreted, "dropout_bits")
-    assert result["16x16_words"] == [2, 2, 37, 3] and result["16x32_words"] == [2, 2, 37, 2]
-    for tiles in ("16x16", "16x32"):
-        assert result[f"{tiles}_unpacked_equal"], result
-        for bwd_mode in ("split", "atomic"):
-            assert result[f"{tiles}_{bwd_mode}_identical"] == [True] * 4, result
-    assert result["16x32_sign_bit_words"] > 0, result  # bit 31 is exercised
-
-
-def test_kernel_skip_merge_changes_nothing(interpreted):
-    result = _case(interpreted, "skip_merge")
-    for name in ("sink", "random", "ties"):
-        assert result[f"{name}_identical"] == [True] * 4, result
-    # The cases exercise skipping: every tile after the first on the sink, the third on ties.
-    assert result["sink_skippable"] == 1.0 and result["ties_skippable"] == 0.5, result
-
-
-def test_kernel_op_registration_with_bits_and_skip_merge(interpreted):
-    report = _case(interpreted, "opcheck_bits_skip_merge")
-    report.pop("seconds")
-    assert report and all(value == "SUCCESS" for value in report.values()), report
-
-
 def test_kernel_tail_tiles_change_nothing_but_the_tiling(interpreted):
     result = _case(interpreted, "tail")
     result.pop("seconds")
@@ -659,15 +508,9 @@ def test_kernel_tail_tiles_change_nothing_but_the_tiling(interpreted):
     assert all(error < FLOAT32_TOL for error in result.values()), result
 
 
-def test_kernel_paired_levels_change_nothing(interpreted):
-    result = _case(interpreted, "paired_levels")
-    result.pop("seconds")
-    assert result == {name: [True] * 4 for name in
-                      ("random", "ties", "ties_nucleus_only", "ties_top_k_only")}, result
-
-
-def test_kernel_op_registration_with_tail_tiles(interpreted):
-    report = _case(interpreted, "opcheck_tail")
+def test_kernel_op_registration_without_tail_tiles_and_with_ten_rounds(interpreted):
+    # The defaults (tail tiles of 16, 7 rounds) are test_kernel_op_registration_passes_opcheck's.
+    report = _case(interpreted, "opcheck_no_tail_rounds_10")
     report.pop("seconds")
     assert report and all(value == "SUCCESS" for value in report.values()), report
 
@@ -724,8 +567,6 @@ def _compile_for_hopper(fn, dtype: str, constexprs: dict, num_warps: int):
             signature[name] = "*fp32"
         elif name == "SEED":
             signature[name] = "*i64"
-        elif name == "BITS":
-            signature[name] = "*i32"
         else:
             signature[name] = "i32"
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
@@ -736,9 +577,7 @@ def _compile_for_hopper(fn, dtype: str, constexprs: dict, num_warps: int):
 def _hopper_tiles(ak) -> dict:
     """The launch constants every kernel shares, at the module's defaults (head dim 64)."""
     return dict(BLOCK_M=ak.BLOCK_M, BLOCK_N=ak.BLOCK_N, BLOCK_D=64, TAIL=ak.TAIL_BLOCK,
-                ROUNDS=ak.PHILOX_ROUNDS, PRECISION="tf32",
-                SKIP_EMPTY=ak.SKIP_EMPTY_TILES, MASK_BITS=ak.DROPOUT_MASK == "bits",
-                GROUP=min(ak.DROPOUT_BITS_PER_WORD, ak.BLOCK_N))
+                ROUNDS=ak.PHILOX_ROUNDS, PRECISION="tf32", SKIP_EMPTY=ak.SKIP_EMPTY_TILES)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
@@ -748,8 +587,7 @@ def test_kernels_compile_for_hopper_in_bf16():
     from nkat_search.train import attention_kernel as ak
 
     tiles = _hopper_tiles(ak)
-    forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8,
-                   SKIP_MERGE=ak.SKIP_MERGE, PAIRED=ak.PAIRED_LEVELS, **tiles)
+    forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8, **tiles)
     for fn, constexprs in ((ak._fwd_kernel, dict(DROPOUT=True, **forward)),
                            (ak._bwd_kv_kernel, dict(DROPOUT=True, ATOMIC_DQ=False, **tiles)),
                            (ak._bwd_q_kernel, dict(DROPOUT=True, **tiles))):
@@ -762,7 +600,8 @@ def test_kernels_compile_for_hopper_in_bf16():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                     reason="kernels are interpreted functions in this process")
 def test_kernel_variants_compile_for_hopper_in_bf16():
-    """The atomic backward and the one-pass forward without a filter."""
+    """The atomic backward, the one-pass forward without a filter, and the programs without tail
+    tiles and with 10 Philox rounds (the benchmark's comparison rows) on key tiles of 64 and 32."""
     pytest.importorskip("triton")
     from nkat_search.train import attention_kernel as ak
 
@@ -773,15 +612,13 @@ def test_kernel_variants_compile_for_hopper_in_bf16():
     assert "wgmma" in ptx
     assert "red.global" in ptx or "atom.global" in ptx  # dQ summed in global memory
     no_filter = dict(TOP_K=0, TOPK_ON=False, NUCLEUS_ON=False, LEVELS=0, LEVELS_PAD=2,
-                     DROPOUT=True, SKIP_MERGE=False, PAIRED=False, **tiles)
+                     DROPOUT=True, **tiles)
     compiled = _compile_for_hopper(ak._fwd_kernel, "bf16", no_filter, ak.NUM_WARPS)
     assert "wgmma" in compiled.asm["ptx"]
-    # The options: forward writing the packed mask and skipping merges, backward reading it,
-    # on key tiles of 64 (2 words) and 32 (1 word).
     for block_n in (64, 32):
-        options = dict(tiles, BLOCK_N=block_n, MASK_BITS=True, GROUP=32)
+        options = dict(tiles, BLOCK_N=block_n, TAIL=0, ROUNDS=10)
         forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8,
-                       DROPOUT=True, SKIP_MERGE=True, PAIRED=not ak.PAIRED_LEVELS, **options)
+                       DROPOUT=True, **options)
         for fn, constexprs in ((ak._fwd_kernel, forward),
                                (ak._bwd_kv_kernel,
                                 dict(DROPOUT=True, ATOMIC_DQ=True, **options))):
@@ -798,8 +635,7 @@ def test_kernel_tail_programs_compile_for_hopper_in_bf16():
     from nkat_search.train import attention_kernel as ak
 
     tiles = dict(_hopper_tiles(ak), TAIL=16)
-    forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8,
-                   DROPOUT=True, SKIP_MERGE=False, PAIRED=ak.PAIRED_LEVELS)
+    forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8, DROPOUT=True)
     for fn, constexprs in ((ak._fwd_kernel, dict(forward, **tiles)),
                            (ak._fwd_kernel, dict(forward, **dict(tiles, BLOCK_M=16))),
                            (ak._bwd_kv_kernel, dict(tiles, BLOCK_N=16, DROPOUT=True,

@@ -14,16 +14,14 @@ N x N reaches memory:
   key tiles twice. The first pass keeps, per row, the ``LEVELS`` largest distinct scores with
   their counts (each tile's scores are merged into that short list by the same level walk as
   ``row_filter``: one max and one count per level), which gives the threshold, the row max and
-  the kept softmax mass exactly as ``row_filter`` computes them; ``skip_merge`` skips the merge
-  of a tile that cannot change any row's list (``SKIP_MERGE``). The second pass forms the
+  the kept softmax mass exactly as ``row_filter`` computes them. The second pass forms the
   weights (filter, softmax, dropout) and accumulates ``weights @ v``. Without a filter (top_k and
   top_p off) there is nothing to find first, so one pass does it all with the online softmax
   (FlashAttention's running max, with the sum and accumulator rescaled as it grows). Only two
   float32 scalars per row are saved: threshold and log-sum-exp.
 - backward recomputes the scores and probabilities from q, k and those scalars (as
   FlashAttention-2 does) and regenerates the dropout mask from the seed and each entry's (row,
-  column), or with ``dropout_mask`` "bits" unpacks it from the 1 bit per entry the forward saved
-  (``DROPOUT_MASK``). ``bwd_mode`` picks how dQ is formed. "split": one kernel per key block
+  column). ``bwd_mode`` picks how dQ is formed. "split": one kernel per key block
   accumulates dK and dV over the query blocks, one per query block accumulates dQ over the key
   blocks; no atomics, and the result is deterministic, but every tile's scores, probabilities,
   dO V^T and mask are computed twice. "atomic" (the default, ``BWD_MODE``: 12 % faster on an
@@ -35,14 +33,16 @@ N x N reaches memory:
   both O and dP).
 - dropout: one Philox call (``tl.rand4x``) serves 4 consecutive columns of a row
   (``DROPOUT_COLUMNS_PER_PHILOX``), a quarter of the random-number work of one call per entry,
-  which matters because every kernel regenerates the mask (with "philox"). Each entry's keep
-  bit stays a function of (seed, batch x head, row, column) alone, so all kernels agree on it
-  whatever their tiles.
+  which matters because every kernel regenerates the mask. Each entry's keep bit stays a
+  function of (seed, batch x head, row, column) alone, so all kernels agree on it whatever their
+  tiles.
 - launch options, all arguments of ``kernel_attention`` with module defaults: tile sizes
   (``BLOCK_M``, ``BLOCK_N``), warps (``NUM_WARPS``), software pipelining depth (``NUM_STAGES``),
-  skipping all-zero tiles (``SKIP_EMPTY_TILES``), ``BWD_MODE``, ``DROPOUT_MASK`` and
-  ``SKIP_MERGE``;
-  ``benchmarks/attention_kernel_check.py`` times the choices.
+  skipping all-zero tiles (``SKIP_EMPTY_TILES``), ``BWD_MODE``, tail tiles (``TAIL_BLOCK``) and
+  the dropout generator's rounds (``PHILOX_ROUNDS``); ``benchmarks/attention_kernel_check.py``
+  times the choices. Removed after losing to the baseline's 6.53 ms (session 12's H100,
+  ``results/gpu/session12/kernel_timing.json``; skip_merge and bits had lost twice before):
+  ``paired_levels`` 6.92 ms, ``skip_merge`` 7.16, ``dropout_mask`` "bits" 7.16.
 
 The filter keeps ``scores >= threshold`` and the threshold is itself one of the row's scores, so
 forward and backward must compute every score bit for bit the same: every kernel forms them with
@@ -94,12 +94,13 @@ NUM_STAGES = None
 # random data, so the gain depends on how trained attention concentrates; off until measured
 # (``benchmarks/attention_kernel_check.py`` times both).
 SKIP_EMPTY_TILES = False
-# The dropout mask costs one Philox call (10 rounds of 32-bit multiplies) per 4 entries instead
-# of per entry: a call yields 4 numbers, used by 4 consecutive columns of one row. Each kernel
-# regenerates the mask (forward, and each backward tile), so this cuts the Philox multiplies
-# about 3.5-fold (each kernel's sm_90 code at 64 x 64 tiles: 146 mul.hi instructions instead of
-# 514) for one layout conversion of the boolean tile into the MMA layout (the four outputs are
-# interleaved into columns). Fixed, not an argument: ``_dropout_keep`` hard-wires the interleave.
+# The dropout mask costs one Philox call (PHILOX_ROUNDS rounds of 32-bit multiplies) per 4
+# entries instead of per entry: a call yields 4 numbers, used by 4 consecutive columns of one row.
+# Each kernel regenerates the mask (forward, and each backward tile), so this cuts the Philox
+# multiplies about 3.5-fold (each kernel's sm_90 code at 64 x 64 tiles and 10 rounds: 146 mul.hi
+# instructions instead of 514) for one layout conversion of the boolean tile into the MMA layout
+# (the four outputs are interleaved into columns). Fixed, not an argument: ``_dropout_keep``
+# hard-wires the interleave.
 DROPOUT_COLUMNS_PER_PHILOX = 4
 # Backward: "split" runs one kernel per key block (dK, dV) and one per query block (dQ), each
 # recomputing the scores, probabilities, dO V^T and dropout mask of every tile; "atomic" runs the
@@ -110,25 +111,6 @@ DROPOUT_COLUMNS_PER_PHILOX = 4
 # agreement check there (results/gpu/session8/kernel_check_log.txt).
 BWD_MODE = "atomic"
 BWD_MODES = ("split", "atomic")
-# Dropout mask in backward: "philox" regenerates it in every backward tile from the seed (nothing
-# saved); "bits" has the forward write each entry's keep bit, packed DROPOUT_BITS_PER_WORD columns
-# to an int32 word, into a (B, H, N, words) tensor saved for backward, which unpacks it instead of
-# running Philox: the mask cost 1.38 ms of the 6.46 (session 8's H100, the rows above), for
-# about N * N / 8 bytes per head (rows padded to whole words: 9 words for 257 keys, 38 MB per
-# layer at batch 512 and 8 heads). The same bits as "philox" (the forward draws them the same
-# way), so the same gradients.
-DROPOUT_MASK = "philox"
-DROPOUT_MASKS = ("philox", "bits")
-# Columns per packed word; tiles narrower than 32 keys (the tests' 16) pack BLOCK_N per word, so
-# a tile always owns whole words and no two programs write one word.
-DROPOUT_BITS_PER_WORD = 32
-# The forward's first pass merges every key tile into each row's list of LEVELS largest scores
-# (two row reductions per level). Once a row's list is full, a tile whose largest score in that
-# row is below the list's smallest level leaves the list as it is; with skip_merge a tile that
-# leaves every row's list as it is skips its merge (one row max per tile instead). Exact: the same
-# lists, bit for bit. The gain depends on the data (most tiles skip once attention concentrates,
-# e.g. on a sink); off until timed (``benchmarks/attention_kernel_check.py``).
-SKIP_MERGE = False
 # Tail tiles. With tiles of 64, a 257-token row (256 patches and the CLS token) takes 5 key tiles
 # and 5 query blocks, the last of each holding 1 valid row or key: 25 tile pairs of work for
 # 16.1 useful, and every kernel pays it (the first pass's level walk too). With a tail block T,
@@ -136,23 +118,20 @@ SKIP_MERGE = False
 # tiles of T (16: 4 full tiles and one of 16, rows and keys: 18.1 tile pairs' work at 257 tokens).
 # Every kernel forms the score of (row, key) on a tile of the same shape (full or tail, per row
 # and per key), so forward and backward still compute it bit for bit the same. 0: off (one tile
-# size, the last tile masked), until the GPU times it (``benchmarks/attention_kernel_check.py``).
-TAIL_BLOCK = 0
-# The merge's level walk takes, per level, the largest score below the last level and then how
-# many entries equal it: two row reductions over the tile (and two over the list). With
-# paired_levels one reduction of (value, count) pairs gives both (the count of the maximum rides
-# along: FlashAttention-style argmax reductions pair values the same way). The same levels and
-# counts, bit for bit; half the reductions, each combining two values. Off until timed
-# (``benchmarks/attention_kernel_check.py``).
-PAIRED_LEVELS = False
+# size, the last tile masked). 16 is the default since session 12's H100 (batch 512, 257 tokens,
+# bf16, dropout 0.17, results/gpu/session12/kernel_timing.json): forward + backward 6.14 ms
+# against 6.53 with tail_block 0, forward only 2.45 against 2.77, no filter 4.53 against 4.91; it
+# passed the agreement check and, on random bf16 data, matched tail_block 0 with 0 rows off.
+TAIL_BLOCK = 16
 # Philox rounds per call of the dropout mask's generator. Triton's default is 10, Random123's
 # margin over the 7 that its authors found to pass TestU01's BigCrush (Salmon et al., SC 2011,
 # "Parallel random numbers: as easy as 1, 2, 3"); a dropout mask needs no more. Every kernel
-# regenerates the mask (forward, and each backward tile with "philox"), so the rounds are a
-# share of the mask's cost (1.4 ms of the core's 6.5 at 257 tokens, session 11's H100). The
-# mask depends on them, so forward and backward take the same. 10 until timed
-# (``benchmarks/attention_kernel_check.py``).
-PHILOX_ROUNDS = 10
+# regenerates the mask (forward, and each backward tile), so the rounds are a share of the
+# mask's cost (1.4 ms of the core's 6.5 at 257 tokens, session 11's H100). The mask depends on
+# them, so forward and backward take the same. 7 is the default since session 12's H100 (as
+# TAIL_BLOCK): 6.37 ms against 6.53 with 10 rounds; at dropout 0.3 it kept 0.6992 of the entries
+# (expected 0.7000 +- 0.0006) and forward and backward used one mask.
+PHILOX_ROUNDS = 7
 
 
 def kernel_available() -> bool:
@@ -214,110 +193,41 @@ if triton is not None:
         return tl.reshape(keep, [BLOCK_M, BLOCK_N])
 
     @triton.jit
-    def _bit_or(a, b):
-        return a | b
-
-    @triton.jit
-    def _mask_words(BITS, bh, rows, col0, N, W, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
-        # Offsets and mask of a tile's packed words in the contiguous (B, H, N, W) bits tensor.
-        words = col0 // GROUP + tl.arange(0, BLOCK_N // GROUP)
-        ptrs = BITS + (bh * N + rows)[:, None] * W + words[None, :]
-        return ptrs, (rows < N)[:, None] & (words < W)[None, :]
-
-    @triton.jit
-    def _store_keep(BITS, keep, bh, rows, col0, N, W, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
-        # Column col0 + GROUP * w + j of the tile is bit j of word w (bit 31 is the int32 sign,
-        # hence an or, not a sum).
-        shifts = tl.arange(0, GROUP)
-        bits = tl.reshape(keep.to(tl.int32), [BLOCK_M, BLOCK_N // GROUP, GROUP])
-        words = tl.reduce(bits << shifts[None, None, :], 2, _bit_or)
-        ptrs, ok = _mask_words(BITS, bh, rows, col0, N, W, BLOCK_N, GROUP)
-        tl.store(ptrs, words, mask=ok)
-
-    @triton.jit
-    def _keep_tile(seed, BITS, bh, rows, col0, N, W, dropout_p, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, GROUP: tl.constexpr, MASK_BITS: tl.constexpr,
-                   ROUNDS: tl.constexpr):
-        # The backward's dropout mask of a tile: unpacked from the forward's bits, or Philox again.
-        if MASK_BITS:
-            ptrs, ok = _mask_words(BITS, bh, rows, col0, N, W, BLOCK_N, GROUP)
-            words = tl.load(ptrs, mask=ok, other=0)
-            shifts = tl.arange(0, GROUP)
-            bits = (words[:, :, None] >> shifts[None, None, :]) & 1
-            keep = tl.reshape(bits, [BLOCK_M, BLOCK_N]) != 0
-        else:
-            keep = _dropout_keep(seed, bh, rows, col0, N, dropout_p, BLOCK_M, BLOCK_N, ROUNDS)
-        return keep
-
-    @triton.jit
-    def _max_and_count(value_a, count_a, value_b, count_b):
-        # Combines (largest value, how many entries equal it) pairs.
-        top = tl.maximum(value_a, value_b)
-        return top, tl.where(value_a == top, count_a, 0) + tl.where(value_b == top, count_b, 0)
-
-    @triton.jit
     def _merge_tile(
-        q, k_base, start, skn, skd, dims, dim_ok, row_ok, N, scale, values, counts, slots,
+        q, k_base, start, skn, skd, dims, dim_ok, N, scale, values, counts, slots,
         LEVELS: tl.constexpr, LEVELS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SKIP_MERGE: tl.constexpr,
-        PAIRED: tl.constexpr,
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # One key tile of the first pass: merged into each row's list of the LEVELS largest
-        # distinct scores with their counts.
+        # distinct scores with their counts. The union's levels from the top, each the largest
+        # value below the previous one, its count summed over tile and list.
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd,
                     mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
         s = _score_tile(q, k, col_ok, scale, PRECISION)
-        if SKIP_MERGE:
-            # A row's list changes only if the tile has a score >= its smallest level (-inf
-            # while the list is not full: any score then; equal: a count grows). Rows past
-            # N are discarded, so they never force a merge.
-            floor = tl.min(tl.where(slots[None, :] < LEVELS, values, float("inf")), 1)
-            changes = row_ok & (tl.max(s, 1) >= floor)
-            merge = tl.max(changes.to(tl.int32), 0) > 0
-        else:
-            merge = True
-        if merge:
-            # Merge the tile into the list: the union's levels from the top, each the
-            # largest value below the previous one, its count summed over tile and list.
-            new_values = tl.full([BLOCK_M, LEVELS_PAD], float("-inf"), tl.float32)
-            new_counts = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
-            prev = tl.full([BLOCK_M], float("inf"), tl.float32)
-            for i in tl.static_range(LEVELS):
-                if PAIRED:
-                    tile_top, tile_count = tl.reduce(
-                        (tl.where(s < prev[:, None], s, float("-inf")),
-                         tl.full([BLOCK_M, BLOCK_N], 1, tl.int32)), 1, _max_and_count)
-                    list_top, list_count = tl.reduce(
-                        (tl.where(values < prev[:, None], values, float("-inf")), counts), 1,
-                        _max_and_count)
-                    level = tl.maximum(tile_top, list_top)
-                    count = (tl.where(tile_top == level, tile_count, 0)
-                             + tl.where(list_top == level, list_count, 0))
-                else:
-                    level = tl.maximum(
-                        tl.max(tl.where(s < prev[:, None], s, float("-inf")), 1),
-                        tl.max(tl.where(values < prev[:, None], values, float("-inf")), 1))
-                    count = (tl.sum((s == level[:, None]).to(tl.int32), 1)
-                             + tl.sum(tl.where(values == level[:, None], counts, 0), 1))
-                # -inf is padding (columns past N, empty slots), never a score.
-                count = tl.where(level == float("-inf"), 0, count)
-                new_values = tl.where(slots[None, :] == i, level[:, None], new_values)
-                new_counts = tl.where(slots[None, :] == i, count[:, None], new_counts)
-                prev = level
-            values = new_values
-            counts = new_counts
-        return values, counts
+        new_values = tl.full([BLOCK_M, LEVELS_PAD], float("-inf"), tl.float32)
+        new_counts = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
+        prev = tl.full([BLOCK_M], float("inf"), tl.float32)
+        for i in tl.static_range(LEVELS):
+            level = tl.maximum(
+                tl.max(tl.where(s < prev[:, None], s, float("-inf")), 1),
+                tl.max(tl.where(values < prev[:, None], values, float("-inf")), 1))
+            count = (tl.sum((s == level[:, None]).to(tl.int32), 1)
+                     + tl.sum(tl.where(values == level[:, None], counts, 0), 1))
+            # -inf is padding (columns past N, empty slots), never a score.
+            count = tl.where(level == float("-inf"), 0, count)
+            new_values = tl.where(slots[None, :] == i, level[:, None], new_values)
+            new_counts = tl.where(slots[None, :] == i, count[:, None], new_counts)
+            prev = level
+        return new_values, new_counts
 
     @triton.jit
     def _filter_threshold(
-        q, k_base, skn, skd, dims, dim_ok, row_ok, N, N_FULL, scale, top_p,
+        q, k_base, skn, skd, dims, dim_ok, N, N_FULL, scale, top_p,
         TOP_K: tl.constexpr, TOPK_ON: tl.constexpr, NUCLEUS_ON: tl.constexpr,
         LEVELS: tl.constexpr, LEVELS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr,
-        SKIP_MERGE: tl.constexpr, PAIRED: tl.constexpr,
     ):
         # The forward's first pass over the keys, when a filter is on: each row's threshold and
         # the log-sum-exp of its kept scores, from the LEVELS largest distinct scores of the row
@@ -327,15 +237,14 @@ if triton is not None:
         values = tl.full([BLOCK_M, LEVELS_PAD], float("-inf"), tl.float32)
         counts = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
         for start in range(0, N_FULL, BLOCK_N):
-            values, counts = _merge_tile(q, k_base, start, skn, skd, dims, dim_ok, row_ok, N,
-                                         scale, values, counts, slots, LEVELS, LEVELS_PAD,
-                                         BLOCK_M, BLOCK_N, PRECISION, SKIP_MERGE, PAIRED)
+            values, counts = _merge_tile(q, k_base, start, skn, skd, dims, dim_ok, N, scale,
+                                         values, counts, slots, LEVELS, LEVELS_PAD, BLOCK_M,
+                                         BLOCK_N, PRECISION)
         if TAIL > 0:
             for start in range(N_FULL, N, TAIL):
-                values, counts = _merge_tile(q, k_base, start, skn, skd, dims, dim_ok, row_ok,
-                                             N, scale, values, counts, slots, LEVELS,
-                                             LEVELS_PAD, BLOCK_M, TAIL, PRECISION, SKIP_MERGE,
-                                             PAIRED)
+                values, counts = _merge_tile(q, k_base, start, skn, skd, dims, dim_ok, N, scale,
+                                             values, counts, slots, LEVELS, LEVELS_PAD, BLOCK_M,
+                                             TAIL, PRECISION)
 
         # The threshold and kept mass from the levels, in row_filter's order of operations.
         row_max = tl.max(values, 1)
@@ -379,10 +288,10 @@ if triton is not None:
     @triton.jit
     def _fwd_tile(
         q, k_base, v_base, start, skn, skd, svn, svd, dims, dim_ok, N, scale, acc, row_max,
-        total, threshold, lse, seed, dropout_p, inv_keep, BITS, bh, rows, W,
+        total, threshold, lse, seed, dropout_p, inv_keep, bh, rows,
         LEVELS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-        MASK_BITS: tl.constexpr, GROUP: tl.constexpr, ROUNDS: tl.constexpr,
+        ROUNDS: tl.constexpr,
     ):
         # One key tile of the second pass: weights (filter, softmax, dropout) @ v. Without a
         # filter (LEVELS 0) the online softmax: the row max so far, the sum and the accumulator
@@ -405,8 +314,6 @@ if triton is not None:
             if DROPOUT:
                 survives = _dropout_keep(seed, bh, rows, start, N, dropout_p, BLOCK_M, BLOCK_N,
                                          ROUNDS)
-                if MASK_BITS:
-                    _store_keep(BITS, survives, bh, rows, start, N, W, BLOCK_M, BLOCK_N, GROUP)
                 p = tl.where(survives, p * inv_keep, 0.0)
             v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask,
                         other=0.0)
@@ -415,20 +322,16 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(
-        Q, K, V, O, THR, LSE, SEED, BITS,
+        Q, K, V, O, THR, LSE, SEED,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-        H, N, D, W, KNOBS, ROW0, N_FULL,
+        H, N, D, KNOBS, ROW0, N_FULL,
         TOP_K: tl.constexpr, TOPK_ON: tl.constexpr, NUCLEUS_ON: tl.constexpr,
         LEVELS: tl.constexpr, LEVELS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr,
-        PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, SKIP_MERGE: tl.constexpr,
-        MASK_BITS: tl.constexpr, GROUP: tl.constexpr, PAIRED: tl.constexpr,
-        ROUNDS: tl.constexpr,
+        PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, ROUNDS: tl.constexpr,
     ):
         # Rows ROW0 + pid * BLOCK_M onwards; keys below N_FULL in tiles of BLOCK_N, the rest in
-        # tiles of TAIL (see TAIL_BLOCK). With MASK_BITS (and DROPOUT) the keep bits go to BITS,
-        # W words per row (see _store_keep); tiles skipped as empty write none, and backward
-        # skips the same tiles. A trial's scale, top_p and dropout rate are loaded, not
+        # tiles of TAIL (see TAIL_BLOCK). A trial's scale, top_p and dropout rate are loaded, not
         # arguments: a compiled graph then takes them as an input (see _knobs) and trials share
         # its cache entry.
         scale = tl.load(KNOBS)
@@ -455,9 +358,8 @@ if triton is not None:
             lse = tl.zeros([BLOCK_M], tl.float32)
         else:
             threshold, lse = _filter_threshold(
-                q, k_base, skn, skd, dims, dim_ok, row_ok, N, N_FULL, scale, top_p, TOP_K,
-                TOPK_ON, NUCLEUS_ON, LEVELS, LEVELS_PAD, BLOCK_M, BLOCK_N, TAIL, PRECISION,
-                SKIP_MERGE, PAIRED)
+                q, k_base, skn, skd, dims, dim_ok, N, N_FULL, scale, top_p, TOP_K, TOPK_ON,
+                NUCLEUS_ON, LEVELS, LEVELS_PAD, BLOCK_M, BLOCK_N, TAIL, PRECISION)
 
         # Weights @ v: the second pass with a filter, the only one without.
         seed = tl.load(SEED)
@@ -465,16 +367,14 @@ if triton is not None:
         for start in range(0, N_FULL, BLOCK_N):
             acc, row_max, total = _fwd_tile(
                 q, k_base, v_base, start, skn, skd, svn, svd, dims, dim_ok, N, scale, acc,
-                row_max, total, threshold, lse, seed, dropout_p, inv_keep, BITS, bh, rows, W,
-                LEVELS, DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY, MASK_BITS, GROUP,
-                ROUNDS)
+                row_max, total, threshold, lse, seed, dropout_p, inv_keep, bh, rows, LEVELS,
+                DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY, ROUNDS)
         if TAIL > 0:
             for start in range(N_FULL, N, TAIL):
                 acc, row_max, total = _fwd_tile(
                     q, k_base, v_base, start, skn, skd, svn, svd, dims, dim_ok, N, scale, acc,
-                    row_max, total, threshold, lse, seed, dropout_p, inv_keep, BITS, bh, rows,
-                    W, LEVELS, DROPOUT, BLOCK_M, TAIL, PRECISION, SKIP_EMPTY, MASK_BITS, GROUP,
-                    ROUNDS)
+                    row_max, total, threshold, lse, seed, dropout_p, inv_keep, bh, rows, LEVELS,
+                    DROPOUT, BLOCK_M, TAIL, PRECISION, SKIP_EMPTY, ROUNDS)
         if LEVELS == 0:
             acc = acc / total[:, None]
             lse = row_max + tl.log(total)
@@ -485,11 +385,11 @@ if triton is not None:
 
     @triton.jit
     def _bwd_kv_tile(
-        THR, LSE, DELTA, DQ_ACC, BITS, q_base, do_base, start, sqn, sqd, sdn, sdd, k, v,
-        dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, W, scale, dropout_p, inv_keep, seed,
+        THR, LSE, DELTA, DQ_ACC, q_base, do_base, start, sqn, sqd, sdn, sdd, k, v,
+        dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, scale, dropout_p, inv_keep, seed,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, MASK_BITS: tl.constexpr,
-        GROUP: tl.constexpr, ATOMIC_DQ: tl.constexpr, ROUNDS: tl.constexpr,
+        PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+        ROUNDS: tl.constexpr,
     ):
         # One query tile of a key block's backward: its share of dK and dV (and of dQ, atomic).
         rows = start + tl.arange(0, BLOCK_M)
@@ -507,8 +407,7 @@ if triton is not None:
             delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
             dw = _dot(do, tl.trans(v), PRECISION)
             if DROPOUT:
-                keep = _keep_tile(seed, BITS, bh, rows, col0, N, W, dropout_p, BLOCK_M, BLOCK_N,
-                                  GROUP, MASK_BITS, ROUNDS)
+                keep = _dropout_keep(seed, bh, rows, col0, N, dropout_p, BLOCK_M, BLOCK_N, ROUNDS)
                 w = tl.where(keep, p * inv_keep, 0.0)
                 dp = tl.where(keep, dw * inv_keep, 0.0)
             else:
@@ -526,14 +425,13 @@ if triton is not None:
 
     @triton.jit
     def _bwd_kv_kernel(
-        Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED, BITS,
+        Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
         sgb, sgh, sgn, sgd,
-        H, N, D, W, KNOBS, COL0, M_FULL,
+        H, N, D, KNOBS, COL0, M_FULL,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr,
-        SKIP_EMPTY: tl.constexpr, MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
-        ATOMIC_DQ: tl.constexpr, ROUNDS: tl.constexpr,
+        SKIP_EMPTY: tl.constexpr, ATOMIC_DQ: tl.constexpr, ROUNDS: tl.constexpr,
     ):
         # dK and dV of one key block (keys COL0 + pid * BLOCK_N onwards), over every query block:
         # rows below M_FULL in tiles of BLOCK_M, the rest in tiles of TAIL. DK and DV share the
@@ -564,17 +462,16 @@ if triton is not None:
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for start in range(0, M_FULL, BLOCK_M):
             dk, dv = _bwd_kv_tile(
-                THR, LSE, DELTA, DQ_ACC, BITS, q_base, do_base, start, sqn, sqd, sdn,
-                sdd, k, v, dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, W, scale,
-                dropout_p, inv_keep, seed, DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY,
-                MASK_BITS, GROUP, ATOMIC_DQ, ROUNDS)
+                THR, LSE, DELTA, DQ_ACC, q_base, do_base, start, sqn, sqd, sdn, sdd, k, v, dk,
+                dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, scale, dropout_p, inv_keep, seed,
+                DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY, ATOMIC_DQ, ROUNDS)
         if TAIL > 0:
             for start in range(M_FULL, N, TAIL):
                 dk, dv = _bwd_kv_tile(
-                    THR, LSE, DELTA, DQ_ACC, BITS, q_base, do_base, start, sqn, sqd, sdn,
-                    sdd, k, v, dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, W, scale,
-                    dropout_p, inv_keep, seed, DROPOUT, TAIL, BLOCK_N, PRECISION, SKIP_EMPTY,
-                    MASK_BITS, GROUP, ATOMIC_DQ, ROUNDS)
+                    THR, LSE, DELTA, DQ_ACC, q_base, do_base, start, sqn, sqd, sdn, sdd, k, v,
+                    dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, scale, dropout_p,
+                    inv_keep, seed, DROPOUT, TAIL, BLOCK_N, PRECISION, SKIP_EMPTY, ATOMIC_DQ,
+                    ROUNDS)
         dk = dk * scale
         g = b * sgb + h * sgh + cols[:, None] * sgn + dims[None, :] * sgd
         tl.store(DK + g, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -583,10 +480,9 @@ if triton is not None:
     @triton.jit
     def _bwd_q_tile(
         q, do, k_base, v_base, start, skn, skd, svn, svd, dq, threshold, lse, delta, rows,
-        dims, dim_ok, bh, N, W, scale, dropout_p, inv_keep, seed, BITS,
+        dims, dim_ok, bh, N, scale, dropout_p, inv_keep, seed,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, MASK_BITS: tl.constexpr,
-        GROUP: tl.constexpr, ROUNDS: tl.constexpr,
+        PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, ROUNDS: tl.constexpr,
     ):
         # One key tile of a query block's dQ.
         cols = start + tl.arange(0, BLOCK_N)
@@ -600,8 +496,8 @@ if triton is not None:
                         other=0.0)
             dw = _dot(do, tl.trans(v), PRECISION)
             if DROPOUT:
-                keep = _keep_tile(seed, BITS, bh, rows, start, N, W, dropout_p, BLOCK_M,
-                                  BLOCK_N, GROUP, MASK_BITS, ROUNDS)
+                keep = _dropout_keep(seed, bh, rows, start, N, dropout_p, BLOCK_M, BLOCK_N,
+                                     ROUNDS)
                 dw = tl.where(keep, dw * inv_keep, 0.0)
             ds = p * (dw - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, PRECISION)
@@ -609,14 +505,13 @@ if triton is not None:
 
     @triton.jit
     def _bwd_q_kernel(
-        Q, K, V, DO, THR, LSE, DELTA, DQ, SEED, BITS,
+        Q, K, V, DO, THR, LSE, DELTA, DQ, SEED,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
         sgb, sgh, sgn, sgd,
-        H, N, D, W, KNOBS, ROW0, N_FULL,
+        H, N, D, KNOBS, ROW0, N_FULL,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr,
-        SKIP_EMPTY: tl.constexpr, MASK_BITS: tl.constexpr, GROUP: tl.constexpr,
-        ROUNDS: tl.constexpr,
+        SKIP_EMPTY: tl.constexpr, ROUNDS: tl.constexpr,
     ):
         # dQ of one query block (rows ROW0 + pid * BLOCK_M onwards), over every key block.
         scale = tl.load(KNOBS)
@@ -644,15 +539,14 @@ if triton is not None:
         v_base = V + b * svb + h * svh
         for start in range(0, N_FULL, BLOCK_N):
             dq = _bwd_q_tile(q, do, k_base, v_base, start, skn, skd, svn, svd, dq, threshold,
-                             lse, delta, rows, dims, dim_ok, bh, N, W, scale, dropout_p,
-                             inv_keep, seed, BITS, DROPOUT, BLOCK_M, BLOCK_N, PRECISION,
-                             SKIP_EMPTY, MASK_BITS, GROUP, ROUNDS)
+                             lse, delta, rows, dims, dim_ok, bh, N, scale, dropout_p, inv_keep,
+                             seed, DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY, ROUNDS)
         if TAIL > 0:
             for start in range(N_FULL, N, TAIL):
                 dq = _bwd_q_tile(q, do, k_base, v_base, start, skn, skd, svn, svd, dq,
-                                 threshold, lse, delta, rows, dims, dim_ok, bh, N, W, scale,
-                                 dropout_p, inv_keep, seed, BITS, DROPOUT, BLOCK_M, TAIL,
-                                 PRECISION, SKIP_EMPTY, MASK_BITS, GROUP, ROUNDS)
+                                 threshold, lse, delta, rows, dims, dim_ok, bh, N, scale,
+                                 dropout_p, inv_keep, seed, DROPOUT, BLOCK_M, TAIL, PRECISION,
+                                 SKIP_EMPTY, ROUNDS)
         dq = dq * scale
         tl.store(DQ + b * sgb + h * sgh + rows[:, None] * sgn + dims[None, :] * sgd,
                  dq.to(DQ.dtype.element_ty), mask=qo_mask)
@@ -712,76 +606,51 @@ def _precision(dtype: torch.dtype) -> str:
     return "upcast" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32"
 
 
-def _mask_bits(q: Tensor, dropout: bool, block_n: int, dropout_mask: str,
-               tail_block: int = TAIL_BLOCK) -> Tensor:
-    # The forward's packed keep bits (see DROPOUT_MASK); empty when backward regenerates them.
-    B, H, N, D = q.shape
-    if dropout_mask != "bits" or not dropout:
-        return q.new_empty((0,), dtype=torch.int32)
-    group = _bits_per_word(N, D, block_n, tail_block)
-    return q.new_empty((B, H, N, triton.cdiv(N, group)), dtype=torch.int32)
-
-
-def _bits_per_word(n: int, d: int, block_n: int, tail_block: int = TAIL_BLOCK) -> int:
-    # Every key tile (full or tail) must own whole words.
-    _, bn, _, tail, _, _ = _tiling(n, d, block_n, block_n, tail_block)
-    return min(DROPOUT_BITS_PER_WORD, tail or bn)
-
-
 @torch.library.custom_op("nkat::attention_kernel_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, knobs: Tensor, top_k: int,
                    nucleus: bool, dropout: bool, block_m: int, block_n: int, num_warps: int,
                    skip_empty: bool, bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
-                   dropout_mask: str = DROPOUT_MASK, skip_merge: bool = SKIP_MERGE,
-                   tail_block: int = TAIL_BLOCK, paired_levels: bool = PAIRED_LEVELS,
-                   philox_rounds: int = PHILOX_ROUNDS) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   tail_block: int = TAIL_BLOCK, philox_rounds: int = PHILOX_ROUNDS
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     # knobs: _knobs's float32 (scale, top_p, dropout_p, 1 / (1 - dropout_p)); nucleus and dropout
     # say whether those filters are on. bwd_mode is backward's (see _setup_context); it is an input
     # here so autograd carries it.
-    # The fourth output is the packed dropout mask for backward (empty unless "bits").
     B, H, N, D = q.shape
     o = _like_qkv_layout(q)
     threshold = q.new_empty((B, H, N), dtype=torch.float32)
     lse = q.new_empty((B, H, N), dtype=torch.float32)
-    bits = _mask_bits(q, dropout, block_n, dropout_mask, tail_block)
     bm, bn, bd, tail, m_full, n_full = _tiling(N, D, block_m, block_n, tail_block)
     levels = level_count(top_k, nucleus, N)
-    words = bits.shape[-1] if bits.numel() else 1
-    group = _bits_per_word(N, D, block_n, tail_block)
     for programs, rows, row0 in _launches(N, bm, tail, m_full):
         _fwd_kernel[(programs, H, B)](
-            # seed stands in for an unused bits pointer.
-            q, k, v, o, threshold, lse, seed, bits if bits.numel() else seed,
+            q, k, v, o, threshold, lse, seed,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            H, N, D, words, knobs, row0, n_full,
+            H, N, D, knobs, row0, n_full,
             TOP_K=top_k, TOPK_ON=0 < top_k < N, NUCLEUS_ON=nucleus,
             LEVELS=levels, LEVELS_PAD=max(2, triton.next_power_of_2(max(levels, 1))),
             DROPOUT=dropout, BLOCK_M=rows, BLOCK_N=bn, BLOCK_D=bd, TAIL=tail,
-            PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, SKIP_MERGE=skip_merge,
-            MASK_BITS=bits.numel() > 0, GROUP=group, PAIRED=paired_levels, ROUNDS=philox_rounds,
+            PRECISION=_precision(q.dtype), SKIP_EMPTY=skip_empty, ROUNDS=philox_rounds,
             **_launch(num_warps, num_stages),
         )
-    return o, threshold, lse, bits
+    return o, threshold, lse
 
 
 @_attention_fwd.register_fake
 def _(q, k, v, seed, knobs, top_k, nucleus, dropout, block_m, block_n, num_warps, skip_empty,
-      bwd_mode=BWD_MODE, num_stages=NUM_STAGES, dropout_mask=DROPOUT_MASK, skip_merge=SKIP_MERGE,
-      tail_block=TAIL_BLOCK, paired_levels=PAIRED_LEVELS, philox_rounds=PHILOX_ROUNDS):
+      bwd_mode=BWD_MODE, num_stages=NUM_STAGES, tail_block=TAIL_BLOCK,
+      philox_rounds=PHILOX_ROUNDS):
     B, H, N, D = q.shape
     return (_like_qkv_layout(q), q.new_empty((B, H, N), dtype=torch.float32),
-            q.new_empty((B, H, N), dtype=torch.float32),
-            _mask_bits(q, dropout, block_n, dropout_mask, tail_block))
+            q.new_empty((B, H, N), dtype=torch.float32))
 
 
 @torch.library.custom_op("nkat::attention_kernel_bwd", mutates_args=())
 def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                   threshold: Tensor, lse: Tensor, seed: Tensor, bits: Tensor, knobs: Tensor,
-                   dropout: bool, block_m: int, block_n: int, num_warps: int, skip_empty: bool,
+                   threshold: Tensor, lse: Tensor, seed: Tensor, knobs: Tensor, dropout: bool,
+                   block_m: int, block_n: int, num_warps: int, skip_empty: bool,
                    bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
                    tail_block: int = TAIL_BLOCK, philox_rounds: int = PHILOX_ROUNDS
                    ) -> tuple[Tensor, Tensor, Tensor]:
-    # bits: the forward's packed dropout mask, or empty (regenerate it with Philox).
     B, H, N, D = q.shape
     grad_out = grad_out.to(q.dtype)
     delta = (grad_out.float() * out.float()).sum(dim=-1).contiguous()
@@ -789,12 +658,9 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     dv = _like_qkv_layout(q)
     bm, bn, bd, tail, m_full, n_full = _tiling(N, D, block_m, block_n, tail_block)
     common = dict(DROPOUT=dropout, BLOCK_D=bd, TAIL=tail, PRECISION=_precision(q.dtype),
-                  SKIP_EMPTY=skip_empty, MASK_BITS=bits.numel() > 0,
-                  GROUP=_bits_per_word(N, D, block_n, tail_block), ROUNDS=philox_rounds,
-                  **_launch(num_warps, num_stages))
+                  SKIP_EMPTY=skip_empty, ROUNDS=philox_rounds, **_launch(num_warps, num_stages))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    scalars = (H, N, D, bits.shape[-1] if bits.numel() else 1, knobs)
-    mask = (seed, bits if bits.numel() else seed)
+    scalars = (H, N, D, knobs)
     atomic = bwd_mode == "atomic"
     if atomic:
         dq_sum = torch.zeros((B, H, N, D), device=q.device, dtype=torch.float32)
@@ -803,7 +669,7 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     for programs, cols, col0 in _launches(N, bn, tail, n_full):
         # The split mode's DQ_ACC is never read: dk stands in for it.
         _bwd_kv_kernel[(programs, H, B)](
-            q, k, v, grad_out, threshold, lse, delta, dk, dv, dq_sum if atomic else dk, *mask,
+            q, k, v, grad_out, threshold, lse, delta, dk, dv, dq_sum if atomic else dk, seed,
             *strides, *dk.stride(), *scalars, col0, m_full, BLOCK_M=bm, BLOCK_N=cols,
             ATOMIC_DQ=atomic, **common)
     if atomic:
@@ -811,33 +677,31 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     else:
         for programs, rows, row0 in _launches(N, bm, tail, m_full):
             _bwd_q_kernel[(programs, H, B)](
-                q, k, v, grad_out, threshold, lse, delta, dq, *mask, *strides, *dq.stride(),
+                q, k, v, grad_out, threshold, lse, delta, dq, seed, *strides, *dq.stride(),
                 *scalars, row0, n_full, BLOCK_M=rows, BLOCK_N=bn, **common)
     return dq, dk, dv
 
 
 @_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, threshold, lse, seed, bits, knobs, dropout, block_m, block_n,
-      num_warps, skip_empty, bwd_mode=BWD_MODE, num_stages=NUM_STAGES, tail_block=TAIL_BLOCK,
+def _(grad_out, q, k, v, out, threshold, lse, seed, knobs, dropout, block_m, block_n, num_warps,
+      skip_empty, bwd_mode=BWD_MODE, num_stages=NUM_STAGES, tail_block=TAIL_BLOCK,
       philox_rounds=PHILOX_ROUNDS):
     return _like_qkv_layout(q), _like_qkv_layout(q), _like_qkv_layout(q)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, seed, knobs, _top_k, _nucleus, dropout, block_m, block_n, num_warps, skip_empty,
-     bwd_mode, num_stages, _dropout_mask, _skip_merge, tail_block, _paired_levels,
-     philox_rounds) = inputs
-    out, threshold, lse, bits = output
-    ctx.save_for_backward(q, k, v, out, threshold, lse, seed, bits, knobs)
+     bwd_mode, num_stages, tail_block, philox_rounds) = inputs
+    out, threshold, lse = output
+    ctx.save_for_backward(q, k, v, out, threshold, lse, seed, knobs)
     ctx.args = (dropout, block_m, block_n, num_warps, skip_empty, bwd_mode, num_stages,
                 tail_block, philox_rounds)
     ctx.num_inputs = len(inputs)
 
 
-def _backward(ctx, grad_out, _grad_threshold, _grad_lse, _grad_bits):
-    q, k, v, out, threshold, lse, seed, bits, knobs = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, threshold, lse, seed, bits, knobs,
-                                *ctx.args)
+def _backward(ctx, grad_out, _grad_threshold, _grad_lse):
+    q, k, v, out, threshold, lse, seed, knobs = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, threshold, lse, seed, knobs, *ctx.args)
     # No gradient for seed, the filter and the launch arguments.
     return dq, dk, dv, *[None] * (ctx.num_inputs - 3)
 
@@ -871,9 +735,7 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
                      block_m: int = BLOCK_M, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
                      skip_empty: bool = SKIP_EMPTY_TILES,
                      bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
-                     dropout_mask: str = DROPOUT_MASK, skip_merge: bool = SKIP_MERGE,
-                     tail_block: int = TAIL_BLOCK, paired_levels: bool = PAIRED_LEVELS,
-                     philox_rounds: int = PHILOX_ROUNDS) -> Tensor:
+                     tail_block: int = TAIL_BLOCK, philox_rounds: int = PHILOX_ROUNDS) -> Tensor:
     """The NKAT attention core from q, k, v (B, heads, N, head_dim), unmodulated: (B, heads, N, hd).
 
     Same contract as ``fused_attention``: ``dropout_p`` applied as given (pass 0 in eval mode);
@@ -886,24 +748,16 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
     the products of tiles whose probabilities are all 0 (the same result, bit for bit, but for
     the atomic backward's dQ: see below); ``bwd_mode`` is one of ``BWD_MODES``: "split" or
     "atomic" (see ``BWD_MODE``; atomic sums dQ in float32 in no fixed order, so its dQ may differ
-    from run to run in the last bits). ``dropout_mask`` is one of ``DROPOUT_MASKS``: "philox"
-    (backward regenerates the mask) or "bits" (the forward saves it packed, 1 bit per entry; see
-    ``DROPOUT_MASK``); the same mask either way. ``skip_merge`` skips the first pass's merge of
-    key tiles that cannot change any row's level list (see ``SKIP_MERGE``; the same result).
-    ``tail_block`` (0 or a power of two from 16) covers the rows and keys past the last full
-    tile with tiles of that size instead of one masked full tile (see ``TAIL_BLOCK``).
-    ``paired_levels`` finds each level and its count in one reduction (see ``PAIRED_LEVELS``;
-    the same result). ``philox_rounds``: the dropout generator's rounds (see ``PHILOX_ROUNDS``;
-    another mask, drawn as well).
+    from run to run in the last bits). ``tail_block`` (0 or a power of two from 16) covers the
+    rows and keys past the last full tile with tiles of that size instead of one masked full tile
+    (see ``TAIL_BLOCK``). ``philox_rounds``: the dropout generator's rounds, 1 to 10 (see
+    ``PHILOX_ROUNDS``; another mask, drawn as well).
     """
     if not kernel_supports(q.shape[-1], top_k, top_p, q.shape[-2]):
         raise ValueError(f"kernel_attention: head dim {q.shape[-1]} with top_k {top_k}, top_p "
                          f"{top_p} over {q.shape[-2]} keys is not supported; use the explicit path")
     if bwd_mode not in BWD_MODES:
         raise ValueError(f"kernel_attention: bwd_mode {bwd_mode!r} is not one of {BWD_MODES}")
-    if dropout_mask not in DROPOUT_MASKS:
-        raise ValueError(f"kernel_attention: dropout_mask {dropout_mask!r} is not one of "
-                         f"{DROPOUT_MASKS}")
     if not 1 <= philox_rounds <= 10:
         raise ValueError(f"kernel_attention: philox_rounds {philox_rounds} is not 1 to 10")
     if tail_block and (tail_block < 16 or tail_block & (tail_block - 1)):
@@ -917,4 +771,4 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
         seed = torch.zeros(1, device=q.device, dtype=torch.int64)
     return _attention_fwd(q, k, v, seed, *op_filter_args(seed, scale, top_k, top_p, dropout_p),
                           block_m, block_n, num_warps, skip_empty, bwd_mode, num_stages,
-                          dropout_mask, skip_merge, tail_block, paired_levels, philox_rounds)[0]
+                          tail_block, philox_rounds)[0]

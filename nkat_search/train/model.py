@@ -46,17 +46,16 @@ PAIRWISE_MAX_TOKENS = 32
 FUSED_MIN_TOKENS = PAIRWISE_MAX_TOKENS + 1
 
 # Rows at least this long take the Triton kernel (``train/attention_kernel.py``) on a GPU, eager or
-# compiled. Measured at 257 tokens only (session 8, one H100, one NKATAttention layer compiled,
-# forward + backward, batch 512, bf16: kernel 8.91 ms and 1.55 GiB, fused core 12.64 ms and 2.81
-# GiB, SDPA with the filters off 4.78 ms; results/gpu/session8/kernel_timing.json): rows of 65
-# keep the fused core until ``attention_speed.py`` has timed the kernel there. 129 splits the
-# space's token counts (5, 17, 65, 257) between the two.
-KERNEL_MIN_TOKENS = 129
+# compiled. Session 12's H100 (``benchmarks/attention_speed.py``, whole model step compiled, batch
+# 512; results/attention_speed_kernel.json): at 65 tokens kernel 25,669 images/s against the fused
+# core's 21,059 (SDPA with the filters off 31,645), at 257 tokens 6,083 against 4,242 (SDPA
+# 7,966). 17 tokens stay on the explicit path's few fused elementwise ops (FUSED_MIN_TOKENS).
+KERNEL_MIN_TOKENS = 65
 # Whether ``auto`` takes the kernel at all. On since session 8: the kernel passed its agreement
 # check on an H100 (``benchmarks/attention_kernel_check.py``: 17, 65 and 257 tokens, float32 and
-# bf16, ties, dropout, both backward modes) and the layer above is 1.42x faster than the fused
-# core. Its 40-epoch accuracy beside the explicit path (``benchmarks/attention_accuracy.py``) is
-# still to be measured.
+# bf16, ties, dropout, both backward modes) and one layer ran 1.42x faster than the fused core.
+# Its 40-epoch accuracy beside the explicit path (``benchmarks/attention_accuracy.py``) is still
+# to be measured.
 KERNEL_BY_DEFAULT = True
 
 # What ``NKATAttention(path=...)`` takes: "auto" (the rule in ``NKATAttention.settle``), or one
