@@ -50,9 +50,10 @@ def _param(value) -> str:
 def outcome_lines(summary: dict) -> list[str]:
     trials = summary["trials"]
     names = [n for n in OUTCOMES if n in trials] + sorted(set(trials) - set(OUTCOMES))
-    lines = ["| outcome | trials |", "| --- | --- |"]
+    lines = ["| outcome | trial rows |", "| --- | --- |"]
     lines += [f"| {name.replace('_', ' ')} | {trials[name]} |" for name in names]
-    lines.append(f"| **configurations** | **{summary['configurations']}** |")
+    lines.append(f"| **configurations** (a retry is its original's configuration) | "
+                 f"**{summary['configurations']}** |")
     retried = summary.get("run_twice", {})
     lines += ["", f"- Retries: {summary.get('retries', 0)}; of them trained again from epoch 0: "
                   f"{retried.get('retries_from_epoch_0', 0)} "
