@@ -20,7 +20,8 @@ set -uo pipefail
 name=$1 wait_s=$2; shift 3
 source "$(dirname "$0")/gpu_env.sh"
 log=$RUNS/$name.log pidfile=$RUNS/$name.pid rcfile=$RUNS/$name.rc
-if ! { [ -f "$pidfile" ] && { kill -0 "$(cat "$pidfile")" 2>/dev/null || [ -f "$rcfile" ]; }; }; then
+started() { [ -f "$pidfile" ] && { kill -0 "$(cat "$pidfile")" 2>/dev/null || [ -f "$rcfile" ]; }; }
+if ! started; then
   echo "starting $name at $(date -u +%T): $*"
   date +%s > "$RUNS/$name.started_at"
   # The exit status goes to a file: the process is not this shell's child in later calls.

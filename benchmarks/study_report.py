@@ -1,8 +1,9 @@
 """A study's results section in Markdown, made from the files the study left (issue 23).
 
     python benchmarks/study_report.py --summary results/round2_whole.json \
-        --stage2 results/round2/nkat-round2/stage2.json [--baseline results/gpu/session3/stage2.json] \
-        [--target 0.7609] [--out results/round2/nkat-round2/report.md]
+        --stage2 results/round2/nkat-round2/stage2.json \
+        [--baseline results/gpu/session3/stage2.json] [--target 0.7609] \
+        [--out results/round2/nkat-round2/report.md]
 
 Every number comes from the files named, none is typed in: ``study_summary.py``'s JSON (trials by
 outcome, wall clock, the best five with their parameters, importances), the winner's Stage 2 JSON
