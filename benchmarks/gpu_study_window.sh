@@ -56,6 +56,6 @@ else
   pkill -f 'nvidia-smi --query-gpu' 2>/dev/null
   echo "up ended at $(date -u +%T) after $(( $(date +%s) - $(cat "$runs/started_at") )) s" | tee -a "$runs/windows.txt"
   # Whether the compiled kernels could travel to the next window (a fresh machine compiles cold).
-  echo "compile caches: $(du -sh "${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(id -un)}" 2>/dev/null | cut -f1)"
+  echo "compile caches: $(du -sh "${TORCHINDUCTOR_CACHE_DIR:-$NKAT_CACHE_DIR/compile}" 2>/dev/null | cut -f1)"
   tail -c 6000 "$log"; snapshot
 fi

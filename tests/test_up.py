@@ -257,17 +257,25 @@ def _trials(url: str, name: str) -> list:
 
 def test_up_passes_the_compile_scope_to_its_workers(tmp_path, data_dir, env):
     """``up --compile-scope blocks``: the trial compiles each Block (recorded on the trial) and
-    completes; a scope that does not exist is argparse's one line."""
+    completes, its compiled code kept under the cache dir; a scope that does not exist is
+    argparse's one line."""
     import optuna
 
     # CIFAR-10 only: one compile on the CPU is enough to see the scope.
     study_file, name = tiny_study_file(tmp_path, n_trials=1, fixed={"compile": True},
                                        stage2={"datasets": []})
     out = tmp_path / "runs"
+    # Its own cache dir, and no Inductor cache set: the compiled graphs must land under it
+    # (train/compile_cache.py), where a study resumed after a reboot finds them.
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in env.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["NKAT_CACHE_DIR"] = str(cache)
     result = subprocess.run(up_command(study_file, out, data_dir, "--no-dashboard",
                                        "--compile-scope", "blocks"),
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
+    compiled = [p for p in (cache / "compile").rglob("*") if p.is_file()]
+    assert compiled, "nothing compiled under the cache dir"
     (trial,) = optuna.load_study(study_name=name,
                                  storage=f"sqlite:///{out / (name + '.db')}").get_trials()
     assert trial.state.name == "COMPLETE"

@@ -38,6 +38,7 @@ from nkat_search.errors import UserError
 from nkat_search.terminal import draws_bars
 from nkat_search.train import metrics
 from nkat_search.train.augment import GpuAugment
+from nkat_search.train.compile_cache import use_persistent_compile_cache
 from nkat_search.train.data import load_dataset
 from nkat_search.train.device import torch_device
 from nkat_search.train.errors import CheckpointMismatch
@@ -267,6 +268,8 @@ def train_model(
     options = options or TrainOptions()
     stop_requested = stop_requested or (lambda: False)
     cfg.validate()
+    # Before anything imports torch._dynamo, which fixes Inductor's cache dir on import.
+    use_persistent_compile_cache()
     tc = cfg.train
     device = torch_device(device)
     if device.type == "cuda" and device.index is not None:
