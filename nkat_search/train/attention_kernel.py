@@ -166,6 +166,17 @@ if triton is not None:
         return tl.where(col_ok[None, :], s, float("-inf"))
 
     @triton.jit
+    def _key_scores(q, k_base, start, skn, skd, dims, dim_ok, N, scale, BLOCK_N: tl.constexpr,
+                    PRECISION: tl.constexpr):
+        # The key tile from start (BLOCK_N keys) and its scores against q, for the tiles that
+        # walk over keys: its columns, their mask (with the head dims') and the loaded keys too.
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        kv_mask = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=kv_mask, other=0.0)
+        return cols, kv_mask, k, _score_tile(q, k, col_ok, scale, PRECISION)
+
+    @triton.jit
     def _any_kept(p, SKIP_EMPTY: tl.constexpr):
         # Whether a tile of probabilities needs its products (always, unless SKIP_EMPTY): with
         # top_k of 257 keys most entries are 0, and a tile where every entry is 0 adds nothing.
@@ -201,11 +212,8 @@ if triton is not None:
         # One key tile of the first pass: merged into each row's list of the LEVELS largest
         # distinct scores with their counts. The union's levels from the top, each the largest
         # value below the previous one, its count summed over tile and list.
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd,
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        s = _score_tile(q, k, col_ok, scale, PRECISION)
+        _, _, _, s = _key_scores(q, k_base, start, skn, skd, dims, dim_ok, N, scale, BLOCK_N,
+                                 PRECISION)
         new_values = tl.full([BLOCK_M, LEVELS_PAD], float("-inf"), tl.float32)
         new_counts = tl.zeros([BLOCK_M, LEVELS_PAD], tl.int32)
         prev = tl.full([BLOCK_M], float("inf"), tl.float32)
@@ -296,11 +304,8 @@ if triton is not None:
         # One key tile of the second pass: weights (filter, softmax, dropout) @ v. Without a
         # filter (LEVELS 0) the online softmax: the row max so far, the sum and the accumulator
         # rescaled whenever it grows, as in FlashAttention.
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        kv_mask = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=kv_mask, other=0.0)
-        s = _score_tile(q, k, col_ok, scale, PRECISION)
+        cols, kv_mask, k, s = _key_scores(q, k_base, start, skn, skd, dims, dim_ok, N, scale,
+                                          BLOCK_N, PRECISION)
         if LEVELS == 0:
             new_max = tl.maximum(row_max, tl.max(s, 1))
             rescale = tl.exp(row_max - new_max)
@@ -485,11 +490,8 @@ if triton is not None:
         PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, ROUNDS: tl.constexpr,
     ):
         # One key tile of a query block's dQ.
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        kv_mask = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * skn + dims[None, :] * skd, mask=kv_mask, other=0.0)
-        s = _score_tile(q, k, col_ok, scale, PRECISION)
+        cols, kv_mask, k, s = _key_scores(q, k_base, start, skn, skd, dims, dim_ok, N, scale,
+                                          BLOCK_N, PRECISION)
         p = tl.where(s >= threshold[:, None], tl.exp(s - lse[:, None]), 0.0)
         if _any_kept(p, SKIP_EMPTY):
             v = tl.load(v_base + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask,
