@@ -157,14 +157,16 @@ def variant_worker(spec: dict) -> None:
         _sync(device)
         # Timed in blocks so that a slow stretch (another process on the GPU, clocks) shows as
         # blocks that disagree rather than hiding in the mean; the row reports the mean.
-        blocks = []
+        blocks, total_s = [], 0.0
         for size in _block_sizes(args.steps):
             started = time.perf_counter()
             for _ in range(size):
                 step()
             _sync(device)
-            blocks.append((time.perf_counter() - started) / size * 1e3)
-        ms = sum(b * n for b, n in zip(blocks, _block_sizes(args.steps))) / args.steps
+            elapsed = time.perf_counter() - started
+            total_s += elapsed
+            blocks.append(elapsed / size * 1e3)
+        ms = total_s / args.steps * 1e3
         row["ms_per_step"] = round(ms, 2)
         row["ms_per_step_blocks"] = [round(b, 2) for b in blocks]
         row["images_per_s"] = round(cfg.train.batch_size / ms * 1e3, 1)
