@@ -10,7 +10,8 @@
 # within 30 s (the machine keeps files and processes only while warm) until it says "up ended".
 # The study resumes from its SQLite file on a fresh machine: carry in the file an earlier window
 # copied out and name it in RESUME_DB (RESUME_DB=results/round2/NAME/NAME.db bash ...); the first
-# call copies it (and the NAME_windows.txt beside it) to where up keeps the study.
+# call copies it (and the NAME_windows.txt, NAME_up_log.txt and NAME_gpu.csv beside it, which go
+# on growing) to where up keeps the study.
 # STOP=1 sends up SIGINT first (when the device time runs out before its --timeout tail ends): the
 # running trials end "interrupted" and are queued to resume (their checkpoints stay on this machine,
 # so the next window trains them again from the start); then it waits as usual.
@@ -22,8 +23,11 @@ runs=$RUNS/$name; mkdir -p "$runs"
 if [ -n "${RESUME_DB:-}" ] && [ ! -f "$runs/$name.db" ]; then
   [ -f "$RESUME_DB" ] || { echo "RESUME_DB=$RESUME_DB: no such file" >&2; exit 2; }
   cp "$RESUME_DB" "$runs/$name.db"
-  windows=$(dirname "$RESUME_DB")/${name}_windows.txt
-  [ -f "$windows" ] && cp "$windows" "$runs/windows.txt"
+  # The earlier windows' records go on in the same files, so what comes back covers the study.
+  from=$(dirname "$RESUME_DB")/$name
+  [ -f "${from}_windows.txt" ] && cp "${from}_windows.txt" "$runs/windows.txt"
+  [ -f "${from}_up_log.txt" ] && cp "${from}_up_log.txt" "$runs/up.log"
+  [ -f "${from}_gpu.csv" ] && cp "${from}_gpu.csv" "$runs/gpu.csv"
   echo "resuming $name from $RESUME_DB"
 fi
 log=$runs/up.log pidfile=$runs/up.pid
