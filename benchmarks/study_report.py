@@ -109,6 +109,31 @@ def importance_lines(summary: dict) -> list[str]:
             f"{summary['complete_trials']} complete trials): {text}."]
 
 
+def rank_cut_lines(summary: dict) -> list[str]:
+    """What the successive-halving rung cost: trials it ended above the gate (issue 23)."""
+    cuts = summary.get("rank_cuts_above_gate")
+    if cuts is None:
+        return []
+    gate = _num(cuts["gate"], 2)
+    if not cuts["cuts"]:
+        return [f"- The rank rule ended no trial at or above the {gate} gate.", ""]
+    listed = ", ".join(f"{c['trial']} ({_num(c['local_tpe'])}, epoch {c['epoch']})"
+                       for c in cuts["cuts"])
+    lines = [f"- The rank rule (successive halving), not the gate, ended {len(cuts['cuts'])} "
+             f"trial(s) at or above the {gate} gate: {listed}."]
+    for epoch, at in cuts["complete_at_epoch"].items():
+        rho = at["spearman_vs_global_tpe"]
+        lines.append(
+            f"- At epoch {epoch} the {at['complete_trials']} complete trials stood at "
+            f"{_num(at['local_tpe_min'])}-{_num(at['local_tpe_max'])} (median "
+            f"{_num(at['local_tpe_median'])}), {at['complete_at_or_below_highest_cut']} of them "
+            f"at or below the highest cut; the winner, trial {at['best_trial']}, at "
+            f"{_num(at['best_trial_local_tpe'])}. Epoch {epoch}'s Local TPE ranks the complete "
+            f"trials' final Global TPE with Spearman's rho "
+            f"{'n/a' if rho is None else f'{rho:.3f}'}.")
+    return lines + [""]
+
+
 def stage2_lines(winner: dict, baseline: dict | None, target: float | None) -> list[str]:
     tables = [("winner", winner["table"])] + ([("baseline", baseline["table"])] if baseline else [])
     head = ["", *(name for name, _ in tables), "target", "the user's last result"]
@@ -149,7 +174,8 @@ def report(summary: dict, winner: dict | None, baseline: dict | None,
              *outcome_lines(summary), *clock_lines(summary), "",
              f"Best five complete trials (best: trial {summary['best_trial']}, "
              f"{'feasible' if summary['best_feasible'] else 'infeasible'}):", "",
-             *top_lines(summary), "", *importance_lines(summary), ""]
+             *top_lines(summary), "", *importance_lines(summary), "",
+             *rank_cut_lines(summary)]
     if winner is None:
         lines.append("Stage 2 of the winner on the test splits: not run yet.")
     else:

@@ -23,7 +23,8 @@ parameters.
 machine) and the trial seconds their interrupted originals had spent, which the study paid
 twice. ``importances``: Optuna's default parameter importance (PED-ANOVA in Optuna 5) over
 the complete trials, what ``export`` draws; ``trials_per_hour``: configurations over the summed
-windows.
+windows. ``rank_cuts_above_gate``: trials the rank rule ended at or above the gate, beside the
+complete trials' Local TPE at the same epoch and how well it ranked their final Global TPE.
 """
 
 from __future__ import annotations
@@ -138,6 +139,79 @@ def run_twice(trials: list[optuna.trial.FrozenTrial]) -> dict:
     return {"retries_from_epoch_0": count, "trial_s": round(seconds, 1)}
 
 
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank (for a Spearman correlation)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation; None for fewer than 3 pairs or a constant side."""
+    if len(xs) < 3:
+        return None
+    rx, ry = _ranks(xs), _ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    return round(sxy / (sxx * syy) ** 0.5, 3) if sxx and syy else None
+
+
+def rank_cuts_above_gate(study: optuna.Study) -> dict | None:
+    """Trials the rank rule (not the gate) ended while their Local TPE stood at the gate or above,
+    beside where the complete trials stood at the same epoch.
+
+    What the successive-halving rung cost: a cut trial that stood below every complete trial
+    that went on to win could not have been judged better there; ``spearman_vs_global_tpe``
+    says how well that epoch's Local TPE ranked the complete trials' final Global TPE.
+    """
+    gate = study.user_attrs.get("gate")
+    if gate is None:
+        return None
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    cuts = []
+    for trial in trials:
+        if outcome(trial) != "pruned" or "gate pruner" in (TrialRecord.of(trial).reason or ""):
+            continue
+        if not trial.intermediate_values:
+            continue
+        epoch = max(trial.intermediate_values)
+        value = trial.intermediate_values[epoch]
+        if value >= gate:
+            cuts.append({"trial": trial.number, "epoch": epoch, "local_tpe": round(value, 4)})
+    at_epoch = {}
+    for epoch in sorted({cut["epoch"] for cut in cuts}):
+        pairs = [(t.intermediate_values[epoch], t.value, t.number) for t in complete
+                 if epoch in t.intermediate_values]
+        if not pairs:
+            continue
+        highest_cut = max(c["local_tpe"] for c in cuts if c["epoch"] == epoch)
+        best_pair = max(pairs, key=lambda pair: pair[1])
+        values = sorted(pair[0] for pair in pairs)
+        at_epoch[str(epoch)] = {
+            "complete_trials": len(pairs),
+            "local_tpe_min": round(values[0], 4),
+            "local_tpe_median": round(values[len(values) // 2] if len(values) % 2 else
+                                      (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2,
+                                      4),
+            "local_tpe_max": round(values[-1], 4),
+            "complete_at_or_below_highest_cut": sum(v <= highest_cut for v in values),
+            "best_trial": best_pair[2], "best_trial_local_tpe": round(best_pair[0], 4),
+            "spearman_vs_global_tpe": spearman([p[0] for p in pairs], [p[1] for p in pairs]),
+        }
+    return {"gate": gate, "cuts": cuts, "complete_at_epoch": at_epoch}
+
+
 def summary(study: optuna.Study, epochs: int) -> dict:
     trials = study.get_trials(deepcopy=False)
     kinds = Counter()
@@ -193,6 +267,7 @@ def summary(study: optuna.Study, epochs: int) -> dict:
         "by_tokens": by_tokens(trials),
         "top_complete": top_complete(study),
         "importances": importances(study),
+        "rank_cuts_above_gate": rank_cuts_above_gate(study),
     }
 
 

@@ -40,6 +40,8 @@ def test_report_of_round2_names_outcomes_top_five_and_the_stage2_table(tmp_path)
     assert "| Global TPE | 0.8842 | 0.7609 | >= 0.70 | 0.53 |" in text
     assert "| EMNIST | missing | missing |" in text
     assert "Global TPE >= 0.7609: met (0.8842)" in text
+    assert "ended 12 trial(s) at or above the 0.60 gate: 15 (0.6029, epoch 15)" in text
+    assert "the winner, trial 33, at 0.6833" in text and "Spearman's rho 0.814" in text
 
 
 def test_report_without_stage2_says_it_is_not_run_and_a_missing_file_is_one_line():
