@@ -60,6 +60,9 @@ else
   pkill -f 'nvidia-smi --query-gpu' 2>/dev/null
   echo "up ended at $(date -u +%T) after $(( $(date +%s) - $(cat "$runs/started_at") )) s" | tee -a "$runs/windows.txt"
   # Whether the compiled kernels could travel to the next window (a fresh machine compiles cold).
-  echo "compile caches: $(du -sh "${TORCHINDUCTOR_CACHE_DIR:-$NKAT_CACHE_DIR/compile}" 2>/dev/null | cut -f1)"
+  compile_dir=${TORCHINDUCTOR_CACHE_DIR:-$NKAT_CACHE_DIR/compile}
+  echo "compile caches: $compile_dir $( [ -d "$compile_dir" ] && du -sh "$compile_dir" | cut -f1 || echo absent)" \
+    "(TORCHINDUCTOR_CACHE_DIR ${TORCHINDUCTOR_CACHE_DIR:-unset}; $NKAT_CACHE_DIR holds:" \
+    "$(ls "$NKAT_CACHE_DIR" 2>/dev/null | tr '\n' ' '))"
   tail -c 6000 "$log"; snapshot
 fi
