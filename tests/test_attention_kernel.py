@@ -346,7 +346,8 @@ def _opcheck_case(variant: tuple = ()) -> dict:
     return {name: str(value) for name, value in report.items()}
 
 
-def run_cases() -> dict:
+def run_cases(shard: int = 0, shards: int = 1) -> dict:
+    """Every ``shards``-th case from ``shard``: the fixture runs two interpreters side by side."""
     cases = {f"layer_{name}": (lambda c=case: _layer_case(*c))
              for name, case in LAYER_CASES.items()}
     cases.update({f"layer_atomic_{name}": (lambda c=case: _layer_case(*c, bwd_mode="atomic"))
@@ -371,7 +372,7 @@ def run_cases() -> dict:
         "opcheck_no_tail_rounds_10": lambda: _opcheck_case(("split", None, 0, 10)),
     })
     results = {}
-    for name, case in cases.items():
+    for name, case in list(cases.items())[shard::shards]:
         started = time.perf_counter()
         try:
             results[name] = case()
@@ -383,11 +384,22 @@ def run_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
+    # The interpreter runs on one core; two shards side by side halve the wait on a 2-core CI box.
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    shards = [subprocess.Popen([sys.executable, __file__, str(shard), "2"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+              for shard in range(2)]
+    results = {}
+    for proc in shards:
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for other in shards:
+                other.kill()
+            raise
+        assert proc.returncode == 0, out[-2000:] + err[-3000:]
+        results.update(json.loads(out.strip().splitlines()[-1]))
+    return results
 
 
 def _case(interpreted: dict, name: str) -> dict:
@@ -668,5 +680,5 @@ def test_kernel_supports_and_cpu_auto_path(monkeypatch):
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
-    print(json.dumps(run_cases()))
+    torch.set_num_threads(1)
+    print(json.dumps(run_cases(*map(int, sys.argv[1:3]))))
