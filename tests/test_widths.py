@@ -109,6 +109,9 @@ def test_ups_progress_line_fits_and_its_bar_shrinks_last(study_url, columns):
     last = frames[-1]
     assert last.startswith("nkat-quick 4/8 |")
     assert "best 0.7400 (#1)" in last
+    # The time left is the study's own estimate (report.eta_seconds): six trials finished within
+    # seconds of each other, two left, so a few seconds at most, not tqdm's "?" or its rate.
+    assert re.search(r"\| \d\d:\d\d<\d+s, ", last), last
     if columns == 200:
         assert "#6 stage 1 cifar10 epoch 1/2 Local TPE 0.5000" in last
     else:

@@ -12,7 +12,7 @@ class LiveView:
     """``up``'s live view: a tqdm bar on a terminal, else a line per change.
 
     Budget done, the running trials' stage, dataset, epoch and Local TPE, the best so far and the
-    time left at the rate trials finished since the view started.
+    time left at the rate the study has finished trials (``report.eta_seconds``).
     """
 
     def __init__(self, study_name: str):
@@ -20,7 +20,6 @@ class LiveView:
         self.use_bar = draws_bars(sys.stdout)  # decided once: a resize does not switch views
         self.bar = None
         self.started = time.monotonic()
-        self.done_before: int | None = None  # trials finished before the view started
         self.last, self.last_printed = None, 0.0
 
     def say(self, message: str) -> None:
@@ -36,8 +35,6 @@ class LiveView:
         from nkat_search.search.report import LiveBar, finished_count, live_line
 
         done = finished_count(report["trials"])
-        if self.done_before is None:
-            self.done_before = done
         elapsed = time.monotonic() - self.started
         if self.use_bar:
             if self.bar is None:
@@ -45,7 +42,7 @@ class LiveView:
             self.bar.update(report, done, report["budget"]["budget"] if report["budget"] else done)
             return
         # A line when something but the time left changed, or once a minute.
-        line = live_line(report, self.done_before, elapsed)
+        line = live_line(report)
         news = line.rsplit(" | ", 1)[0]
         if news != self.last or elapsed - self.last_printed >= 60:
             print(f"[{format_elapsed(elapsed)}] {line}", flush=True)

@@ -386,6 +386,16 @@ def bar_postfix(report: dict[str, Any], room: int) -> str:
     return ""
 
 
+class _StudyBar(tqdm):
+    """tqdm with one more field for its format, ``{left}``, set before each draw."""
+
+    left = "?"
+
+    @property
+    def format_dict(self):
+        return {**super().format_dict, "left": self.left}
+
+
 class LiveBar:
     """``up``'s progress bar on a terminal: one line that fits the terminal however wide it is.
 
@@ -395,7 +405,8 @@ class LiveBar:
     """
 
     MIN_BAR = 10
-    FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining}{postfix}"
+    # {left}: the study's own estimate (eta_seconds), not tqdm's rate since this run started.
+    FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{left}{postfix}"
 
     def __init__(self, name: str, stream):
         self.name = name
@@ -410,11 +421,11 @@ class LiveBar:
 
     def update(self, report: dict[str, Any], done: int, budget: int) -> None:
         if self.bar is None:
-            # smoothing=0: the time left at the average rate since up started.
-            self.bar = tqdm(total=budget, initial=done, unit="trial", dynamic_ncols=True,
-                            smoothing=0, desc=self.name, file=self.stream,
-                            bar_format=self.FORMAT)
+            self.bar = _StudyBar(total=budget, initial=done, unit="trial", dynamic_ncols=True,
+                                 desc=self.name, file=self.stream, bar_format=self.FORMAT)
         self.bar.total = budget
+        eta = eta_seconds(report["trials"], budget)
+        self.bar.left = "?" if eta is None else format_duration(eta)
         # Everything but the bar and the text, at its longest ("1:02:03<1:02:03"), and tqdm
         # draws one column less than the terminal's so the cursor never wraps.
         fixed = len(f"{self.name} {budget}/{budget} || 00:00:00<00:00:00, ") + 1
@@ -436,15 +447,38 @@ class LiveBar:
             self.bar.close()
 
 
-def eta_seconds(done_now: int, done_before: int, budget: int, elapsed_s: float) -> float | None:
-    """Time left at the rate of the trials finished since the watch began (None before one)."""
-    finished_here = done_now - done_before
-    if finished_here <= 0 or elapsed_s <= 0:
+def busy_seconds(rows: list[dict[str, Any]]) -> float:
+    """Wall seconds during which at least one trial ran: the union of their start-to-end spans.
+
+    Gaps between runs of ``up`` (a study resumed the next day) are left out, so a resumed study's
+    history counts from its first line.
+    """
+    spans = sorted((start, start + r["duration_s"]) for r in rows
+                   if r["started"] and r["duration_s"] is not None
+                   for start in [dt.datetime.fromisoformat(r["started"]).timestamp()])
+    total, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def eta_seconds(rows: list[dict[str, Any]], budget: int) -> float | None:
+    """Time left at the rate the study has finished trials while any ran (None before one).
+
+    The whole history, earlier runs of ``up`` included: a rate over this run alone swung from 1h13m
+    to 19m in 20 s on Round 2's second window, as one long trial or three short ones ended.
+    Later trials of a TPE search pass the gate more often and run longer, so this errs short.
+    """
+    done = finished_count(rows)
+    busy = busy_seconds(rows)
+    if done <= 0 or busy <= 0:
         return None
-    return max(0, budget - done_now) * elapsed_s / finished_here
+    return max(0, budget - done) * busy / done
 
 
-def live_line(report: dict[str, Any], done_before: int, elapsed_s: float) -> str:
+def live_line(report: dict[str, Any]) -> str:
     """``3/8 trials done (2 complete, 1 gate-failed) | running: ... | best ... | ETA 2m10s``."""
     rows = report["trials"]
     summary = report["summary"]
@@ -452,7 +486,7 @@ def live_line(report: dict[str, Any], done_before: int, elapsed_s: float) -> str
     budget = report["budget"]["budget"] if report["budget"] else summary["total"]
     counts = ", ".join(f"{summary[name]} {name.replace('_', '-')}" for name in OUTCOMES
                        if summary[name])
-    eta = eta_seconds(done, done_before, budget, elapsed_s)
+    eta = eta_seconds(rows, budget)
     left = ("ETA after the first trial" if eta is None and done < budget
             else f"about {format_duration(eta)} left" if done < budget else "budget spent")
     return (f"{done}/{budget} trials done" + (f" ({counts})" if counts else "")
