@@ -331,6 +331,52 @@ def _tail_case() -> dict:
     return result
 
 
+# bwd_mode "sparse" runs on the cases with top_k on; top_k >= N takes the atomic route.
+SPARSE_LAYER_CASES = ("n17_d48_k6_p08", "n17_d56_k6_p08_ties", "n33_d64_k4_p09",
+                      "n40_d48_k6_p08_ties", "n12_d48_topk_ge_n", "n17_d64_topk_only",
+                      "n17_d48_split_heads")
+
+
+def _sparse_slots_case(slots: int) -> dict:
+    """The sparse backward with fewer slots than kept entries: top_k 6, no nucleus, ties. With 4
+    slots every query tile takes the dense fallback; with 8 only those holding a row of more than
+    8 tied entries do (the errors differ from 16 slots' in the last bits, so the paths differ)."""
+    import nkat_search.train.attention_kernel as ak
+
+    saved = ak.SPARSE_SLOTS
+    ak.SPARSE_SLOTS = slots
+    try:
+        return _layer_case(*LAYER_CASES["n17_d64_topk_only"], bwd_mode="sparse")
+    finally:
+        ak.SPARSE_SLOTS = saved
+
+
+def _sparse_tail_case() -> dict:
+    """The sparse backward under tail tiles (tiles of 32, tail 16, 40 and 70 tokens): against
+    the explicit core with dropout 0, and with dropout against the atomic backward on the same
+    seed (the same mask)."""
+    from nkat_search.train.attention_kernel import kernel_attention
+
+    gen = torch.Generator().manual_seed(23)
+    result = {}
+    for n, p in ((40, 0.0), (70, 0.0), (70, 0.2)):
+        q, k, v, grad = torch.randn(4, 1, 2, n, 48, generator=gen).unbind(0)
+        runs = {}
+        for mode in ("sparse", "atomic"):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            torch.manual_seed(6)
+            out = kernel_attention(*leaves, 0.3, 6, 0.9, p, block_m=32, block_n=32,
+                                   bwd_mode=mode, tail_block=16)
+            runs[mode] = [out, *torch.autograd.grad(out, leaves, grad)]
+        if p == 0.0:
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            ref = _explicit_core(*leaves, 0.3, 6, 0.9)
+            runs["explicit"] = [ref, *torch.autograd.grad(ref, leaves, grad)]
+        ref = runs["explicit" if p == 0.0 else "atomic"]
+        result[f"n{n}_p{p}"] = max(_rel(a, b) for a, b in zip(runs["sparse"], ref))
+    return result
+
+
 def _opcheck_case(variant: tuple = ()) -> dict:
     """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT
     dispatch of the forward op, i.e. what torch.compile relies on. ``variant``: the trailing
@@ -370,7 +416,16 @@ def run_cases(shard: int = 0, shards: int = 1) -> dict:
         "opcheck_atomic_stages": lambda: _opcheck_case(("atomic", 2)),
         "tail": _tail_case,
         "opcheck_no_tail_rounds_10": lambda: _opcheck_case(("split", None, 0, 10)),
+        "integer_ties_sparse_float32": lambda: _integer_ties_case(torch.float32, "sparse"),
+        "integer_ties_sparse_bf16": lambda: _integer_ties_case(torch.bfloat16, "sparse"),
+        "dropout_gradient_sparse": lambda: _dropout_gradient_case("sparse", 7),
+        "sparse_slots_4": lambda: _sparse_slots_case(4),
+        "sparse_slots_8": lambda: _sparse_slots_case(8),
+        "sparse_tail": _sparse_tail_case,
+        "opcheck_sparse": lambda: _opcheck_case(("sparse",)),
     })
+    cases.update({f"layer_sparse_{name}": (lambda c=LAYER_CASES[name]: _layer_case(
+        *c, bwd_mode="sparse")) for name in SPARSE_LAYER_CASES})
     results = {}
     for name, case in list(cases.items())[shard::shards]:
         started = time.perf_counter()
@@ -496,6 +551,55 @@ def test_kernel_atomic_backward_skipping_empty_tiles(interpreted):
     assert result["max_difference"] < FLOAT32_TOL, result
 
 
+# bwd_mode "sparse": dS and dQ from each row's kept entries, dK and dV from them spread on tiles.
+
+@pytest.mark.parametrize("name", SPARSE_LAYER_CASES)
+def test_kernel_sparse_backward_layer_matches_explicit(interpreted, name):
+    errors = _case(interpreted, f"layer_sparse_{name}")
+    errors.pop("seconds")
+    scalars = {name: errors.pop(name) for name in ("alpha", "beta")}
+    assert max(errors.values()) < FLOAT32_TOL, errors
+    assert max(scalars.values()) < SCALAR_SUM_TOL, scalars
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bf16"])
+def test_kernel_sparse_backward_exact_ties(interpreted, dtype):
+    result = _case(interpreted, f"integer_ties_sparse_{dtype}")
+    tol = FLOAT32_TOL if dtype == "float32" else BF16_TOL
+    errors = {k: v for k, v in result.items() if k.startswith(("out", "grad_"))}
+    assert max(errors.values()) < tol, result
+    assert result["rows_with_ties_at_kth"] > 0, result
+
+
+def test_kernel_sparse_backward_uses_the_forward_mask(interpreted):
+    result = _case(interpreted, "dropout_gradient_sparse")
+    for name in ("out", "grad_q", "grad_k", "grad_v"):
+        assert result[name] < FLOAT32_TOL, result
+    assert result["wrong_seed_grad_q"] > 1e-2, result
+
+
+@pytest.mark.parametrize("slots", [4, 8])
+def test_kernel_sparse_backward_falls_back_to_dense_tiles_past_its_slots(interpreted, slots):
+    errors = _case(interpreted, f"sparse_slots_{slots}")
+    errors.pop("seconds")
+    scalars = {name: errors.pop(name) for name in ("alpha", "beta")}
+    assert max(errors.values()) < FLOAT32_TOL, errors
+    assert max(scalars.values()) < SCALAR_SUM_TOL, scalars
+
+
+def test_kernel_sparse_backward_under_tail_tiles(interpreted):
+    result = _case(interpreted, "sparse_tail")
+    result.pop("seconds")
+    assert len(result) == 3, result
+    assert all(error < FLOAT32_TOL for error in result.values()), result
+
+
+def test_kernel_op_registration_with_the_sparse_backward(interpreted):
+    report = _case(interpreted, "opcheck_sparse")
+    report.pop("seconds")
+    assert report and all(value == "SUCCESS" for value in report.values()), report
+
+
 def test_kernel_dropout_seed_follows_torch_generator(interpreted):
     result = _case(interpreted, "seed")
     assert result["replay_equal"] and not result["next_call_equal"], result
@@ -575,8 +679,10 @@ def _compile_for_hopper(fn, dtype: str, constexprs: dict, num_warps: int):
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = f"*{dtype}"
-        elif name in ("THR", "LSE", "DELTA", "DQ_ACC", "KNOBS"):
+        elif name in ("THR", "LSE", "DELTA", "DQ_ACC", "KNOBS", "PS", "DSS", "WS"):
             signature[name] = "*fp32"
+        elif name in ("IDX", "COUNT"):
+            signature[name] = "*i32"
         elif name == "SEED":
             signature[name] = "*i64"
         else:
@@ -655,6 +761,23 @@ def test_kernel_tail_programs_compile_for_hopper_in_bf16():
                            (ak._bwd_q_kernel, dict(tiles, BLOCK_M=16, DROPOUT=True))):
         compiled = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
         assert ".entry" in compiled.asm["ptx"], fn.__name__
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="kernels are interpreted functions in this process")
+def test_kernel_sparse_backward_programs_compile_for_hopper_in_bf16():
+    """bwd_mode "sparse": the slots program and the key-block program, which keeps the dense tile
+    (wgmma, dQ atomics) as its fallback."""
+    pytest.importorskip("triton")
+    from nkat_search.train import attention_kernel as ak
+
+    tiles = dict(_hopper_tiles(ak), TAIL=16, S=ak.SPARSE_SLOTS, DROPOUT=True)
+    # Full blocks: their loops over tail tiles (TAIL 16) compile within them.
+    for fn, constexprs in ((ak._bwd_slots_kernel, tiles), (ak._bwd_kv_sparse_kernel, tiles)):
+        ptx = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS).asm["ptx"]
+        assert ".entry" in ptx, fn.__name__
+        if fn is ak._bwd_kv_sparse_kernel:
+            assert "wgmma" in ptx and ("red.global" in ptx or "atom.global" in ptx)
 
 
 def test_kernel_supports_and_cpu_auto_path(monkeypatch):

@@ -30,7 +30,10 @@ N x N reaches memory:
   recomputation, for atomic traffic and a float32 sum order that changes from run to run (dQ may
   differ in its last bits between identical calls). ``delta = rowsum(dO * O)`` equals
   ``rowsum(P * dP)`` of the softmax backward even with dropout (the mask and 1 / (1 - p) are in
-  both O and dP).
+  both O and dP). "sparse" (with top_k on; untimed, see ``SPARSE_SLOTS``): a row keeps at most
+  top_k keys but for ties, so one kernel per query block finds each row's kept entries once and
+  forms dP, dS and dQ from gathered k and v rows, and the key-block kernel spreads dS and the
+  weights onto its tiles for dK and dV: two products per tile, no exp, no dropout mask.
 - dropout: one Philox call (``tl.rand4x``) serves 4 consecutive columns of a row
   (``DROPOUT_COLUMNS_PER_PHILOX``), a quarter of the random-number work of one call per entry,
   which matters because every kernel regenerates the mask. Each entry's keep bit stays a
@@ -110,7 +113,14 @@ DROPOUT_COLUMNS_PER_PHILOX = 4
 # 6.46 ms against split 7.34 at 64 x 64 tiles, 6.58 against 7.13 at 64 x 32; both passed the
 # agreement check there (results/gpu/session8/kernel_check_log.txt).
 BWD_MODE = "atomic"
-BWD_MODES = ("split", "atomic")
+BWD_MODES = ("split", "atomic", "sparse")
+# bwd_mode "sparse" (issue 22's sparsity idea, untimed): with top_k on, a row keeps top_k of its
+# N keys (more only on ties), so backward needs no N x N product but the scores once. The first
+# kernel finds each row's kept entries (up to SPARSE_SLOTS; a query tile with a row of more takes
+# the dense tiles, exactly) and forms dP, dS and dQ from gathered k and v rows; the second spreads
+# dS and the weights onto each key block's tiles for dK and dV, two products per tile instead of
+# five, with no exp and no dropout mask over the tile. Without top_k (or top_k >= N) it is "atomic".
+SPARSE_SLOTS = 16
 # Tail tiles. With tiles of 64, a 257-token row (256 patches and the CLS token) takes 5 key tiles
 # and 5 query blocks, the last of each holding 1 valid row or key: 25 tile pairs of work for
 # 16.1 useful, and every kernel pays it (the first pass's level walk too). With a tail block T,
@@ -554,6 +564,202 @@ if triton is not None:
                  dq.to(DQ.dtype.element_ty), mask=qo_mask)
 
 
+    @triton.jit
+    def _slot_dropout_keep(seed, bh, rows, cols, N, dropout_p, ROUNDS: tl.constexpr):
+        # _dropout_keep's bit for one (row, column) pair per row: the Philox call at the offset
+        # of the column's group of 4, its output cols % 4 (the same bit as in any tile).
+        key = seed + bh.to(tl.int64) * 4294967296
+        u0, u1, u2, u3 = tl.rand4x(key, rows * N + (cols - cols % 4), ROUNDS)
+        lane = cols % 4
+        u = tl.where(lane == 0, u0, tl.where(lane == 1, u1, tl.where(lane == 2, u2, u3)))
+        return u >= dropout_p
+
+    @triton.jit
+    def _slot_scatter_tile(
+        q, k_base, start, skn, skd, dims, dim_ok, N, scale, threshold, lse, count, slot_base,
+        IDX, PS, S: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One key tile of the sparse backward's first kernel: each row's kept entries (scores at
+        # or above its threshold, formed as in the forward) appended to its S slots: column and
+        # probability. Entries past S are counted, not stored (count > S sends the query tile
+        # to the dense tiles).
+        cols, _, _, s = _key_scores(q, k_base, start, skn, skd, dims, dim_ok, N, scale, BLOCK_N,
+                                    PRECISION)
+        kept = s >= threshold[:, None]
+        pos = count[:, None] + tl.cumsum(kept.to(tl.int32), 1) - 1
+        ok = kept & (pos < S)
+        at = slot_base[:, None] + pos
+        tl.store(IDX + at, tl.zeros_like(pos) + cols[None, :], mask=ok)
+        tl.store(PS + at, tl.exp(s - lse[:, None]), mask=ok)
+        return count + tl.sum(kept.to(tl.int32), 1)
+
+    @triton.jit
+    def _bwd_slots_kernel(
+        Q, K, V, DO, THR, LSE, DELTA, DQ_ACC, SEED, IDX, PS, DSS, WS, COUNT,
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+        H, N, D, KNOBS, ROW0, N_FULL,
+        S: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr,
+        SKIP_EMPTY: tl.constexpr, ROUNDS: tl.constexpr,
+    ):
+        # bwd_mode "sparse", first kernel, one query block (rows ROW0 + pid * BLOCK_M onwards):
+        # the kept entries into slots (one pass of scores over the keys, as the forward's tiles),
+        # then per slot the gathered v and k rows give dP, dS and dQ without any N x N product.
+        # dS and the dropped-out weights go to their slots for the key-block kernel. A block with
+        # a row of more than S kept entries (ties) stores no dQ: the key-block kernel then takes
+        # its tiles the dense way and adds their dQ into DQ_ACC (zeroed) with atomics.
+        scale = tl.load(KNOBS)
+        dropout_p = tl.load(KNOBS + 2)
+        inv_keep = tl.load(KNOBS + 3)
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        bh = b * H + h
+        rows = ROW0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < N
+        dim_ok = dims < D
+        qo_mask = row_ok[:, None] & dim_ok[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd,
+                    mask=qo_mask, other=0.0)
+        threshold = tl.load(THR + bh * N + rows, mask=row_ok, other=float("inf"))
+        lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        slot_base = (bh * N + rows) * S
+        count = tl.zeros([BLOCK_M], tl.int32)
+        for start in range(0, N_FULL, BLOCK_N):
+            count = _slot_scatter_tile(q, k_base, start, skn, skd, dims, dim_ok, N, scale,
+                                       threshold, lse, count, slot_base, IDX, PS, S, BLOCK_N,
+                                       PRECISION)
+        if TAIL > 0:
+            for start in range(N_FULL, N, TAIL):
+                count = _slot_scatter_tile(q, k_base, start, skn, skd, dims, dim_ok, N, scale,
+                                           threshold, lse, count, slot_base, IDX, PS, S, TAIL,
+                                           PRECISION)
+        tl.store(COUNT + bh * N + rows, count, mask=row_ok)
+        # The slots just stored are read back by other threads of this program.
+        tl.debug_barrier()
+        do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + dims[None, :] * sdd,
+                     mask=qo_mask, other=0.0).to(tl.float32)
+        delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
+        seed = tl.load(SEED)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for j in tl.static_range(S):
+            ok = row_ok & (j < count)
+            col = tl.load(IDX + slot_base + j, mask=ok, other=0)
+            p = tl.load(PS + slot_base + j, mask=ok, other=0.0)
+            gather = ok[:, None] & dim_ok[None, :]
+            v = tl.load(v_base + col[:, None] * svn + dims[None, :] * svd, mask=gather, other=0.0)
+            dw = tl.sum(do * v.to(tl.float32), 1)
+            if DROPOUT:
+                keep = _slot_dropout_keep(seed, bh, rows, col, N, dropout_p, ROUNDS)
+                w = tl.where(keep, p * inv_keep, 0.0)
+                dp = tl.where(keep, dw * inv_keep, 0.0)
+            else:
+                w = p
+                dp = dw
+            ds = p * (dp - delta)
+            k = tl.load(k_base + col[:, None] * skn + dims[None, :] * skd, mask=gather, other=0.0)
+            dq += ds[:, None] * k.to(tl.float32)
+            tl.store(DSS + slot_base + j, ds, mask=ok)
+            tl.store(WS + slot_base + j, w, mask=ok)
+        fits = tl.max(count, 0) <= S
+        tl.store(DQ_ACC + (bh * N + rows[:, None]) * D + dims[None, :], dq * scale,
+                 mask=qo_mask & fits)
+
+    @triton.jit
+    def _bwd_kv_sparse_tile(
+        THR, LSE, DELTA, DQ_ACC, IDX, DSS, WS, COUNT, q_base, do_base, start, sqn, sqd, sdn,
+        sdd, k, v, dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, scale, dropout_p,
+        inv_keep, seed,
+        S: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, ROUNDS: tl.constexpr,
+    ):
+        # One query tile of a key block's sparse backward: dS and the weights from the rows'
+        # slots, spread onto the tile's columns, then dK and dV as two products. A tile with a
+        # row of more than S kept entries is taken the dense way (its dQ added with atomics).
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        count = tl.load(COUNT + bh * N + rows, mask=row_ok, other=0)
+        if tl.max(count, 0) > S:
+            dk, dv = _bwd_kv_tile(
+                THR, LSE, DELTA, DQ_ACC, q_base, do_base, start, sqn, sqd, sdn, sdd, k, v, dk,
+                dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, scale, dropout_p, inv_keep,
+                seed, DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY, True, ROUNDS)
+        else:
+            qo_mask = row_ok[:, None] & dim_ok[None, :]
+            slot_base = (bh * N + rows) * S
+            ds = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            w = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for j in tl.static_range(S):
+                ok = row_ok & (j < count)
+                col = tl.load(IDX + slot_base + j, mask=ok, other=-1)
+                hit = col[:, None] == cols[None, :]
+                ds += tl.where(hit, tl.load(DSS + slot_base + j, mask=ok, other=0.0)[:, None],
+                               0.0)
+                w += tl.where(hit, tl.load(WS + slot_base + j, mask=ok, other=0.0)[:, None], 0.0)
+            q = tl.load(q_base + rows[:, None] * sqn + dims[None, :] * sqd, mask=qo_mask,
+                        other=0.0)
+            do = tl.load(do_base + rows[:, None] * sdn + dims[None, :] * sdd, mask=qo_mask,
+                         other=0.0)
+            dv += _dot(tl.trans(w.to(do.dtype)), do, PRECISION)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
+        return dk, dv
+
+    @triton.jit
+    def _bwd_kv_sparse_kernel(
+        Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED, IDX, DSS, WS, COUNT,
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+        sgb, sgh, sgn, sgd,
+        H, N, D, KNOBS, COL0, M_FULL,
+        S: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr,
+        SKIP_EMPTY: tl.constexpr, ROUNDS: tl.constexpr,
+    ):
+        # bwd_mode "sparse", second kernel: dK and dV of one key block over every query tile
+        # (the same tiles as _bwd_kv_kernel), from the slots _bwd_slots_kernel filled.
+        scale = tl.load(KNOBS)
+        dropout_p = tl.load(KNOBS + 2)
+        inv_keep = tl.load(KNOBS + 3)
+        pid_n = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        bh = b * H + h
+        col0 = COL0 + pid_n * BLOCK_N
+        cols = col0 + tl.arange(0, BLOCK_N)
+        dims = tl.arange(0, BLOCK_D)
+        col_ok = cols < N
+        dim_ok = dims < D
+        kv_mask = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + dims[None, :] * skd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dims[None, :] * svd,
+                    mask=kv_mask, other=0.0)
+        seed = tl.load(SEED)
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start in range(0, M_FULL, BLOCK_M):
+            dk, dv = _bwd_kv_sparse_tile(
+                THR, LSE, DELTA, DQ_ACC, IDX, DSS, WS, COUNT, q_base, do_base, start, sqn, sqd,
+                sdn, sdd, k, v, dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, scale,
+                dropout_p, inv_keep, seed, S, DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY,
+                ROUNDS)
+        if TAIL > 0:
+            for start in range(M_FULL, N, TAIL):
+                dk, dv = _bwd_kv_sparse_tile(
+                    THR, LSE, DELTA, DQ_ACC, IDX, DSS, WS, COUNT, q_base, do_base, start, sqn,
+                    sqd, sdn, sdd, k, v, dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D,
+                    scale, dropout_p, inv_keep, seed, S, DROPOUT, TAIL, BLOCK_N, PRECISION,
+                    SKIP_EMPTY, ROUNDS)
+        dk = dk * scale
+        g = b * sgb + h * sgh + cols[:, None] * sgn + dims[None, :] * sgd
+        tl.store(DK + g, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + g, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
 # Grids are (row blocks, heads, batch): CUDA allows 65,535 programs along the last two axes, so
 # batch x heads on one of them would stop at batch 8,191 with 8 heads.
 
@@ -651,8 +857,8 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    threshold: Tensor, lse: Tensor, seed: Tensor, knobs: Tensor, dropout: bool,
                    block_m: int, block_n: int, num_warps: int, skip_empty: bool,
                    bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
-                   tail_block: int = TAIL_BLOCK, philox_rounds: int = PHILOX_ROUNDS
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   tail_block: int = TAIL_BLOCK, philox_rounds: int = PHILOX_ROUNDS,
+                   top_k: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     B, H, N, D = q.shape
     grad_out = grad_out.to(q.dtype)
     delta = (grad_out.float() * out.float()).sum(dim=-1).contiguous()
@@ -663,7 +869,10 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                   SKIP_EMPTY=skip_empty, ROUNDS=philox_rounds, **_launch(num_warps, num_stages))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     scalars = (H, N, D, knobs)
-    atomic = bwd_mode == "atomic"
+    if bwd_mode == "sparse" and 0 < top_k < N:
+        return _sparse_bwd(grad_out, q, k, v, threshold, lse, delta, seed, knobs, dk, dv,
+                           (bm, bn, tail, m_full, n_full), common, strides, scalars)
+    atomic = bwd_mode != "split"
     if atomic:
         dq_sum = torch.zeros((B, H, N, D), device=q.device, dtype=torch.float32)
     else:
@@ -684,20 +893,45 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     return dq, dk, dv
 
 
+def _sparse_bwd(grad_out, q, k, v, threshold, lse, delta, seed, knobs, dk, dv, tiling, common,
+                strides, scalars):
+    """bwd_mode "sparse" (see ``SPARSE_SLOTS``): the slots kernel over the query blocks, then the
+    key-block kernel; dQ in float32 (a query tile with too many kept entries adds its share from
+    the dense tiles with atomics)."""
+    B, H, N, D = q.shape
+    bm, bn, tail, m_full, n_full = tiling
+    slots = SPARSE_SLOTS
+    idx = torch.empty((B, H, N, slots), device=q.device, dtype=torch.int32)
+    probs, ds, weights = (torch.empty((B, H, N, slots), device=q.device, dtype=torch.float32)
+                          for _ in range(3))
+    count = torch.empty((B, H, N), device=q.device, dtype=torch.int32)
+    dq_sum = torch.zeros((B, H, N, D), device=q.device, dtype=torch.float32)
+    for programs, rows, row0 in _launches(N, bm, tail, m_full):
+        _bwd_slots_kernel[(programs, H, B)](
+            q, k, v, grad_out, threshold, lse, delta, dq_sum, seed, idx, probs, ds, weights,
+            count, *strides, *scalars, row0, n_full, S=slots, BLOCK_M=rows, BLOCK_N=bn, **common)
+    for programs, cols, col0 in _launches(N, bn, tail, n_full):
+        _bwd_kv_sparse_kernel[(programs, H, B)](
+            q, k, v, grad_out, threshold, lse, delta, dk, dv, dq_sum, seed, idx, ds, weights,
+            count, *strides, *dk.stride(), *scalars, col0, m_full, S=slots, BLOCK_M=bm,
+            BLOCK_N=cols, **common)
+    return _like_qkv_layout(q).copy_(dq_sum), dk, dv
+
+
 @_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, threshold, lse, seed, knobs, dropout, block_m, block_n, num_warps,
       skip_empty, bwd_mode=BWD_MODE, num_stages=NUM_STAGES, tail_block=TAIL_BLOCK,
-      philox_rounds=PHILOX_ROUNDS):
+      philox_rounds=PHILOX_ROUNDS, top_k=0):
     return _like_qkv_layout(q), _like_qkv_layout(q), _like_qkv_layout(q)
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, seed, knobs, _top_k, _nucleus, dropout, block_m, block_n, num_warps, skip_empty,
+    (q, k, v, seed, knobs, top_k, _nucleus, dropout, block_m, block_n, num_warps, skip_empty,
      bwd_mode, num_stages, tail_block, philox_rounds) = inputs
     out, threshold, lse = output
     ctx.save_for_backward(q, k, v, out, threshold, lse, seed, knobs)
     ctx.args = (dropout, block_m, block_n, num_warps, skip_empty, bwd_mode, num_stages,
-                tail_block, philox_rounds)
+                tail_block, philox_rounds, top_k)
     ctx.num_inputs = len(inputs)
 
 
@@ -748,9 +982,9 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
     cross tile borders on small rows), ``num_warps`` the warps per program, ``num_stages`` the
     software pipelining depth of the key loops (None: Triton's default); ``skip_empty`` skips
     the products of tiles whose probabilities are all 0 (the same result, bit for bit, but for
-    the atomic backward's dQ: see below); ``bwd_mode`` is one of ``BWD_MODES``: "split" or
+    the atomic backward's dQ: see below); ``bwd_mode`` is one of ``BWD_MODES``: "split",
     "atomic" (see ``BWD_MODE``; atomic sums dQ in float32 in no fixed order, so its dQ may differ
-    from run to run in the last bits). ``tail_block`` (0 or a power of two from 16) covers the
+    from run to run in the last bits) or "sparse" (see ``SPARSE_SLOTS``; "atomic" without top_k). ``tail_block`` (0 or a power of two from 16) covers the
     rows and keys past the last full tile with tiles of that size instead of one masked full tile
     (see ``TAIL_BLOCK``). ``philox_rounds``: the dropout generator's rounds, 1 to 10 (see
     ``PHILOX_ROUNDS``; another mask, drawn as well).
