@@ -61,7 +61,8 @@ ARCHITECTURES = {  # tokens -> (conv_stem, patch_size)
     65: ("off", 4),
     257: ("off", 2),
 }
-PATHS = ("explicit", "fused", "kernel", "sdpa_filters_off")
+# kernel_sparse: the kernel with bwd_mode "sparse" (attention_kernel.SPARSE_SLOTS), a candidate.
+PATHS = ("explicit", "fused", "kernel", "sdpa_filters_off", "kernel_sparse")
 FILTERS_OFF = {"top_k": 0, "top_p": 1.0, "nkat_strength": 0.0}
 
 
@@ -88,6 +89,14 @@ class ModelStep:
 
         torch.manual_seed(0)
         self.cfg = cfg
+        if path == "kernel_sparse":
+            import functools
+
+            import nkat_search.train.model as model_module
+
+            model_module.kernel_attention = functools.partial(model_module.kernel_attention,
+                                                              bwd_mode="sparse")
+            path = "kernel"
         self.model = build_model(cfg.model, 3, 10, device,
                                  attention_path="auto" if path == "sdpa_filters_off" else path)
         self.ema = EmaModel(self.model, cfg.train.effective_ema())
@@ -513,10 +522,11 @@ def main() -> int:
                   f"{blocks}; run it again (worker logs in {logs})")
     for tokens in sorted(args.tokens):
         speed = {r["path"]: r.get("images_per_s") for r in rows if r["tokens"] == tokens}
-        explicit, fused, kernel, bar = (speed.get(p) for p in PATHS)
+        explicit, fused, kernel, bar, sparse = (speed.get(p) for p in PATHS)
         taken = ("kernel" if KERNEL_BY_DEFAULT and tokens >= KERNEL_MIN_TOKENS else
                  "fused" if tokens >= FUSED_MIN_TOKENS else "explicit")
-        for name, value, target in (("fused", fused, "70 %"), ("kernel", kernel, "90 %")):
+        for name, value, target in (("fused", fused, "70 %"), ("kernel", kernel, "90 %"),
+                                    ("kernel_sparse", sparse, "90 %")):
             if value and explicit:
                 print(f"{tokens} tokens: {name} {value / explicit:.2f}x explicit"
                       + (f", {value / bar:.0%} of sdpa_filters_off (target {target})" if bar
