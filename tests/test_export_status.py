@@ -339,7 +339,7 @@ def _row(started: str | None, seconds: float | None, outcome: str = "complete") 
 
 def test_the_time_left_comes_from_the_studys_busy_time_across_runs_of_up():
     """A rate over the whole history, gaps between runs of up left out: it does not swing as one
-    long trial or several short ones end (Round 2's second window: 1h13m, then 19m 20 s later)."""
+    long trial or several short ones end (round2_aug's second window: 1h13m, then 19m 20 s later)."""
     from nkat_search.search.report import busy_seconds, eta_seconds
 
     rows = [

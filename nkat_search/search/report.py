@@ -468,7 +468,7 @@ def eta_seconds(rows: list[dict[str, Any]], budget: int) -> float | None:
     """Time left at the rate the study has finished trials while any ran (None before one).
 
     The whole history, earlier runs of ``up`` included: a rate over this run alone swung from 1h13m
-    to 19m in 20 s on Round 2's second window, as one long trial or three short ones ended.
+    to 19m in 20 s on round2_aug's second window, as one long trial or three short ones ended.
     Later trials of a TPE search pass the gate more often and run longer, so this errs short.
     """
     done = finished_count(rows)
