@@ -61,7 +61,8 @@ else
   echo "up ended at $(date -u +%T) after $(( $(date +%s) - $(cat "$runs/started_at") )) s" | tee -a "$runs/windows.txt"
   # Whether the compiled kernels could travel to the next window (a fresh machine compiles cold).
   compile_dir=${TORCHINDUCTOR_CACHE_DIR:-$NKAT_CACHE_DIR/compile}
-  echo "compile caches: $compile_dir $( [ -d "$compile_dir" ] && du -sh "$compile_dir" | cut -f1 || echo absent)" \
+  compile_size=$( [ -d "$compile_dir" ] && du -sh "$compile_dir" | cut -f1 || echo absent)
+  echo "compile caches: $compile_dir $compile_size" \
     "(TORCHINDUCTOR_CACHE_DIR ${TORCHINDUCTOR_CACHE_DIR:-unset}; $NKAT_CACHE_DIR holds:" \
     "$(ls "$NKAT_CACHE_DIR" 2>/dev/null | tr '\n' ' '))"
   tail -c 6000 "$log"; snapshot

@@ -985,9 +985,9 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
     the products of tiles whose probabilities are all 0 (the same result, bit for bit, but for
     the atomic backward's dQ: see below); ``bwd_mode`` is one of ``BWD_MODES``: "split",
     "atomic" (see ``BWD_MODE``; atomic sums dQ in float32 in no fixed order, so its dQ may differ
-    from run to run in the last bits) or "sparse" (see ``SPARSE_SLOTS``; "atomic" without top_k). ``tail_block`` (0 or a power of two from 16) covers the
-    rows and keys past the last full tile with tiles of that size instead of one masked full tile
-    (see ``TAIL_BLOCK``). ``philox_rounds``: the dropout generator's rounds, 1 to 10 (see
+    from run to run in the last bits) or "sparse" (see ``SPARSE_SLOTS``; "atomic" without
+    top_k). ``tail_block`` (0 or a power of two from 16) covers the rows and keys past the last
+    full tile with tiles of that size instead of one masked full tile (see ``TAIL_BLOCK``). ``philox_rounds``: the dropout generator's rounds, 1 to 10 (see
     ``PHILOX_ROUNDS``; another mask, drawn as well).
     """
     if not kernel_supports(q.shape[-1], top_k, top_p, q.shape[-2]):
