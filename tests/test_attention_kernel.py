@@ -463,9 +463,10 @@ def _case(interpreted: dict, name: str) -> dict:
     return result
 
 
-@pytest.mark.parametrize("name", list(LAYER_CASES))
-def test_kernel_layer_matches_explicit_forward_and_gradients(interpreted, name):
-    errors = _case(interpreted, f"layer_{name}")
+def _assert_layer_matches(interpreted: dict, case: str) -> None:
+    """A layer case (``_layer_case``): output and gradients within float32 tolerance of the
+    explicit path; alpha and beta, single sums with cancellation, within their own."""
+    errors = _case(interpreted, case)
     errors.pop("seconds")
     assert set(errors) >= {"out", "grad_x", "alpha", "beta", "proj.weight"}
     scalars = {name: errors.pop(name) for name in ("alpha", "beta")}
@@ -473,14 +474,25 @@ def test_kernel_layer_matches_explicit_forward_and_gradients(interpreted, name):
     assert max(scalars.values()) < SCALAR_SUM_TOL, scalars
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bf16"])
-def test_kernel_exact_ties_at_the_threshold(interpreted, dtype):
-    result = _case(interpreted, f"integer_ties_{dtype}")
+def _assert_ties_match(interpreted: dict, case: str, dtype: str) -> None:
+    """An integer-ties case (``_integer_ties_case``): ties at the cut occur, and the output and
+    gradients are within the dtype's tolerance of the explicit core."""
+    result = _case(interpreted, case)
     assert result["rows_with_ties_at_kth"] > 0  # the case does exercise ties at the cut
     tol = FLOAT32_TOL if dtype == "float32" else BF16_TOL
     assert result["dtype"] == ("torch.float32" if dtype == "float32" else "torch.bfloat16")
     errors = {k: v for k, v in result.items() if k.startswith(("out", "grad_"))}
     assert max(errors.values()) < tol, result
+
+
+@pytest.mark.parametrize("name", list(LAYER_CASES))
+def test_kernel_layer_matches_explicit_forward_and_gradients(interpreted, name):
+    _assert_layer_matches(interpreted, f"layer_{name}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bf16"])
+def test_kernel_exact_ties_at_the_threshold(interpreted, dtype):
+    _assert_ties_match(interpreted, f"integer_ties_{dtype}", dtype)
 
 
 @pytest.mark.parametrize("name", ["dropout", "dropout_rounds_7"])
@@ -497,7 +509,9 @@ def test_kernel_dropout_keep_share_and_scaling(interpreted, name):
         assert abs(result["share_equal_to_10_rounds"] - 0.7178) < 0.03, result
 
 
-@pytest.mark.parametrize("name", ["dropout_gradient", "dropout_gradient_rounds_7_atomic"])
+# Every backward mode: split, atomic (with 7 and 10 rounds) and sparse.
+@pytest.mark.parametrize("name", ["dropout_gradient", "dropout_gradient_rounds_7_atomic",
+                                  "dropout_gradient_atomic", "dropout_gradient_sparse"])
 def test_kernel_dropout_backward_uses_the_forward_mask(interpreted, name):
     result = _case(interpreted, name)
     for name in ("out", "grad_q", "grad_k", "grad_v"):
@@ -523,26 +537,12 @@ def test_kernel_skipping_empty_tiles_changes_nothing(interpreted):
 
 @pytest.mark.parametrize("name", list(LAYER_CASES))
 def test_kernel_atomic_backward_layer_matches_explicit(interpreted, name):
-    errors = _case(interpreted, f"layer_atomic_{name}")
-    errors.pop("seconds")
-    scalars = {name: errors.pop(name) for name in ("alpha", "beta")}
-    assert max(errors.values()) < FLOAT32_TOL, errors
-    assert max(scalars.values()) < SCALAR_SUM_TOL, scalars
+    _assert_layer_matches(interpreted, f"layer_atomic_{name}")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bf16"])
 def test_kernel_atomic_backward_exact_ties(interpreted, dtype):
-    result = _case(interpreted, f"integer_ties_atomic_{dtype}")
-    tol = FLOAT32_TOL if dtype == "float32" else BF16_TOL
-    errors = {k: v for k, v in result.items() if k.startswith(("out", "grad_"))}
-    assert max(errors.values()) < tol, result
-
-
-def test_kernel_atomic_backward_uses_the_forward_mask(interpreted):
-    result = _case(interpreted, "dropout_gradient_atomic")
-    for name in ("out", "grad_q", "grad_k", "grad_v"):
-        assert result[name] < FLOAT32_TOL, result
-    assert result["wrong_seed_grad_q"] > 1e-2, result
+    _assert_ties_match(interpreted, f"integer_ties_atomic_{dtype}", dtype)
 
 
 def test_kernel_atomic_backward_skipping_empty_tiles(interpreted):
@@ -555,36 +555,17 @@ def test_kernel_atomic_backward_skipping_empty_tiles(interpreted):
 
 @pytest.mark.parametrize("name", SPARSE_LAYER_CASES)
 def test_kernel_sparse_backward_layer_matches_explicit(interpreted, name):
-    errors = _case(interpreted, f"layer_sparse_{name}")
-    errors.pop("seconds")
-    scalars = {name: errors.pop(name) for name in ("alpha", "beta")}
-    assert max(errors.values()) < FLOAT32_TOL, errors
-    assert max(scalars.values()) < SCALAR_SUM_TOL, scalars
+    _assert_layer_matches(interpreted, f"layer_sparse_{name}")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bf16"])
 def test_kernel_sparse_backward_exact_ties(interpreted, dtype):
-    result = _case(interpreted, f"integer_ties_sparse_{dtype}")
-    tol = FLOAT32_TOL if dtype == "float32" else BF16_TOL
-    errors = {k: v for k, v in result.items() if k.startswith(("out", "grad_"))}
-    assert max(errors.values()) < tol, result
-    assert result["rows_with_ties_at_kth"] > 0, result
-
-
-def test_kernel_sparse_backward_uses_the_forward_mask(interpreted):
-    result = _case(interpreted, "dropout_gradient_sparse")
-    for name in ("out", "grad_q", "grad_k", "grad_v"):
-        assert result[name] < FLOAT32_TOL, result
-    assert result["wrong_seed_grad_q"] > 1e-2, result
+    _assert_ties_match(interpreted, f"integer_ties_sparse_{dtype}", dtype)
 
 
 @pytest.mark.parametrize("slots", [4, 8])
 def test_kernel_sparse_backward_falls_back_to_dense_tiles_past_its_slots(interpreted, slots):
-    errors = _case(interpreted, f"sparse_slots_{slots}")
-    errors.pop("seconds")
-    scalars = {name: errors.pop(name) for name in ("alpha", "beta")}
-    assert max(errors.values()) < FLOAT32_TOL, errors
-    assert max(scalars.values()) < SCALAR_SUM_TOL, scalars
+    _assert_layer_matches(interpreted, f"sparse_slots_{slots}")
 
 
 def test_kernel_sparse_backward_under_tail_tiles(interpreted):
@@ -692,6 +673,11 @@ def _compile_for_hopper(fn, dtype: str, constexprs: dict, num_warps: int):
                           options={"num_warps": num_warps})
 
 
+def _dense_kv(ak) -> dict:
+    """The key-block kernel's constants for the split and atomic backward (no slots)."""
+    return dict(SPARSE=False, S=ak.SPARSE_SLOTS)
+
+
 def _hopper_tiles(ak) -> dict:
     """The launch constants every kernel shares, at the module's defaults (head dim 64)."""
     return dict(BLOCK_M=ak.BLOCK_M, BLOCK_N=ak.BLOCK_N, BLOCK_D=64, TAIL=ak.TAIL_BLOCK,
@@ -707,7 +693,8 @@ def test_kernels_compile_for_hopper_in_bf16():
     tiles = _hopper_tiles(ak)
     forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8, **tiles)
     for fn, constexprs in ((ak._fwd_kernel, dict(DROPOUT=True, **forward)),
-                           (ak._bwd_kv_kernel, dict(DROPOUT=True, ATOMIC_DQ=False, **tiles)),
+                           (ak._bwd_kv_kernel, dict(DROPOUT=True, ATOMIC_DQ=False, **_dense_kv(ak),
+                                                    **tiles)),
                            (ak._bwd_q_kernel, dict(DROPOUT=True, **tiles))):
         compiled = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
         # Hopper's warpgroup MMA in every kernel: the score tiles must come out of the same
@@ -725,7 +712,8 @@ def test_kernel_variants_compile_for_hopper_in_bf16():
 
     tiles = _hopper_tiles(ak)
     compiled = _compile_for_hopper(ak._bwd_kv_kernel, "bf16",
-                                   dict(DROPOUT=True, ATOMIC_DQ=True, **tiles), ak.NUM_WARPS)
+                                   dict(DROPOUT=True, ATOMIC_DQ=True, **_dense_kv(ak), **tiles),
+                                   ak.NUM_WARPS)
     ptx = compiled.asm["ptx"]
     assert "wgmma" in ptx
     assert "red.global" in ptx or "atom.global" in ptx  # dQ summed in global memory
@@ -739,7 +727,8 @@ def test_kernel_variants_compile_for_hopper_in_bf16():
                        DROPOUT=True, **options)
         for fn, constexprs in ((ak._fwd_kernel, forward),
                                (ak._bwd_kv_kernel,
-                                dict(DROPOUT=True, ATOMIC_DQ=True, **options))):
+                                dict(DROPOUT=True, ATOMIC_DQ=True, **_dense_kv(ak),
+                                     **options))):
             compiled = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
             assert "wgmma" in compiled.asm["ptx"], (fn.__name__, block_n)
 
@@ -757,7 +746,7 @@ def test_kernel_tail_programs_compile_for_hopper_in_bf16():
     for fn, constexprs in ((ak._fwd_kernel, dict(forward, **tiles)),
                            (ak._fwd_kernel, dict(forward, **dict(tiles, BLOCK_M=16))),
                            (ak._bwd_kv_kernel, dict(tiles, BLOCK_N=16, DROPOUT=True,
-                                                    ATOMIC_DQ=True)),
+                                                    ATOMIC_DQ=True, **_dense_kv(ak))),
                            (ak._bwd_q_kernel, dict(tiles, BLOCK_M=16, DROPOUT=True))):
         compiled = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
         assert ".entry" in compiled.asm["ptx"], fn.__name__
@@ -773,10 +762,11 @@ def test_kernel_sparse_backward_programs_compile_for_hopper_in_bf16():
 
     tiles = dict(_hopper_tiles(ak), TAIL=16, S=ak.SPARSE_SLOTS, DROPOUT=True)
     # Full blocks: their loops over tail tiles (TAIL 16) compile within them.
-    for fn, constexprs in ((ak._bwd_slots_kernel, tiles), (ak._bwd_kv_sparse_kernel, tiles)):
+    for fn, constexprs in ((ak._bwd_slots_kernel, tiles),
+                           (ak._bwd_kv_kernel, dict(tiles, SPARSE=True, ATOMIC_DQ=True))):
         ptx = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS).asm["ptx"]
         assert ".entry" in ptx, fn.__name__
-        if fn is ak._bwd_kv_sparse_kernel:
+        if fn is ak._bwd_kv_kernel:
             assert "wgmma" in ptx and ("red.global" in ptx or "atom.global" in ptx)
 
 

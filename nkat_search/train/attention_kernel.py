@@ -440,19 +440,22 @@ if triton is not None:
 
     @triton.jit
     def _bwd_kv_kernel(
-        Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED,
+        Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED, IDX, DSS, WS, COUNT,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
         sgb, sgh, sgn, sgd,
         H, N, D, KNOBS, COL0, M_FULL,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr,
         SKIP_EMPTY: tl.constexpr, ATOMIC_DQ: tl.constexpr, ROUNDS: tl.constexpr,
+        SPARSE: tl.constexpr, S: tl.constexpr,
     ):
         # dK and dV of one key block (keys COL0 + pid * BLOCK_N onwards), over every query block:
         # rows below M_FULL in tiles of BLOCK_M, the rest in tiles of TAIL. DK and DV share the
         # strides sg*. bwd_mode "atomic" (ATOMIC_DQ): the block's share of dQ, dS K, is added
         # into DQ_ACC too (float32, contiguous (B, H, N, D), zeroed). "split": dQ comes from
-        # _bwd_q_kernel and DQ_ACC is any pointer, never read.
+        # _bwd_q_kernel and DQ_ACC is any pointer, never read. "sparse" (SPARSE): each query
+        # tile from the S slots _bwd_slots_kernel filled (IDX, DSS, WS, COUNT; without SPARSE
+        # any pointers, never read), see _bwd_kv_query_tile.
         scale = tl.load(KNOBS)
         dropout_p = tl.load(KNOBS + 2)
         inv_keep = tl.load(KNOBS + 3)
@@ -476,17 +479,18 @@ if triton is not None:
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for start in range(0, M_FULL, BLOCK_M):
-            dk, dv = _bwd_kv_tile(
-                THR, LSE, DELTA, DQ_ACC, q_base, do_base, start, sqn, sqd, sdn, sdd, k, v, dk,
-                dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, scale, dropout_p, inv_keep, seed,
-                DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY, ATOMIC_DQ, ROUNDS)
+            dk, dv = _bwd_kv_query_tile(
+                THR, LSE, DELTA, DQ_ACC, IDX, DSS, WS, COUNT, q_base, do_base, start, sqn, sqd,
+                sdn, sdd, k, v, dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, scale,
+                dropout_p, inv_keep, seed, S, DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY,
+                ATOMIC_DQ, SPARSE, ROUNDS)
         if TAIL > 0:
             for start in range(M_FULL, N, TAIL):
-                dk, dv = _bwd_kv_tile(
-                    THR, LSE, DELTA, DQ_ACC, q_base, do_base, start, sqn, sqd, sdn, sdd, k, v,
-                    dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, scale, dropout_p,
-                    inv_keep, seed, DROPOUT, TAIL, BLOCK_N, PRECISION, SKIP_EMPTY, ATOMIC_DQ,
-                    ROUNDS)
+                dk, dv = _bwd_kv_query_tile(
+                    THR, LSE, DELTA, DQ_ACC, IDX, DSS, WS, COUNT, q_base, do_base, start, sqn,
+                    sqd, sdn, sdd, k, v, dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D,
+                    scale, dropout_p, inv_keep, seed, S, DROPOUT, TAIL, BLOCK_N, PRECISION,
+                    SKIP_EMPTY, ATOMIC_DQ, SPARSE, ROUNDS)
         dk = dk * scale
         g = b * sgb + h * sgh + cols[:, None] * sgn + dims[None, :] * sgd
         tl.store(DK + g, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -670,95 +674,53 @@ if triton is not None:
                  mask=qo_mask & fits)
 
     @triton.jit
-    def _bwd_kv_sparse_tile(
+    def _bwd_kv_query_tile(
         THR, LSE, DELTA, DQ_ACC, IDX, DSS, WS, COUNT, q_base, do_base, start, sqn, sqd, sdn,
         sdd, k, v, dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, scale, dropout_p,
         inv_keep, seed,
         S: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, ROUNDS: tl.constexpr,
+        PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+        SPARSE: tl.constexpr, ROUNDS: tl.constexpr,
     ):
-        # One query tile of a key block's sparse backward: dS and the weights from the rows'
-        # slots, spread onto the tile's columns, then dK and dV as two products. A tile with a
-        # row of more than S kept entries is taken the dense way (its dQ added with atomics).
+        # One query tile of a key block's backward. Dense (_bwd_kv_tile) unless SPARSE: then dS
+        # and the weights from the rows' slots, spread onto the tile's columns, and dK and dV as
+        # two products; a tile with a row of more than S kept entries is taken the dense way
+        # (its dQ added with atomics).
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < N
-        count = tl.load(COUNT + bh * N + rows, mask=row_ok, other=0)
-        if tl.max(count, 0) > S:
+        if SPARSE:
+            count = tl.load(COUNT + bh * N + rows, mask=row_ok, other=0)
+            if tl.max(count, 0) > S:
+                dk, dv = _bwd_kv_tile(
+                    THR, LSE, DELTA, DQ_ACC, q_base, do_base, start, sqn, sqd, sdn, sdd, k, v,
+                    dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, scale, dropout_p,
+                    inv_keep, seed, DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY, True,
+                    ROUNDS)
+            else:
+                qo_mask = row_ok[:, None] & dim_ok[None, :]
+                slot_base = (bh * N + rows) * S
+                ds = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                w = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                for j in range(0, tl.max(count, 0)):
+                    ok = row_ok & (j < count)
+                    col = tl.load(IDX + slot_base + j, mask=ok, other=-1)
+                    hit = col[:, None] == cols[None, :]
+                    ds += tl.where(hit, tl.load(DSS + slot_base + j, mask=ok,
+                                                other=0.0)[:, None], 0.0)
+                    w += tl.where(hit, tl.load(WS + slot_base + j, mask=ok,
+                                               other=0.0)[:, None], 0.0)
+                q = tl.load(q_base + rows[:, None] * sqn + dims[None, :] * sqd, mask=qo_mask,
+                            other=0.0)
+                do = tl.load(do_base + rows[:, None] * sdn + dims[None, :] * sdd, mask=qo_mask,
+                             other=0.0)
+                dv += _dot(tl.trans(w.to(do.dtype)), do, PRECISION)
+                dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
+        else:
             dk, dv = _bwd_kv_tile(
                 THR, LSE, DELTA, DQ_ACC, q_base, do_base, start, sqn, sqd, sdn, sdd, k, v, dk,
-                dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, scale, dropout_p, inv_keep,
-                seed, DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY, True, ROUNDS)
-        else:
-            qo_mask = row_ok[:, None] & dim_ok[None, :]
-            slot_base = (bh * N + rows) * S
-            ds = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            w = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for j in range(0, tl.max(count, 0)):
-                ok = row_ok & (j < count)
-                col = tl.load(IDX + slot_base + j, mask=ok, other=-1)
-                hit = col[:, None] == cols[None, :]
-                ds += tl.where(hit, tl.load(DSS + slot_base + j, mask=ok, other=0.0)[:, None],
-                               0.0)
-                w += tl.where(hit, tl.load(WS + slot_base + j, mask=ok, other=0.0)[:, None], 0.0)
-            q = tl.load(q_base + rows[:, None] * sqn + dims[None, :] * sqd, mask=qo_mask,
-                        other=0.0)
-            do = tl.load(do_base + rows[:, None] * sdn + dims[None, :] * sdd, mask=qo_mask,
-                         other=0.0)
-            dv += _dot(tl.trans(w.to(do.dtype)), do, PRECISION)
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
+                dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, scale, dropout_p, inv_keep, seed,
+                DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY, ATOMIC_DQ, ROUNDS)
         return dk, dv
-
-    @triton.jit
-    def _bwd_kv_sparse_kernel(
-        Q, K, V, DO, THR, LSE, DELTA, DK, DV, DQ_ACC, SEED, IDX, DSS, WS, COUNT,
-        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-        sgb, sgh, sgn, sgd,
-        H, N, D, KNOBS, COL0, M_FULL,
-        S: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, TAIL: tl.constexpr, PRECISION: tl.constexpr,
-        SKIP_EMPTY: tl.constexpr, ROUNDS: tl.constexpr,
-    ):
-        # bwd_mode "sparse", second kernel: dK and dV of one key block over every query tile
-        # (the same tiles as _bwd_kv_kernel), from the slots _bwd_slots_kernel filled.
-        scale = tl.load(KNOBS)
-        dropout_p = tl.load(KNOBS + 2)
-        inv_keep = tl.load(KNOBS + 3)
-        pid_n = tl.program_id(0)
-        h = tl.program_id(1)
-        b = tl.program_id(2)
-        bh = b * H + h
-        col0 = COL0 + pid_n * BLOCK_N
-        cols = col0 + tl.arange(0, BLOCK_N)
-        dims = tl.arange(0, BLOCK_D)
-        col_ok = cols < N
-        dim_ok = dims < D
-        kv_mask = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + dims[None, :] * skd,
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dims[None, :] * svd,
-                    mask=kv_mask, other=0.0)
-        seed = tl.load(SEED)
-        q_base = Q + b * sqb + h * sqh
-        do_base = DO + b * sdb + h * sdh
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        for start in range(0, M_FULL, BLOCK_M):
-            dk, dv = _bwd_kv_sparse_tile(
-                THR, LSE, DELTA, DQ_ACC, IDX, DSS, WS, COUNT, q_base, do_base, start, sqn, sqd,
-                sdn, sdd, k, v, dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D, scale,
-                dropout_p, inv_keep, seed, S, DROPOUT, BLOCK_M, BLOCK_N, PRECISION, SKIP_EMPTY,
-                ROUNDS)
-        if TAIL > 0:
-            for start in range(M_FULL, N, TAIL):
-                dk, dv = _bwd_kv_sparse_tile(
-                    THR, LSE, DELTA, DQ_ACC, IDX, DSS, WS, COUNT, q_base, do_base, start, sqn,
-                    sqd, sdn, sdd, k, v, dk, dv, cols, col0, col_ok, dims, dim_ok, bh, N, D,
-                    scale, dropout_p, inv_keep, seed, S, DROPOUT, TAIL, BLOCK_N, PRECISION,
-                    SKIP_EMPTY, ROUNDS)
-        dk = dk * scale
-        g = b * sgb + h * sgh + cols[:, None] * sgn + dims[None, :] * sgd
-        tl.store(DK + g, dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + g, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 # Grids are (row blocks, heads, batch): CUDA allows 65,535 programs along the last two axes, so
@@ -870,20 +832,24 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                   SKIP_EMPTY=skip_empty, ROUNDS=philox_rounds, **_launch(num_warps, num_stages))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     scalars = (H, N, D, knobs)
-    if bwd_mode == "sparse" and 0 < top_k < N:
-        return _sparse_bwd(grad_out, q, k, v, threshold, lse, delta, seed, knobs, dk, dv,
-                           (bm, bn, tail, m_full, n_full), common, strides, scalars)
+    sparse = bwd_mode == "sparse" and 0 < top_k < N
+    # "sparse" sums dQ in float32 as "atomic" does (and is "atomic" without top_k).
     atomic = bwd_mode != "split"
     if atomic:
         dq_sum = torch.zeros((B, H, N, D), device=q.device, dtype=torch.float32)
     else:
         dq = _like_qkv_layout(q)
+    if sparse:
+        slots = _fill_slots(grad_out, q, k, v, threshold, lse, delta, seed, dq_sum,
+                            (bm, bn, tail, m_full, n_full), common, strides, scalars)
+    else:
+        slots = (dk,) * 4  # never read without SPARSE
     for programs, cols, col0 in _launches(N, bn, tail, n_full):
         # The split mode's DQ_ACC is never read: dk stands in for it.
         _bwd_kv_kernel[(programs, H, B)](
             q, k, v, grad_out, threshold, lse, delta, dk, dv, dq_sum if atomic else dk, seed,
-            *strides, *dk.stride(), *scalars, col0, m_full, BLOCK_M=bm, BLOCK_N=cols,
-            ATOMIC_DQ=atomic, **common)
+            *slots, *strides, *dk.stride(), *scalars, col0, m_full, BLOCK_M=bm, BLOCK_N=cols,
+            ATOMIC_DQ=atomic, SPARSE=sparse, S=SPARSE_SLOTS, **common)
     if atomic:
         dq = _like_qkv_layout(q).copy_(dq_sum)
     else:
@@ -894,29 +860,25 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     return dq, dk, dv
 
 
-def _sparse_bwd(grad_out, q, k, v, threshold, lse, delta, seed, knobs, dk, dv, tiling, common,
-                strides, scalars):
-    """bwd_mode "sparse" (see ``SPARSE_SLOTS``): the slots kernel over the query blocks, then the
-    key-block kernel; dQ in float32 (a query tile with too many kept entries adds its share from
-    the dense tiles with atomics)."""
+def _fill_slots(grad_out, q, k, v, threshold, lse, delta, seed, dq_sum, tiling, common, strides,
+                scalars) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """bwd_mode "sparse"'s first kernel over the query blocks (see ``SPARSE_SLOTS``): each row's
+    kept entries in its slots, and dQ into ``dq_sum`` (but for query blocks with a row of more
+    kept entries, whose dQ the key-block kernel adds from dense tiles). Returns the slots the
+    key-block kernel reads: columns, dS, dropped-out weights, and each row's kept count."""
     B, H, N, D = q.shape
     bm, bn, tail, m_full, n_full = tiling
-    slots = SPARSE_SLOTS
-    idx = torch.empty((B, H, N, slots), device=q.device, dtype=torch.int32)
-    probs, ds, weights = (torch.empty((B, H, N, slots), device=q.device, dtype=torch.float32)
+    shape = (B, H, N, SPARSE_SLOTS)
+    idx = torch.empty(shape, device=q.device, dtype=torch.int32)
+    probs, ds, weights = (torch.empty(shape, device=q.device, dtype=torch.float32)
                           for _ in range(3))
     count = torch.empty((B, H, N), device=q.device, dtype=torch.int32)
-    dq_sum = torch.zeros((B, H, N, D), device=q.device, dtype=torch.float32)
     for programs, rows, row0 in _launches(N, bm, tail, m_full):
         _bwd_slots_kernel[(programs, H, B)](
             q, k, v, grad_out, threshold, lse, delta, dq_sum, seed, idx, probs, ds, weights,
-            count, *strides, *scalars, row0, n_full, S=slots, BLOCK_M=rows, BLOCK_N=bn, **common)
-    for programs, cols, col0 in _launches(N, bn, tail, n_full):
-        _bwd_kv_sparse_kernel[(programs, H, B)](
-            q, k, v, grad_out, threshold, lse, delta, dk, dv, dq_sum, seed, idx, ds, weights,
-            count, *strides, *dk.stride(), *scalars, col0, m_full, S=slots, BLOCK_M=bm,
-            BLOCK_N=cols, **common)
-    return _like_qkv_layout(q).copy_(dq_sum), dk, dv
+            count, *strides, *scalars, row0, n_full, S=SPARSE_SLOTS, BLOCK_M=rows, BLOCK_N=bn,
+            **common)
+    return idx, ds, weights, count
 
 
 @_attention_bwd.register_fake
