@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nkat_search.atomic import write_text_atomic  # noqa: E402
 from nkat_search.search.gate_pruner import largest_rises  # noqa: E402
+from nkat_search.search.report import only_study  # noqa: E402
 from nkat_search.search.trials import TrialRecord  # noqa: E402
 from nkat_search.train.model import tokens_per_image  # noqa: E402
 
@@ -74,16 +75,14 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--prior", metavar="FILE", help="also write the prior module here")
     args = parser.parse_args()
-    storage = optuna.storages.RDBStorage(f"sqlite:///{args.db}")
-    (name,) = optuna.study.get_all_study_names(storage)
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = only_study(args.db)
     curves = curves_of(study, args.epochs)
     if not curves:
         print(f"{args.db}: no trial reported all {args.epochs} epochs", file=sys.stderr)
         return 2
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(Path(args.out), json.dumps(
-        {"study": name, "epochs": args.epochs, "curves": curves}, indent=1) + "\n")
+        {"study": study.study_name, "epochs": args.epochs, "curves": curves}, indent=1) + "\n")
     print(f"{len(curves)} curves of {args.epochs} epochs -> {args.out}")
     if args.prior:
         write_text_atomic(Path(args.prior), prior_module(curves, args.epochs, args.out))

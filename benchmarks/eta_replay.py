@@ -22,7 +22,7 @@ import optuna
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nkat_search.atomic import write_text_atomic  # noqa: E402
-from nkat_search.search.report import eta_seconds  # noqa: E402
+from nkat_search.search.report import eta_seconds, only_study  # noqa: E402
 
 
 def rows_at(trials: list[optuna.trial.FrozenTrial], now: dt.datetime) -> list[dict]:
@@ -67,12 +67,10 @@ def main() -> int:
     parser.add_argument("--step", type=float, default=60.0, help="seconds between moments")
     parser.add_argument("--out", help="JSON to write (default: print)")
     args = parser.parse_args()
-    storage = optuna.storages.RDBStorage(f"sqlite:///{args.db}")
-    (name,) = optuna.study.get_all_study_names(storage)
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = only_study(args.db)
     budget = study.user_attrs["n_trials"]
     trials = study.get_trials(deepcopy=False)
-    result = {"study": name, "budget": budget, "first_trial": args.first_trial,
+    result = {"study": study.study_name, "budget": budget, "first_trial": args.first_trial,
               "points": replay(trials, budget, args.first_trial, args.step)}
     text = json.dumps(result, indent=1) + "\n"
     if args.out:

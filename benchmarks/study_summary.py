@@ -42,6 +42,7 @@ from optuna.trial import TrialState
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nkat_search.atomic import write_text_atomic  # noqa: E402
+from nkat_search.search.report import only_study  # noqa: E402
 from nkat_search.search.trials import (  # noqa: E402
     TrialRecord,
     best,
@@ -279,9 +280,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", help="JSON to write (default: print)")
     args = parser.parse_args()
-    storage = optuna.storages.RDBStorage(f"sqlite:///{args.db}")
-    (name,) = optuna.study.get_all_study_names(storage)
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = only_study(args.db)
     seconds = window_seconds(args.windows)
     result = {"device": args.device, "windows_s": seconds,
               "wall_minutes": round(sum(seconds) / 60, 2) if seconds else None,

@@ -39,6 +39,13 @@ def open_study(storage_url: str, study_name: str):
     return optuna.load_study(study_name=study_name, storage=storage)
 
 
+def only_study(db: str | os.PathLike) -> optuna.Study:
+    """The one study in a SQLite file: what the benchmarks read from a finished study's file."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    (name,) = optuna.study.get_all_study_names(storage)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
 def open_storage_for_reading(storage_url: str, **kwargs):
     """The project's storage for a URL; a SQLite file that does not exist is an error, not a new DB.
 
