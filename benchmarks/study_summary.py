@@ -32,11 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import optuna
+import pandas as pd
 from optuna.trial import TrialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -140,31 +143,15 @@ def run_twice(trials: list[optuna.trial.FrozenTrial]) -> dict:
     return {"retries_from_epoch_0": count, "trial_s": round(seconds, 1)}
 
 
-def _ranks(values: list[float]) -> list[float]:
-    """Ranks from 1, ties sharing their mean rank (for a Spearman correlation)."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
 def spearman(xs: list[float], ys: list[float]) -> float | None:
-    """Spearman's rank correlation; None for fewer than 3 pairs or a constant side."""
+    """Spearman's rank correlation (ties share their mean rank); None for fewer than 3 pairs or a
+    constant side. pandas ranks; scipy, which has spearmanr, is not a dependency."""
     if len(xs) < 3:
         return None
-    rx, ry = _ranks(xs), _ranks(ys)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sxx = sum((a - mx) ** 2 for a in rx)
-    syy = sum((b - my) ** 2 for b in ry)
-    return round(sxy / (sxx * syy) ** 0.5, 3) if sxx and syy else None
+    rx, ry = (pd.Series(values).rank().to_numpy() for values in (xs, ys))
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return round(float(np.corrcoef(rx, ry)[0, 1]), 3)
 
 
 def rank_cuts_above_gate(study: optuna.Study) -> dict | None:
@@ -202,9 +189,7 @@ def rank_cuts_above_gate(study: optuna.Study) -> dict | None:
         at_epoch[str(epoch)] = {
             "complete_trials": len(pairs),
             "local_tpe_min": round(values[0], 4),
-            "local_tpe_median": round(values[len(values) // 2] if len(values) % 2 else
-                                      (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2,
-                                      4),
+            "local_tpe_median": round(statistics.median(values), 4),
             "local_tpe_max": round(values[-1], 4),
             "complete_at_or_below_highest_cut": sum(v <= highest_cut for v in values),
             "best_trial": best_pair[2], "best_trial_local_tpe": round(best_pair[0], 4),
