@@ -4,7 +4,9 @@
         --windows results/round2/nkat-round2/windows.txt [--out results/round2_whole.json]
 
 ``windows.txt`` holds one line per device window as ``benchmarks/gpu_study_window.sh`` writes it
-("up ended at HH:MM:SS after S s"); their seconds are summed into ``wall_minutes``. Pruned trials
+("up ended at HH:MM:SS after S s"), or, for a window whose machine was lost before up ended, a
+line "machine lost at HH:MM:SS after S s" written by hand; their seconds are summed into
+``wall_minutes``. Pruned trials
 are split by the rule that stopped them (from the reason the objective recorded). Epochs count
 every CIFAR-10 epoch of every attempt, plus the Stage 2 epochs of complete trials (``epochs_trained``); the CIFAR-10
 ones are also given alone (``cifar10_epochs_trained``), beside what the unpruned study would have
@@ -60,8 +62,8 @@ from nkat_search.train.model import tokens_per_image  # noqa: E402
 def window_seconds(path: Path | None) -> list[float]:
     if path is None or not path.exists():
         return []
-    return [float(m.group(1)) for m in re.finditer(r"up ended at \S+ after (\d+) s",
-                                                    path.read_text())]
+    line = r"(?:up ended|machine lost) at \S+ after (\d+) s"
+    return [float(m.group(1)) for m in re.finditer(line, path.read_text())]
 
 
 PHASE_TIMINGS = ("time_data_s", "time_setup_s", "time_compile_s", "time_train_s", "time_eval_s",

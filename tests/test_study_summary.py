@@ -34,6 +34,16 @@ def test_spearman_shares_tied_ranks_and_refuses_too_few_pairs():
     assert spearman([1, 1, 1], [1, 2, 3]) is None
 
 
+def test_window_seconds_count_ended_and_lost_windows(tmp_path):
+    windows = tmp_path / "windows.txt"
+    windows.write_text("starting up for s at 17:00:09\n"
+                       "up ended at 17:12:03 after 714 s\n"
+                       "starting up for s at 22:08:23\n"
+                       "machine lost at 22:17:23 after 540 s (its last snapshot)\n")
+    assert _module().window_seconds(windows) == [714.0, 540.0]
+    assert _module().window_seconds(tmp_path / "absent.txt") == []
+
+
 def test_round2_rank_cuts_above_the_gate_beside_the_complete_trials():
     proc = subprocess.run([sys.executable, str(SCRIPT), str(ROUND2_DB), "--device", "test"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
