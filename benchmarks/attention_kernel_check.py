@@ -10,18 +10,20 @@ number of rows whose output is off by more than the tolerance (a row whose filte
 Float32 runs without TF32 on both sides. bf16 feeds both sides the same bf16 values; the explicit
 side computes in float32 from them. Then dropout: the kept share against its binomial bounds, and
 the gradients on a fixed seed against the explicit core given the mask the kernel's forward used.
-Both checks run once per backward mode (``BWD_MODES``: split, atomic); a few cases also run
-the other side of ``TAIL_BLOCK`` (agreement, longest rows) and of ``PHILOX_ROUNDS`` (dropout
+Both checks run once per backward mode (``BWD_MODES``: split, atomic, sparse); a few cases also
+run the other side of ``TAIL_BLOCK`` (agreement, longest rows), the backward on 8 warps
+(``bwd_num_warps``, agreement, longest rows) and the other side of ``PHILOX_ROUNDS`` (dropout
 share and gradients): each against the same reference, candidates that do not decide PASS.
 Part 2 times the attention core alone (q, k, v to output; batch 512, 8 heads of 48, 257 tokens,
 bf16, forward + backward unless marked): SDPA; the kernel (top_k 6, top_p 0.8, dropout 0.17) at
-each tile choice (query block, key block, warps) and backward mode; then, at the fastest of those
-pairs, num_stages 1, 2 and 3, dropout 0 (the mask's cost), the filter off, forward only (also
-SDPA's), skipping empty tiles on an attention sink, and the defaults before session 12:
-``tail_block`` 0 (with and without backward, and with the filter off), ``philox_rounds`` 10, and
-both. Then one attention layer (embed 384, bf16 autocast) on the kernel with its defaults (eager
-and compiled), the fused path (compiled) and SDPA with the filters off. The defaults are
-``BLOCK_M``, ``BLOCK_N``, ``NUM_WARPS``, ``BWD_MODE``, ``NUM_STAGES``, ``TAIL_BLOCK`` and
+each tile choice (query block, key block, warps) and backward mode, and each backward mode on 8
+warps of its own at the default tiles; then, at the fastest of those, num_stages 1, 2 and 3,
+dropout 0 (the mask's cost), the filter off, forward only (also SDPA's), skipping empty tiles
+on an attention sink, and the defaults before session 12: ``tail_block`` 0 (with and without
+backward, and with the filter off), ``philox_rounds`` 10, and both. Then one attention layer
+(embed 384, bf16 autocast) on the kernel with its defaults (eager and compiled), the fused path
+(compiled) and SDPA with the filters off. The defaults are ``BLOCK_M``, ``BLOCK_N``,
+``NUM_WARPS``, ``BWD_NUM_WARPS``, ``BWD_MODE``, ``NUM_STAGES``, ``TAIL_BLOCK`` and
 ``PHILOX_ROUNDS`` in ``train/attention_kernel.py``, the place to change them. Part 1 also checks
 tail tiles of 16 on random bf16 data against no tail tiles (forward and backward must form every
 score alike: see ``check_tail_consistency``).
@@ -72,6 +74,8 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 # (before the rand4x mask) ranked them 64x32 w4 8.61 ms, 64x64 w4 9.71, 32x64 w4 10.25, 128x32 w8
 # 10.91, 128x64 w8 12.19, 64x64 w8 16.63: the last four are no longer timed.
 TILE_CHOICES = ((BLOCK_M, BLOCK_N, NUM_WARPS), (64, 32, 4))
+# The backward's warps timed beside the tiles' own (None), at the default tiles.
+BWD_WARPS_CHOICE = 8
 # Software pipelining depths timed at the best (tiles, bwd_mode) pair; 3 is Triton's default on
 # sm_90, so that row repeats the best one.
 NUM_STAGES_CHOICES = (1, 2, 3)
@@ -135,6 +139,10 @@ def check_agreement(device, small: bool) -> bool:
     cases += [(token_counts[-1], 48, dtype, ties, TILE_CHOICES[0], mode, dict(tail_block=tail))
               for mode in BWD_MODES for dtype in (torch.float32, torch.bfloat16)
               for ties in (False, True)]
+    # The backward on its own warps (BWD_WARPS_CHOICE), a candidate of the timing.
+    cases += [(token_counts[-1], 48, torch.bfloat16, ties, TILE_CHOICES[0], mode,
+               dict(bwd_num_warps=BWD_WARPS_CHOICE))
+              for mode in BWD_MODES for ties in (False, True)]
     for n, d, dtype, ties, tiles, mode, options in cases:
         block_m, block_n, warps = tiles
         scale = d ** -0.5 / TEMPERATURE
@@ -339,26 +347,33 @@ def time_layers(device, batch: int, steps: int, out_path: Path | None) -> None:
         return f"{tiles[0]}x{tiles[1]} w{tiles[2]}"
 
     filt = f"top_k {TOP_K} top_p {TOP_P}"
-    # Tiles x backward mode, filter on, dropout 0.17: the best pair is the base of what follows.
+    # Tiles x backward mode (and the backward's warps), filter on, dropout 0.17: the best is the
+    # base of what follows.
     timed("core sdpa (no filter), dropout 0.17",
           core(lambda: sdpa(q, k, v, dropout_p=0.17, scale=scale)))
-    best, best_ms = (TILE_CHOICES[0], BWD_MODE), float("inf")
-    for tiles in TILE_CHOICES:
-        for mode in BWD_MODES:
-            ms = timed(f"core kernel {filt}, dropout 0.17, {tile_name(tiles)}, bwd {mode}",
-                       core(kernel(tiles=tiles, bwd_mode=mode)))
-            if ms is not None and ms < best_ms:
-                best, best_ms = (tiles, mode), ms
-    tiles, mode = best
-    at = f"{tile_name(tiles)}, bwd {mode}"
+    best, best_ms = (TILE_CHOICES[0], BWD_MODE, None), float("inf")
+    # The backward's own warps (bwd_num_warps) at the default tiles: at 4 warps every backward
+    # program spills (results/kernel_registers.json), at 8 fewer or none.
+    choices = [(tiles, mode, None) for tiles in TILE_CHOICES for mode in BWD_MODES]
+    choices += [(TILE_CHOICES[0], mode, BWD_WARPS_CHOICE) for mode in BWD_MODES]
+    for tiles, mode, bwd_warps in choices:
+        warps_name = "" if bwd_warps is None else f", bwd_num_warps {bwd_warps}"
+        ms = timed(f"core kernel {filt}, dropout 0.17, {tile_name(tiles)}, bwd {mode}"
+                   + warps_name, core(kernel(tiles=tiles, bwd_mode=mode, bwd_num_warps=bwd_warps)))
+        if ms is not None and ms < best_ms:
+            best, best_ms = (tiles, mode, bwd_warps), ms
+    tiles, mode, bwd_warps = best
+    at = f"{tile_name(tiles)}, bwd {mode}" + ("" if bwd_warps is None
+                                             else f", bwd_num_warps {bwd_warps}")
+    best_backward = dict(tiles=tiles, bwd_mode=mode, bwd_num_warps=bwd_warps)
     for stages in NUM_STAGES_CHOICES:
         timed(f"core kernel {filt}, dropout 0.17, {at}, num_stages {stages}",
-              core(kernel(tiles=tiles, bwd_mode=mode, num_stages=stages)))
+              core(kernel(**best_backward, num_stages=stages)))
     # Where the time goes: the dropout mask, the filter, the backward.
     timed(f"core kernel {filt}, dropout 0, {at}",
-          core(kernel(dropout=0.0, tiles=tiles, bwd_mode=mode)))
+          core(kernel(dropout=0.0, **best_backward)))
     timed(f"core kernel no filter, dropout 0.17, {at}",
-          core(kernel(top_k=0, top_p=1.0, tiles=tiles, bwd_mode=mode)))
+          core(kernel(top_k=0, top_p=1.0, **best_backward)))
     timed("forward only: core sdpa (no filter), dropout 0.17",
           forward_only(lambda: sdpa(q, k, v, dropout_p=0.17, scale=scale)))
     timed(f"forward only: core kernel {filt}, dropout 0.17, {tile_name(tiles)}",
@@ -373,20 +388,20 @@ def time_layers(device, batch: int, steps: int, out_path: Path | None) -> None:
         (batch, 8, 4, dim // 8), 3.0, device=device, dtype=k.dtype)).requires_grad_()
     for skip in (False, True):
         timed(f"core kernel {filt}, dropout 0.17, {at}, sink, skip_empty {skip}",
-              core(kernel(tiles=tiles, qq=sink_q, kk=sink_k, bwd_mode=mode, skip_empty=skip)))
+              core(kernel(qq=sink_q, kk=sink_k, skip_empty=skip, **best_backward)))
     # The defaults before session 12, against the rows above (which ran TAIL_BLOCK 16 and
     # PHILOX_ROUNDS 7): no tail tiles (257 = 4 x 64 + 1, so the last 64-wide block of rows and
     # of keys holds one valid row or key), 10 Philox rounds, and both (session 12's 6.53 ms).
     timed(f"core kernel {filt}, dropout 0.17, {at}, tail_block 0",
-          core(kernel(tiles=tiles, bwd_mode=mode, tail_block=0)))
+          core(kernel(**best_backward, tail_block=0)))
     timed(f"forward only: core kernel {filt}, dropout 0.17, {tile_name(tiles)}, tail_block 0",
           forward_only(kernel(tiles=tiles, tail_block=0)))
     timed(f"core kernel no filter, dropout 0.17, {at}, tail_block 0",
-          core(kernel(top_k=0, top_p=1.0, tiles=tiles, bwd_mode=mode, tail_block=0)))
+          core(kernel(top_k=0, top_p=1.0, **best_backward, tail_block=0)))
     timed(f"core kernel {filt}, dropout 0.17, {at}, philox_rounds 10",
-          core(kernel(tiles=tiles, bwd_mode=mode, philox_rounds=10)))
+          core(kernel(**best_backward, philox_rounds=10)))
     timed(f"core kernel {filt}, dropout 0.17, {at}, tail_block 0, philox_rounds 10",
-          core(kernel(tiles=tiles, bwd_mode=mode, tail_block=0, philox_rounds=10)))
+          core(kernel(**best_backward, tail_block=0, philox_rounds=10)))
 
     def layer_step(path, filters_off=False, compiled=False):
         values = dict(top_k=0, top_p=1.0, nkat_strength=0.0) if filters_off else {}
@@ -416,7 +431,7 @@ def time_layers(device, batch: int, steps: int, out_path: Path | None) -> None:
     timed("layer kernel, eager", layer_step("kernel"))
 
     print(f"\nforward + backward unless marked, {title}")
-    print(f"best core kernel (tiles, bwd_mode): {at}, {best_ms:.2f} ms")
+    print(f"best core kernel (tiles, bwd_mode, bwd_num_warps): {at}, {best_ms:.2f} ms")
     width = max(len(row["name"]) for row in rows)
     print(f"{'variant':<{width}} {'ms':>8} {'peak GiB':>8} {'warm s':>6}")
     for row in rows:

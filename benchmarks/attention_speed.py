@@ -61,8 +61,14 @@ ARCHITECTURES = {  # tokens -> (conv_stem, patch_size)
     65: ("off", 4),
     257: ("off", 2),
 }
-# kernel_sparse: the kernel with bwd_mode "sparse" (attention_kernel.SPARSE_SLOTS), a candidate.
-PATHS = ("explicit", "fused", "kernel", "sdpa_filters_off", "kernel_sparse")
+# Candidates: the kernel with other backward options (kernel_attention's arguments): bwd_mode
+# "sparse" (attention_kernel.SPARSE_SLOTS), and the backward on 8 warps (BWD_NUM_WARPS).
+KERNEL_VARIANTS = {
+    "kernel_sparse": dict(bwd_mode="sparse"),
+    "kernel_bwd_w8": dict(bwd_num_warps=8),
+    "kernel_sparse_bwd_w8": dict(bwd_mode="sparse", bwd_num_warps=8),
+}
+PATHS = ("explicit", "fused", "kernel", "sdpa_filters_off", *KERNEL_VARIANTS)
 FILTERS_OFF = {"top_k": 0, "top_p": 1.0, "nkat_strength": 0.0}
 
 
@@ -89,13 +95,13 @@ class ModelStep:
 
         torch.manual_seed(0)
         self.cfg = cfg
-        if path == "kernel_sparse":
+        if path in KERNEL_VARIANTS:
             import functools
 
             import nkat_search.train.model as model_module
 
             model_module.kernel_attention = functools.partial(model_module.kernel_attention,
-                                                              bwd_mode="sparse")
+                                                              **KERNEL_VARIANTS[path])
             path = "kernel"
         self.model = build_model(cfg.model, 3, 10, device,
                                  attention_path="auto" if path == "sdpa_filters_off" else path)
@@ -359,7 +365,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="*", default=[17, 65, 257],
                         choices=sorted(ARCHITECTURES))
-    parser.add_argument("--paths", nargs="*", default=list(PATHS), choices=PATHS)
+    parser.add_argument("--paths", nargs="*", default=list(PATHS[:4]), choices=PATHS,
+                        help="default: the four paths; the kernel's candidates "
+                             f"({', '.join(KERNEL_VARIANTS)}) when named")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--depth", type=int, default=None, help="default: the baseline's 7")
@@ -522,11 +530,12 @@ def main() -> int:
                   f"{blocks}; run it again (worker logs in {logs})")
     for tokens in sorted(args.tokens):
         speed = {r["path"]: r.get("images_per_s") for r in rows if r["tokens"] == tokens}
-        explicit, fused, kernel, bar, sparse = (speed.get(p) for p in PATHS)
+        explicit, fused, kernel, bar = (speed.get(p) for p in PATHS[:4])
         taken = ("kernel" if KERNEL_BY_DEFAULT and tokens >= KERNEL_MIN_TOKENS else
                  "fused" if tokens >= FUSED_MIN_TOKENS else "explicit")
+        candidates = [(name, speed.get(name), "90 %") for name in KERNEL_VARIANTS]
         for name, value, target in (("fused", fused, "70 %"), ("kernel", kernel, "90 %"),
-                                    ("kernel_sparse", sparse, "90 %")):
+                                    *candidates):
             if value and explicit:
                 print(f"{tokens} tokens: {name} {value / explicit:.2f}x explicit"
                       + (f", {value / bar:.0%} of sdpa_filters_off (target {target})" if bar

@@ -380,7 +380,8 @@ def _sparse_tail_case() -> dict:
 def _opcheck_case(variant: tuple = ()) -> dict:
     """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT
     dispatch of the forward op, i.e. what torch.compile relies on. ``variant``: the trailing
-    arguments (bwd_mode, num_stages, tail_block, philox_rounds), defaults if empty."""
+    arguments (bwd_mode, num_stages, tail_block, philox_rounds, bwd_num_warps), defaults if
+    empty."""
     from nkat_search.train.attention_kernel import _attention_fwd, op_filter_args
 
     gen = torch.Generator().manual_seed(14)
@@ -422,7 +423,8 @@ def run_cases(shard: int = 0, shards: int = 1) -> dict:
         "sparse_slots_4": lambda: _sparse_slots_case(4),
         "sparse_slots_8": lambda: _sparse_slots_case(8),
         "sparse_tail": _sparse_tail_case,
-        "opcheck_sparse": lambda: _opcheck_case(("sparse",)),
+        # The backward's own warps (bwd_num_warps, the op's last argument) carried to backward.
+        "opcheck_sparse": lambda: _opcheck_case(("sparse", None, 16, 7, 8)),
     })
     cases.update({f"layer_sparse_{name}": (lambda c=LAYER_CASES[name]: _layer_case(
         *c, bwd_mode="sparse")) for name in SPARSE_LAYER_CASES})
@@ -646,42 +648,17 @@ def test_kernel_refuses_philox_rounds_past_ten():
 
 # --- in process: no kernel launches, so no interpreter needed ------------------------------------
 
-def _compile_for_hopper(fn, dtype: str, constexprs: dict, num_warps: int):
-    """Triton's compiler (its bundled ptxas, no GPU needed) on one kernel for sm_90: catches what
-    the interpreter lets through (loop-carried type changes, layouts, shared memory)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def _registers():
+    """benchmarks/kernel_registers.py: Triton's compiler for sm_90 on one kernel, no GPU needed
+    (it catches what the interpreter lets through: loop-carried type changes, layouts, shared
+    memory), and ptxas's report of its registers and spills."""
+    import importlib.util
 
-    pointers = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = f"*{dtype}"
-        elif name in ("THR", "LSE", "DELTA", "DQ_ACC", "KNOBS", "PS", "DSS", "WS"):
-            signature[name] = "*fp32"
-        elif name in ("IDX", "COUNT"):
-            signature[name] = "*i32"
-        elif name == "SEED":
-            signature[name] = "*i64"
-        else:
-            signature[name] = "i32"
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps})
-
-
-def _dense_kv(ak) -> dict:
-    """The key-block kernel's constants for the split and atomic backward (no slots)."""
-    return dict(SPARSE=False, S=ak.SPARSE_SLOTS)
-
-
-def _hopper_tiles(ak) -> dict:
-    """The launch constants every kernel shares, at the module's defaults (head dim 64)."""
-    return dict(BLOCK_M=ak.BLOCK_M, BLOCK_N=ak.BLOCK_N, BLOCK_D=64, TAIL=ak.TAIL_BLOCK,
-                ROUNDS=ak.PHILOX_ROUNDS, PRECISION="tf32", SKIP_EMPTY=ak.SKIP_EMPTY_TILES)
+    spec = importlib.util.spec_from_file_location(
+        "kernel_registers", REPO / "benchmarks" / "kernel_registers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
@@ -690,13 +667,14 @@ def test_kernels_compile_for_hopper_in_bf16():
     pytest.importorskip("triton")
     from nkat_search.train import attention_kernel as ak
 
-    tiles = _hopper_tiles(ak)
+    kr = _registers()
+    tiles = kr.hopper_tiles()
     forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8, **tiles)
     for fn, constexprs in ((ak._fwd_kernel, dict(DROPOUT=True, **forward)),
-                           (ak._bwd_kv_kernel, dict(DROPOUT=True, ATOMIC_DQ=False, **_dense_kv(ak),
-                                                    **tiles)),
+                           (ak._bwd_kv_kernel, dict(DROPOUT=True, ATOMIC_DQ=False,
+                                                    **kr.dense_kv(), **tiles)),
                            (ak._bwd_q_kernel, dict(DROPOUT=True, **tiles))):
-        compiled = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
+        compiled = kr.compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
         # Hopper's warpgroup MMA in every kernel: the score tiles must come out of the same
         # instruction in forward and backward (see _score_tile).
         assert "wgmma" in compiled.asm["ptx"], fn.__name__
@@ -710,16 +688,17 @@ def test_kernel_variants_compile_for_hopper_in_bf16():
     pytest.importorskip("triton")
     from nkat_search.train import attention_kernel as ak
 
-    tiles = _hopper_tiles(ak)
-    compiled = _compile_for_hopper(ak._bwd_kv_kernel, "bf16",
-                                   dict(DROPOUT=True, ATOMIC_DQ=True, **_dense_kv(ak), **tiles),
-                                   ak.NUM_WARPS)
+    kr = _registers()
+    tiles = kr.hopper_tiles()
+    compiled = kr.compile_for_hopper(ak._bwd_kv_kernel, "bf16",
+                                     dict(DROPOUT=True, ATOMIC_DQ=True, **kr.dense_kv(), **tiles),
+                                     ak.NUM_WARPS)
     ptx = compiled.asm["ptx"]
     assert "wgmma" in ptx
     assert "red.global" in ptx or "atom.global" in ptx  # dQ summed in global memory
     no_filter = dict(TOP_K=0, TOPK_ON=False, NUCLEUS_ON=False, LEVELS=0, LEVELS_PAD=2,
                      DROPOUT=True, **tiles)
-    compiled = _compile_for_hopper(ak._fwd_kernel, "bf16", no_filter, ak.NUM_WARPS)
+    compiled = kr.compile_for_hopper(ak._fwd_kernel, "bf16", no_filter, ak.NUM_WARPS)
     assert "wgmma" in compiled.asm["ptx"]
     for block_n in (64, 32):
         options = dict(tiles, BLOCK_N=block_n, TAIL=0, ROUNDS=10)
@@ -727,9 +706,9 @@ def test_kernel_variants_compile_for_hopper_in_bf16():
                        DROPOUT=True, **options)
         for fn, constexprs in ((ak._fwd_kernel, forward),
                                (ak._bwd_kv_kernel,
-                                dict(DROPOUT=True, ATOMIC_DQ=True, **_dense_kv(ak),
+                                dict(DROPOUT=True, ATOMIC_DQ=True, **kr.dense_kv(),
                                      **options))):
-            compiled = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
+            compiled = kr.compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
             assert "wgmma" in compiled.asm["ptx"], (fn.__name__, block_n)
 
 
@@ -741,14 +720,15 @@ def test_kernel_tail_programs_compile_for_hopper_in_bf16():
     pytest.importorskip("triton")
     from nkat_search.train import attention_kernel as ak
 
-    tiles = dict(_hopper_tiles(ak), TAIL=16)
+    kr = _registers()
+    tiles = dict(kr.hopper_tiles(), TAIL=16)
     forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8, DROPOUT=True)
     for fn, constexprs in ((ak._fwd_kernel, dict(forward, **tiles)),
                            (ak._fwd_kernel, dict(forward, **dict(tiles, BLOCK_M=16))),
                            (ak._bwd_kv_kernel, dict(tiles, BLOCK_N=16, DROPOUT=True,
-                                                    ATOMIC_DQ=True, **_dense_kv(ak))),
+                                                    ATOMIC_DQ=True, **kr.dense_kv())),
                            (ak._bwd_q_kernel, dict(tiles, BLOCK_M=16, DROPOUT=True))):
-        compiled = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
+        compiled = kr.compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS)
         assert ".entry" in compiled.asm["ptx"], fn.__name__
 
 
@@ -760,14 +740,35 @@ def test_kernel_sparse_backward_programs_compile_for_hopper_in_bf16():
     pytest.importorskip("triton")
     from nkat_search.train import attention_kernel as ak
 
-    tiles = dict(_hopper_tiles(ak), TAIL=16, S=ak.SPARSE_SLOTS, DROPOUT=True)
+    kr = _registers()
+    tiles = dict(kr.hopper_tiles(), TAIL=16, S=ak.SPARSE_SLOTS, DROPOUT=True)
     # Full blocks: their loops over tail tiles (TAIL 16) compile within them.
     for fn, constexprs in ((ak._bwd_slots_kernel, tiles),
                            (ak._bwd_kv_kernel, dict(tiles, SPARSE=True, ATOMIC_DQ=True))):
-        ptx = _compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS).asm["ptx"]
+        ptx = kr.compile_for_hopper(fn, "bf16", constexprs, ak.NUM_WARPS).asm["ptx"]
         assert ".entry" in ptx, fn.__name__
         if fn is ak._bwd_kv_kernel:
             assert "wgmma" in ptx and ("red.global" in ptx or "atom.global" in ptx)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="kernels are interpreted functions in this process")
+def test_kernel_registers_reports_ptxas_usage(tmp_path):
+    """benchmarks/kernel_registers.py on one program: ptxas's registers (1 to 255 a thread on
+    sm_90) and spills, in the JSON it writes."""
+    pytest.importorskip("triton")
+    kr = _registers()
+    out = tmp_path / "registers.json"
+    assert kr.main(["--warps", "8", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["triton"] and result["ptxas"]
+    assert [row["program"] for row in result["rows"]] == list(kr.programs())
+    for row in result["rows"]:
+        assert row["warps"] == 8 and row["arch"].startswith("sm_90")
+        assert 1 <= row["registers"] <= 255 and row["shared_bytes"] > 0
+        assert row["spill_stores"] >= 0 and row["spill_loads"] >= 0
+    # A program ptxas could not fit in 255 registers spills; the forward at 8 warps does not.
+    assert result["rows"][0]["spill_stores"] == 0
 
 
 def test_kernel_supports_and_cpu_auto_path(monkeypatch):

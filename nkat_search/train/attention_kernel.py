@@ -87,6 +87,15 @@ KERNEL_MAX_HEAD_DIM = 64
 BLOCK_M = 64
 BLOCK_N = 64
 NUM_WARPS = 4
+# The backward programs' warps (None: NUM_WARPS). Each backward program holds more tiles than the
+# forward's (dK and dV accumulators besides the score, dP and dS tiles), and at 4 warps ptxas
+# cannot keep them in registers: sm_90 code from Triton 3.8 at 64 x 64 tiles, bf16, used 255
+# registers a thread and spilled (stores) 352 bytes in dK / dV (atomic), 384 in the sparse slots
+# and 1,780 in the sparse dK / dV; at 8 warps none spilled but the sparse dK / dV (380 bytes),
+# and the forward did not spill at 4 (benchmarks/kernel_registers.py,
+# results/kernel_registers.json). Untimed: attention_kernel_check.py times 8 against 4 per
+# backward mode; the forward at 8 warps was the slowest tile choice in session 7.
+BWD_NUM_WARPS = None
 # Software pipelining depth of the key loops (Triton's num_stages); None is Triton's default (3 on
 # sm_90). Session 8's H100: 1 stage 7.05 ms, 2 stages 6.61, 3 stages 6.34, the default 6.46 (the
 # same launch as 3: about 2 % is run-to-run noise), so the default stays.
@@ -781,11 +790,11 @@ def _precision(dtype: torch.dtype) -> str:
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, knobs: Tensor, top_k: int,
                    nucleus: bool, dropout: bool, block_m: int, block_n: int, num_warps: int,
                    skip_empty: bool, bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
-                   tail_block: int = TAIL_BLOCK, philox_rounds: int = PHILOX_ROUNDS
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   tail_block: int = TAIL_BLOCK, philox_rounds: int = PHILOX_ROUNDS,
+                   bwd_num_warps: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     # knobs: _knobs's float32 (scale, top_p, dropout_p, 1 / (1 - dropout_p)); nucleus and dropout
-    # say whether those filters are on. bwd_mode is backward's (see _setup_context); it is an input
-    # here so autograd carries it.
+    # say whether those filters are on. bwd_mode and bwd_num_warps are backward's (see
+    # _setup_context); they are inputs here so autograd carries them.
     B, H, N, D = q.shape
     o = _like_qkv_layout(q)
     threshold = q.new_empty((B, H, N), dtype=torch.float32)
@@ -809,7 +818,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, knobs: Tensor,
 @_attention_fwd.register_fake
 def _(q, k, v, seed, knobs, top_k, nucleus, dropout, block_m, block_n, num_warps, skip_empty,
       bwd_mode=BWD_MODE, num_stages=NUM_STAGES, tail_block=TAIL_BLOCK,
-      philox_rounds=PHILOX_ROUNDS):
+      philox_rounds=PHILOX_ROUNDS, bwd_num_warps=None):
     B, H, N, D = q.shape
     return (_like_qkv_layout(q), q.new_empty((B, H, N), dtype=torch.float32),
             q.new_empty((B, H, N), dtype=torch.float32))
@@ -821,9 +830,12 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    block_m: int, block_n: int, num_warps: int, skip_empty: bool,
                    bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
                    tail_block: int = TAIL_BLOCK, philox_rounds: int = PHILOX_ROUNDS,
-                   top_k: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                   top_k: int = 0, bwd_num_warps: int | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     B, H, N, D = q.shape
     grad_out = grad_out.to(q.dtype)
+    # The backward's programs hold more tiles than the forward's (see BWD_NUM_WARPS).
+    num_warps = num_warps if bwd_num_warps is None else bwd_num_warps
     delta = (grad_out.float() * out.float()).sum(dim=-1).contiguous()
     dk = _like_qkv_layout(q)
     dv = _like_qkv_layout(q)
@@ -884,17 +896,17 @@ def _fill_slots(grad_out, q, k, v, threshold, lse, delta, seed, dq_sum, tiling, 
 @_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, threshold, lse, seed, knobs, dropout, block_m, block_n, num_warps,
       skip_empty, bwd_mode=BWD_MODE, num_stages=NUM_STAGES, tail_block=TAIL_BLOCK,
-      philox_rounds=PHILOX_ROUNDS, top_k=0):
+      philox_rounds=PHILOX_ROUNDS, top_k=0, bwd_num_warps=None):
     return _like_qkv_layout(q), _like_qkv_layout(q), _like_qkv_layout(q)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, seed, knobs, top_k, _nucleus, dropout, block_m, block_n, num_warps, skip_empty,
-     bwd_mode, num_stages, tail_block, philox_rounds) = inputs
+     bwd_mode, num_stages, tail_block, philox_rounds, bwd_num_warps) = inputs
     out, threshold, lse = output
     ctx.save_for_backward(q, k, v, out, threshold, lse, seed, knobs)
     ctx.args = (dropout, block_m, block_n, num_warps, skip_empty, bwd_mode, num_stages,
-                tail_block, philox_rounds, top_k)
+                tail_block, philox_rounds, top_k, bwd_num_warps)
     ctx.num_inputs = len(inputs)
 
 
@@ -934,7 +946,8 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
                      block_m: int = BLOCK_M, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
                      skip_empty: bool = SKIP_EMPTY_TILES,
                      bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
-                     tail_block: int = TAIL_BLOCK, philox_rounds: int = PHILOX_ROUNDS) -> Tensor:
+                     tail_block: int = TAIL_BLOCK, philox_rounds: int = PHILOX_ROUNDS,
+                     bwd_num_warps: int | None = BWD_NUM_WARPS) -> Tensor:
     """The NKAT attention core from q, k, v (B, heads, N, head_dim), unmodulated: (B, heads, N, hd).
 
     Same contract as ``fused_attention``: ``dropout_p`` applied as given (pass 0 in eval mode);
@@ -949,8 +962,10 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
     "atomic" (see ``BWD_MODE``; atomic sums dQ in float32 in no fixed order, so its dQ may differ
     from run to run in the last bits) or "sparse" (see ``SPARSE_SLOTS``; "atomic" without
     top_k). ``tail_block`` (0 or a power of two from 16) covers the rows and keys past the last
-    full tile with tiles of that size instead of one masked full tile (see ``TAIL_BLOCK``). ``philox_rounds``: the dropout generator's rounds, 1 to 10 (see
-    ``PHILOX_ROUNDS``; another mask, drawn as well).
+    full tile with tiles of that size instead of one masked full tile (see ``TAIL_BLOCK``).
+    ``philox_rounds``: the dropout generator's rounds, 1 to 10 (see ``PHILOX_ROUNDS``; another
+    mask, drawn as well). ``bwd_num_warps``: the backward programs' warps (None: ``num_warps``;
+    see ``BWD_NUM_WARPS``).
     """
     if not kernel_supports(q.shape[-1], top_k, top_p, q.shape[-2]):
         raise ValueError(f"kernel_attention: head dim {q.shape[-1]} with top_k {top_k}, top_p "
@@ -970,4 +985,4 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
         seed = torch.zeros(1, device=q.device, dtype=torch.int64)
     return _attention_fwd(q, k, v, seed, *op_filter_args(seed, scale, top_k, top_p, dropout_p),
                           block_m, block_n, num_warps, skip_empty, bwd_mode, num_stages,
-                          tail_block, philox_rounds)[0]
+                          tail_block, philox_rounds, bwd_num_warps)[0]
