@@ -280,9 +280,11 @@ def check_dropout(device, small: bool) -> bool:
     return share_ok and grad_ok
 
 
-def time_layers(device, batch: int, steps: int, out_path: Path | None) -> None:
+def time_layers(device, batch: int, steps: int, out_path: Path | None,
+                choices_only: bool = False) -> None:
     """Times the core variants first (they decide the kernel's defaults), then whole layers.
-    The variants that depend on the best (tiles, bwd_mode) pair take it from the rows before."""
+    The variants that depend on the best (tiles, bwd_mode) pair take it from the rows before.
+    ``choices_only``: SDPA and the (tiles, bwd_mode, bwd warps) choices alone, for short leases."""
     from nkat_search.train.loop import CUDA_COMPILE_MODE
 
     n, dim = 257, 384
@@ -354,8 +356,12 @@ def time_layers(device, batch: int, steps: int, out_path: Path | None) -> None:
     best, best_ms = (TILE_CHOICES[0], BWD_MODE, None), float("inf")
     # The backward's own warps (bwd_num_warps) at the default tiles: at 4 warps every backward
     # program spills (results/kernel_registers.json), at 8 fewer or none.
-    choices = [(tiles, mode, None) for tiles in TILE_CHOICES for mode in BWD_MODES]
-    choices += [(TILE_CHOICES[0], mode, BWD_WARPS_CHOICE) for mode in BWD_MODES]
+    # The default mode first, each mode's two warps side by side, the other tiles last: a short
+    # lease times the pairs that matter most first.
+    modes = sorted(BWD_MODES, key=lambda mode: mode != BWD_MODE)
+    choices = [(TILE_CHOICES[0], mode, warps) for mode in modes
+               for warps in (None, BWD_WARPS_CHOICE)]
+    choices += [(tiles, mode, None) for tiles in TILE_CHOICES[1:] for mode in modes]
     for tiles, mode, bwd_warps in choices:
         warps_name = "" if bwd_warps is None else f", bwd_num_warps {bwd_warps}"
         ms = timed(f"core kernel {filt}, dropout 0.17, {tile_name(tiles)}, bwd {mode}"
@@ -366,6 +372,9 @@ def time_layers(device, batch: int, steps: int, out_path: Path | None) -> None:
     at = f"{tile_name(tiles)}, bwd {mode}" + ("" if bwd_warps is None
                                              else f", bwd_num_warps {bwd_warps}")
     best_backward = dict(tiles=tiles, bwd_mode=mode, bwd_num_warps=bwd_warps)
+    if choices_only:
+        print_table(rows, title, at, best_ms, out_path)
+        return
     for stages in NUM_STAGES_CHOICES:
         timed(f"core kernel {filt}, dropout 0.17, {at}, num_stages {stages}",
               core(kernel(**best_backward, num_stages=stages)))
@@ -430,6 +439,11 @@ def time_layers(device, batch: int, steps: int, out_path: Path | None) -> None:
     timed("layer kernel, compiled", layer_step("kernel", compiled=True))
     timed("layer kernel, eager", layer_step("kernel"))
 
+    print_table(rows, title, at, best_ms, out_path)
+
+
+def print_table(rows: list[dict], title: str, at: str, best_ms: float,
+                out_path: Path | None) -> None:
     print(f"\nforward + backward unless marked, {title}")
     print(f"best core kernel (tiles, bwd_mode, bwd_num_warps): {at}, {best_ms:.2f} ms")
     width = max(len(row["name"]) for row in rows)
@@ -452,6 +466,9 @@ def main() -> int:
     parser.add_argument("--no-timing", action="store_true", help="part 1 only")
     parser.add_argument("--no-check", action="store_true", help="part 2 only")
     parser.add_argument("--out", type=Path, help="also write the timing rows here as JSON")
+    parser.add_argument("--choices-only", action="store_true",
+                        help="part 2: SDPA and the kernel's (tiles, bwd_mode, backward warps) "
+                             "choices only (about a third of its rows)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -470,7 +487,7 @@ def main() -> int:
         print("PASS" if passed else "FAIL", flush=True)
     if not args.no_timing and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-        time_layers(device, args.batch, args.steps, args.out)
+        time_layers(device, args.batch, args.steps, args.out, args.choices_only)
     return 0 if passed else 1
 
 
