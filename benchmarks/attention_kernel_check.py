@@ -16,8 +16,8 @@ run the other side of ``TAIL_BLOCK`` (agreement, longest rows), the backward on 
 share and gradients): each against the same reference, candidates that do not decide PASS.
 Part 2 times the attention core alone (q, k, v to output; batch 512, 8 heads of 48, 257 tokens,
 bf16, forward + backward unless marked): SDPA; the kernel (top_k 6, top_p 0.8, dropout 0.17) at
-each tile choice (query block, key block, warps) and backward mode, and each backward mode on 8
-warps of its own at the default tiles; then, at the fastest of those, num_stages 1, 2 and 3,
+each tile choice (query block, key block, warps) and backward mode, each also with the backward
+on 8 warps of its own; then, at the fastest of those, num_stages 1, 2 and 3,
 dropout 0 (the mask's cost), the filter off, forward only (also SDPA's), skipping empty tiles
 on an attention sink, and the defaults before session 12: ``tail_block`` 0 (with and without
 backward, and with the filter off), ``philox_rounds`` 10, and both. Then one attention layer
@@ -139,10 +139,11 @@ def check_agreement(device, small: bool) -> bool:
     cases += [(token_counts[-1], 48, dtype, ties, TILE_CHOICES[0], mode, dict(tail_block=tail))
               for mode in BWD_MODES for dtype in (torch.float32, torch.bfloat16)
               for ties in (False, True)]
-    # The backward on its own warps (BWD_WARPS_CHOICE), a candidate of the timing.
-    cases += [(token_counts[-1], 48, torch.bfloat16, ties, TILE_CHOICES[0], mode,
+    # The backward on its own warps (BWD_WARPS_CHOICE), candidates of the timing: another warp
+    # count must not form any score otherwise than the forward did (rows off would show it).
+    cases += [(token_counts[-1], 48, torch.bfloat16, ties, tiles, mode,
                dict(bwd_num_warps=BWD_WARPS_CHOICE))
-              for mode in BWD_MODES for ties in (False, True)]
+              for tiles in TILE_CHOICES for mode in BWD_MODES for ties in (False, True)]
     for n, d, dtype, ties, tiles, mode, options in cases:
         block_m, block_n, warps = tiles
         scale = d ** -0.5 / TEMPERATURE
@@ -354,14 +355,13 @@ def time_layers(device, batch: int, steps: int, out_path: Path | None,
     timed("core sdpa (no filter), dropout 0.17",
           core(lambda: sdpa(q, k, v, dropout_p=0.17, scale=scale)))
     best, best_ms = (TILE_CHOICES[0], BWD_MODE, None), float("inf")
-    # The backward's own warps (bwd_num_warps) at the default tiles: at 4 warps every backward
-    # program spills (results/kernel_registers.json), at 8 fewer or none.
-    # The default mode first, each mode's two warps side by side, the other tiles last: a short
-    # lease times the pairs that matter most first.
+    # The backward's own warps (bwd_num_warps) too: at 4 warps every backward program spills
+    # at 64 x 64 tiles (results/kernel_registers.json), at 8 fewer or none.
+    # The default tiles and mode first, each mode's two warps side by side: a short lease times
+    # the pairs that matter most first.
     modes = sorted(BWD_MODES, key=lambda mode: mode != BWD_MODE)
-    choices = [(TILE_CHOICES[0], mode, warps) for mode in modes
+    choices = [(tiles, mode, warps) for tiles in TILE_CHOICES for mode in modes
                for warps in (None, BWD_WARPS_CHOICE)]
-    choices += [(tiles, mode, None) for tiles in TILE_CHOICES[1:] for mode in modes]
     for tiles, mode, bwd_warps in choices:
         warps_name = "" if bwd_warps is None else f", bwd_num_warps {bwd_warps}"
         ms = timed(f"core kernel {filt}, dropout 0.17, {tile_name(tiles)}, bwd {mode}"

@@ -5,9 +5,10 @@ dims up to 64 padded to 64, the module's default tiles, dropout on) and its bund
 what the program uses (``ptxas -v``): registers a thread, and the bytes spilled to local memory
 when 255 registers are not enough. Spills are loads and stores to memory in the inner loops, so
 a program that spills a lot is a suspect before any timing; the timing itself is
-``attention_kernel_check.py``'s, on a GPU. Each program at 4 and 8 warps.
+``attention_kernel_check.py``'s, on a GPU. Each program at 4 and 8 warps, with key tiles of 64
+and 32 (the timing's tile choices; query tiles stay 64).
 
-    python benchmarks/kernel_registers.py [--warps 4 8] [--out results/kernel_registers.json]
+    python benchmarks/kernel_registers.py [--warps 4 8] [--block-n 64 32] [--out FILE.json]
 
 Runs on the CPU (Triton's compiler needs no GPU). The numbers depend on the Triton version (its
 code generator and bundled ptxas), which the JSON records.
@@ -123,22 +124,27 @@ def ptxas_usage(ptx: str, ptxas: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--block-n", type=int, nargs="+", default=[64, 32],
+                        help="key tile sizes (powers of two from 16)")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     tool = ptxas_tool()
     rows = []
     for name, (fn, constexprs) in programs().items():
-        for warps in args.warps:
-            compiled = compile_for_hopper(fn, "bf16", constexprs, warps)
-            row = {"program": name, "warps": warps, "shared_bytes": compiled.metadata.shared,
-                   **ptxas_usage(compiled.asm["ptx"], tool.path)}
-            rows.append(row)
-            print(f"{name:<24} w{warps}  registers {row['registers']:>3}  spill stores "
-                  f"{row['spill_stores']:>5} B  loads {row['spill_loads']:>5} B  "
-                  f"shared {row['shared_bytes']:>6} B", flush=True)
+        for block_n in args.block_n:
+            for warps in args.warps:
+                compiled = compile_for_hopper(fn, "bf16", dict(constexprs, BLOCK_N=block_n),
+                                              warps)
+                row = {"program": name, "block_n": block_n, "warps": warps,
+                       "shared_bytes": compiled.metadata.shared,
+                       **ptxas_usage(compiled.asm["ptx"], tool.path)}
+                rows.append(row)
+                print(f"{name:<24} 64x{block_n:<2} w{warps}  registers {row['registers']:>3}  "
+                      f"spill stores {row['spill_stores']:>5} B  loads {row['spill_loads']:>5} B"
+                      f"  shared {row['shared_bytes']:>6} B", flush=True)
     result = {"triton": triton.__version__, "ptxas": tool.version,
-              "conditions": f"sm_90, bf16, head dim padded to 64, tiles {ak.BLOCK_M} x "
-                            f"{ak.BLOCK_N}, tail tiles {ak.TAIL_BLOCK}, dropout on, top_k 6, "
+              "conditions": f"sm_90, bf16, head dim padded to 64, query tiles {ak.BLOCK_M}, "
+                            f"tail tiles {ak.TAIL_BLOCK}, dropout on, top_k 6, "
                             f"{ak.SPARSE_SLOTS} sparse slots",
               "rows": rows}
     if args.out:

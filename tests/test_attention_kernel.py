@@ -759,12 +759,12 @@ def test_kernel_registers_reports_ptxas_usage(tmp_path):
     pytest.importorskip("triton")
     kr = _registers()
     out = tmp_path / "registers.json"
-    assert kr.main(["--warps", "8", "--out", str(out)]) == 0
+    assert kr.main(["--warps", "8", "--block-n", "64", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["triton"] and result["ptxas"]
     assert [row["program"] for row in result["rows"]] == list(kr.programs())
     for row in result["rows"]:
-        assert row["warps"] == 8 and row["arch"].startswith("sm_90")
+        assert row["warps"] == 8 and row["block_n"] == 64 and row["arch"].startswith("sm_90")
         assert 1 <= row["registers"] <= 255 and row["shared_bytes"] > 0
         assert row["spill_stores"] >= 0 and row["spill_loads"] >= 0
     # A program ptxas could not fit in 255 registers spills; the forward at 8 warps does not.
