@@ -11,7 +11,8 @@
 # The study resumes from its SQLite file on a fresh machine: carry in the file an earlier window
 # copied out and name it in RESUME_DB (RESUME_DB=results/round2/NAME/NAME.db bash ...); the first
 # call copies it (and the NAME_windows.txt, NAME_up_log.txt and NAME_gpu.csv beside it, which go
-# on growing) to where up keeps the study.
+# on growing) to where up keeps the study; a window there whose machine was lost before up ended
+# is closed first (benchmarks/lost_window.py).
 # STOP=1 sends up SIGINT first (when the device time runs out before its --timeout tail ends): the
 # running trials end "interrupted" and are queued to resume (their checkpoints stay on this machine,
 # so the next window trains them again from the start); then it waits as usual.
@@ -28,6 +29,8 @@ if [ -n "${RESUME_DB:-}" ] && [ ! -f "$runs/$name.db" ]; then
   [ -f "${from}_windows.txt" ] && cp "${from}_windows.txt" "$runs/windows.txt"
   [ -f "${from}_up_log.txt" ] && cp "${from}_up_log.txt" "$runs/up.log"
   [ -f "${from}_gpu.csv" ] && cp "${from}_gpu.csv" "$runs/gpu.csv"
+  # A window whose machine was lost before up ended gets its closing line (and its seconds).
+  python3 "$(dirname "$0")/lost_window.py" "$runs/windows.txt" "$runs/up.log"
   echo "resuming $name from $RESUME_DB"
 fi
 log=$runs/up.log pidfile=$runs/up.pid

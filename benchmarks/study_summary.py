@@ -4,8 +4,8 @@
         --windows results/round2/nkat-round2/windows.txt [--out results/round2_whole.json]
 
 ``windows.txt`` holds one line per device window as ``benchmarks/gpu_study_window.sh`` writes it
-("up ended at HH:MM:SS after S s"), or, for a window whose machine was lost before up ended, a
-line "machine lost at HH:MM:SS after S s" written by hand; their seconds are summed into
+("up ended at HH:MM:SS after S s"), or, for a window whose machine was lost before up ended,
+"machine lost at HH:MM:SS after S s" (``lost_window.py``); their seconds are summed into
 ``wall_minutes``. Pruned trials
 are split by the rule that stopped them (from the reason the objective recorded). Epochs count
 every CIFAR-10 epoch of every attempt, plus the Stage 2 epochs of complete trials (``epochs_trained``); the CIFAR-10
