@@ -380,3 +380,36 @@ def test_an_interrupted_trial_says_where_its_retry_really_started(retry_attrs, w
     retry = create_trial(state=TrialState.RUNNING, user_attrs=retry_attrs or {})
     retry.number = 7
     assert stop_reason(trial, retry) == f"interrupted in stage 1 (cifar10), after epoch 35; {words}"
+
+
+def test_status_says_which_running_trials_lost_their_worker(tmp_path, capsys):
+    """round2_aug's file after window 3: trials 45, 48 and 49 RUNNING, their machine lost. Trial
+    45's heartbeat is set to the database's now here, as a live worker's would be: only 48 and 49
+    are past the study's grace (600 s in studies/round2_aug.yaml)."""
+    import shutil
+    import sqlite3
+    from pathlib import Path
+
+    db = tmp_path / "aug.db"
+    shutil.copy(Path(__file__).resolve().parents[1] / "results" / "round2" / "nkat-round2-aug"
+                / "nkat-round2-aug.db", db)
+    with sqlite3.connect(db) as connection:
+        connection.execute(
+            "UPDATE trial_heartbeats SET heartbeat = CURRENT_TIMESTAMP WHERE trial_id = "
+            "(SELECT trial_id FROM trials WHERE number = 45)")
+    assert main(["status", "--study", "nkat-round2-aug", "--storage", str(db), "--json"]) == 0
+    rows = {row["number"]: row for row in json.loads(capsys.readouterr().out)["trials"]}
+    running = {number for number, row in rows.items() if row["outcome"] == "running"}
+    assert running == {45, 48, 49}
+    assert not rows[45]["silent"] and rows[45]["heartbeat_age_s"] < 60
+    assert rows[48]["silent"] and rows[49]["silent"]
+    assert rows[48]["heartbeat_age_s"] > 120 and rows[48]["heartbeat_grace_s"] == 600
+    assert "silent" not in rows[44]  # only running rows carry it
+    assert main(["status", "--study", "nkat-round2-aug", "--storage", str(db), "--wide"]) == 0
+    out = capsys.readouterr().out
+    line45 = next(line for line in out.splitlines() if line.split()[:2] == ["45", "running"])
+    line48 = next(line for line in out.splitlines() if line.split()[:2] == ["48", "running"])
+    assert "no heartbeat" not in line45 and "stage 2 fashion_mnist epoch 24/40" in line45
+    assert "no heartbeat for" in line48 and "worker gone; last: stage 2" in line48
+    assert ("2 running trial(s) (48, 49) sent no heartbeat for longer than the study's grace "
+            "(10m00s)") in out

@@ -104,6 +104,22 @@ def test_running_trial_ids_without_heartbeat(storage, study):
     assert storage.get_trial(found[0]).state == TrialState.RUNNING
 
 
+def test_heartbeat_ages_of_running_trials_on_the_databases_clock(storage, study):
+    study_id = optuna_private.study_id(study)
+    old, fresh, silent, done = study.ask(), study.ask(), study.ask(), study.ask()
+    storage.record_heartbeat(optuna_private.trial_id(old))
+    storage.record_heartbeat(optuna_private.trial_id(done))
+    study.tell(done, 1.0)
+    _age_heartbeats(storage, hours=1)
+    storage.record_heartbeat(optuna_private.trial_id(fresh))
+    ages = optuna_private.heartbeat_ages(storage, study_id)
+    # Running trials with a heartbeat only: not the finished one, not the one that never beat.
+    assert set(ages) == {optuna_private.trial_id(old), optuna_private.trial_id(fresh)}
+    assert 3590 < ages[optuna_private.trial_id(old)] < 3700
+    assert 0 <= ages[optuna_private.trial_id(fresh)] < 60
+    assert optuna_private.trial_id(silent) not in ages
+
+
 def test_the_private_methods_the_cache_calls_are_the_listed_ones():
     """``ResilientRDBStorage`` retries these by name: a new one would go unretried."""
     from optuna.storages import _cached_storage

@@ -86,6 +86,29 @@ def running_trial_ids_without_heartbeat(storage, study_id: int) -> list[int]:
     return [row[0] for row in rows]
 
 
+def heartbeat_ages(storage, study_id: int) -> dict[int, float]:
+    """Seconds since each RUNNING trial's last heartbeat, by trial id (trials that never beat
+    are left out), measured on the database's clock as Optuna's stale query measures them.
+
+    Optuna 5.1.0, optuna/storages/_rdb/storage.py: ``RDBStorage._get_stale_trial_ids`` (the same
+    query: ``sqlalchemy.func.now()``, made naive, against ``TrialHeartbeatModel.heartbeat``), on
+    the models and session helper named in ``running_trial_ids_without_heartbeat``.
+    """
+    import sqlalchemy
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(storage.scoped_session) as session:
+        now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
+        rows = (session.query(models.TrialModel.trial_id, models.TrialHeartbeatModel.heartbeat)
+                .join(models.TrialHeartbeatModel,
+                      models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+                .filter(models.TrialModel.study_id == study_id,
+                        models.TrialModel.state == TrialState.RUNNING)
+                .all())
+    return {trial_id: (now - beat.replace(tzinfo=None)).total_seconds() for trial_id, beat in rows}
+
+
 def schema_created(connection) -> bool:
     """True when an ``RDBStorage`` has finished creating Optuna's schema in this database.
 

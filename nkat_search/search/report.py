@@ -17,7 +17,9 @@ from tqdm import tqdm
 
 from nkat_search.errors import UserError
 from nkat_search.search import trials as trial_record
-from nkat_search.search.coordinator import budget_state
+from nkat_search.search import optuna_private
+from nkat_search.search.coordinator import budget_state, load_study_spec_from_storage
+from nkat_search.search.spec import HeartbeatSpec
 from nkat_search.search.storage import open_storage
 from nkat_search.search.storage_url import SQLITE_SCHEME, mask_url, sqlite_path
 from nkat_search.search.trials import LIVE, OUTCOMES, TrialRecord
@@ -107,6 +109,43 @@ def trial_rows(trials, now: dt.datetime | None = None) -> list[dict[str, Any]]:
             "config_epochs": (record.config or {}).get("epochs"),
         })
     return rows
+
+
+def mark_silent(study, rows: list[dict[str, Any]]) -> None:
+    """Each running row gets ``heartbeat_age_s`` (seconds since its worker's last heartbeat, None
+    if it never beat), the study's ``heartbeat_grace_s`` and ``silent``: older than the grace,
+    i.e. its worker is gone (a lost machine, a killed process) and a worker will fail it and
+    queue a retry when it next looks for stale trials."""
+    if not any(row["outcome"] == "running" for row in rows):
+        return
+    storage = optuna_private.backend(optuna_private.study_storage(study))
+    if not hasattr(storage, "scoped_session"):  # not an RDB storage: no heartbeats to read
+        return
+    try:
+        grace = load_study_spec_from_storage(storage, study.study_name).heartbeat.grace
+    except UserError:  # a study not made by nkat-search: the default study file's grace
+        grace = HeartbeatSpec().grace
+    ages = optuna_private.heartbeat_ages(storage, optuna_private.study_id(study))
+    numbers = {optuna_private.trial_id(t): t.number for t in study.get_trials(deepcopy=False)}
+    by_number = {numbers[trial_id]: age for trial_id, age in ages.items()}
+    for row in rows:
+        if row["outcome"] == "running":
+            row["heartbeat_age_s"] = by_number.get(row["number"])
+            row["heartbeat_grace_s"] = grace
+            row["silent"] = (row["heartbeat_age_s"] or 0.0) > grace
+
+
+def describe_silent(rows: list[dict[str, Any]]) -> str | None:
+    """One line for people about running trials whose workers are gone, or None."""
+    silent = [row for row in rows if row.get("silent")]
+    if not silent:
+        return None
+    numbers = ", ".join(str(row["number"]) for row in silent)
+    return (f"{len(silent)} running trial(s) ({numbers}) sent no heartbeat for longer than the "
+            f"study's grace ({format_duration(silent[0]['heartbeat_grace_s'])}): their workers "
+            "are gone "
+            "(a lost machine or a killed process). The next worker to start fails them and queues "
+            "a retry of each (it trains from epoch 0 unless its checkpoint is on that machine).")
 
 
 def budget_text(budget: dict[str, Any]) -> str:
@@ -256,6 +295,9 @@ def _shorten(text: str, width: int | None) -> str:
 
 def _why(row: dict[str, Any]) -> str:
     if row["outcome"] == "running":
+        if row.get("silent"):
+            return (f"no heartbeat for {format_duration(row['heartbeat_age_s'])}, worker gone; "
+                    f"last: {progress_text(row) or 'starting'}")
         return progress_text(row) or "starting"
     if row["outcome"] == "waiting":
         return f"queued (retry of trial {row['retry_of']})" if row["retry_of"] is not None \
@@ -296,6 +338,7 @@ def _grid(columns, rows, width: int | None = None) -> list[str]:
 def study_report(study) -> dict[str, Any]:
     """Everything ``status --json`` prints: the study's identity, budget, summary and rows."""
     rows = trial_rows(study.get_trials(deepcopy=False))
+    mark_silent(study, rows)
     attrs = study.user_attrs
     try:
         budget = budget_state(study)

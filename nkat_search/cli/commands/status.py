@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # optuna: not for --help.
-    from nkat_search.search.report import (budget_text, describe_lost, format_table, open_study,
-                                           study_report, summary_line, wrap)
+    from nkat_search.search.report import (budget_text, describe_lost, describe_silent,
+                                           format_table, open_study, study_report, summary_line,
+                                           wrap)
     from nkat_search.search.trials import lost_configurations
 
     study = open_study(resolve_storage(args.storage, args.study), args.study)
@@ -46,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
                f"study file {report['study_file_name'] or '-'}{used})", width))
     print(format_table(report["trials"], width))
     print(wrap(summary_line(report["summary"]), width))
+    silent = describe_silent(report["trials"])
+    if silent:
+        print(wrap(silent, width))
     if report["lost"]:
         print(wrap(describe_lost(report["lost"]), width))
     return 0
