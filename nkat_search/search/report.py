@@ -111,7 +111,7 @@ def trial_rows(trials, now: dt.datetime | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def mark_silent(study, rows: list[dict[str, Any]]) -> None:
+def mark_silent(study, trials, rows: list[dict[str, Any]]) -> None:
     """Each running row gets ``heartbeat_age_s`` (seconds since its worker's last heartbeat, None
     if it never beat), the study's ``heartbeat_grace_s`` and ``silent``: older than the grace,
     i.e. its worker is gone (a lost machine, a killed process) and a worker will fail it and
@@ -126,8 +126,9 @@ def mark_silent(study, rows: list[dict[str, Any]]) -> None:
     except UserError:  # a study not made by nkat-search: the default study file's grace
         grace = HeartbeatSpec().grace
     ages = optuna_private.heartbeat_ages(storage, optuna_private.study_id(study))
-    numbers = {optuna_private.trial_id(t): t.number for t in study.get_trials(deepcopy=False)}
-    by_number = {numbers[trial_id]: age for trial_id, age in ages.items()}
+    numbers = {optuna_private.trial_id(t): t.number for t in trials}
+    # A trial that started after ``trials`` were read is not among the rows.
+    by_number = {numbers[trial_id]: age for trial_id, age in ages.items() if trial_id in numbers}
     for row in rows:
         if row["outcome"] == "running":
             row["heartbeat_age_s"] = by_number.get(row["number"])
@@ -337,8 +338,9 @@ def _grid(columns, rows, width: int | None = None) -> list[str]:
 
 def study_report(study) -> dict[str, Any]:
     """Everything ``status --json`` prints: the study's identity, budget, summary and rows."""
-    rows = trial_rows(study.get_trials(deepcopy=False))
-    mark_silent(study, rows)
+    trials = study.get_trials(deepcopy=False)
+    rows = trial_rows(trials)
+    mark_silent(study, trials, rows)
     attrs = study.user_attrs
     try:
         budget = budget_state(study)
