@@ -8,6 +8,7 @@ depend on. The server is throwaway: initdb into /tmp, fsync off, trust auth on l
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import shutil
 import socket
@@ -208,6 +209,23 @@ def fresh_postgres_url(postgres_server):
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         conn.close()
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """``load(name)``: ``benchmarks/NAME.py`` imported as a module, once per session (the
+    benchmarks are scripts, not a package)."""
+    loaded = {}
+
+    def load(name: str):
+        if name not in loaded:
+            spec = importlib.util.spec_from_file_location(
+                name, REPO_ROOT / "benchmarks" / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            loaded[name] = module
+        return loaded[name]
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -648,26 +648,15 @@ def test_kernel_refuses_philox_rounds_past_ten():
 
 # --- in process: no kernel launches, so no interpreter needed ------------------------------------
 
-def _registers():
-    """benchmarks/kernel_registers.py: Triton's compiler for sm_90 on one kernel, no GPU needed
-    (it catches what the interpreter lets through: loop-carried type changes, layouts, shared
-    memory), and ptxas's report of its registers and spills."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "kernel_registers", REPO / "benchmarks" / "kernel_registers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                     reason="kernels are interpreted functions in this process")
-def test_kernels_compile_for_hopper_in_bf16():
+def test_kernels_compile_for_hopper_in_bf16(benchmark_script):
     pytest.importorskip("triton")
     from nkat_search.train import attention_kernel as ak
 
-    kr = _registers()
+    # Triton's compiler for sm_90, no GPU needed: it catches what the interpreter lets through
+    # (loop-carried type changes, layouts, shared memory).
+    kr = benchmark_script("kernel_registers")
     tiles = kr.hopper_tiles()
     forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8, **tiles)
     for fn, constexprs in ((ak._fwd_kernel, dict(DROPOUT=True, **forward)),
@@ -682,13 +671,13 @@ def test_kernels_compile_for_hopper_in_bf16():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                     reason="kernels are interpreted functions in this process")
-def test_kernel_variants_compile_for_hopper_in_bf16():
+def test_kernel_variants_compile_for_hopper_in_bf16(benchmark_script):
     """The atomic backward, the one-pass forward without a filter, and the programs without tail
     tiles and with 10 Philox rounds (the benchmark's comparison rows) on key tiles of 64 and 32."""
     pytest.importorskip("triton")
     from nkat_search.train import attention_kernel as ak
 
-    kr = _registers()
+    kr = benchmark_script("kernel_registers")
     tiles = kr.hopper_tiles()
     compiled = kr.compile_for_hopper(ak._bwd_kv_kernel, "bf16",
                                      dict(DROPOUT=True, ATOMIC_DQ=True, **kr.dense_kv(), **tiles),
@@ -714,13 +703,13 @@ def test_kernel_variants_compile_for_hopper_in_bf16():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                     reason="kernels are interpreted functions in this process")
-def test_kernel_tail_programs_compile_for_hopper_in_bf16():
+def test_kernel_tail_programs_compile_for_hopper_in_bf16(benchmark_script):
     """With tail tiles of 16: a forward program of full rows (its last key tile 16 wide) and one
     of tail rows, the dK / dV program of a tail key block, the dQ program of tail rows."""
     pytest.importorskip("triton")
     from nkat_search.train import attention_kernel as ak
 
-    kr = _registers()
+    kr = benchmark_script("kernel_registers")
     tiles = dict(kr.hopper_tiles(), TAIL=16)
     forward = dict(TOP_K=6, TOPK_ON=True, NUCLEUS_ON=True, LEVELS=6, LEVELS_PAD=8, DROPOUT=True)
     for fn, constexprs in ((ak._fwd_kernel, dict(forward, **tiles)),
@@ -734,13 +723,13 @@ def test_kernel_tail_programs_compile_for_hopper_in_bf16():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                     reason="kernels are interpreted functions in this process")
-def test_kernel_sparse_backward_programs_compile_for_hopper_in_bf16():
+def test_kernel_sparse_backward_programs_compile_for_hopper_in_bf16(benchmark_script):
     """bwd_mode "sparse": the slots program and the key-block program, which keeps the dense tile
     (wgmma, dQ atomics) as its fallback."""
     pytest.importorskip("triton")
     from nkat_search.train import attention_kernel as ak
 
-    kr = _registers()
+    kr = benchmark_script("kernel_registers")
     tiles = dict(kr.hopper_tiles(), TAIL=16, S=ak.SPARSE_SLOTS, DROPOUT=True)
     # Full blocks: their loops over tail tiles (TAIL 16) compile within them.
     for fn, constexprs in ((ak._bwd_slots_kernel, tiles),
@@ -753,11 +742,11 @@ def test_kernel_sparse_backward_programs_compile_for_hopper_in_bf16():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                     reason="kernels are interpreted functions in this process")
-def test_kernel_registers_reports_ptxas_usage(tmp_path):
+def test_kernel_registers_reports_ptxas_usage(tmp_path, benchmark_script):
     """benchmarks/kernel_registers.py on one program: ptxas's registers (1 to 255 a thread on
     sm_90) and spills, in the JSON it writes."""
     pytest.importorskip("triton")
-    kr = _registers()
+    kr = benchmark_script("kernel_registers")
     out = tmp_path / "registers.json"
     assert kr.main(["--warps", "8", "--block-n", "64", "--out", str(out)]) == 0
     result = json.loads(out.read_text())

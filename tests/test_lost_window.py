@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,24 +11,17 @@ SCRIPT = REPO / "benchmarks" / "lost_window.py"
 UP_LOG = REPO / "results" / "round2" / "nkat-round2-aug" / "nkat-round2-aug_up_log.txt"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("lost_window", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_lost_window_closed_from_the_last_elapsed_stamp_of_round2_aug():
+def test_lost_window_closed_from_the_last_elapsed_stamp_of_round2_aug(benchmark_script):
     # round2_aug's third window: started 22:08:23, its last snapshot's log ends at [0:08:50].
     windows = ("starting up for nkat-round2-aug at 19:45:23\n"
                "up ended at 20:02:40 after 1037 s\n"
                "starting up for nkat-round2-aug at 22:08:23\n")
-    line = _module().lost_line(windows, UP_LOG.read_text())
+    line = benchmark_script("lost_window").lost_line(windows, UP_LOG.read_text())
     assert line == "machine lost at 22:17:13 after 530 s (up did not end; its log's last line)"
 
 
-def test_closed_or_empty_records_are_left_alone():
-    lost_line = _module().lost_line
+def test_closed_or_empty_records_are_left_alone(benchmark_script):
+    lost_line = benchmark_script("lost_window").lost_line
     assert lost_line("", "[0:01:00] x\n") is None
     assert lost_line("starting up for s at 17:00:09\nup ended at 17:12:03 after 714 s\n",
                      "[0:11:54] x\n") is None

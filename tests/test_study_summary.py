@@ -6,7 +6,6 @@ are the ones results/README.md reports.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,15 +16,8 @@ SCRIPT = REPO / "benchmarks" / "study_summary.py"
 ROUND2_DB = REPO / "results" / "round2" / "nkat-round2" / "nkat-round2.db"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("study_summary", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_spearman_shares_tied_ranks_and_refuses_too_few_pairs():
-    spearman = _module().spearman
+def test_spearman_shares_tied_ranks_and_refuses_too_few_pairs(benchmark_script):
+    spearman = benchmark_script("study_summary").spearman
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
     # Ties: ranks 1.5, 1.5, 3 against 1, 2, 3.
@@ -34,14 +26,15 @@ def test_spearman_shares_tied_ranks_and_refuses_too_few_pairs():
     assert spearman([1, 1, 1], [1, 2, 3]) is None
 
 
-def test_window_seconds_count_ended_and_lost_windows(tmp_path):
+def test_window_seconds_count_ended_and_lost_windows(tmp_path, benchmark_script):
+    window_seconds = benchmark_script("study_summary").window_seconds
     windows = tmp_path / "windows.txt"
     windows.write_text("starting up for s at 17:00:09\n"
                        "up ended at 17:12:03 after 714 s\n"
                        "starting up for s at 22:08:23\n"
                        "machine lost at 22:17:23 after 540 s (its last snapshot)\n")
-    assert _module().window_seconds(windows) == [714.0, 540.0]
-    assert _module().window_seconds(tmp_path / "absent.txt") == []
+    assert window_seconds(windows) == [714.0, 540.0]
+    assert window_seconds(tmp_path / "absent.txt") == []
 
 
 def test_round2_rank_cuts_above_the_gate_beside_the_complete_trials():
