@@ -577,25 +577,17 @@ def test_kernel_sparse_backward_under_tail_tiles(interpreted):
     assert all(error < FLOAT32_TOL for error in result.values()), result
 
 
-def test_kernel_op_registration_with_the_sparse_backward(interpreted):
-    report = _case(interpreted, "opcheck_sparse")
-    report.pop("seconds")
-    assert report and all(value == "SUCCESS" for value in report.values()), report
-
-
 def test_kernel_dropout_seed_follows_torch_generator(interpreted):
     result = _case(interpreted, "seed")
     assert result["replay_equal"] and not result["next_call_equal"], result
 
 
-def test_kernel_op_registration_passes_opcheck(interpreted):
-    report = _case(interpreted, "opcheck")
-    report.pop("seconds")
-    assert report and all(value == "SUCCESS" for value in report.values()), report
-
-
-def test_kernel_op_registration_with_backward_mode_and_stages(interpreted):
-    report = _case(interpreted, "opcheck_atomic_stages")
+# The op's registration at the defaults (tail tiles of 16, 7 rounds); with bwd_mode "atomic"
+# and 2 stages; without tail tiles and with 10 rounds; with the sparse backward on 8 warps.
+@pytest.mark.parametrize("case", ["opcheck", "opcheck_atomic_stages", "opcheck_no_tail_rounds_10",
+                                  "opcheck_sparse"])
+def test_kernel_op_registration_passes_opcheck(interpreted, case):
+    report = _case(interpreted, case)
     report.pop("seconds")
     assert report and all(value == "SUCCESS" for value in report.values()), report
 
@@ -605,13 +597,6 @@ def test_kernel_tail_tiles_change_nothing_but_the_tiling(interpreted):
     result.pop("seconds")
     assert len(result) == 9, result
     assert all(error < FLOAT32_TOL for error in result.values()), result
-
-
-def test_kernel_op_registration_without_tail_tiles_and_with_ten_rounds(interpreted):
-    # The defaults (tail tiles of 16, 7 rounds) are test_kernel_op_registration_passes_opcheck's.
-    report = _case(interpreted, "opcheck_no_tail_rounds_10")
-    report.pop("seconds")
-    assert report and all(value == "SUCCESS" for value in report.values()), report
 
 
 def test_kernel_tail_tiling_of_a_257_token_row():
