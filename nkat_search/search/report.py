@@ -144,9 +144,9 @@ def describe_silent(rows: list[dict[str, Any]]) -> str | None:
     numbers = ", ".join(str(row["number"]) for row in silent)
     return (f"{len(silent)} running trial(s) ({numbers}) sent no heartbeat for longer than the "
             f"study's grace ({format_duration(silent[0]['heartbeat_grace_s'])}): their workers "
-            "are gone "
-            "(a lost machine or a killed process). The next worker to start fails them and queues "
-            "a retry of each (it trains from epoch 0 unless its checkpoint is on that machine).")
+            "are gone (a lost machine or a killed process). The next worker to start fails them "
+            "and queues a retry of each (it trains from epoch 0 unless its checkpoint is on that "
+            "machine).")
 
 
 def budget_text(budget: dict[str, Any]) -> str:
@@ -336,11 +336,15 @@ def _grid(columns, rows, width: int | None = None) -> list[str]:
     return [header, "-" * len(header)] + [line(row) for row in cells]
 
 
-def study_report(study) -> dict[str, Any]:
-    """Everything ``status --json`` prints: the study's identity, budget, summary and rows."""
+def study_report(study, heartbeats: bool = False) -> dict[str, Any]:
+    """Everything ``status --json`` prints: the study's identity, budget, summary and rows.
+    ``heartbeats``: the running rows say whether their worker is gone (``mark_silent``: one more
+    query and the stored study file read; ``status`` asks for it, up's live view, which refreshes
+    every few seconds and does not show it, does not)."""
     trials = study.get_trials(deepcopy=False)
     rows = trial_rows(trials)
-    mark_silent(study, trials, rows)
+    if heartbeats:
+        mark_silent(study, trials, rows)
     attrs = study.user_attrs
     try:
         budget = budget_state(study)

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from nkat_search.search.trials import lost_configurations
 
     study = open_study(resolve_storage(args.storage, args.study), args.study)
-    report = study_report(study)
+    report = study_report(study, heartbeats=True)
     # Configurations whose every attempt failed with no retry left: what the study lost.
     report["lost"] = lost_configurations(study.get_trials(deepcopy=False))
     if args.json:
