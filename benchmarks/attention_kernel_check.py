@@ -74,7 +74,9 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 # (before the rand4x mask) ranked them 64x32 w4 8.61 ms, 64x64 w4 9.71, 32x64 w4 10.25, 128x32 w8
 # 10.91, 128x64 w8 12.19, 64x64 w8 16.63: the last four are no longer timed.
 TILE_CHOICES = ((BLOCK_M, BLOCK_N, NUM_WARPS), (64, 32, 4))
-# The backward's warps timed beside the tiles' own (None), at the default tiles.
+# The backward's own warps (bwd_num_warps), timed and checked beside the tiles' own (None) for
+# every tile choice: at 4 warps every backward program spills at 64 x 64 tiles
+# (results/kernel_registers.json), at 8 fewer or none.
 BWD_WARPS_CHOICE = 8
 # Software pipelining depths timed at the best (tiles, bwd_mode) pair; 3 is Triton's default on
 # sm_90, so that row repeats the best one.
@@ -355,10 +357,8 @@ def time_layers(device, batch: int, steps: int, out_path: Path | None,
     timed("core sdpa (no filter), dropout 0.17",
           core(lambda: sdpa(q, k, v, dropout_p=0.17, scale=scale)))
     best, best_ms = (TILE_CHOICES[0], BWD_MODE, None), float("inf")
-    # The backward's own warps (bwd_num_warps) too: at 4 warps every backward program spills
-    # at 64 x 64 tiles (results/kernel_registers.json), at 8 fewer or none.
-    # The default tiles and mode first, each mode's two warps side by side: a short lease times
-    # the pairs that matter most first.
+    # The default tiles and mode first, each mode's two backward warps side by side: a short
+    # lease times the pairs that matter most first.
     modes = sorted(BWD_MODES, key=lambda mode: mode != BWD_MODE)
     choices = [(tiles, mode, warps) for tiles in TILE_CHOICES for mode in modes
                for warps in (None, BWD_WARPS_CHOICE)]

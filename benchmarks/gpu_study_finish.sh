@@ -7,10 +7,11 @@
 #
 # Each call: until up has ended on this machine with the study finished (`status --json`:
 # nothing left, nothing running or queued), one gpu_study_window.sh call (same arguments; it
-# starts up again if an earlier run ended by its --timeout); then the winner's configuration (up's export/best.yaml) through `nkat-search stage2
-# --val_fraction 0` with gpu_detached.sh, in the same call, for what is left of WAIT_S. Make the
-# next call within 30 s until it prints "stage2_NAME ended"; stage2.json and stage2.md then come
-# back in $OUT as stage2_NAME_stage2.json and stage2_NAME_stage2.md, beside the study's files.
+# starts up again if an earlier run ended by its --timeout); then the winner's configuration
+# (up's export/best.yaml) through `nkat-search stage2 --val_fraction 0` with gpu_detached.sh, in
+# the same call, for what is left of WAIT_S. Make the next call within 30 s until it prints
+# "stage2_NAME ended"; stage2.json and stage2.md then come back in $OUT as
+# stage2_NAME_stage2.json and stage2_NAME_stage2.md, beside the study's files.
 set -uo pipefail
 study_file=$1 wait_s=$2; shift 2
 here=$(dirname "$0")
