@@ -791,7 +791,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, knobs: Tensor,
                    nucleus: bool, dropout: bool, block_m: int, block_n: int, num_warps: int,
                    skip_empty: bool, bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
                    tail_block: int = TAIL_BLOCK, philox_rounds: int = PHILOX_ROUNDS,
-                   bwd_num_warps: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   bwd_num_warps: int | None = BWD_NUM_WARPS) -> tuple[Tensor, Tensor, Tensor]:
     # knobs: _knobs's float32 (scale, top_p, dropout_p, 1 / (1 - dropout_p)); nucleus and dropout
     # say whether those filters are on. bwd_mode and bwd_num_warps are backward's (see
     # _setup_context); they are inputs here so autograd carries them.
@@ -818,7 +818,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, knobs: Tensor,
 @_attention_fwd.register_fake
 def _(q, k, v, seed, knobs, top_k, nucleus, dropout, block_m, block_n, num_warps, skip_empty,
       bwd_mode=BWD_MODE, num_stages=NUM_STAGES, tail_block=TAIL_BLOCK,
-      philox_rounds=PHILOX_ROUNDS, bwd_num_warps=None):
+      philox_rounds=PHILOX_ROUNDS, bwd_num_warps=BWD_NUM_WARPS):
     B, H, N, D = q.shape
     return (_like_qkv_layout(q), q.new_empty((B, H, N), dtype=torch.float32),
             q.new_empty((B, H, N), dtype=torch.float32))
@@ -830,7 +830,7 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    block_m: int, block_n: int, num_warps: int, skip_empty: bool,
                    bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
                    tail_block: int = TAIL_BLOCK, philox_rounds: int = PHILOX_ROUNDS,
-                   top_k: int = 0, bwd_num_warps: int | None = None
+                   top_k: int = 0, bwd_num_warps: int | None = BWD_NUM_WARPS
                    ) -> tuple[Tensor, Tensor, Tensor]:
     B, H, N, D = q.shape
     grad_out = grad_out.to(q.dtype)
@@ -896,7 +896,7 @@ def _fill_slots(grad_out, q, k, v, threshold, lse, delta, seed, dq_sum, tiling, 
 @_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, threshold, lse, seed, knobs, dropout, block_m, block_n, num_warps,
       skip_empty, bwd_mode=BWD_MODE, num_stages=NUM_STAGES, tail_block=TAIL_BLOCK,
-      philox_rounds=PHILOX_ROUNDS, top_k=0, bwd_num_warps=None):
+      philox_rounds=PHILOX_ROUNDS, top_k=0, bwd_num_warps=BWD_NUM_WARPS):
     return _like_qkv_layout(q), _like_qkv_layout(q), _like_qkv_layout(q)
 
 
