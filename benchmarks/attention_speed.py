@@ -62,11 +62,14 @@ ARCHITECTURES = {  # tokens -> (conv_stem, patch_size)
     257: ("off", 2),
 }
 # Candidates: the kernel with other backward options (kernel_attention's arguments): bwd_mode
-# "sparse" (attention_kernel.SPARSE_SLOTS), and the backward on 8 warps (BWD_NUM_WARPS).
+# "sparse" (attention_kernel.SPARSE_SLOTS), and the backward on 8 warps (BWD_NUM_WARPS). The
+# split backward at key tiles of 32 and 8 warps is the one choice whose programs spill nothing
+# under the GPU machine's Triton 3.6 (results/kernel_registers_triton36.json).
 KERNEL_VARIANTS = {
     "kernel_sparse": dict(bwd_mode="sparse"),
     "kernel_bwd_w8": dict(bwd_num_warps=8),
     "kernel_sparse_bwd_w8": dict(bwd_mode="sparse", bwd_num_warps=8),
+    "kernel_split_n32_bwd_w8": dict(bwd_mode="split", block_n=32, bwd_num_warps=8),
 }
 PATHS = ("explicit", "fused", "kernel", "sdpa_filters_off", *KERNEL_VARIANTS)
 FILTERS_OFF = {"top_k": 0, "top_p": 1.0, "nkat_strength": 0.0}
@@ -511,17 +514,17 @@ def main() -> int:
         rows.append(row)
     print(f"\ncompile phase {compile_wall:.0f} s, total {time.perf_counter() - started_at:.0f} s;"
           f" worker logs in {logs}")
-    print(f"{'tokens':>6}  {'path':<17} {'images/s':>10} {'ms/step':>8} {'peak GiB':>9} "
+    print(f"{'tokens':>6}  {'path':<23} {'images/s':>10} {'ms/step':>8} {'peak GiB':>9} "
           f"{'vs sdpa':>8} {'compile s':>9}")
     for row in rows:
         bar = next((r.get("images_per_s") for r in rows if r["tokens"] == row["tokens"]
                     and r["path"] == "sdpa_filters_off"), None)
         if "error" in row:
-            print(f"{row['tokens']:>6}  {row['path']:<17} failed: {row['error']}")
+            print(f"{row['tokens']:>6}  {row['path']:<23} failed: {row['error']}")
             continue
         share = f"{row['images_per_s'] / bar:7.0%}" if bar else f"{'':>7}"
         peak = f"{row['peak_gib']:9.2f}" if row.get("peak_gib") is not None else f"{'':>9}"
-        print(f"{row['tokens']:>6}  {row['path']:<17} {row['images_per_s']:>10,.0f} "
+        print(f"{row['tokens']:>6}  {row['path']:<23} {row['images_per_s']:>10,.0f} "
               f"{row['ms_per_step']:>8.1f} {peak} {share:>8} {row.get('compile_s', 0):>9.0f}")
     for row in rows:
         blocks = row.get("ms_per_step_blocks") or []

@@ -93,8 +93,10 @@ NUM_WARPS = 4
 # registers a thread and spilled (stores) 352 bytes in dK / dV (atomic), 384 in the sparse slots
 # and 1,780 in the sparse dK / dV; at 8 warps none spilled but the sparse dK / dV (380 bytes),
 # and the forward did not spill at 4 (benchmarks/kernel_registers.py,
-# results/kernel_registers.json). Untimed: attention_kernel_check.py times 8 against 4 per
-# backward mode; the forward at 8 warps was the slowest tile choice in session 7.
+# results/kernel_registers.json). Triton 3.6, the GPU machine's, spills more: atomic dK / dV 676
+# bytes at 4 warps and 148 at 8; only the split backward at 64 x 32 tiles and 8 warps spills
+# nothing (results/kernel_registers_triton36.json). Untimed: attention_kernel_check.py times 8
+# against 4 per backward mode; the forward at 8 warps was the slowest tile choice in session 7.
 BWD_NUM_WARPS = None
 # Software pipelining depth of the key loops (Triton's num_stages); None is Triton's default (3 on
 # sm_90). Session 8's H100: 1 stage 7.05 ms, 2 stages 6.61, 3 stages 6.34, the default 6.46 (the
