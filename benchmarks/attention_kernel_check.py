@@ -12,12 +12,14 @@ side computes in float32 from them. Then dropout: the kept share against its bin
 the gradients on a fixed seed against the explicit core given the mask the kernel's forward used.
 Both checks run once per backward mode (``BWD_MODES``: split, atomic, sparse); a few cases also
 run the other side of ``TAIL_BLOCK`` (agreement, longest rows), the backward on 8 warps
-(``bwd_num_warps``, agreement, longest rows) and the other side of ``PHILOX_ROUNDS`` (dropout
+(``bwd_num_warps``, agreement, longest rows), the dK / dV programs on query tiles of 32
+(``bwd_block_m``, agreement, longest rows) and the other side of ``PHILOX_ROUNDS`` (dropout
 share and gradients): each against the same reference, candidates that do not decide PASS.
 Part 2 times the attention core alone (q, k, v to output; batch 512, 8 heads of 48, 257 tokens,
 bf16, forward + backward unless marked): SDPA; the kernel (top_k 6, top_p 0.8, dropout 0.17) at
 each tile choice (query block, key block, warps) and backward mode, each also with the backward
-on 8 warps of its own; then, at the fastest of those, num_stages 1, 2 and 3,
+on 8 warps of its own (and, at the default tiles, with the dK / dV programs on query tiles of
+32); then, at the fastest of those, num_stages 1, 2 and 3,
 dropout 0 (the mask's cost), the filter off, forward only (also SDPA's), skipping empty tiles
 on an attention sink, and the defaults before session 12: ``tail_block`` 0 (with and without
 backward, and with the filter off), ``philox_rounds`` 10, and both. Then one attention layer
@@ -78,6 +80,12 @@ TILE_CHOICES = ((BLOCK_M, BLOCK_N, NUM_WARPS), (64, 32, 4))
 # every tile choice: at 4 warps every backward program spills at 64 x 64 tiles
 # (results/kernel_registers.json), at 8 fewer or none.
 BWD_WARPS_CHOICE = 8
+# The dK / dV (and sparse slots) programs' own query tile (bwd_block_m), timed and checked at the
+# default tiles for every backward mode: at 32 rows and 4 warps the atomic and split dK / dV
+# programs spill nothing under Triton 3.6 (results/kernel_registers_triton36.json). Its 32-row
+# score tiles may be formed with other MMA instructions than the forward's 64 rows: rows off in
+# the agreement check would show that, and such a choice must not become the default.
+BWD_BLOCK_M_CHOICE = 32
 # Software pipelining depths timed at the best (tiles, bwd_mode) pair; 3 is Triton's default on
 # sm_90, so that row repeats the best one.
 NUM_STAGES_CHOICES = (1, 2, 3)
@@ -146,6 +154,10 @@ def check_agreement(device, small: bool) -> bool:
     cases += [(token_counts[-1], 48, torch.bfloat16, ties, tiles, mode,
                dict(bwd_num_warps=BWD_WARPS_CHOICE))
               for tiles in TILE_CHOICES for mode in BWD_MODES for ties in (False, True)]
+    # The backward's own query tile (BWD_BLOCK_M_CHOICE), a candidate of the timing likewise.
+    cases += [(token_counts[-1], 48, torch.bfloat16, ties, TILE_CHOICES[0], mode,
+               dict(bwd_block_m=BWD_BLOCK_M_CHOICE))
+              for mode in BWD_MODES for ties in (False, True)]
     for n, d, dtype, ties, tiles, mode, options in cases:
         block_m, block_n, warps = tiles
         scale = d ** -0.5 / TEMPERATURE
@@ -356,22 +368,30 @@ def time_layers(device, batch: int, steps: int, out_path: Path | None,
     # base of what follows.
     timed("core sdpa (no filter), dropout 0.17",
           core(lambda: sdpa(q, k, v, dropout_p=0.17, scale=scale)))
-    best, best_ms = (TILE_CHOICES[0], BWD_MODE, None), float("inf")
-    # The default tiles and mode first, each mode's two backward warps side by side: a short
-    # lease times the pairs that matter most first.
+    best, best_ms = (TILE_CHOICES[0], BWD_MODE, None, None), float("inf")
+    # The default tiles and mode first, each mode's backward warps and query tile side by side:
+    # a short lease times the choices that matter most first.
     modes = sorted(BWD_MODES, key=lambda mode: mode != BWD_MODE)
-    choices = [(tiles, mode, warps) for tiles in TILE_CHOICES for mode in modes
-               for warps in (None, BWD_WARPS_CHOICE)]
-    for tiles, mode, bwd_warps in choices:
-        warps_name = "" if bwd_warps is None else f", bwd_num_warps {bwd_warps}"
-        ms = timed(f"core kernel {filt}, dropout 0.17, {tile_name(tiles)}, bwd {mode}"
-                   + warps_name, core(kernel(tiles=tiles, bwd_mode=mode, bwd_num_warps=bwd_warps)))
+    choices = [(tiles, mode, warps, block_m) for tiles in TILE_CHOICES for mode in modes
+               for warps, block_m in ((None, None), (BWD_WARPS_CHOICE, None),
+                                      (None, BWD_BLOCK_M_CHOICE))
+               if block_m is None or tiles == TILE_CHOICES[0]]
+
+    def backward_name(mode, bwd_warps, bwd_block_m):
+        return (f"bwd {mode}" + ("" if bwd_warps is None else f", bwd_num_warps {bwd_warps}")
+                + ("" if bwd_block_m is None else f", bwd_block_m {bwd_block_m}"))
+
+    for tiles, mode, bwd_warps, bwd_block_m in choices:
+        ms = timed(f"core kernel {filt}, dropout 0.17, {tile_name(tiles)}, "
+                   + backward_name(mode, bwd_warps, bwd_block_m),
+                   core(kernel(tiles=tiles, bwd_mode=mode, bwd_num_warps=bwd_warps,
+                               bwd_block_m=bwd_block_m)))
         if ms is not None and ms < best_ms:
-            best, best_ms = (tiles, mode, bwd_warps), ms
-    tiles, mode, bwd_warps = best
-    at = f"{tile_name(tiles)}, bwd {mode}" + ("" if bwd_warps is None
-                                             else f", bwd_num_warps {bwd_warps}")
-    best_backward = dict(tiles=tiles, bwd_mode=mode, bwd_num_warps=bwd_warps)
+            best, best_ms = (tiles, mode, bwd_warps, bwd_block_m), ms
+    tiles, mode, bwd_warps, bwd_block_m = best
+    at = f"{tile_name(tiles)}, " + backward_name(mode, bwd_warps, bwd_block_m)
+    best_backward = dict(tiles=tiles, bwd_mode=mode, bwd_num_warps=bwd_warps,
+                         bwd_block_m=bwd_block_m)
     if choices_only:
         print_table(rows, title, at, best_ms, out_path)
         return
@@ -445,7 +465,8 @@ def time_layers(device, batch: int, steps: int, out_path: Path | None,
 def print_table(rows: list[dict], title: str, at: str, best_ms: float,
                 out_path: Path | None) -> None:
     print(f"\nforward + backward unless marked, {title}")
-    print(f"best core kernel (tiles, bwd_mode, bwd_num_warps): {at}, {best_ms:.2f} ms")
+    print(f"best core kernel (tiles, bwd_mode, bwd_num_warps, bwd_block_m): {at}, "
+          f"{best_ms:.2f} ms")
     width = max(len(row["name"]) for row in rows)
     print(f"{'variant':<{width}} {'ms':>8} {'peak GiB':>8} {'warm s':>6}")
     for row in rows:
@@ -467,8 +488,8 @@ def main() -> int:
     parser.add_argument("--no-check", action="store_true", help="part 2 only")
     parser.add_argument("--out", type=Path, help="also write the timing rows here as JSON")
     parser.add_argument("--choices-only", action="store_true",
-                        help="part 2: SDPA and the kernel's 12 (tiles, bwd_mode, backward "
-                             "warps) choices only, 13 of its 32 rows")
+                        help="part 2: SDPA and the kernel's 15 (tiles, bwd_mode, backward "
+                             "warps or query tile) choices only, 16 of its 35 rows")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -63,13 +63,16 @@ ARCHITECTURES = {  # tokens -> (conv_stem, patch_size)
 }
 # Candidates: the kernel with other backward options (kernel_attention's arguments): bwd_mode
 # "sparse" (attention_kernel.SPARSE_SLOTS), and the backward on 8 warps (BWD_NUM_WARPS). The
-# split backward at key tiles of 32 and 8 warps is the one choice whose programs spill nothing
-# under the GPU machine's Triton 3.6 (results/kernel_registers_triton36.json).
+# split backward at key tiles of 32 and 8 warps is the one choice of the forward's query tiles
+# whose programs spill nothing under the GPU machine's Triton 3.6, and the dK / dV programs on
+# query tiles of 32 (bwd_block_m) spill nothing at the default tiles and warps
+# (results/kernel_registers_triton36.json).
 KERNEL_VARIANTS = {
     "kernel_sparse": dict(bwd_mode="sparse"),
     "kernel_bwd_w8": dict(bwd_num_warps=8),
     "kernel_sparse_bwd_w8": dict(bwd_mode="sparse", bwd_num_warps=8),
     "kernel_split_n32_bwd_w8": dict(bwd_mode="split", block_n=32, bwd_num_warps=8),
+    "kernel_bwd_m32": dict(bwd_block_m=32),
 }
 PATHS = ("explicit", "fused", "kernel", "sdpa_filters_off", *KERNEL_VARIANTS)
 FILTERS_OFF = {"top_k": 0, "top_p": 1.0, "nkat_strength": 0.0}

@@ -6,9 +6,12 @@ what the program uses (``ptxas -v``): registers a thread, and the bytes spilled 
 when 255 registers are not enough. Spills are loads and stores to memory in the inner loops, so
 a program that spills a lot is a suspect before any timing; the timing itself is
 ``attention_kernel_check.py``'s, on a GPU. Each program at 4 and 8 warps, with key tiles of 64
-and 32 (the timing's tile choices; query tiles stay 64).
+and 32 (the timing's tile choices; query tiles stay 64). ``--bwd-block-m 32`` adds the programs
+that loop over query tiles inside a key block (dK / dV) and the sparse slots program at that
+query tile (``kernel_attention``'s ``bwd_block_m``).
 
-    python benchmarks/kernel_registers.py [--warps 4 8] [--block-n 64 32] [--out FILE.json]
+    python benchmarks/kernel_registers.py [--warps 4 8] [--block-n 64 32] [--bwd-block-m 32]
+        [--out FILE.json]
 
 Runs on the CPU (Triton's compiler needs no GPU). The numbers depend on the Triton version (its
 code generator and bundled ptxas), which the JSON records.
@@ -91,6 +94,11 @@ def programs() -> dict[str, tuple]:
     }
 
 
+# The programs whose query tile is bwd_block_m when it is given (attention_kernel.BWD_BLOCK_M).
+BWD_BLOCK_M_PROGRAMS = ("backward dK dV, atomic", "backward dK dV, split",
+                        "backward slots, sparse", "backward dK dV, sparse")
+
+
 def ptxas_tool():
     """Triton's bundled ptxas (the one that builds its cubins); its lookup changed across
     Triton versions."""
@@ -126,24 +134,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--block-n", type=int, nargs="+", default=[64, 32],
                         help="key tile sizes (powers of two from 16)")
+    parser.add_argument("--bwd-block-m", type=int, nargs="*", default=[],
+                        help="also the dK / dV and slots programs at these query tiles")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     tool = ptxas_tool()
+    every = [(name, ak.BLOCK_M) for name in programs()]
+    every += [(name, block_m) for block_m in args.bwd_block_m for name in BWD_BLOCK_M_PROGRAMS]
     rows = []
-    for name, (fn, constexprs) in programs().items():
+    for name, block_m in every:
+        fn, constexprs = programs()[name]
         for block_n in args.block_n:
             for warps in args.warps:
-                compiled = compile_for_hopper(fn, "bf16", dict(constexprs, BLOCK_N=block_n),
-                                              warps)
-                row = {"program": name, "block_n": block_n, "warps": warps,
+                tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n,
+                             TAIL=min(constexprs["TAIL"], block_m))
+                compiled = compile_for_hopper(fn, "bf16", dict(constexprs, **tiles), warps)
+                row = {"program": name, "block_m": block_m, "block_n": block_n, "warps": warps,
                        "shared_bytes": compiled.metadata.shared,
                        **ptxas_usage(compiled.asm["ptx"], tool.path)}
                 rows.append(row)
-                print(f"{name:<24} 64x{block_n:<2} w{warps}  registers {row['registers']:>3}  "
-                      f"spill stores {row['spill_stores']:>5} B  loads {row['spill_loads']:>5} B"
-                      f"  shared {row['shared_bytes']:>6} B", flush=True)
+                print(f"{name:<24} {block_m}x{block_n:<2} w{warps}  registers "
+                      f"{row['registers']:>3}  spill stores {row['spill_stores']:>5} B  loads "
+                      f"{row['spill_loads']:>5} B  shared {row['shared_bytes']:>6} B", flush=True)
     result = {"triton": triton.__version__, "ptxas": tool.version,
-              "conditions": f"sm_90, bf16, head dim padded to 64, query tiles {ak.BLOCK_M}, "
+              "conditions": f"sm_90, bf16, head dim padded to 64, query tiles {ak.BLOCK_M} "
+                            "(but where block_m says otherwise), "
                             f"tail tiles {ak.TAIL_BLOCK}, dropout on, top_k 6, "
                             f"{ak.SPARSE_SLOTS} sparse slots",
               "rows": rows}

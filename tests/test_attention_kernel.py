@@ -377,11 +377,46 @@ def _sparse_tail_case() -> dict:
     return result
 
 
+def _bwd_block_m_case() -> dict:
+    """bwd_block_m (the dK / dV and slots programs' query tile) of 16 under tiles of 32 and tail
+    tiles of 16, at 40 and 70 tokens (rows past the last 32 in tail tiles, 70 = 4 x 16 + 6): in
+    every backward mode against the explicit core with dropout 0, and with dropout against the
+    same mode at the forward's query tile on the same seed (the same mask).
+
+    q and k hold small integers, so every score is exact in any summation order. On random
+    floats the interpreter's matmul rounds a 16-row tile's scores otherwise than a 32-row one's
+    in the last bit, the backward then misses the threshold's own entry in some rows, and dK and
+    dV come out far off: whether a GPU's MMA instructions do the same is for the GPU agreement
+    check (benchmarks/attention_kernel_check.py) to show, not this plumbing test."""
+    from nkat_search.train.attention_kernel import BWD_MODES, kernel_attention
+
+    gen = torch.Generator().manual_seed(29)
+    result = {}
+    for n, p in ((40, 0.0), (70, 0.0), (70, 0.2)):
+        v, grad = torch.randn(2, 1, 2, n, 48, generator=gen).unbind(0)
+        q, k = torch.randint(-2, 3, (2, 1, 2, n, 48), generator=gen).float().unbind(0)
+        ref = None
+        if p == 0.0:
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = _explicit_core(*leaves, 0.3, 6, 0.9)
+            ref = [out, *torch.autograd.grad(out, leaves, grad)]
+        for mode in BWD_MODES:
+            runs = []
+            for bwd_block_m in (16, None):
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                torch.manual_seed(6)
+                out = kernel_attention(*leaves, 0.3, 6, 0.9, p, block_m=32, block_n=32,
+                                       bwd_mode=mode, tail_block=16, bwd_block_m=bwd_block_m)
+                runs.append([out, *torch.autograd.grad(out, leaves, grad)])
+            result[f"n{n}_p{p}_{mode}"] = max(_rel(a, b) for a, b in zip(runs[0], ref or runs[1]))
+    return result
+
+
 def _opcheck_case(variant: tuple = ()) -> dict:
     """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT
     dispatch of the forward op, i.e. what torch.compile relies on. ``variant``: the trailing
-    arguments (bwd_mode, num_stages, tail_block, philox_rounds, bwd_num_warps), defaults if
-    empty."""
+    arguments (bwd_mode, num_stages, tail_block, philox_rounds, bwd_num_warps, bwd_block_m),
+    defaults if empty."""
     from nkat_search.train.attention_kernel import _attention_fwd, op_filter_args
 
     gen = torch.Generator().manual_seed(14)
@@ -423,8 +458,10 @@ def run_cases(shard: int = 0, shards: int = 1) -> dict:
         "sparse_slots_4": lambda: _sparse_slots_case(4),
         "sparse_slots_8": lambda: _sparse_slots_case(8),
         "sparse_tail": _sparse_tail_case,
-        # The backward's own warps (bwd_num_warps, the op's last argument) carried to backward.
-        "opcheck_sparse": lambda: _opcheck_case(("sparse", None, 16, 7, 8)),
+        # The backward's own warps and query tile (bwd_num_warps, bwd_block_m: the op's last
+        # arguments) carried to backward.
+        "opcheck_sparse": lambda: _opcheck_case(("sparse", None, 16, 7, 8, 16)),
+        "bwd_block_m": _bwd_block_m_case,
     })
     cases.update({f"layer_sparse_{name}": (lambda c=LAYER_CASES[name]: _layer_case(
         *c, bwd_mode="sparse")) for name in SPARSE_LAYER_CASES})
@@ -583,13 +620,29 @@ def test_kernel_dropout_seed_follows_torch_generator(interpreted):
 
 
 # The op's registration at the defaults (tail tiles of 16, 7 rounds); with bwd_mode "atomic"
-# and 2 stages; without tail tiles and with 10 rounds; with the sparse backward on 8 warps.
+# and 2 stages; without tail tiles and with 10 rounds; with the sparse backward on 8 warps and
+# query tiles of 16.
 @pytest.mark.parametrize("case", ["opcheck", "opcheck_atomic_stages", "opcheck_no_tail_rounds_10",
                                   "opcheck_sparse"])
 def test_kernel_op_registration_passes_opcheck(interpreted, case):
     report = _case(interpreted, case)
     report.pop("seconds")
     assert report and all(value == "SUCCESS" for value in report.values()), report
+
+
+def test_kernel_backward_query_tile_changes_nothing_but_the_tiling(interpreted):
+    result = _case(interpreted, "bwd_block_m")
+    result.pop("seconds")
+    assert len(result) == 9, result
+    assert all(error < FLOAT32_TOL for error in result.values()), result
+
+
+def test_kernel_refuses_a_backward_query_tile_tl_dot_cannot_take():
+    from nkat_search.train.attention_kernel import kernel_attention
+
+    q = torch.randn(1, 2, 17, 48)
+    with pytest.raises(ValueError, match="bwd_block_m 24 is not None or a power of two from 16"):
+        kernel_attention(q, q, q, 0.3, 6, 0.9, bwd_block_m=24)
 
 
 def test_kernel_tail_tiles_change_nothing_but_the_tiling(interpreted):
@@ -728,15 +781,18 @@ def test_kernel_sparse_backward_programs_compile_for_hopper_in_bf16(benchmark_sc
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                     reason="kernels are interpreted functions in this process")
 def test_kernel_registers_reports_ptxas_usage(tmp_path, benchmark_script):
-    """benchmarks/kernel_registers.py on one program: ptxas's registers (1 to 255 a thread on
-    sm_90) and spills, in the JSON it writes."""
+    """benchmarks/kernel_registers.py at one tile and warp count, with the backward's query tile
+    of 32 too: ptxas's registers (1 to 255 a thread on sm_90) and spills, in the JSON it
+    writes."""
     pytest.importorskip("triton")
     kr = benchmark_script("kernel_registers")
     out = tmp_path / "registers.json"
-    assert kr.main(["--warps", "8", "--block-n", "64", "--out", str(out)]) == 0
+    assert kr.main(["--warps", "8", "--block-n", "64", "--bwd-block-m", "32",
+                    "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["triton"] and result["ptxas"]
-    assert [row["program"] for row in result["rows"]] == list(kr.programs())
+    assert [(row["program"], row["block_m"]) for row in result["rows"]] == (
+        [(name, 64) for name in kr.programs()] + [(name, 32) for name in kr.BWD_BLOCK_M_PROGRAMS])
     for row in result["rows"]:
         assert row["warps"] == 8 and row["block_n"] == 64 and row["arch"].startswith("sm_90")
         assert 1 <= row["registers"] <= 255 and row["shared_bytes"] > 0

@@ -41,15 +41,18 @@ N x N reaches memory:
   tiles.
 - launch options, all arguments of ``kernel_attention`` with module defaults: tile sizes
   (``BLOCK_M``, ``BLOCK_N``), warps (``NUM_WARPS``), software pipelining depth (``NUM_STAGES``),
-  skipping all-zero tiles (``SKIP_EMPTY_TILES``), ``BWD_MODE``, tail tiles (``TAIL_BLOCK``) and
-  the dropout generator's rounds (``PHILOX_ROUNDS``); ``benchmarks/attention_kernel_check.py``
+  skipping all-zero tiles (``SKIP_EMPTY_TILES``), ``BWD_MODE``, the backward's warps and query
+  tile (``BWD_NUM_WARPS``, ``BWD_BLOCK_M``), tail tiles (``TAIL_BLOCK``) and the dropout
+  generator's rounds (``PHILOX_ROUNDS``); ``benchmarks/attention_kernel_check.py``
   times the choices. Removed after losing to the baseline's 6.53 ms (session 12's H100,
   ``results/gpu/session12/kernel_timing.json``; skip_merge and bits had lost twice before):
   ``paired_levels`` 6.92 ms, ``skip_merge`` 7.16, ``dropout_mask`` "bits" 7.16.
 
 The filter keeps ``scores >= threshold`` and the threshold is itself one of the row's scores, so
 forward and backward must compute every score bit for bit the same: every kernel forms them with
-the same ``_score_tile`` on tiles of the same shape.
+the same ``_score_tile`` on tiles of the same shape (but with ``bwd_block_m``, which gives the
+dK / dV programs query tiles of their own: only the GPU agreement check can tell whether that
+shape's products come out alike; see ``BWD_BLOCK_M``).
 
 Registered as ``torch.library.custom_op`` (``nkat::attention_kernel_fwd`` / ``_bwd``) with a fake
 implementation and an autograd formula, so ``torch.compile`` treats the pair as one opaque op and
@@ -98,6 +101,17 @@ NUM_WARPS = 4
 # nothing (results/kernel_registers_triton36.json). Untimed: attention_kernel_check.py times 8
 # against 4 per backward mode; the forward at 8 warps was the slowest tile choice in session 7.
 BWD_NUM_WARPS = None
+# The query tile of the dK / dV program's inner loop, and of the sparse backward's slots program
+# (None: the forward's BLOCK_M). That program keeps a key block's dK and dV accumulators and loops
+# over query tiles, so a smaller query tile shrinks every score-sized tile it holds (scores,
+# probabilities, dP, dS, the dropout mask) without touching the accumulators; FlashAttention-2's
+# Triton backward uses 32 there for the same reason. At 32 rows and the default 64-key tiles on 4
+# warps no dK / dV program but the sparse one spills, under Triton 3.6 and 3.8 alike (atomic
+# 255 registers, 0 bytes; results/kernel_registers_triton36.json, kernel_registers.json). The
+# catch: the backward must form each score bit for bit as the forward did, and a 32-row tile
+# may be multiplied with other MMA instructions than the forward's 64 rows; the GPU agreement
+# check (benchmarks/attention_kernel_check.py) shows that as rows off. Untimed, so off.
+BWD_BLOCK_M = None
 # Software pipelining depth of the key loops (Triton's num_stages); None is Triton's default (3 on
 # sm_90). Session 8's H100: 1 stage 7.05 ms, 2 stages 6.61, 3 stages 6.34, the default 6.46 (the
 # same launch as 3: about 2 % is run-to-run noise), so the default stays.
@@ -793,10 +807,11 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, knobs: Tensor,
                    nucleus: bool, dropout: bool, block_m: int, block_n: int, num_warps: int,
                    skip_empty: bool, bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
                    tail_block: int = TAIL_BLOCK, philox_rounds: int = PHILOX_ROUNDS,
-                   bwd_num_warps: int | None = BWD_NUM_WARPS) -> tuple[Tensor, Tensor, Tensor]:
+                   bwd_num_warps: int | None = BWD_NUM_WARPS,
+                   bwd_block_m: int | None = BWD_BLOCK_M) -> tuple[Tensor, Tensor, Tensor]:
     # knobs: _knobs's float32 (scale, top_p, dropout_p, 1 / (1 - dropout_p)); nucleus and dropout
-    # say whether those filters are on. bwd_mode and bwd_num_warps are backward's (see
-    # _setup_context); they are inputs here so autograd carries them.
+    # say whether those filters are on. bwd_mode, bwd_num_warps and bwd_block_m are backward's
+    # (see _setup_context); they are inputs here so autograd carries them.
     B, H, N, D = q.shape
     o = _like_qkv_layout(q)
     threshold = q.new_empty((B, H, N), dtype=torch.float32)
@@ -820,7 +835,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, knobs: Tensor,
 @_attention_fwd.register_fake
 def _(q, k, v, seed, knobs, top_k, nucleus, dropout, block_m, block_n, num_warps, skip_empty,
       bwd_mode=BWD_MODE, num_stages=NUM_STAGES, tail_block=TAIL_BLOCK,
-      philox_rounds=PHILOX_ROUNDS, bwd_num_warps=BWD_NUM_WARPS):
+      philox_rounds=PHILOX_ROUNDS, bwd_num_warps=BWD_NUM_WARPS, bwd_block_m=BWD_BLOCK_M):
     B, H, N, D = q.shape
     return (_like_qkv_layout(q), q.new_empty((B, H, N), dtype=torch.float32),
             q.new_empty((B, H, N), dtype=torch.float32))
@@ -832,8 +847,8 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    block_m: int, block_n: int, num_warps: int, skip_empty: bool,
                    bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
                    tail_block: int = TAIL_BLOCK, philox_rounds: int = PHILOX_ROUNDS,
-                   top_k: int = 0, bwd_num_warps: int | None = BWD_NUM_WARPS
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   top_k: int = 0, bwd_num_warps: int | None = BWD_NUM_WARPS,
+                   bwd_block_m: int | None = BWD_BLOCK_M) -> tuple[Tensor, Tensor, Tensor]:
     B, H, N, D = q.shape
     grad_out = grad_out.to(q.dtype)
     # The backward's programs hold more tiles than the forward's (see BWD_NUM_WARPS).
@@ -842,6 +857,13 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     dk = _like_qkv_layout(q)
     dv = _like_qkv_layout(q)
     bm, bn, bd, tail, m_full, n_full = _tiling(N, D, block_m, block_n, tail_block)
+    # The query tiles of the dK / dV and slots programs (see BWD_BLOCK_M): rows below kv_m_full
+    # in tiles of kv_bm, the rest in tiles of kv_tail; the key tiles stay the forward's.
+    kv_bm, kv_tail, kv_m_full = bm, tail, m_full
+    if bwd_block_m is not None:
+        kv_bm = _blocks(N, D, bwd_block_m, block_n)[0]
+        kv_tail = min(tail, kv_bm)
+        kv_m_full = N // kv_bm * kv_bm if kv_tail else N
     common = dict(DROPOUT=dropout, BLOCK_D=bd, TAIL=tail, PRECISION=_precision(q.dtype),
                   SKIP_EMPTY=skip_empty, ROUNDS=philox_rounds, **_launch(num_warps, num_stages))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
@@ -855,15 +877,16 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         dq = _like_qkv_layout(q)
     if sparse:
         slots = _fill_slots(grad_out, q, k, v, threshold, lse, delta, seed, dq_sum,
-                            (bm, bn, tail, m_full, n_full), common, strides, scalars)
+                            (kv_bm, bn, kv_tail, kv_m_full, n_full), common, strides, scalars)
     else:
         slots = (dk,) * 4  # never read without SPARSE
     for programs, cols, col0 in _launches(N, bn, tail, n_full):
         # The split mode's DQ_ACC is never read: dk stands in for it.
         _bwd_kv_kernel[(programs, H, B)](
             q, k, v, grad_out, threshold, lse, delta, dk, dv, dq_sum if atomic else dk, seed,
-            *slots, *strides, *dk.stride(), *scalars, col0, m_full, BLOCK_M=bm, BLOCK_N=cols,
-            ATOMIC_DQ=atomic, SPARSE=sparse, S=SPARSE_SLOTS, **common)
+            *slots, *strides, *dk.stride(), *scalars, col0, kv_m_full, BLOCK_M=kv_bm,
+            BLOCK_N=cols, ATOMIC_DQ=atomic, SPARSE=sparse, S=SPARSE_SLOTS,
+            **dict(common, TAIL=kv_tail))
     if atomic:
         dq = _like_qkv_layout(q).copy_(dq_sum)
     else:
@@ -898,17 +921,18 @@ def _fill_slots(grad_out, q, k, v, threshold, lse, delta, seed, dq_sum, tiling, 
 @_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, threshold, lse, seed, knobs, dropout, block_m, block_n, num_warps,
       skip_empty, bwd_mode=BWD_MODE, num_stages=NUM_STAGES, tail_block=TAIL_BLOCK,
-      philox_rounds=PHILOX_ROUNDS, top_k=0, bwd_num_warps=BWD_NUM_WARPS):
+      philox_rounds=PHILOX_ROUNDS, top_k=0, bwd_num_warps=BWD_NUM_WARPS,
+      bwd_block_m=BWD_BLOCK_M):
     return _like_qkv_layout(q), _like_qkv_layout(q), _like_qkv_layout(q)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, seed, knobs, top_k, _nucleus, dropout, block_m, block_n, num_warps, skip_empty,
-     bwd_mode, num_stages, tail_block, philox_rounds, bwd_num_warps) = inputs
+     bwd_mode, num_stages, tail_block, philox_rounds, bwd_num_warps, bwd_block_m) = inputs
     out, threshold, lse = output
     ctx.save_for_backward(q, k, v, out, threshold, lse, seed, knobs)
     ctx.args = (dropout, block_m, block_n, num_warps, skip_empty, bwd_mode, num_stages,
-                tail_block, philox_rounds, top_k, bwd_num_warps)
+                tail_block, philox_rounds, top_k, bwd_num_warps, bwd_block_m)
     ctx.num_inputs = len(inputs)
 
 
@@ -949,7 +973,8 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
                      skip_empty: bool = SKIP_EMPTY_TILES,
                      bwd_mode: str = BWD_MODE, num_stages: int | None = NUM_STAGES,
                      tail_block: int = TAIL_BLOCK, philox_rounds: int = PHILOX_ROUNDS,
-                     bwd_num_warps: int | None = BWD_NUM_WARPS) -> Tensor:
+                     bwd_num_warps: int | None = BWD_NUM_WARPS,
+                     bwd_block_m: int | None = BWD_BLOCK_M) -> Tensor:
     """The NKAT attention core from q, k, v (B, heads, N, head_dim), unmodulated: (B, heads, N, hd).
 
     Same contract as ``fused_attention``: ``dropout_p`` applied as given (pass 0 in eval mode);
@@ -967,7 +992,8 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
     full tile with tiles of that size instead of one masked full tile (see ``TAIL_BLOCK``).
     ``philox_rounds``: the dropout generator's rounds, 1 to 10 (see ``PHILOX_ROUNDS``; another
     mask, drawn as well). ``bwd_num_warps``: the backward programs' warps (None: ``num_warps``;
-    see ``BWD_NUM_WARPS``).
+    see ``BWD_NUM_WARPS``). ``bwd_block_m``: the query tile of the dK / dV program's loop (and
+    of the sparse backward's slots), None: ``block_m``; see ``BWD_BLOCK_M``.
     """
     if not kernel_supports(q.shape[-1], top_k, top_p, q.shape[-2]):
         raise ValueError(f"kernel_attention: head dim {q.shape[-1]} with top_k {top_k}, top_p "
@@ -976,6 +1002,9 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
         raise ValueError(f"kernel_attention: bwd_mode {bwd_mode!r} is not one of {BWD_MODES}")
     if not 1 <= philox_rounds <= 10:
         raise ValueError(f"kernel_attention: philox_rounds {philox_rounds} is not 1 to 10")
+    if bwd_block_m is not None and (bwd_block_m < 16 or bwd_block_m & (bwd_block_m - 1)):
+        raise ValueError(f"kernel_attention: bwd_block_m {bwd_block_m} is not None or a power of "
+                         "two from 16 (tl.dot's smallest tile)")
     if tail_block and (tail_block < 16 or tail_block & (tail_block - 1)):
         raise ValueError(f"kernel_attention: tail_block {tail_block} is not 0 or a power of two "
                          "from 16 (tl.dot's smallest tile)")
@@ -987,4 +1016,4 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | Tensor, top
         seed = torch.zeros(1, device=q.device, dtype=torch.int64)
     return _attention_fwd(q, k, v, seed, *op_filter_args(seed, scale, top_k, top_p, dropout_p),
                           block_m, block_n, num_warps, skip_empty, bwd_mode, num_stages,
-                          tail_block, philox_rounds, bwd_num_warps)[0]
+                          tail_block, philox_rounds, bwd_num_warps, bwd_block_m)[0]
