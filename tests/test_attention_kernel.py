@@ -379,9 +379,9 @@ def _sparse_tail_case() -> dict:
 
 def _bwd_block_m_case() -> dict:
     """bwd_block_m (the dK / dV and slots programs' query tile) of 16 under tiles of 32 and tail
-    tiles of 16, at 40 and 70 tokens (rows past the last 32 in tail tiles, 70 = 4 x 16 + 6): in
-    every backward mode against the explicit core with dropout 0, and with dropout against the
-    same mode at the forward's query tile on the same seed (the same mask).
+    tiles of 16, in every backward mode: at 40 tokens (40 = 2 x 16 + 8 tail rows) against the
+    explicit core with dropout 0, at 70 (4 x 16 + 6) with dropout against the same mode at the
+    forward's query tile on the same seed (the same mask).
 
     q and k hold small integers, so every score is exact in any summation order. On random
     floats the interpreter's matmul rounds a 16-row tile's scores otherwise than a 32-row one's
@@ -392,7 +392,7 @@ def _bwd_block_m_case() -> dict:
 
     gen = torch.Generator().manual_seed(29)
     result = {}
-    for n, p in ((40, 0.0), (70, 0.0), (70, 0.2)):
+    for n, p in ((40, 0.0), (70, 0.2)):
         v, grad = torch.randn(2, 1, 2, n, 48, generator=gen).unbind(0)
         q, k = torch.randint(-2, 3, (2, 1, 2, n, 48), generator=gen).float().unbind(0)
         ref = None
@@ -633,7 +633,7 @@ def test_kernel_op_registration_passes_opcheck(interpreted, case):
 def test_kernel_backward_query_tile_changes_nothing_but_the_tiling(interpreted):
     result = _case(interpreted, "bwd_block_m")
     result.pop("seconds")
-    assert len(result) == 9, result
+    assert len(result) == 6, result
     assert all(error < FLOAT32_TOL for error in result.values()), result
 
 
