@@ -139,11 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     tool = ptxas_tool()
-    every = [(name, ak.BLOCK_M) for name in programs()]
+    compiled_programs = programs()
+    every = [(name, ak.BLOCK_M) for name in compiled_programs]
     every += [(name, block_m) for block_m in args.bwd_block_m for name in BWD_BLOCK_M_PROGRAMS]
     rows = []
     for name, block_m in every:
-        fn, constexprs = programs()[name]
+        fn, constexprs = compiled_programs[name]
         for block_n in args.block_n:
             for warps in args.warps:
                 tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n,

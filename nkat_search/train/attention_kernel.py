@@ -858,12 +858,11 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     dv = _like_qkv_layout(q)
     bm, bn, bd, tail, m_full, n_full = _tiling(N, D, block_m, block_n, tail_block)
     # The query tiles of the dK / dV and slots programs (see BWD_BLOCK_M): rows below kv_m_full
-    # in tiles of kv_bm, the rest in tiles of kv_tail; the key tiles stay the forward's.
+    # in tiles of kv_bm, the rest in tiles of kv_tail (never wider than the forward's tail); the
+    # key tiles stay the forward's.
     kv_bm, kv_tail, kv_m_full = bm, tail, m_full
     if bwd_block_m is not None:
-        kv_bm = _blocks(N, D, bwd_block_m, block_n)[0]
-        kv_tail = min(tail, kv_bm)
-        kv_m_full = N // kv_bm * kv_bm if kv_tail else N
+        kv_bm, _, _, kv_tail, kv_m_full, _ = _tiling(N, D, bwd_block_m, block_n, tail)
     common = dict(DROPOUT=dropout, BLOCK_D=bd, TAIL=tail, PRECISION=_precision(q.dtype),
                   SKIP_EMPTY=skip_empty, ROUNDS=philox_rounds, **_launch(num_warps, num_stages))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
