@@ -630,13 +630,6 @@ def test_kernel_op_registration_passes_opcheck(interpreted, case):
     assert report and all(value == "SUCCESS" for value in report.values()), report
 
 
-def test_kernel_backward_query_tile_changes_nothing_but_the_tiling(interpreted):
-    result = _case(interpreted, "bwd_block_m")
-    result.pop("seconds")
-    assert len(result) == 6, result
-    assert all(error < FLOAT32_TOL for error in result.values()), result
-
-
 def test_kernel_refuses_a_backward_query_tile_tl_dot_cannot_take():
     from nkat_search.train.attention_kernel import kernel_attention
 
@@ -645,10 +638,13 @@ def test_kernel_refuses_a_backward_query_tile_tl_dot_cannot_take():
         kernel_attention(q, q, q, 0.3, 6, 0.9, bwd_block_m=24)
 
 
-def test_kernel_tail_tiles_change_nothing_but_the_tiling(interpreted):
-    result = _case(interpreted, "tail")
+# Tail tiles against none (9 comparisons); the backward's own query tile against the forward's
+# (bwd_block_m, 6).
+@pytest.mark.parametrize("case, comparisons", [("tail", 9), ("bwd_block_m", 6)])
+def test_kernel_tiling_changes_nothing_but_the_tiling(interpreted, case, comparisons):
+    result = _case(interpreted, case)
     result.pop("seconds")
-    assert len(result) == 9, result
+    assert len(result) == comparisons, result
     assert all(error < FLOAT32_TOL for error in result.values()), result
 
 
